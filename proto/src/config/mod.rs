@@ -1,0 +1,238 @@
+//! `tenement.toml`: the typed, validated configuration every binary reads.
+//!
+//! Two phases (ripgrep's lowargs -> hiargs): [`raw`] is a serde mirror of the file with
+//! `deny_unknown_fields` and spans; [`validate`] turns it into [`Config`], collecting every
+//! problem at once as `FILE:LINE:COL: message` lines. Nothing here reads the environment or
+//! the machine: what validation needs from them comes in an [`Environment`].
+
+mod duration;
+mod raw;
+mod template;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::ids::{InstanceId, ServiceName};
+
+pub use duration::parse_duration;
+pub use template::{Template, TemplateVars};
+
+/// The default config path of every binary.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/tenement/tenement.toml";
+
+/// Facts about the machine and the caller that defaults and checks depend on.
+#[derive(Debug, Clone, Default)]
+pub struct Environment {
+    /// Whether the caller runs as root: picks /var/lib/tenement and /run/tenement defaults.
+    pub is_root: bool,
+    /// `$XDG_RUNTIME_DIR`, used for the non-root `runtime_dir` default.
+    pub xdg_runtime_dir: Option<PathBuf>,
+    /// The kernel's ephemeral port range (`/proc/sys/net/ipv4/ip_local_port_range`); a
+    /// `port_range` overlapping it is refused.
+    pub ephemeral_ports: Option<RangeInclusive<u16>>,
+}
+
+/// A validated configuration. Every path is absolute.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file this was read from (absolute).
+    pub path: PathBuf,
+    pub settings: Settings,
+    pub services: BTreeMap<ServiceName, Service>,
+    /// Instances declared in `[instances]`, in file order, without duplicates.
+    pub instances: Vec<InstanceId>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Lower-case domains without trailing dot; at least one.
+    pub domains: Vec<String>,
+    /// Root of every service's data: instance dirs are `data_dir/<service>/<id>`.
+    pub data_dir: PathBuf,
+    /// Where the registry is kept.
+    pub state_dir: PathBuf,
+    /// Where the RPC sockets live.
+    pub runtime_dir: PathBuf,
+    /// The proxy's listen addresses when systemd hands it none.
+    pub listen: Vec<SocketAddr>,
+    /// Ports handed to instances.
+    pub port_range: RangeInclusive<u16>,
+    /// Members of this group may use the admin socket (root always may).
+    pub admin_group: Option<String>,
+}
+
+impl Settings {
+    /// The admin RPC socket.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.runtime_dir.join("admin.sock")
+    }
+
+    /// The proxy-role RPC socket.
+    pub fn proxy_socket(&self) -> PathBuf {
+        self.runtime_dir.join("proxy.sock")
+    }
+
+    /// The registry file.
+    pub fn state_file(&self) -> PathBuf {
+        self.state_dir.join("registry.json")
+    }
+
+    /// A service's data root, `{data_dir}` in templates.
+    pub fn service_data_dir(&self, service: &ServiceName) -> PathBuf {
+        self.data_dir.join(service.as_str())
+    }
+
+    /// An instance's own directory.
+    pub fn instance_data_dir(&self, instance: &InstanceId) -> PathBuf {
+        self.service_data_dir(&instance.service)
+            .join(instance.id.as_str())
+    }
+}
+
+/// How an instance is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenMode {
+    /// The app binds `127.0.0.1:$PORT`.
+    Tcp,
+    /// The app binds the Unix socket at `$SOCKET_PATH`.
+    Unix,
+    /// The supervisor binds `127.0.0.1:PORT` and passes it as fd 3 (LISTEN_FDS=1).
+    Activate,
+}
+
+/// How the supervisor knows a start finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadyMode {
+    /// The address accepts a connection.
+    Tcp,
+    /// The health path answers 2xx.
+    Health,
+    /// The app sends `READY=1` to `$NOTIFY_SOCKET`.
+    Notify,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    Process,
+    Namespace,
+    Sandbox,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    pub name: ServiceName,
+    /// `command` shell-split (without a shell), then `args`. Each element may hold
+    /// placeholders; see [`Template`].
+    pub argv: Vec<Template>,
+    /// Absolute working directory (default: the config file's directory).
+    pub workdir: PathBuf,
+    /// Extra environment, in name order; values are templates.
+    pub env: BTreeMap<String, Template>,
+    /// Health path such as `/health`.
+    pub health: Option<String>,
+    pub health_interval: Duration,
+    pub health_timeout: Duration,
+    pub unhealthy_threshold: u32,
+    pub startup_timeout: Duration,
+    pub stop_grace: Duration,
+    /// `None`: never stopped for idleness (`idle_timeout = 0` or `"never"`).
+    pub idle_timeout: Option<Duration>,
+    pub listen: ListenMode,
+    pub ready: ReadyMode,
+    pub max_restarts: u32,
+    pub restart_window: Duration,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub auto_spawn: bool,
+    /// `None`: the supervisor's default for how it runs.
+    pub isolation: Option<Isolation>,
+    pub user: Option<String>,
+}
+
+/// One problem in a config file, located.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub path: PathBuf,
+    /// 1-based; 0 when the problem has no place in the file (it could not be read).
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.path.display(), self.message)
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.path.display(),
+                self.line,
+                self.column,
+                self.message
+            )
+        }
+    }
+}
+
+/// Every problem found in a config file, one [`Diagnostic`] per line when displayed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.diagnostics.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path, env: &Environment) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            diagnostics: vec![Diagnostic {
+                path: path.to_path_buf(),
+                line: 0,
+                column: 0,
+                message: format!("cannot read config: {e}"),
+            }],
+        })?;
+        let absolute = absolute_path(path);
+        Self::parse(&text, &absolute, env)
+    }
+
+    /// Validates `text` as if read from `path` (which must be absolute: relative paths in the
+    /// file resolve against its directory).
+    pub fn parse(text: &str, path: &Path, env: &Environment) -> Result<Config, ConfigError> {
+        validate::validate(text, path, env)
+    }
+
+    pub fn service(&self, name: &ServiceName) -> Option<&Service> {
+        self.services.get(name)
+    }
+}
+
+/// `path` made absolute against the current directory, without touching the file system
+/// beyond reading the current directory.
+pub fn absolute_path(path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        return path.to_path_buf();
+    }
+    match std::env::current_dir() {
+        Ok(cwd) => cwd.join(path),
+        Err(_) => path.to_path_buf(),
+    }
+}

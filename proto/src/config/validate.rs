@@ -1,0 +1,650 @@
+//! The second phase of reading `tenement.toml`: walks the [`raw`](super::raw) tree against the
+//! schema, fills in defaults and builds a [`Config`].
+//!
+//! Every problem becomes one located [`Diagnostic`] and checking goes on, so a user fixes the
+//! whole file in one round. Unknown keys are refused here (the tree has no schema). Nothing
+//! here touches the file system or the process environment: relative paths are joined to the
+//! config file's directory lexically, and machine facts come in an [`Environment`].
+
+mod service;
+mod settings;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use super::raw::{self, value_kind, RawEntry, RawTable, RawValue};
+use super::{absolute_path, parse_duration, Config, ConfigError, Diagnostic, Environment, Service};
+use crate::ids::{InstanceId, ServiceName, TenantId};
+
+type Span = Range<usize>;
+
+const TOP_KEYS: &[&str] = &["settings", "service", "instances"];
+
+pub(super) fn validate(text: &str, path: &Path, env: &Environment) -> Result<Config, ConfigError> {
+    let path = absolute_path(path);
+    let mut checker = Checker {
+        report: Report {
+            path: &path,
+            text,
+            diagnostics: Vec::new(),
+        },
+        config_dir: path
+            .parent()
+            .map_or_else(|| PathBuf::from("/"), Path::to_path_buf),
+        env,
+    };
+    let config = match raw::parse(text) {
+        Ok(doc) => checker.config(&doc),
+        Err(e) => {
+            checker.report.toml_error(&e);
+            None
+        }
+    };
+    let mut diagnostics = checker.report.diagnostics;
+    match config {
+        Some(config) if diagnostics.is_empty() => Ok(config),
+        _ => {
+            diagnostics.sort_by_key(|d| (d.line == 0, d.line, d.column));
+            Err(ConfigError { diagnostics })
+        }
+    }
+}
+
+/// Collects diagnostics, turning byte offsets into 1-based lines and columns.
+struct Report<'a> {
+    path: &'a Path,
+    text: &'a str,
+    diagnostics: Vec<Diagnostic>,
+}
+
+impl Report<'_> {
+    fn error(&mut self, span: Span, message: String) {
+        let mut offset = span.start.min(self.text.len());
+        while !self.text.is_char_boundary(offset) {
+            offset -= 1;
+        }
+        let before = &self.text[..offset];
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        self.push(
+            before.matches('\n').count() + 1,
+            before[line_start..].chars().count() + 1,
+            message,
+        );
+    }
+
+    /// A problem with a default, which has no place in the file.
+    fn unplaced(&mut self, message: String) {
+        self.push(0, 0, message);
+    }
+
+    fn push(&mut self, line: usize, column: usize, message: String) {
+        self.diagnostics.push(Diagnostic {
+            path: self.path.to_path_buf(),
+            line,
+            column,
+            message,
+        });
+    }
+
+    fn toml_error(&mut self, e: &toml::de::Error) {
+        let message = if e.message().contains("$__toml_private_datetime") {
+            // A bare date or time (`stop_grace = 00:00:10`): the tree cannot hold one outside
+            // an array, and no key accepts one.
+            "dates and times are not accepted; write durations like \"30s\" and quote other values"
+                .to_owned()
+        } else {
+            let lines: Vec<&str> = e
+                .message()
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            lines.join("; ")
+        };
+        match e.span() {
+            Some(span) => self.error(span, message),
+            None => self.unplaced(message),
+        }
+    }
+}
+
+struct Checker<'a> {
+    report: Report<'a>,
+    config_dir: PathBuf,
+    env: &'a Environment,
+}
+
+impl Checker<'_> {
+    fn error(&mut self, span: Span, message: String) {
+        self.report.error(span, message);
+    }
+
+    fn config(&mut self, doc: &RawTable) -> Option<Config> {
+        self.check_keys(doc, "the top level", TOP_KEYS);
+        let settings = doc
+            .get("settings")
+            .and_then(|e| self.table(e, "[settings]"));
+        let settings = self.settings(settings.unwrap_or(&RawTable::default()));
+        let mut services = BTreeMap::new();
+        let mut declared = BTreeSet::new();
+        if let Some(table) = doc
+            .get("service")
+            .and_then(|e| self.table(e, "[service.NAME]"))
+        {
+            for entry in &table.entries {
+                declared.insert(entry.key.get_ref().as_str());
+                if let Some(service) = self.service(entry) {
+                    services.insert(service.name.clone(), service);
+                }
+            }
+        }
+        let instances = doc
+            .get("instances")
+            .and_then(|e| self.table(e, "[instances]"))
+            .map(|t| self.instances(t, &declared, &services))
+            .unwrap_or_default();
+        Some(Config {
+            path: self.report.path.to_path_buf(),
+            settings,
+            services,
+            instances,
+        })
+    }
+
+    /// Reports every key of `table` not in `known`; whether there was none.
+    fn check_keys(&mut self, table: &RawTable, place: &str, known: &[&str]) -> bool {
+        let mut all_known = true;
+        for entry in &table.entries {
+            if !known.contains(&entry.key.get_ref().as_str()) {
+                all_known = false;
+                let message = format!(
+                    "unknown key `{}` in {place}; expected one of: {}",
+                    entry.key.get_ref(),
+                    known.join(", ")
+                );
+                self.error(entry.key.span(), message);
+            }
+        }
+        all_known
+    }
+
+    fn table<'t>(&mut self, entry: &'t RawEntry, header: &str) -> Option<&'t RawTable> {
+        match &entry.value {
+            RawValue::Table(table) => Some(table),
+            other => {
+                let message = format!(
+                    "`{}` must be a table written {header}, not {}",
+                    entry.key.get_ref(),
+                    other.kind()
+                );
+                self.error(entry.key.span(), message);
+                None
+            }
+        }
+    }
+
+    fn string<'t>(&mut self, entry: &'t RawEntry) -> Option<&'t str> {
+        let key = entry.key.get_ref();
+        match &entry.value {
+            RawValue::String(s) if s.trim().is_empty() => {
+                let message = format!("{key} is empty; remove it or give it a value");
+                self.error(entry.key.span(), message);
+                None
+            }
+            RawValue::String(s) => Some(s),
+            other => {
+                let message = format!(
+                    "{key} must be a string, not {}; write {key} = \"...\"",
+                    other.kind()
+                );
+                self.error(entry.key.span(), message);
+                None
+            }
+        }
+    }
+
+    /// An array of strings with each element's place; `None` after reporting a problem.
+    fn string_array(&mut self, entry: &RawEntry) -> Option<Vec<(Span, String)>> {
+        let key = entry.key.get_ref();
+        let RawValue::Array(items) = &entry.value else {
+            let message = format!(
+                "{key} must be an array of strings, not {}; write {key} = [\"...\"]",
+                entry.value.kind()
+            );
+            self.error(entry.key.span(), message);
+            return None;
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            match item.get_ref() {
+                toml::Value::String(s) => out.push((item.span(), s.clone())),
+                other => {
+                    let message = format!(
+                        "{key} may only hold strings, not {}; quote it",
+                        value_kind(other)
+                    );
+                    self.error(item.span(), message);
+                }
+            }
+        }
+        (out.len() == items.len()).then_some(out)
+    }
+
+    /// A string or an array of strings.
+    fn string_list(&mut self, entry: &RawEntry) -> Option<Vec<(Span, String)>> {
+        match &entry.value {
+            RawValue::String(s) => Some(vec![(entry.key.span(), s.clone())]),
+            RawValue::Array(_) => self.string_array(entry),
+            other => {
+                let key = entry.key.get_ref();
+                let message = format!(
+                    "{key} must be a string or an array of strings, not {}",
+                    other.kind()
+                );
+                self.error(entry.key.span(), message);
+                None
+            }
+        }
+    }
+
+    /// A path, absolute or relative to the config file's directory.
+    fn dir(&mut self, table: &RawTable, key: &str, default: PathBuf) -> PathBuf {
+        match table.get(key).and_then(|e| self.string(e)) {
+            Some(s) => normalise(&self.config_dir.join(s)),
+            None => default,
+        }
+    }
+
+    fn duration(&mut self, table: &RawTable, key: &str, default: Duration) -> Duration {
+        let Some(entry) = table.get(key) else {
+            return default;
+        };
+        let parsed = match &entry.value {
+            RawValue::Integer(n) => match u64::try_from(*n) {
+                Ok(secs) => Ok(Duration::from_secs(secs)),
+                Err(_) => parse_duration(&n.to_string()),
+            },
+            RawValue::String(s) => parse_duration(s),
+            other => Err(format!(
+                "expected seconds (300) or a string like \"30s\", not {}",
+                other.kind()
+            )),
+        };
+        parsed.unwrap_or_else(|e| {
+            self.error(entry.key.span(), format!("{key}: {e}"));
+            default
+        })
+    }
+
+    fn count(&mut self, table: &RawTable, key: &str, default: u32) -> u32 {
+        let Some(entry) = table.get(key) else {
+            return default;
+        };
+        let message = match &entry.value {
+            RawValue::Integer(n) if *n < 0 => format!("{key} must be 0 or more, not {n}"),
+            RawValue::Integer(n) => match u32::try_from(*n) {
+                Ok(n) => return n,
+                Err(_) => format!("{key} {n} is too large; use at most {}", u32::MAX),
+            },
+            other => format!(
+                "{key} must be a whole number, not {}; write {key} = {default}",
+                other.kind()
+            ),
+        };
+        self.error(entry.key.span(), message);
+        default
+    }
+
+    fn choice<T: Copy>(
+        &mut self,
+        table: &RawTable,
+        key: &str,
+        choices: &[(&str, T)],
+        default: T,
+    ) -> T {
+        let Some(entry) = table.get(key) else {
+            return default;
+        };
+        if let RawValue::String(s) = &entry.value {
+            if let Some((_, value)) = choices.iter().find(|(name, _)| name == s) {
+                return *value;
+            }
+        }
+        let names: Vec<&str> = choices.iter().map(|(name, _)| *name).collect();
+        let written = match &entry.value {
+            RawValue::String(s) => format!("{s:?}"),
+            other => other.kind().to_owned(),
+        };
+        let message = format!(
+            "{key} = {written} is not supported; use one of: {}",
+            names.join(", ")
+        );
+        self.error(entry.key.span(), message);
+        default
+    }
+
+    fn instances(
+        &mut self,
+        table: &RawTable,
+        declared: &BTreeSet<&str>,
+        services: &BTreeMap<ServiceName, Service>,
+    ) -> Vec<InstanceId> {
+        let mut instances = Vec::new();
+        for entry in &table.entries {
+            let raw_name = entry.key.get_ref();
+            if !declared.contains(raw_name.as_str()) {
+                let message = format!(
+                    "instances for unknown service {raw_name}; add [service.{}]",
+                    toml_key(raw_name)
+                );
+                self.error(entry.key.span(), message);
+            }
+            let service = services.keys().find(|s| s.as_str() == raw_name).cloned();
+            let Some(ids) = self.string_array(entry) else {
+                continue;
+            };
+            let mut seen = BTreeSet::new();
+            for (span, id) in ids {
+                let id = match TenantId::new(id.as_str()) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        self.error(span, format!("invalid instance id {id:?}: {e}"));
+                        continue;
+                    }
+                };
+                if !seen.insert(id.clone()) {
+                    let message = format!("duplicate instance {raw_name}:{id}; list each id once");
+                    self.error(span, message);
+                } else if let Some(service) = &service {
+                    instances.push(InstanceId::new(service.clone(), id));
+                }
+            }
+        }
+        instances
+    }
+}
+
+/// A key as written in a TOML header: bare when it can be, quoted otherwise.
+fn toml_key(key: &str) -> String {
+    let bare = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if bare {
+        key.to_owned()
+    } else {
+        format!("{key:?}")
+    }
+}
+
+/// `path` without `.` components; `..` is kept because resolving it needs the file system.
+fn normalise(path: &Path) -> PathBuf {
+    path.components()
+        .filter(|c| *c != Component::CurDir)
+        .collect()
+}
+
+/// A duration as a user would write it: `500ms`, `30s`, `5m`, `1h`.
+fn show(d: Duration) -> String {
+    let secs = d.as_secs();
+    if d.subsec_millis() != 0 {
+        return format!("{}ms", d.as_millis());
+    }
+    match (secs % 3600, secs % 60) {
+        _ if secs == 0 => "0s".to_owned(),
+        (0, _) => format!("{}h", secs / 3600),
+        (_, 0) => format!("{}m", secs / 60),
+        _ => format!("{secs}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+    use crate::config::{Isolation, ListenMode, ReadyMode, Template};
+
+    const EXAMPLE: &str = r#"
+[settings]
+domain = "localhost"
+data_dir = "./data"
+state_dir = "./state"
+runtime_dir = "/run/user/1000/tenement"
+listen = "127.0.0.1:8080"
+port_range = "20000-29999"
+admin_group = "tenement-admin"
+
+[service.notes]
+command = "python3 app.py"
+args = ["--flag", "{port}"]
+workdir = "examples/notes"
+health = "/health"
+health_interval = "10s"
+health_timeout = "2s"
+unhealthy_threshold = 3
+startup_timeout = "30s"
+stop_grace = "10s"
+idle_timeout = 300
+listen = "tcp"
+ready = "tcp"
+max_restarts = 5
+restart_window = "60s"
+backoff_base = "500ms"
+backoff_max = "30s"
+auto_spawn = false
+isolation = "process"
+user = "www-data"
+[service.notes.env]
+DATA_DIR = "{data_dir}/{id}"
+
+[instances]
+notes = ["alice", "bob"]
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        validate(
+            text,
+            Path::new("/etc/app/tenement.toml"),
+            &Environment::default(),
+        )
+    }
+
+    fn parse_ok(text: &str) -> Config {
+        match parse(text) {
+            Ok(config) => config,
+            Err(e) => panic!("config should be valid:\n{e}"),
+        }
+    }
+
+    fn messages(text: &str) -> Vec<String> {
+        match parse(text) {
+            Ok(_) => panic!("config should be refused:\n{text}"),
+            Err(e) => e.diagnostics.into_iter().map(|d| d.message).collect(),
+        }
+    }
+
+    fn service(config: &Config) -> &Service {
+        config.services.values().next().expect("one service")
+    }
+
+    #[test]
+    fn the_documented_example_parses_into_every_field() {
+        let config = parse_ok(EXAMPLE);
+        let s = &config.settings;
+        assert_eq!(s.domains, ["localhost"]);
+        assert_eq!(s.data_dir, Path::new("/etc/app/data"));
+        assert_eq!(s.state_dir, Path::new("/etc/app/state"));
+        assert_eq!(s.runtime_dir, Path::new("/run/user/1000/tenement"));
+        assert_eq!(s.admin_group.as_deref(), Some("tenement-admin"));
+        let notes = service(&config);
+        assert_eq!(notes.name.as_str(), "notes");
+        let argv: Vec<&str> = notes.argv.iter().map(Template::source).collect();
+        assert_eq!(argv, ["python3", "app.py", "--flag", "{port}"]);
+        assert_eq!(notes.workdir, Path::new("/etc/app/examples/notes"));
+        assert_eq!(notes.health.as_deref(), Some("/health"));
+        assert_eq!(notes.idle_timeout, Some(Duration::from_secs(300)));
+        assert_eq!(notes.backoff_base, Duration::from_millis(500));
+        assert_eq!(notes.ready, ReadyMode::Tcp);
+        assert_eq!(notes.isolation, Some(Isolation::Process));
+        assert_eq!(notes.user.as_deref(), Some("www-data"));
+        assert_eq!(notes.env["DATA_DIR"].source(), "{data_dir}/{id}");
+        let instances: Vec<String> = config.instances.iter().map(|i| i.to_string()).collect();
+        assert_eq!(instances, ["notes:alice", "notes:bob"]);
+    }
+
+    #[test]
+    fn an_empty_file_gets_every_default_next_to_the_config() {
+        let config = parse_ok("");
+        let s = &config.settings;
+        assert_eq!(s.domains, ["localhost"]);
+        assert_eq!(s.data_dir, Path::new("/etc/app/data"));
+        assert_eq!(s.state_dir, Path::new("/etc/app/.tenement/state"));
+        assert_eq!(s.runtime_dir, Path::new("/etc/app/.tenement/run"));
+        assert_eq!(s.listen, [SocketAddr::from(([127, 0, 0, 1], 8080))]);
+        assert_eq!(s.port_range, 20000..=29999);
+        assert_eq!(s.admin_group, None);
+        assert!(config.services.is_empty());
+        assert!(config.instances.is_empty());
+    }
+
+    #[test]
+    fn root_and_xdg_pick_their_directory_defaults() {
+        let path = Path::new("/etc/tenement/tenement.toml");
+        let root = Environment {
+            is_root: true,
+            ..Environment::default()
+        };
+        let config = validate("", path, &root).expect("valid");
+        assert_eq!(
+            config.settings.data_dir,
+            Path::new("/var/lib/tenement/data")
+        );
+        assert_eq!(
+            config.settings.state_dir,
+            Path::new("/var/lib/tenement/state")
+        );
+        assert_eq!(config.settings.runtime_dir, Path::new("/run/tenement"));
+        let user = Environment {
+            xdg_runtime_dir: Some("/run/user/1000".into()),
+            ..Environment::default()
+        };
+        let config = validate("", path, &user).expect("valid");
+        assert_eq!(
+            config.settings.runtime_dir,
+            Path::new("/run/user/1000/tenement")
+        );
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_directory_not_the_cwd() {
+        let config = parse_ok(
+            "[settings]\ndata_dir = \"./d/./e\"\nstate_dir = \"../s\"\n[service.a]\ncommand = \"x\"\nworkdir = \".\"\n",
+        );
+        assert_eq!(config.settings.data_dir, Path::new("/etc/app/d/e"));
+        assert_eq!(config.settings.state_dir, Path::new("/etc/app/../s"));
+        assert_eq!(service(&config).workdir, Path::new("/etc/app"));
+        let config = parse_ok("[service.a]\ncommand = \"x\"\n");
+        assert_eq!(service(&config).workdir, Path::new("/etc/app"));
+    }
+
+    #[test]
+    fn domain_takes_a_string_or_an_array_and_drops_one_trailing_dot() {
+        let config = parse_ok("[settings]\ndomain = \"example.com.\"\n");
+        assert_eq!(config.settings.domains, ["example.com"]);
+        let config = parse_ok("[settings]\ndomain = [\"a.example\", \"b.example\"]\n");
+        assert_eq!(config.settings.domains, ["a.example", "b.example"]);
+        assert!(messages("[settings]\ndomain = \"Example.com\"\n")[0].contains("a-z"));
+        assert!(messages("[settings]\ndomain = \"a..b\"\n")[0].contains("empty"));
+    }
+
+    #[test]
+    fn port_range_takes_a_string_or_a_pair() {
+        let config = parse_ok("[settings]\nport_range = \"3000-3999\"\n");
+        assert_eq!(config.settings.port_range, 3000..=3999);
+        let config = parse_ok("[settings]\nport_range = [4000, 4001]\n");
+        assert_eq!(config.settings.port_range, 4000..=4001);
+        for bad in ["\"4000\"", "[1, 2, 3]", "[4000, 70000]", "\"a-b\"", "4000"] {
+            let text = format!("[settings]\nport_range = {bad}\n");
+            assert!(
+                messages(&text)[0].starts_with("port_range must be"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn args_follow_the_split_command_and_may_stand_alone() {
+        let config = parse_ok("[service.a]\ncommand = \"run 'a b' c\"\nargs = [\"d e\"]\n");
+        let argv: Vec<&str> = service(&config).argv.iter().map(Template::source).collect();
+        assert_eq!(argv, ["run", "a b", "c", "d e"]);
+        let config = parse_ok("[service.a]\nargs = [\"/bin/app\", \"{port}\"]\n");
+        let argv: Vec<&str> = service(&config).argv.iter().map(Template::source).collect();
+        assert_eq!(argv, ["/bin/app", "{port}"]);
+    }
+
+    #[test]
+    fn ready_defaults_to_health_only_when_a_health_path_is_set() {
+        let config = parse_ok("[service.a]\ncommand = \"x\"\nhealth = \"/up\"\n");
+        assert_eq!(service(&config).ready, ReadyMode::Health);
+        let config = parse_ok("[service.a]\ncommand = \"x\"\n");
+        let s = service(&config);
+        assert_eq!(s.ready, ReadyMode::Tcp);
+        assert_eq!(s.listen, ListenMode::Tcp);
+        assert_eq!(s.isolation, None);
+        assert_eq!(s.idle_timeout, Some(Duration::from_secs(300)));
+        assert_eq!(s.health_interval, Duration::from_secs(10));
+        assert_eq!(s.health_timeout, Duration::from_secs(2));
+        assert_eq!(s.unhealthy_threshold, 3);
+        assert_eq!(s.startup_timeout, Duration::from_secs(30));
+        assert_eq!(s.stop_grace, Duration::from_secs(10));
+        assert_eq!(s.max_restarts, 5);
+        assert_eq!(s.restart_window, Duration::from_secs(60));
+        assert_eq!(s.backoff_max, Duration::from_secs(30));
+        assert!(!s.auto_spawn);
+    }
+
+    #[test]
+    fn idle_timeout_zero_or_never_means_never_idle_stopped() {
+        for value in ["0", "\"never\"", "\"0s\""] {
+            let config = parse_ok(&format!(
+                "[service.a]\ncommand = \"x\"\nidle_timeout = {value}\n"
+            ));
+            assert_eq!(service(&config).idle_timeout, None, "{value}");
+        }
+    }
+
+    #[test]
+    fn implicit_and_dotted_tables_are_read_like_headers() {
+        let config = parse_ok(
+            "service.a.command = \"x\"\n[service.b.env]\nA = \"1\"\n[service.b]\nargs = [\"y\"]\n",
+        );
+        assert_eq!(config.services.len(), 2);
+        assert_eq!(config.services.values().nth(1).expect("b").env.len(), 1);
+        let messages = messages("[service.b.env]\nA = \"1\"\n");
+        assert_eq!(
+            messages,
+            ["service b has no command; add command = \"...\""]
+        );
+    }
+
+    #[test]
+    fn a_bare_date_is_refused_with_one_line() {
+        let messages = messages("[service.a]\ncommand = \"x\"\nstop_grace = 00:00:10\n");
+        assert_eq!(messages.len(), 1);
+        assert!(
+            messages[0].starts_with("dates and times are not accepted"),
+            "{messages:?}"
+        );
+    }
+
+    #[test]
+    fn positions_count_characters_not_bytes() {
+        let err = parse("[settings]\ndomain = \"é\" # x\nnope = 1\n").expect_err("invalid");
+        let places: Vec<(usize, usize)> =
+            err.diagnostics.iter().map(|d| (d.line, d.column)).collect();
+        assert_eq!(places, [(2, 1), (3, 1)]);
+    }
+}

@@ -1,0 +1,314 @@
+//! `[service.NAME]`: the command line, environment, health checking and restart policy of
+//! one service.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::{show, toml_key, Checker, RawEntry, RawTable, RawValue, Span};
+use crate::config::{Isolation, ListenMode, ReadyMode, Service, Template};
+use crate::ids::ServiceName;
+
+const SERVICE_KEYS: &[&str] = &[
+    "command",
+    "args",
+    "workdir",
+    "health",
+    "health_interval",
+    "health_timeout",
+    "unhealthy_threshold",
+    "startup_timeout",
+    "stop_grace",
+    "idle_timeout",
+    "listen",
+    "ready",
+    "max_restarts",
+    "restart_window",
+    "backoff_base",
+    "backoff_max",
+    "auto_spawn",
+    "isolation",
+    "user",
+    "env",
+];
+/// Variables the supervisor sets for every instance; a config value would be overwritten or,
+/// worse, confuse socket activation.
+const RESERVED_ENV: &[&str] = &[
+    "PORT",
+    "HOST",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "SOCKET_PATH",
+];
+const MAX_HEALTH_PATH: usize = 1024;
+const LISTEN_MODES: &[(&str, ListenMode)] = &[
+    ("tcp", ListenMode::Tcp),
+    ("unix", ListenMode::Unix),
+    ("activate", ListenMode::Activate),
+];
+const READY_MODES: &[(&str, ReadyMode)] = &[
+    ("tcp", ReadyMode::Tcp),
+    ("health", ReadyMode::Health),
+    ("notify", ReadyMode::Notify),
+];
+const ISOLATIONS: &[(&str, Isolation)] = &[
+    ("process", Isolation::Process),
+    ("namespace", Isolation::Namespace),
+    ("sandbox", Isolation::Sandbox),
+];
+
+impl Checker<'_> {
+    pub(super) fn service(&mut self, entry: &RawEntry) -> Option<Service> {
+        let raw_name = entry.key.get_ref();
+        let name = match ServiceName::new(raw_name.as_str()) {
+            Ok(name) => Some(name),
+            Err(e) => {
+                let message = format!("invalid service name {raw_name:?}: {e}");
+                self.error(entry.key.span(), message);
+                None
+            }
+        };
+        let header = format!("[service.{}]", toml_key(raw_name));
+        let body = self.table(entry, &header)?;
+        // A misspelt `command` is reported as unknown, not also as missing.
+        let keys_known = self.check_keys(body, &header, SERVICE_KEYS);
+
+        let argv = self.argv(entry, body, keys_known);
+        let workdir = self.dir(body, "workdir", self.config_dir.clone());
+        let env = body
+            .get("env")
+            .and_then(|e| self.table(e, &format!("[service.{}.env]", toml_key(raw_name))))
+            .map(|t| self.env_vars(t))
+            .unwrap_or_default();
+        let health = body.get("health").and_then(|e| self.health(e));
+        let health_interval = self.duration(body, "health_interval", Duration::from_secs(10));
+        let health_timeout = self.duration(body, "health_timeout", Duration::from_secs(2));
+        let unhealthy_threshold = self.count(body, "unhealthy_threshold", 3);
+        let startup_timeout = self.duration(body, "startup_timeout", Duration::from_secs(30));
+        let stop_grace = self.duration(body, "stop_grace", Duration::from_secs(10));
+        let idle_timeout = match body.get("idle_timeout") {
+            Some(e) if e.value == RawValue::String("never".into()) => None,
+            _ => Some(self.duration(body, "idle_timeout", Duration::from_secs(300)))
+                .filter(|d| !d.is_zero()),
+        };
+        let listen = self.choice(body, "listen", LISTEN_MODES, ListenMode::Tcp);
+        let ready_default = match health {
+            Some(_) => ReadyMode::Health,
+            None => ReadyMode::Tcp,
+        };
+        let ready = self.choice(body, "ready", READY_MODES, ready_default);
+        let max_restarts = self.count(body, "max_restarts", 5);
+        let restart_window = self.duration(body, "restart_window", Duration::from_secs(60));
+        let backoff_base = self.duration(body, "backoff_base", Duration::from_millis(500));
+        let backoff_max = self.duration(body, "backoff_max", Duration::from_secs(30));
+        let auto_spawn = match body.get("auto_spawn").map(|e| (e, &e.value)) {
+            None => false,
+            Some((_, RawValue::Boolean(b))) => *b,
+            Some((e, other)) => {
+                let message = format!(
+                    "auto_spawn must be true or false, not {}; write auto_spawn = true",
+                    other.kind()
+                );
+                self.error(e.key.span(), message);
+                false
+            }
+        };
+        let isolation = body
+            .get("isolation")
+            .map(|_| self.choice(body, "isolation", ISOLATIONS, Isolation::Process));
+        let user = body
+            .get("user")
+            .and_then(|e| self.string(e))
+            .map(str::to_owned);
+
+        // Checks between keys: reported at the first of the keys that is written, else at
+        // the service's header.
+        let at = |keys: &[&str]| {
+            keys.iter()
+                .find_map(|k| body.get(k))
+                .map_or_else(|| entry.key.span(), |e| e.key.span())
+        };
+        if ready == ReadyMode::Health && health.is_none() && body.get("health").is_none() {
+            let message = "ready = \"health\" needs health = \"/path\"; add a health path or use ready = \"tcp\"";
+            self.error(at(&["ready"]), message.to_owned());
+        }
+        if body.get("unhealthy_threshold").is_some() && unhealthy_threshold == 0 {
+            let message =
+                "unhealthy_threshold must be at least 1: it counts failed probes before a restart";
+            self.error(at(&["unhealthy_threshold"]), message.to_owned());
+        }
+        if startup_timeout.is_zero() {
+            let message = "startup_timeout must be more than 0; write startup_timeout = \"30s\"";
+            self.error(at(&["startup_timeout"]), message.to_owned());
+        }
+        if health_interval.is_zero() {
+            let message = "health_interval must be more than 0; write health_interval = \"10s\"";
+            self.error(at(&["health_interval"]), message.to_owned());
+        } else if health_timeout >= health_interval {
+            let message = format!(
+                "health_timeout {} must be shorter than health_interval {}; lower health_timeout or raise health_interval",
+                show(health_timeout),
+                show(health_interval)
+            );
+            self.error(at(&["health_timeout", "health_interval"]), message);
+        }
+        if backoff_base > backoff_max {
+            let message = format!(
+                "backoff_base {} is longer than backoff_max {}; lower backoff_base or raise backoff_max",
+                show(backoff_base),
+                show(backoff_max)
+            );
+            self.error(at(&["backoff_base", "backoff_max"]), message);
+        }
+
+        Some(Service {
+            name: name?,
+            argv: argv?,
+            workdir,
+            env,
+            health,
+            health_interval,
+            health_timeout,
+            unhealthy_threshold,
+            startup_timeout,
+            stop_grace,
+            idle_timeout,
+            listen,
+            ready,
+            max_restarts,
+            restart_window,
+            backoff_base,
+            backoff_max,
+            auto_spawn,
+            isolation,
+            user,
+        })
+    }
+
+    /// `command` split into words without a shell, then `args`, each word a template.
+    fn argv(
+        &mut self,
+        service: &RawEntry,
+        body: &RawTable,
+        keys_known: bool,
+    ) -> Option<Vec<Template>> {
+        let mut words: Vec<(Span, &str, String)> = Vec::new();
+        let mut ok = true;
+        let command = body.get("command");
+        if let Some(entry) = command {
+            let span = entry.key.span();
+            match &entry.value {
+                RawValue::String(s) => match shell_words::split(s) {
+                    Ok(split) if split.is_empty() => {
+                        let message = "command is empty; write the program to run, like command = \"python3 app.py\"";
+                        self.error(span, message.to_owned());
+                        ok = false;
+                    }
+                    Ok(split) => {
+                        words.extend(split.into_iter().map(|w| (span.clone(), "command", w)))
+                    }
+                    Err(e) => {
+                        let message = format!(
+                            "command has unbalanced quotes ({e}); close the quote or move the arguments to args = [\"...\"]"
+                        );
+                        self.error(span, message);
+                        ok = false;
+                    }
+                },
+                _ => ok &= self.string(entry).is_some(),
+            }
+        }
+        let args = body.get("args");
+        if let Some(entry) = args {
+            match self.string_array(entry) {
+                Some(items) => words.extend(items.into_iter().map(|(span, w)| (span, "args", w))),
+                None => ok = false,
+            }
+        }
+        if words.is_empty() {
+            if !ok || !keys_known {
+                return None;
+            }
+            let message = format!(
+                "service {} has no command; add command = \"...\"",
+                service.key.get_ref()
+            );
+            self.error(service.key.span(), message);
+            return None;
+        }
+        let mut argv = Vec::with_capacity(words.len());
+        for (span, key, word) in words {
+            match Template::parse(&word) {
+                Ok(t) => argv.push(t),
+                Err(e) => {
+                    self.error(span, format!("{key}: {e}"));
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(argv)
+    }
+
+    fn env_vars(&mut self, table: &RawTable) -> BTreeMap<String, Template> {
+        let mut vars = BTreeMap::new();
+        for entry in &table.entries {
+            let name = entry.key.get_ref();
+            let span = entry.key.span();
+            if !is_env_name(name) {
+                let message = format!(
+                    "env name {name:?} is not valid; use letters, digits and '_', not starting with a digit"
+                );
+                self.error(span.clone(), message);
+            } else if RESERVED_ENV.contains(&name.as_str()) || name.starts_with("TENEMENT_") {
+                self.error(
+                    span.clone(),
+                    format!("env {name} is set by tenement; remove it"),
+                );
+            }
+            match &entry.value {
+                RawValue::String(s) => match Template::parse(s) {
+                    Ok(t) => {
+                        vars.insert(name.clone(), t);
+                    }
+                    Err(e) => self.error(span, format!("env {name}: {e}")),
+                },
+                other => {
+                    let message = format!(
+                        "env {name} must be a string, not {}; quote it",
+                        other.kind()
+                    );
+                    self.error(span, message);
+                }
+            }
+        }
+        vars
+    }
+
+    fn health(&mut self, entry: &RawEntry) -> Option<String> {
+        let path = self.string(entry)?;
+        let problem = if !path.starts_with('/') {
+            format!("health {path:?} must start with '/', like health = \"/health\"")
+        } else if !path.bytes().all(|b| b.is_ascii_graphic()) {
+            format!("health {path:?} may only hold printable ASCII without spaces; percent-encode the rest")
+        } else if path.len() > MAX_HEALTH_PATH {
+            format!(
+                "health is {} bytes long; use a path of at most {MAX_HEALTH_PATH}",
+                path.len()
+            )
+        } else {
+            return Some(path.to_owned());
+        };
+        self.error(entry.key.span(), problem);
+        None
+    }
+}
+
+/// `[A-Za-z_][A-Za-z0-9_]*`, what a POSIX shell accepts as a variable name.
+fn is_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}

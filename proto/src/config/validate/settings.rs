@@ -1,0 +1,222 @@
+//! `[settings]`: domains, directories, listen addresses and the instance port range.
+
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::path::Path;
+
+use super::{normalise, Checker, RawEntry, RawTable, RawValue, Span};
+use crate::config::Settings;
+use crate::ids::validate_label;
+
+const SETTINGS_KEYS: &[&str] = &[
+    "domain",
+    "data_dir",
+    "state_dir",
+    "runtime_dir",
+    "listen",
+    "port_range",
+    "admin_group",
+];
+
+/// `sizeof(sockaddr_un.sun_path)` on Linux, terminating NUL included (unix(7)).
+const UNIX_PATH_MAX: usize = 108;
+/// RFC 1035, 2.3.4, without the trailing dot.
+const MAX_DOMAIN_LEN: usize = 253;
+
+impl Checker<'_> {
+    pub(super) fn settings(&mut self, table: &RawTable) -> Settings {
+        self.check_keys(table, "[settings]", SETTINGS_KEYS);
+        let dir = &self.config_dir;
+        let (data, state, runtime) = if self.env.is_root {
+            let lib = Path::new("/var/lib/tenement");
+            (lib.join("data"), lib.join("state"), "/run/tenement".into())
+        } else {
+            let runtime = match &self.env.xdg_runtime_dir {
+                Some(xdg) => normalise(&dir.join(xdg).join("tenement")),
+                None => dir.join(".tenement/run"),
+            };
+            (dir.join("data"), dir.join(".tenement/state"), runtime)
+        };
+        let data_dir = self.dir(table, "data_dir", normalise(&data));
+        let state_dir = self.dir(table, "state_dir", normalise(&state));
+        let runtime_dir = self.dir(table, "runtime_dir", normalise(&runtime));
+        let socket = runtime_dir.join("admin.sock");
+        let len = socket.as_os_str().len();
+        if len >= UNIX_PATH_MAX {
+            let message = format!(
+                "runtime_dir {} is too long: {} is {len} bytes and a Unix socket path must be under {UNIX_PATH_MAX}; set a shorter runtime_dir",
+                runtime_dir.display(),
+                socket.display(),
+            );
+            match table.get("runtime_dir") {
+                Some(e) => self.error(e.key.span(), message),
+                None => self.report.unplaced(message),
+            }
+        }
+        let domains = match table.get("domain") {
+            Some(e) => self.domains(e),
+            None => vec!["localhost".to_owned()],
+        };
+        let listen = match table.get("listen") {
+            Some(e) => self.listen_addresses(e),
+            None => vec![SocketAddr::from(([127, 0, 0, 1], 8080))],
+        };
+        let port_range = self.port_range(table.get("port_range"));
+        let admin_group = table
+            .get("admin_group")
+            .and_then(|e| self.string(e))
+            .map(str::to_owned);
+        Settings {
+            domains,
+            data_dir,
+            state_dir,
+            runtime_dir,
+            listen,
+            port_range,
+            admin_group,
+        }
+    }
+
+    fn domains(&mut self, entry: &RawEntry) -> Vec<String> {
+        let Some(items) = self.string_list(entry) else {
+            return Vec::new();
+        };
+        if items.is_empty() {
+            let message = "domain is empty; list at least one, like domain = \"example.com\"";
+            self.error(entry.key.span(), message.to_owned());
+        }
+        let mut domains: Vec<String> = Vec::with_capacity(items.len());
+        for (span, text) in items {
+            match check_domain(&text) {
+                Ok(domain) if domains.contains(&domain) => {
+                    let message = format!("duplicate domain {domain}; list each domain once");
+                    self.error(span, message);
+                }
+                Ok(domain) => domains.push(domain),
+                Err(message) => self.error(span, message),
+            }
+        }
+        domains
+    }
+
+    fn listen_addresses(&mut self, entry: &RawEntry) -> Vec<SocketAddr> {
+        let Some(items) = self.string_list(entry) else {
+            return Vec::new();
+        };
+        if items.is_empty() {
+            let message =
+                "listen is empty; list at least one address, like listen = \"127.0.0.1:8080\"";
+            self.error(entry.key.span(), message.to_owned());
+        }
+        let mut addresses: Vec<SocketAddr> = Vec::with_capacity(items.len());
+        for (span, text) in items {
+            match text.parse::<SocketAddr>() {
+                Ok(address) if addresses.contains(&address) => {
+                    let message =
+                        format!("duplicate listen address {address}; list each address once");
+                    self.error(span, message);
+                }
+                Ok(address) => addresses.push(address),
+                Err(_) => {
+                    let message = format!(
+                        "listen address {text:?} is not IP:PORT; write it like \"127.0.0.1:8080\" or \"[::1]:8080\""
+                    );
+                    self.error(span, message);
+                }
+            }
+        }
+        addresses
+    }
+
+    fn port_range(&mut self, entry: Option<&RawEntry>) -> RangeInclusive<u16> {
+        let default = 20000..=29999;
+        let Some(entry) = entry else {
+            self.check_ephemeral(&default, None);
+            return default;
+        };
+        let bounds = match &entry.value {
+            RawValue::String(s) => s
+                .split_once('-')
+                .and_then(|(lo, hi)| Some((lo.trim().parse().ok()?, hi.trim().parse().ok()?))),
+            RawValue::Array(items) => match items.as_slice() {
+                [lo, hi] => match (lo.get_ref(), hi.get_ref()) {
+                    (toml::Value::Integer(lo), toml::Value::Integer(hi)) => {
+                        u16::try_from(*lo).ok().zip(u16::try_from(*hi).ok())
+                    }
+                    _ => None,
+                },
+                _ => None,
+            },
+            _ => None,
+        };
+        let span = entry.key.span();
+        let Some((lo, hi)) = bounds else {
+            let message = "port_range must be \"LO-HI\" or [LO, HI] with ports up to 65535; write port_range = \"20000-29999\"";
+            self.error(span, message.to_owned());
+            return default;
+        };
+        if lo > hi {
+            let message = format!(
+                "port_range {lo}-{hi} is backwards; write the lower port first: \"{hi}-{lo}\""
+            );
+            self.error(span, message);
+            return default;
+        }
+        if lo < 1024 {
+            let message = format!(
+                "port_range {lo}-{hi} starts below 1024; privileged ports are not handed to apps, start at 1024 or above"
+            );
+            self.error(span.clone(), message);
+        }
+        let range = lo..=hi;
+        self.check_ephemeral(&range, Some(span));
+        range
+    }
+
+    /// The kernel hands out its ephemeral ports for outgoing connections at any moment, so an
+    /// instance port taken from that range can be busy when the instance binds it.
+    fn check_ephemeral(&mut self, range: &RangeInclusive<u16>, span: Option<Span>) {
+        let Some(eph) = &self.env.ephemeral_ports else {
+            return;
+        };
+        if range.start() > eph.end() || range.end() < eph.start() {
+            return;
+        }
+        let fix = if *eph.start() > 1024 {
+            format!("pick ports below {}", eph.start())
+        } else {
+            format!("pick ports above {}", eph.end())
+        };
+        let message = format!(
+            "port_range {}-{} overlaps the kernel's ephemeral range {}-{}; {fix}",
+            range.start(),
+            range.end(),
+            eph.start(),
+            eph.end()
+        );
+        match span {
+            Some(span) => self.error(span, message),
+            None => self.report.unplaced(message),
+        }
+    }
+}
+
+/// A lower-case domain without its trailing dot, or what is wrong with it.
+fn check_domain(text: &str) -> Result<String, String> {
+    let name = text.strip_suffix('.').unwrap_or(text);
+    if name.is_empty() {
+        return Err(format!(
+            "domain {text:?} is empty; write a host name like \"example.com\""
+        ));
+    }
+    if name.len() > MAX_DOMAIN_LEN {
+        return Err(format!(
+            "domain {text:?} is longer than {MAX_DOMAIN_LEN} characters; use a shorter name"
+        ));
+    }
+    for label in name.split('.') {
+        validate_label("domain label", label)
+            .map_err(|e| format!("invalid domain {text:?}: {e}"))?;
+    }
+    Ok(name.to_owned())
+}

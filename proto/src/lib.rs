@@ -1,0 +1,35 @@
+//! tenement-proto: everything that crosses a tenement process boundary.
+//!
+//! - [`ids`]: validated service names, tenant ids and instance ids.
+//! - [`rpc`]: the messages of the supervisor's two RPC roles (proxy and admin).
+//! - [`frame`]: length-prefixed JSON framing with a size cap checked before allocation.
+//! - [`config`]: `tenement.toml`, parsed strictly and validated with file:line errors.
+//!
+//! This crate depends on no other tenement crate and does no I/O beyond reading and writing the
+//! streams and files it is handed.
+//!
+//! # Compatibility rules
+//!
+//! The RPC is spoken between binaries of possibly different releases during an upgrade (the
+//! proxy and supervisor restart independently), so:
+//!
+//! 1. Every connection starts with `hello { version }`. The supervisor answers with its own
+//!    version; a client whose major protocol version differs gets `unsupported_version` and
+//!    the connection is closed. [`rpc::PROTOCOL_VERSION`] is bumped only for changes that
+//!    break rule 2 or 3.
+//! 2. New request and response types and new optional fields (`#[serde(default)]`) may be
+//!    added within a version. Unknown request types get `bad_request`, never a crash. Fields
+//!    are never renamed or retyped within a version.
+//! 3. Error codes are a closed, additive list; clients treat an unknown code as `internal`.
+//! 4. The golden files in `proto/tests/golden/` pin the wire format; a change to them is a
+//!    protocol change and must follow the rules above.
+//! 5. Config keys are stable across releases: a key is never renamed, only added; a removed
+//!    key keeps being accepted with a deprecation warning for one release.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod frame;
+pub mod ids;
+pub mod rpc;
+
+pub use ids::{IdError, InstanceId, ServiceName, TenantId};

@@ -1,0 +1,341 @@
+//! The supervisor's RPC messages, for both roles.
+//!
+//! A connection starts with [`Request::Hello`] answered by [`Response::Hello`]; every later
+//! request gets exactly one response, except [`Request::Subscribe`] (the proxy's watch stream)
+//! and [`Request::Logs`] with `follow`, which turn the connection into a stream of responses.
+//! Which calls a connection may make is decided by the socket it arrived on (see [`Role`]),
+//! never by what the client claims.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{InstanceId, ServiceName};
+
+/// The RPC protocol version spoken by this build. See the compatibility rules in `lib.rs`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Which socket a connection came in on, and so which calls it may make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// `proxy.sock`: wake, resolve, report activity, acknowledge park.
+    Proxy,
+    /// `admin.sock`: everything `tenctl` does. Checked with SO_PEERCRED as well.
+    Admin,
+}
+
+/// A message from a client (tenctl or the proxy) to the supervisor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// First message on every connection.
+    Hello { version: u32, client: String },
+
+    // ---- proxy role (also allowed on the admin socket) ----
+    /// Start the instance if it is not running and wait until it is ready.
+    Wake {
+        instance: InstanceId,
+        /// How long the caller is willing to wait; the supervisor caps it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
+    },
+    /// The route of one instance, or `UnknownInstance`. With `auto_spawn` on its service an
+    /// unknown instance is registered (stopped) first.
+    Resolve { instance: InstanceId },
+    /// Turns the connection into a watch stream: a snapshot of the route table
+    /// ([`Response::Routes`] with `reset`), then updates and [`Response::Park`] requests. The
+    /// proxy answers park requests and reports activity on the same connection.
+    Subscribe,
+    /// In-flight counts and activity since the last report, proxy -> supervisor.
+    Activity { reports: Vec<ActivityReport> },
+    /// The proxy's answer to [`Response::Park`].
+    ParkAck {
+        instance: InstanceId,
+        park_id: u64,
+        accepted: bool,
+    },
+
+    // ---- admin role ----
+    /// Register instances without starting them.
+    Add { instances: Vec<InstanceId> },
+    /// Register (if needed) and start.
+    Spawn { instance: InstanceId },
+    Stop { instance: InstanceId },
+    Restart { instance: InstanceId },
+    Remove { instance: InstanceId, purge: bool },
+    /// Every registered instance.
+    List,
+    Status { instance: InstanceId },
+    Logs {
+        instance: InstanceId,
+        /// Last N lines (default: all buffered).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lines: Option<usize>,
+        #[serde(default)]
+        follow: bool,
+    },
+}
+
+impl Request {
+    /// Whether a connection of `role` may make this call.
+    pub fn allowed_for(&self, role: Role) -> bool {
+        match self {
+            Request::Hello { .. }
+            | Request::Wake { .. }
+            | Request::Resolve { .. }
+            | Request::Subscribe
+            | Request::Activity { .. }
+            | Request::ParkAck { .. } => true,
+            Request::Add { .. }
+            | Request::Spawn { .. }
+            | Request::Stop { .. }
+            | Request::Restart { .. }
+            | Request::Remove { .. }
+            | Request::List
+            | Request::Status { .. }
+            | Request::Logs { .. } => role == Role::Admin,
+        }
+    }
+
+    /// A short name for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Hello { .. } => "hello",
+            Request::Wake { .. } => "wake",
+            Request::Resolve { .. } => "resolve",
+            Request::Subscribe => "subscribe",
+            Request::Activity { .. } => "activity",
+            Request::ParkAck { .. } => "park_ack",
+            Request::Add { .. } => "add",
+            Request::Spawn { .. } => "spawn",
+            Request::Stop { .. } => "stop",
+            Request::Restart { .. } => "restart",
+            Request::Remove { .. } => "remove",
+            Request::List => "list",
+            Request::Status { .. } => "status",
+            Request::Logs { .. } => "logs",
+        }
+    }
+}
+
+/// A message from the supervisor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Response {
+    Hello {
+        version: u32,
+        server: String,
+        role: Role,
+    },
+    Ok,
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    /// Answer to `add`: which were new and which already existed.
+    Added {
+        added: Vec<InstanceId>,
+        existing: Vec<InstanceId>,
+    },
+    /// Answer to `wake` and `spawn`.
+    Woken {
+        route: Route,
+        /// Whether this call (or the wake it joined) started a process.
+        started: bool,
+        /// Time from the request to ready, in microseconds.
+        elapsed_us: u64,
+    },
+    Route {
+        route: Route,
+    },
+    Instances {
+        instances: Vec<InstanceInfo>,
+    },
+    Status {
+        status: InstanceInfo,
+    },
+    Logs {
+        lines: Vec<LogLine>,
+    },
+    /// Route table changes on a watch stream. `reset` means: forget everything cached, this
+    /// and the following `Routes` until `complete` are the whole table.
+    Routes {
+        routes: Vec<Route>,
+        #[serde(default)]
+        reset: bool,
+        #[serde(default)]
+        complete: bool,
+        /// Instances removed from the registry.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        removed: Vec<InstanceId>,
+    },
+    /// Supervisor -> proxy on a watch stream: stop sending new requests to `instance`, and
+    /// answer with `ParkAck { accepted: false }` if anything is in flight or arrived since the
+    /// last activity report.
+    Park {
+        instance: InstanceId,
+        park_id: u64,
+    },
+}
+
+/// Typed error codes: clients match on these, never on message text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame was not a request this version understands.
+    BadRequest,
+    /// The frame was longer than [`crate::frame::MAX_FRAME_LEN`].
+    FrameTooLarge,
+    /// The client's protocol version is not supported.
+    UnsupportedVersion,
+    /// First message was not `hello`, or a second `hello`.
+    HelloRequired,
+    /// This socket's role may not make this call.
+    WrongRole,
+    /// The peer's uid/gid may not use the admin socket.
+    PermissionDenied,
+    UnknownService,
+    UnknownInstance,
+    /// The instance could not be started (exit during start, spawn error, startup timeout).
+    WakeFailed,
+    /// The caller's deadline passed before the instance was ready.
+    WakeTimeout,
+    /// The instance is `failed` and stays so until an operator restarts it.
+    InstanceFailed,
+    /// The instance is being removed or the supervisor is shutting down.
+    Unavailable,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::HelloRequired => "hello_required",
+            ErrorCode::WrongRole => "wrong_role",
+            ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::UnknownService => "unknown_service",
+            ErrorCode::UnknownInstance => "unknown_instance",
+            ErrorCode::WakeFailed => "wake_failed",
+            ErrorCode::WakeTimeout => "wake_timeout",
+            ErrorCode::InstanceFailed => "instance_failed",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// The lifecycle states an instance is reported in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    Stopped,
+    Starting,
+    Running,
+    Stopping,
+    Unhealthy,
+    Failed,
+}
+
+impl InstanceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Stopped => "stopped",
+            InstanceState::Starting => "starting",
+            InstanceState::Running => "running",
+            InstanceState::Stopping => "stopping",
+            InstanceState::Unhealthy => "unhealthy",
+            InstanceState::Failed => "failed",
+        }
+    }
+}
+
+/// Where an instance is served.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "addr", rename_all = "snake_case")]
+pub enum Address {
+    /// Loopback TCP, `127.0.0.1:PORT`.
+    Tcp(std::net::SocketAddr),
+    /// A Unix stream socket path.
+    Unix(std::path::PathBuf),
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Address::Tcp(addr) => write!(f, "{addr}"),
+            Address::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// What the proxy needs to route to one instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Route {
+    pub instance: InstanceId,
+    pub state: InstanceState,
+    pub address: Address,
+    /// Share of `{service}.{domain}` traffic; 0 means not routed by service name.
+    pub weight: u32,
+    /// Bumped each time a new process serves the instance, so a cached connection pool for an
+    /// older generation is never reused.
+    pub generation: u64,
+}
+
+/// One instance as `tenctl ps` and `tenctl status` show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    pub instance: InstanceId,
+    pub service: ServiceName,
+    pub id: String,
+    pub state: InstanceState,
+    pub pid: Option<u32>,
+    pub address: String,
+    /// Seconds since the current process became ready.
+    pub uptime_s: Option<u64>,
+    /// Seconds since the last request or wake.
+    pub idle_s: Option<u64>,
+    pub restarts: u32,
+    /// `healthy`, `unhealthy (N failures)`, `unchecked` or `-` when not running.
+    pub health: String,
+    pub in_flight: u32,
+    pub weight: u32,
+    pub data_dir: String,
+    /// How the instance is isolated and stopped: `process-group` for now.
+    pub isolation: String,
+    /// Last exit, for example `exit status 1` or `signal 9 (SIGKILL)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
+    /// Why the instance is failed or unhealthy, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Proxy -> supervisor: what happened to one instance since the previous report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivityReport {
+    pub instance: InstanceId,
+    /// Requests (and upgraded connections) open right now.
+    pub in_flight: u32,
+    /// Requests started since the previous report.
+    pub started: u64,
+}
+
+/// One line of an instance's output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// Milliseconds since the Unix epoch.
+    pub ts_ms: u64,
+    pub stream: LogStream,
+    pub line: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+    /// Lifecycle events written by the supervisor itself (started, ready, crashed, ...).
+    Event,
+}

@@ -1,0 +1,201 @@
+//! The exec helper: a mode of this binary (`tenement-supervisor __exec-helper`) that sits at
+//! the root of every instance's process tree.
+//!
+//! The supervisor starts it in a new process group with the instance's [`SpawnSpec`] in the
+//! environment. It is single-threaded and synchronous: it becomes a child subreaper (so a
+//! double-forked daemon is reparented to it, not to PID 1), forks the app, then waits for
+//! signals. On SIGTERM/SIGINT it forwards the signal to its whole tree; `stop_grace` later it
+//! SIGKILLs what is left. When the app exits, everything else in the tree is killed too and the
+//! helper exits with the app's status (128+N for a signal), so no orphan keeps a port.
+//! If the supervisor dies, the kernel sends the helper SIGTERM (PR_SET_PDEATHSIG).
+//!
+//! Later isolation work (cgroups, namespaces, users) happens here, between reading the spec
+//! and forking the app, never in the multithreaded supervisor.
+
+use std::ffi::CString;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use crate::procfs;
+use crate::sys;
+
+/// The first argument that selects helper mode.
+pub const HELPER_ARG: &str = "__exec-helper";
+/// The environment variable carrying the JSON [`SpawnSpec`].
+pub const SPEC_ENV: &str = "TENEMENT_SPAWN_SPEC";
+
+/// Everything the helper needs to start one instance's app.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SpawnSpec {
+    /// Absolute path of the program (resolved by the supervisor).
+    pub program: PathBuf,
+    pub argv: Vec<String>,
+    /// The app's whole environment.
+    pub env: Vec<(String, String)>,
+    pub workdir: PathBuf,
+    /// fd 3 of the helper is a listening socket for the app (LISTEN_FDS=1 is in `env`).
+    pub listen_fd: bool,
+    pub stop_grace_ms: u64,
+    /// The supervisor's pid: if the helper's parent is already another process, the
+    /// supervisor died before PR_SET_PDEATHSIG took effect and the helper gives up.
+    pub supervisor_pid: u32,
+}
+
+/// Runs the helper; never returns.
+pub fn main() -> ! {
+    let code = match run() {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("tenement exec helper: {message}");
+            127
+        }
+    };
+    std::process::exit(code)
+}
+
+fn run() -> Result<i32, String> {
+    let spec_json =
+        std::env::var(SPEC_ENV).map_err(|_| format!("{SPEC_ENV} is missing or not UTF-8"))?;
+    let spec: SpawnSpec =
+        serde_json::from_str(&spec_json).map_err(|e| format!("bad spawn spec: {e}"))?;
+
+    sys::set_parent_death_signal(Signal::SIGTERM)
+        .map_err(|e| format!("prctl(PR_SET_PDEATHSIG): {e}"))?;
+    if nix::unistd::getppid().as_raw() as u32 != spec.supervisor_pid {
+        return Err("the supervisor exited before the app started".to_owned());
+    }
+    sys::set_child_subreaper().map_err(|e| format!("prctl(PR_SET_CHILD_SUBREAPER): {e}"))?;
+
+    // Block the signals we handle before forking, so none is lost between fork and the wait
+    // loop; the app's child unblocks everything before exec.
+    let mut mask = SigSet::empty();
+    for signal in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
+        mask.add(signal);
+    }
+    mask.thread_block().map_err(|e| format!("sigprocmask: {e}"))?;
+    let mut signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC)
+        .map_err(|e| format!("signalfd: {e}"))?;
+
+    let app = app_exec(&spec)?;
+    let app_pid = sys::fork_exec_app(&app).map_err(|e| format!("fork: {e}"))?;
+    if spec.listen_fd {
+        // The app has its copy; ours would keep the port open after the app died.
+        let _ = nix::unistd::close(3);
+    }
+    Ok(supervise(app_pid, &mut signals, Duration::from_millis(spec.stop_grace_ms)))
+}
+
+fn app_exec(spec: &SpawnSpec) -> Result<sys::AppExec, String> {
+    let cstring = |what: &str, s: &str| {
+        CString::new(s).map_err(|_| format!("{what} contains a NUL byte: {s:?}"))
+    };
+    Ok(sys::AppExec {
+        program: cstring("program", &spec.program.to_string_lossy())?,
+        argv: spec
+            .argv
+            .iter()
+            .map(|a| cstring("argument", a))
+            .collect::<Result<_, _>>()?,
+        env: spec
+            .env
+            .iter()
+            .map(|(k, v)| cstring("environment", &format!("{k}={v}")))
+            .collect::<Result<_, _>>()?,
+        workdir: cstring("workdir", &spec.workdir.to_string_lossy())?,
+        listen_fd: spec.listen_fd,
+    })
+}
+
+/// Waits for the app, forwarding stop signals to the tree; returns the exit code to use.
+fn supervise(app: Pid, signals: &mut SignalFd, grace: Duration) -> i32 {
+    let me = nix::unistd::getpid().as_raw();
+    let mut kill_at: Option<Instant> = None;
+    loop {
+        let timeout = match kill_at {
+            Some(at) => at.saturating_duration_since(Instant::now()),
+            None => Duration::from_secs(3600),
+        };
+        if kill_at.is_some_and(|at| Instant::now() >= at) {
+            kill_tree(me);
+            kill_at = None;
+        }
+        if wait_readable(signals, timeout) {
+            if let Ok(Some(info)) = signals.read_signal() {
+                let signo = info.ssi_signo as i32;
+                if signo != libc::SIGCHLD {
+                    if let Ok(signal) = Signal::try_from(signo) {
+                        signal_tree(me, signal);
+                    }
+                    kill_at.get_or_insert_with(|| Instant::now() + grace);
+                }
+            }
+        }
+        // Reap everything that exited; stop when the app itself did.
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) if pid == app => return finish(me, code),
+                Ok(WaitStatus::Signaled(pid, signal, _)) if pid == app => {
+                    return finish(me, 128 + signal as i32)
+                }
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    }
+}
+
+/// The app is gone: nothing else of the instance may outlive it.
+fn finish(me: i32, code: i32) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = procfs::tree_of(&procfs::all_processes(Path::new("/proc")), me);
+        // Reap whatever died meanwhile, then kill what is left.
+        while let Ok(status) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            if status == WaitStatus::StillAlive {
+                break;
+            }
+        }
+        if left.is_empty() || Instant::now() >= deadline {
+            return code;
+        }
+        for pid in left {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn signal_tree(me: i32, signal: Signal) {
+    // The process group first (one syscall reaches the common case), then stragglers that
+    // left it.
+    let _ = nix::sys::signal::killpg(Pid::from_raw(me), signal);
+    for pid in procfs::tree_of(&procfs::all_processes(Path::new("/proc")), me) {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
+    }
+}
+
+fn kill_tree(me: i32) {
+    for pid in procfs::tree_of(&procfs::all_processes(Path::new("/proc")), me) {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+fn wait_readable(signals: &SignalFd, timeout: Duration) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let millis = timeout.as_millis().min(i32::MAX as u128) as i32;
+    let mut fds = [PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX)), Ok(n) if n > 0)
+}

@@ -1,0 +1,163 @@
+//! `tenement-supervisor`: runs one process tree per instance behind a Unix-socket RPC.
+//!
+//! `main` is synchronous: it dispatches the exec-helper mode before anything else, parses
+//! arguments, loads the config, sets up logging, and only then builds the tokio runtime, so
+//! nothing that mutates the process (environment, signal masks) runs once threads exist.
+#![deny(unsafe_code)]
+
+mod exec_helper;
+mod lifecycle;
+mod logs;
+mod ports;
+mod probe;
+mod procfs;
+mod registry;
+mod rpc_server;
+mod spawn;
+mod state;
+mod sys;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use tenement_proto::config::{Config, Environment, DEFAULT_CONFIG_PATH};
+use tenement_proto::rpc::Role;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Runs tenement's instances: one process tree per tenant, woken on demand, stopped when idle.
+#[derive(Debug, Parser)]
+#[command(name = "tenement-supervisor", version)]
+struct Args {
+    /// The config file.
+    #[arg(long, short = 'c', env = "TENEMENT_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    if std::env::args_os().nth(1).is_some_and(|a| a == exec_helper::HELPER_ARG) {
+        exec_helper::main();
+    }
+    let args = Args::parse();
+    let is_root = nix::unistd::geteuid().is_root();
+    let environment = Environment {
+        is_root,
+        xdg_runtime_dir: std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from),
+        ephemeral_ports: ports::ephemeral_range(),
+    };
+    let config = match Config::load(&args.config, &environment) {
+        Ok(config) => config,
+        Err(e) => {
+            for d in &e.diagnostics {
+                eprintln!("tenement-supervisor: {d}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("tenement-supervisor: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(Arc::new(config), is_root)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tenement-supervisor: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Arc<Config>, is_root: bool) -> anyhow::Result<()> {
+    let helper = std::env::current_exe().context("cannot find this binary for the exec helper")?;
+    let settings = &config.settings;
+    if !is_root {
+        tracing::warn!(
+            "running without root: instances run as this user in their own process groups (no cgroups, namespaces or per-tenant users)"
+        );
+    }
+    let admin_gid = match &settings.admin_group {
+        Some(name) => Some(
+            nix::unistd::Group::from_name(name)
+                .ok()
+                .flatten()
+                .with_context(|| format!("admin_group {name:?} does not exist"))?
+                .gid
+                .as_raw(),
+        ),
+        None => None,
+    };
+    let admin_policy = Arc::new(rpc_server::AdminPolicy {
+        own_uid: nix::unistd::geteuid().as_raw(),
+        admin_gid,
+    });
+
+    let (registry, handle) = registry::Registry::open(config.clone(), helper)?;
+    let admin_mode = if admin_gid.is_some() { 0o660 } else { 0o600 };
+    let admin = rpc_server::bind_socket(&settings.admin_socket(), admin_mode)?;
+    if let Some(gid) = admin_gid {
+        nix::unistd::chown(&settings.admin_socket(), None, Some(nix::unistd::Gid::from_raw(gid)))
+            .context("cannot give the admin socket to admin_group")?;
+    }
+    let proxy = rpc_server::bind_socket(&settings.proxy_socket(), 0o600)?;
+
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let registered = registry.len();
+    let registry_task = tokio::spawn(registry.run(shutdown.child_token()));
+    for (listener, role) in [(admin, Role::Admin), (proxy, Role::Proxy)] {
+        tokio::spawn(rpc_server::serve(
+            listener,
+            role,
+            handle.clone(),
+            admin_policy.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+    }
+    tracing::info!(
+        instances = registered,
+        admin = %settings.admin_socket().display(),
+        proxy = %settings.proxy_socket().display(),
+        "ready"
+    );
+
+    wait_for_signal().await;
+    tracing::info!("stopping: every instance gets its stop_grace");
+    shutdown.cancel();
+    tracker.close();
+    let _ = registry_task.await;
+    tracker.wait().await;
+    let _ = std::fs::remove_file(settings.admin_socket());
+    let _ = std::fs::remove_file(settings.proxy_socket());
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,130 @@
+//! Reading the process table from `/proc` (see proc(5)): parents, process groups and start
+//! times. Used to find every descendant of an instance's exec helper, including daemons that
+//! left its process group with setsid(2), and to recognise a process from before a restart
+//! without trusting a recycled pid.
+//!
+//! It only reads; signalling is the caller's business.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The fields of `/proc/PID/stat` tenement uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcStat {
+    pub pid: i32,
+    pub ppid: i32,
+    pub pgid: i32,
+    /// Clock ticks since boot at which the process started: with the pid, a unique identity.
+    pub start_time: u64,
+}
+
+/// Parses the content of `/proc/PID/stat`. The command name (field 2) may contain spaces and
+/// parentheses, so fields are counted from the last `)`.
+pub fn parse_stat(text: &str) -> Option<ProcStat> {
+    let open = text.find('(')?;
+    let pid = text[..open].trim().parse().ok()?;
+    let close = text.rfind(')')?;
+    let rest: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
+    // rest[0] is field 3 (state); field N is rest[N - 3].
+    Some(ProcStat {
+        pid,
+        ppid: rest.get(1)?.parse().ok()?,
+        pgid: rest.get(2)?.parse().ok()?,
+        start_time: rest.get(19)?.parse().ok()?,
+    })
+}
+
+/// Reads one process's stat under `proc_root` (normally `/proc`).
+pub fn read_stat(proc_root: &Path, pid: i32) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat")).ok()?;
+    parse_stat(&text)
+}
+
+/// Every process currently visible under `proc_root`.
+pub fn all_processes(proc_root: &Path) -> Vec<ProcStat> {
+    let Ok(entries) = std::fs::read_dir(proc_root) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| read_stat(proc_root, pid))
+        .collect()
+}
+
+/// Pids of every descendant of `root` (not `root` itself), and of every process in `root`'s
+/// process group, from one snapshot of the table.
+pub fn tree_of(processes: &[ProcStat], root: i32) -> Vec<i32> {
+    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
+    for p in processes {
+        children.entry(p.ppid).or_default().push(p.pid);
+    }
+    let mut found = Vec::new();
+    let mut stack = vec![root];
+    while let Some(pid) = stack.pop() {
+        if let Some(kids) = children.get(&pid) {
+            for &kid in kids {
+                if !found.contains(&kid) {
+                    found.push(kid);
+                    stack.push(kid);
+                }
+            }
+        }
+    }
+    for p in processes {
+        if p.pgid == root && p.pid != root && !found.contains(&p.pid) {
+            found.push(p.pid);
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_parsing_survives_odd_command_names() {
+        let text = "1234 (my (odd) app) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10 18446744073709551615";
+        let stat = parse_stat(text).expect("parses");
+        assert_eq!(
+            stat,
+            ProcStat {
+                pid: 1234,
+                ppid: 1,
+                pgid: 1234,
+                start_time: 98765
+            }
+        );
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn own_stat_is_readable() {
+        let me = std::process::id() as i32;
+        let stat = read_stat(Path::new("/proc"), me).expect("own stat");
+        assert_eq!(stat.pid, me);
+        assert!(stat.start_time > 0);
+    }
+
+    #[test]
+    fn tree_includes_reparented_descendants_and_group_members() {
+        let p = |pid, ppid, pgid| ProcStat {
+            pid,
+            ppid,
+            pgid,
+            start_time: 1,
+        };
+        let table = vec![
+            p(10, 1, 10),  // helper
+            p(11, 10, 10), // app
+            p(12, 11, 10), // app's worker
+            p(13, 10, 13), // daemon that called setsid, adopted by the helper
+            p(14, 1, 10),  // orphan still in the group
+            p(20, 1, 20),  // unrelated
+        ];
+        let mut tree = tree_of(&table, 10);
+        tree.sort();
+        assert_eq!(tree, vec![11, 12, 13, 14]);
+    }
+}

@@ -1,0 +1,160 @@
+//! One registered instance as the registry holds it: its lifecycle, its current process, the
+//! callers waiting for it, and how it is described to `tenctl` and the proxy.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tenement_proto::config::{ListenMode, Settings};
+use tenement_proto::rpc::{Address, InstanceInfo, InstanceState, Route};
+use tenement_proto::InstanceId;
+use tokio::sync::oneshot;
+use tokio::task::AbortHandle;
+
+use crate::lifecycle::Lifecycle;
+use crate::logs::LogBuffer;
+
+use super::RpcError;
+
+/// What a successful wake tells the caller.
+#[derive(Debug, Clone)]
+pub struct WakeOk {
+    pub route: Route,
+    pub started: bool,
+    pub elapsed: Duration,
+}
+
+pub type WakeReply = oneshot::Sender<Result<WakeOk, RpcError>>;
+
+/// Someone waiting for the instance to be ready.
+pub struct Waiter {
+    pub reply: WakeReply,
+    pub since: Instant,
+}
+
+/// The running process of an instance.
+pub struct Process {
+    /// The exec helper: root of the tree and leader of its process group.
+    pub pid: i32,
+    /// Tasks tied to this process (readiness, output readers), aborted when it is gone.
+    pub tasks: Vec<AbortHandle>,
+}
+
+pub struct Instance {
+    pub id: InstanceId,
+    pub lifecycle: Lifecycle,
+    pub port: Option<u16>,
+    pub weight: u32,
+    pub created_ms: u64,
+    /// Bumped at each spawn; events from older processes are ignored.
+    pub generation: u64,
+    pub process: Option<Process>,
+    pub waiters: Vec<Waiter>,
+    /// Whether the current start was made for a waiter (reported as `started`).
+    pub start_began: Option<Instant>,
+    pub logs: LogBuffer,
+    pub last_exit: Option<String>,
+    pub next_health: Option<Instant>,
+    pub health_running: bool,
+    /// Callers of `stop` waiting for the process to be gone.
+    pub stop_waiters: Vec<oneshot::Sender<()>>,
+    /// Set by `rm`: remove (and purge the data if true) once stopped.
+    pub removal: Option<(bool, oneshot::Sender<Result<(), RpcError>>)>,
+}
+
+impl Instance {
+    pub fn new(id: InstanceId, port: Option<u16>, weight: u32, created_ms: u64, now: Instant) -> Self {
+        Self {
+            id,
+            lifecycle: Lifecycle::new(now),
+            port,
+            weight,
+            created_ms,
+            generation: 0,
+            process: None,
+            waiters: Vec::new(),
+            start_began: None,
+            logs: LogBuffer::new(),
+            last_exit: None,
+            next_health: None,
+            health_running: false,
+            stop_waiters: Vec::new(),
+            removal: None,
+        }
+    }
+
+    /// Where the instance is served under `listen`.
+    pub fn address(&self, listen: ListenMode, settings: &Settings) -> Address {
+        match listen {
+            ListenMode::Unix => Address::Unix(unix_socket_path(settings, &self.id)),
+            ListenMode::Tcp | ListenMode::Activate => Address::Tcp(std::net::SocketAddr::from((
+                std::net::Ipv4Addr::LOCALHOST,
+                self.port.unwrap_or(0),
+            ))),
+        }
+    }
+
+    pub fn route(&self, address: Address) -> Route {
+        Route {
+            instance: self.id.clone(),
+            state: self.lifecycle.state(),
+            address,
+            weight: self.weight,
+            generation: self.generation,
+        }
+    }
+
+    pub fn info(&self, address: Option<Address>, settings: &Settings, now: Instant) -> InstanceInfo {
+        let state = self.lifecycle.state();
+        let running = state == InstanceState::Running;
+        let health = if !running {
+            "-".to_owned()
+        } else if self.next_health.is_none() {
+            "unchecked".to_owned()
+        } else if self.lifecycle.health_failures() == 0 {
+            "healthy".to_owned()
+        } else {
+            format!("failing ({})", self.lifecycle.health_failures())
+        };
+        InstanceInfo {
+            instance: self.id.clone(),
+            service: self.id.service.clone(),
+            id: self.id.id.to_string(),
+            state,
+            pid: self.process.as_ref().map(|p| p.pid as u32),
+            address: address.map(|a| a.to_string()).unwrap_or_else(|| "-".to_owned()),
+            uptime_s: self
+                .lifecycle
+                .running_since()
+                .map(|since| now.duration_since(since).as_secs()),
+            idle_s: running.then(|| now.duration_since(self.lifecycle.last_activity()).as_secs()),
+            restarts: self.lifecycle.restarts,
+            health,
+            in_flight: self.lifecycle.in_flight(),
+            weight: self.weight,
+            data_dir: settings
+                .instance_data_dir(&self.id)
+                .to_string_lossy()
+                .into_owned(),
+            isolation: "process-group".to_owned(),
+            last_exit: self.last_exit.clone(),
+            reason: self.lifecycle.reason(),
+        }
+    }
+}
+
+/// The Unix socket an instance with `listen = "unix"` binds.
+pub fn unix_socket_path(settings: &Settings, id: &InstanceId) -> PathBuf {
+    // Both labels are [a-z0-9-], so the name cannot escape the directory.
+    settings
+        .runtime_dir
+        .join("instances")
+        .join(format!("{}.{}.sock", id.service, id.id))
+}
+
+/// The sd_notify socket of an instance with `ready = "notify"`.
+pub fn notify_socket_path(settings: &Settings, id: &InstanceId) -> PathBuf {
+    settings
+        .runtime_dir
+        .join("notify")
+        .join(format!("{}.{}.sock", id.service, id.id))
+}

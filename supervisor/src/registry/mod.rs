@@ -1,0 +1,733 @@
+//! The registry: the one owner of every instance's state.
+//!
+//! An actor fed by a bounded channel of [`Command`]s: RPC handlers send requests, the tasks
+//! watching processes send events, a ticker checks deadlines. Nothing else holds instance state,
+//! so there is no lock to hold across an `.await`. The lifecycle policy is the pure
+//! [`Lifecycle`](crate::lifecycle::Lifecycle); this module carries out its actions
+//! (see `process.rs`) and answers callers.
+
+mod instance;
+mod process;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tenement_proto::config::{Config, Service};
+use tenement_proto::rpc::{
+    ActivityReport, ErrorCode, InstanceInfo, LogLine, Response, Route,
+};
+use tenement_proto::InstanceId;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::lifecycle::{Event, Policy};
+use crate::logs::LogBuffer;
+use crate::ports::PortAllocator;
+use crate::state::{PersistedInstance, StateStore};
+
+pub use instance::WakeOk;
+use instance::{Instance, Waiter, WakeReply};
+
+/// How often deadlines (startup, grace, backoff, idle, health) are checked.
+const TICK: Duration = Duration::from_millis(50);
+/// Routes per `Routes` frame in a snapshot, to stay well below the frame limit.
+const SNAPSHOT_CHUNK: usize = 500;
+/// The longest any wake may wait.
+pub const MAX_WAKE_WAIT: Duration = Duration::from_secs(120);
+
+/// An RPC-level error: a typed code and a one-line message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct RpcError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl RpcError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn unknown(id: &InstanceId) -> Self {
+        Self::new(
+            ErrorCode::UnknownInstance,
+            format!("{id} is not registered; add it with `tenctl add {id}`"),
+        )
+    }
+}
+
+/// What a `logs` call gets: the buffered lines and, with `follow`, the live feed.
+pub struct LogsReply {
+    pub lines: Vec<LogLine>,
+    pub follow: Option<broadcast::Receiver<LogLine>>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, RpcError>>;
+
+/// Everything the registry can be told.
+pub enum Command {
+    Add {
+        instances: Vec<InstanceId>,
+        reply: Reply<(Vec<InstanceId>, Vec<InstanceId>)>,
+    },
+    /// `register`: add the instance first if missing (spawn, or auto_spawn services).
+    Wake {
+        instance: InstanceId,
+        register: bool,
+        /// `spawn` is an operator's act: it also clears `failed`.
+        reset_failed: bool,
+        reply: WakeReply,
+    },
+    Stop {
+        instance: InstanceId,
+        reply: Reply<()>,
+    },
+    Restart {
+        instance: InstanceId,
+        reply: WakeReply,
+    },
+    Remove {
+        instance: InstanceId,
+        purge: bool,
+        reply: Reply<()>,
+    },
+    List {
+        reply: oneshot::Sender<Vec<InstanceInfo>>,
+    },
+    Status {
+        instance: InstanceId,
+        reply: Reply<InstanceInfo>,
+    },
+    Logs {
+        instance: InstanceId,
+        lines: Option<usize>,
+        follow: bool,
+        reply: Reply<LogsReply>,
+    },
+    Resolve {
+        instance: InstanceId,
+        reply: Reply<Route>,
+    },
+    Subscribe {
+        tx: mpsc::Sender<Response>,
+        reply: oneshot::Sender<u64>,
+    },
+    Unsubscribe {
+        watcher: u64,
+    },
+    Activity {
+        reports: Vec<ActivityReport>,
+    },
+    ParkAck {
+        watcher: u64,
+        instance: InstanceId,
+        park_id: u64,
+        accepted: bool,
+    },
+    /// From the tasks watching a process.
+    Process(ProcessEvent),
+}
+
+/// Events about one process generation of an instance.
+pub struct ProcessEvent {
+    pub instance: InstanceId,
+    pub generation: u64,
+    pub kind: ProcessEventKind,
+}
+
+pub enum ProcessEventKind {
+    Ready,
+    Exited(String),
+    Health(Result<u16, String>),
+}
+
+/// A cheap, cloneable way to talk to the registry.
+#[derive(Clone)]
+pub struct RegistryHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl RegistryHandle {
+    /// Sends a command built around a fresh reply channel and waits for the answer.
+    pub async fn ask<T>(&self, build: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, RpcError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(build(reply))
+            .await
+            .map_err(|_| RpcError::new(ErrorCode::Unavailable, "the supervisor is shutting down"))?;
+        rx.await
+            .map_err(|_| RpcError::new(ErrorCode::Unavailable, "the supervisor is shutting down"))
+    }
+
+    pub async fn send(&self, command: Command) {
+        let _ = self.tx.send(command).await;
+    }
+}
+
+struct Watcher {
+    tx: mpsc::Sender<Response>,
+}
+
+/// A park request sent to every watcher, waiting for all of them.
+struct PendingPark {
+    waiting_for: HashSet<u64>,
+}
+
+pub struct Registry {
+    config: Arc<Config>,
+    store: StateStore,
+    ports: PortAllocator,
+    instances: HashMap<InstanceId, Instance>,
+    /// Instances whose lifecycle needs ticks.
+    active: HashSet<InstanceId>,
+    watchers: BTreeMap<u64, Watcher>,
+    next_watcher: u64,
+    parks: HashMap<(InstanceId, u64), PendingPark>,
+    helper: PathBuf,
+    tx: mpsc::Sender<Command>,
+    rx: mpsc::Receiver<Command>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The lifecycle policy of a service.
+pub fn policy(service: &Service) -> Policy {
+    Policy {
+        startup_timeout: service.startup_timeout,
+        stop_grace: service.stop_grace,
+        idle_timeout: service.idle_timeout,
+        unhealthy_threshold: service.unhealthy_threshold,
+        max_restarts: service.max_restarts,
+        restart_window: service.restart_window,
+        backoff_base: service.backoff_base,
+        backoff_max: service.backoff_max,
+    }
+}
+
+impl Registry {
+    /// Loads the saved registry, adds the instances declared in the config, kills leftovers of
+    /// a previous run, and saves.
+    pub fn open(config: Arc<Config>, helper: PathBuf) -> anyhow::Result<(Registry, RegistryHandle)> {
+        let store = StateStore::open(&config.settings.state_dir)?;
+        let killed = store.kill_leftovers(std::path::Path::new("/proc"));
+        if !killed.is_empty() {
+            tracing::warn!(pids = ?killed, "killed processes left by a previous supervisor");
+        }
+        let saved = store.load()?;
+        let (tx, rx) = mpsc::channel(1024);
+        let mut registry = Registry {
+            ports: PortAllocator::new(config.settings.port_range.clone()),
+            config,
+            store,
+            instances: HashMap::new(),
+            active: HashSet::new(),
+            watchers: BTreeMap::new(),
+            next_watcher: 1,
+            parks: HashMap::new(),
+            helper,
+            tx: tx.clone(),
+            rx,
+        };
+        let now = Instant::now();
+        let mut changed = false;
+        for entry in saved.instances {
+            if registry.instances.contains_key(&entry.instance) {
+                changed = true;
+                continue;
+            }
+            let port = entry.port.filter(|&p| registry.ports.claim(p));
+            changed |= port != entry.port;
+            let instance = Instance::new(entry.instance.clone(), port, entry.weight, entry.created_ms, now);
+            registry.instances.insert(entry.instance, instance);
+        }
+        let declared = registry.config.instances.clone();
+        for id in declared {
+            if !registry.instances.contains_key(&id) {
+                registry.insert_new(id, now)?;
+                changed = true;
+            }
+        }
+        // Instances whose port was lost (range changed) get a new one.
+        let missing: Vec<InstanceId> = registry
+            .instances
+            .values()
+            .filter(|i| i.port.is_none())
+            .map(|i| i.id.clone())
+            .collect();
+        for id in missing {
+            let port = registry.ports.allocate(|_| true)?;
+            if let Some(i) = registry.instances.get_mut(&id) {
+                i.port = Some(port);
+            }
+            changed = true;
+        }
+        if changed {
+            registry.save()?;
+        }
+        Ok((registry, RegistryHandle { tx }))
+    }
+
+    fn insert_new(&mut self, id: InstanceId, now: Instant) -> Result<(), RpcError> {
+        let port = self.ports.allocate(|_| true).map_err(|e| RpcError::new(ErrorCode::Unavailable, e.to_string()))?;
+        let instance = Instance::new(id.clone(), Some(port), 1, now_ms(), now);
+        self.instances.insert(id, instance);
+        Ok(())
+    }
+
+    fn save(&self) -> Result<(), RpcError> {
+        let mut entries: Vec<PersistedInstance> = self
+            .instances
+            .values()
+            .map(|i| PersistedInstance {
+                instance: i.id.clone(),
+                port: i.port,
+                weight: i.weight,
+                created_ms: i.created_ms,
+            })
+            .collect();
+        entries.sort_by(|a, b| a.instance.cmp(&b.instance));
+        self.store
+            .save(entries)
+            .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.instances.len()
+    }
+
+    /// Runs until `shutdown` is cancelled, then stops every instance and returns.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                Some(command) = self.rx.recv() => self.handle(command),
+                _ = tick.tick() => self.tick(),
+            }
+        }
+        self.stop_all().await;
+    }
+
+    fn handle(&mut self, command: Command) {
+        let now = Instant::now();
+        match command {
+            Command::Add { instances, reply } => {
+                let _ = reply.send(self.add(instances, now));
+            }
+            Command::Wake {
+                instance,
+                register,
+                reset_failed,
+                reply,
+            } => self.wake(instance, register, reset_failed, reply, now),
+            Command::Stop { instance, reply } => self.stop(instance, reply, now),
+            Command::Restart { instance, reply } => {
+                if !self.instances.contains_key(&instance) {
+                    let _ = reply.send(Err(RpcError::unknown(&instance)));
+                    return;
+                }
+                if let Err(e) = self.service_of(&instance) {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+                if let Some(i) = self.instances.get_mut(&instance) {
+                    i.waiters.push(Waiter { reply, since: now });
+                }
+                self.event(&instance, Event::Restart, now);
+            }
+            Command::Remove {
+                instance,
+                purge,
+                reply,
+            } => self.remove(instance, purge, reply, now),
+            Command::List { reply } => {
+                let mut list: Vec<InstanceInfo> = self
+                    .instances
+                    .values()
+                    .map(|i| i.info(self.address_of(i), &self.config.settings, now))
+                    .collect();
+                list.sort_by(|a, b| a.instance.cmp(&b.instance));
+                let _ = reply.send(list);
+            }
+            Command::Status { instance, reply } => {
+                let result = match self.instances.get(&instance) {
+                    Some(i) => Ok(i.info(self.address_of(i), &self.config.settings, now)),
+                    None => Err(RpcError::unknown(&instance)),
+                };
+                let _ = reply.send(result);
+            }
+            Command::Logs {
+                instance,
+                lines,
+                follow,
+                reply,
+            } => {
+                let result = match self.instances.get(&instance) {
+                    Some(i) => Ok(LogsReply {
+                        lines: i.logs.tail(lines),
+                        follow: follow.then(|| i.logs.subscribe()),
+                    }),
+                    None => Err(RpcError::unknown(&instance)),
+                };
+                let _ = reply.send(result);
+            }
+            Command::Resolve { instance, reply } => {
+                let _ = reply.send(self.resolve(&instance, now));
+            }
+            Command::Subscribe { tx, reply } => self.subscribe(tx, reply),
+            Command::Unsubscribe { watcher } => self.unsubscribe(watcher, now),
+            Command::Activity { reports } => {
+                for report in reports {
+                    self.event(
+                        &report.instance,
+                        Event::Activity {
+                            in_flight: report.in_flight,
+                            started: report.started,
+                        },
+                        now,
+                    );
+                }
+            }
+            Command::ParkAck {
+                watcher,
+                instance,
+                park_id,
+                accepted,
+            } => self.park_ack(watcher, instance, park_id, accepted, now),
+            Command::Process(event) => self.process_event(event, now),
+        }
+    }
+
+    fn add(&mut self, ids: Vec<InstanceId>, now: Instant) -> Result<(Vec<InstanceId>, Vec<InstanceId>), RpcError> {
+        for id in &ids {
+            self.service_of(id)?;
+        }
+        let mut added = Vec::new();
+        let mut existing = Vec::new();
+        for id in ids {
+            if self.instances.contains_key(&id) {
+                existing.push(id);
+            } else {
+                self.insert_new(id.clone(), now)?;
+                added.push(id);
+            }
+        }
+        if !added.is_empty() {
+            if let Err(e) = self.save() {
+                // Not saved means not registered: undo, so memory and disk agree.
+                for id in &added {
+                    if let Some(i) = self.instances.remove(id) {
+                        if let Some(port) = i.port {
+                            self.ports.release(port);
+                        }
+                    }
+                }
+                return Err(e);
+            }
+            let routes: Vec<Route> = added.iter().filter_map(|id| self.route_of(id)).collect();
+            self.broadcast(Response::Routes {
+                routes,
+                reset: false,
+                complete: false,
+                removed: Vec::new(),
+            });
+        }
+        Ok((added, existing))
+    }
+
+    fn service_of(&self, id: &InstanceId) -> Result<&Service, RpcError> {
+        self.config.service(&id.service).ok_or_else(|| {
+            RpcError::new(
+                ErrorCode::UnknownService,
+                format!(
+                    "no service {} in {}; add [service.{}]",
+                    id.service,
+                    self.config.path.display(),
+                    id.service
+                ),
+            )
+        })
+    }
+
+    fn wake(&mut self, id: InstanceId, register: bool, reset_failed: bool, reply: WakeReply, now: Instant) {
+        let auto_spawn = match self.service_of(&id) {
+            Ok(service) => service.auto_spawn,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        if !self.instances.contains_key(&id) {
+            if !(register || auto_spawn) {
+                let _ = reply.send(Err(RpcError::unknown(&id)));
+                return;
+            }
+            if let Err(e) = self.add(vec![id.clone()], now) {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        }
+        let mut event = Event::Wake;
+        if let Some(i) = self.instances.get_mut(&id) {
+            if reset_failed && i.lifecycle.state() == tenement_proto::rpc::InstanceState::Failed {
+                event = Event::Restart;
+            }
+            i.waiters.push(Waiter { reply, since: now });
+        }
+        self.event(&id, event, now);
+    }
+
+    fn stop(&mut self, id: InstanceId, reply: oneshot::Sender<Result<(), RpcError>>, now: Instant) {
+        let Some(i) = self.instances.get_mut(&id) else {
+            let _ = reply.send(Err(RpcError::unknown(&id)));
+            return;
+        };
+        let (tx, rx) = oneshot::channel();
+        i.stop_waiters.push(tx);
+        tokio::spawn(async move {
+            let _ = rx.await;
+            let _ = reply.send(Ok(()));
+        });
+        self.event(&id, Event::Stop, now);
+        self.settle_stop_waiters(&id);
+    }
+
+    fn remove(&mut self, id: InstanceId, purge: bool, reply: oneshot::Sender<Result<(), RpcError>>, now: Instant) {
+        let Some(i) = self.instances.get_mut(&id) else {
+            let _ = reply.send(Err(RpcError::unknown(&id)));
+            return;
+        };
+        if i.removal.is_some() {
+            let _ = reply.send(Err(RpcError::new(ErrorCode::Unavailable, format!("{id} is already being removed"))));
+            return;
+        }
+        i.removal = Some((purge, reply));
+        self.event(&id, Event::Stop, now);
+        self.settle_stop_waiters(&id);
+    }
+
+    /// Finishes `stop` and `rm` calls once the instance has no process.
+    fn settle_stop_waiters(&mut self, id: &InstanceId) {
+        let Some(i) = self.instances.get_mut(id) else {
+            return;
+        };
+        if i.process.is_some() {
+            return;
+        }
+        for waiter in i.stop_waiters.drain(..) {
+            let _ = waiter.send(());
+        }
+        if let Some((purge, reply)) = i.removal.take() {
+            let result = self.finish_removal(id, purge);
+            let _ = reply.send(result);
+        }
+    }
+
+    fn finish_removal(&mut self, id: &InstanceId, purge: bool) -> Result<(), RpcError> {
+        let Some(instance) = self.instances.remove(id) else {
+            return Ok(());
+        };
+        self.active.remove(id);
+        if let Err(e) = self.save() {
+            self.instances.insert(id.clone(), instance);
+            return Err(e);
+        }
+        if let Some(port) = instance.port {
+            self.ports.release(port);
+        }
+        for waiter in instance.waiters {
+            let _ = waiter.reply.send(Err(RpcError::new(ErrorCode::Unavailable, format!("{id} was removed"))));
+        }
+        self.broadcast(Response::Routes {
+            routes: Vec::new(),
+            reset: false,
+            complete: false,
+            removed: vec![id.clone()],
+        });
+        if purge {
+            let dir = self.config.settings.instance_data_dir(id);
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(RpcError::new(
+                        ErrorCode::Internal,
+                        format!("{id} removed, but purging {} failed: {e}", dir.display()),
+                    ))
+                }
+            }
+        }
+        tracing::info!(instance = %id, purge, "removed");
+        Ok(())
+    }
+
+    fn resolve(&mut self, id: &InstanceId, now: Instant) -> Result<Route, RpcError> {
+        let service = self.service_of(id)?;
+        if !self.instances.contains_key(id) {
+            if !service.auto_spawn {
+                return Err(RpcError::unknown(id));
+            }
+            self.add(vec![id.clone()], now)?;
+        }
+        self.route_of(id).ok_or_else(|| RpcError::unknown(id))
+    }
+
+    fn address_of(&self, i: &Instance) -> Option<tenement_proto::rpc::Address> {
+        let service = self.config.service(&i.id.service)?;
+        Some(i.address(service.listen, &self.config.settings))
+    }
+
+    fn route_of(&self, id: &InstanceId) -> Option<Route> {
+        let i = self.instances.get(id)?;
+        Some(i.route(self.address_of(i)?))
+    }
+
+    fn subscribe(&mut self, tx: mpsc::Sender<Response>, reply: oneshot::Sender<u64>) {
+        let id = self.next_watcher;
+        self.next_watcher += 1;
+        let mut routes: Vec<Route> = self
+            .instances
+            .keys()
+            .filter_map(|id| self.route_of(id))
+            .collect();
+        routes.sort_by(|a, b| a.instance.cmp(&b.instance));
+        let chunks: Vec<Vec<Route>> = routes.chunks(SNAPSHOT_CHUNK).map(<[Route]>::to_vec).collect();
+        let last = chunks.len().saturating_sub(1);
+        let watcher = Watcher { tx };
+        let mut ok = true;
+        if chunks.is_empty() {
+            ok = watcher
+                .tx
+                .try_send(Response::Routes {
+                    routes: Vec::new(),
+                    reset: true,
+                    complete: true,
+                    removed: Vec::new(),
+                })
+                .is_ok();
+        }
+        for (n, chunk) in chunks.into_iter().enumerate() {
+            // The snapshot may exceed the channel: send it from a task so the actor never
+            // waits on a slow proxy.
+            let frame = Response::Routes {
+                routes: chunk,
+                reset: n == 0,
+                complete: n == last,
+                removed: Vec::new(),
+            };
+            if watcher.tx.try_send(frame.clone()).is_err() {
+                let tx = watcher.tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(frame).await;
+                });
+            }
+        }
+        if ok {
+            self.watchers.insert(id, watcher);
+        }
+        let _ = reply.send(id);
+    }
+
+    fn unsubscribe(&mut self, watcher: u64, now: Instant) {
+        if self.watchers.remove(&watcher).is_none() {
+            return;
+        }
+        // Parks waiting for this proxy now wait for one fewer; in-flight counts it reported
+        // are void (with several proxies this forgets the others' until their next report).
+        let keys: Vec<(InstanceId, u64)> = self.parks.keys().cloned().collect();
+        for key in keys {
+            self.park_ack(watcher, key.0, key.1, true, now);
+        }
+        let ids: Vec<InstanceId> = self.active.iter().cloned().collect();
+        for id in ids {
+            if let Some(i) = self.instances.get_mut(&id) {
+                i.lifecycle.forget_proxy(now);
+            }
+        }
+    }
+
+    fn park_ack(&mut self, watcher: u64, id: InstanceId, park_id: u64, accepted: bool, now: Instant) {
+        let key = (id, park_id);
+        let Some(park) = self.parks.get_mut(&key) else {
+            return;
+        };
+        if accepted {
+            park.waiting_for.remove(&watcher);
+            if !park.waiting_for.is_empty() {
+                return;
+            }
+        }
+        self.parks.remove(&key);
+        let (id, park_id) = key;
+        self.event(&id, Event::ParkAnswered { park_id, accepted }, now);
+    }
+
+    /// Sends to every watcher; one that cannot keep up is dropped (it reconnects and gets a
+    /// fresh snapshot).
+    fn broadcast(&mut self, message: Response) {
+        let mut dead = Vec::new();
+        for (id, watcher) in &self.watchers {
+            if watcher.tx.try_send(message.clone()).is_err() {
+                dead.push(*id);
+            }
+        }
+        for id in dead {
+            tracing::warn!(watcher = id, "dropping a proxy watch stream that fell behind");
+            self.watchers.remove(&id);
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        let ids: Vec<InstanceId> = self.active.iter().cloned().collect();
+        for id in ids {
+            self.event(&id, Event::Tick, now);
+            self.maybe_check_health(&id, now);
+        }
+    }
+
+    /// Stops every instance, waiting at most the longest stop grace plus a margin.
+    async fn stop_all(&mut self) {
+        let now = Instant::now();
+        let ids: Vec<InstanceId> = self.active.iter().cloned().collect();
+        for id in &ids {
+            self.event(id, Event::Stop, now);
+        }
+        let grace = self
+            .config
+            .services
+            .values()
+            .map(|s| s.stop_grace)
+            .max()
+            .unwrap_or_default();
+        let deadline = tokio::time::Instant::now() + grace + Duration::from_secs(2);
+        while self.instances.values().any(|i| i.process.is_some()) {
+            tokio::select! {
+                Some(command) = self.rx.recv() => {
+                    if let Command::Process(event) = command {
+                        self.process_event(event, Instant::now());
+                    }
+                }
+                _ = tokio::time::sleep(TICK) => self.tick(),
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        for i in self.instances.values() {
+            if let Some(p) = &i.process {
+                process::kill_tree(p.pid);
+            }
+        }
+    }
+}

@@ -1,0 +1,445 @@
+//! Carrying out lifecycle actions: starting an instance's exec helper and the tasks that watch
+//! it (output, readiness, exit, health), signalling it, and answering waiters.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::process::ExitStatus;
+use std::time::Instant;
+
+use futures_util::StreamExt;
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+use tenement_proto::config::{ListenMode, ReadyMode};
+use tenement_proto::rpc::{Address, ErrorCode, LogStream, Response};
+use tenement_proto::InstanceId;
+use tokio::io::AsyncRead;
+use tokio_util::codec::{FramedRead, LinesCodec};
+
+use crate::lifecycle::{Action, Event, WaitError};
+use crate::logs::{LogBuffer, MAX_LINE_LEN};
+use crate::probe;
+use crate::spawn::{self, Endpoints};
+use crate::{ports, procfs};
+
+use super::instance::{notify_socket_path, unix_socket_path, Process, WakeOk};
+use super::{policy, Command, ProcessEvent, ProcessEventKind, Registry, RpcError};
+
+impl Registry {
+    /// Feeds one event to an instance's lifecycle and carries out what it decides.
+    pub(super) fn event(&mut self, id: &InstanceId, event: Event, now: Instant) {
+        let Some(service) = self.config.service(&id.service) else {
+            // A service removed from the config: its instances can only be stopped.
+            if let Some(i) = self.instances.get_mut(id) {
+                for waiter in i.waiters.drain(..) {
+                    let _ = waiter.reply.send(Err(RpcError::new(
+                        ErrorCode::UnknownService,
+                        format!("service {} is no longer in the config", id.service),
+                    )));
+                }
+            }
+            self.settle_stop_waiters(id);
+            return;
+        };
+        let policy = policy(service);
+        let Some(instance) = self.instances.get_mut(id) else {
+            return;
+        };
+        let actions = instance.lifecycle.handle(event, now, &policy);
+        if instance.lifecycle.needs_ticks() {
+            self.active.insert(id.clone());
+        } else {
+            self.active.remove(id);
+        }
+        for action in actions {
+            self.act(id, action, now);
+        }
+        self.settle_stop_waiters(id);
+    }
+
+    fn act(&mut self, id: &InstanceId, action: Action, now: Instant) {
+        match action {
+            Action::Spawn => self.start_process(id, now),
+            Action::Terminate => {
+                if let Some(pid) = self.pid_of(id) {
+                    // The helper forwards SIGTERM to the whole tree and enforces the grace.
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+                }
+            }
+            Action::Kill => {
+                if let Some(pid) = self.pid_of(id) {
+                    kill_tree(pid);
+                }
+            }
+            Action::WakeWaiters => {
+                let Some(route) = self.route_of(id) else {
+                    return;
+                };
+                if let Some(i) = self.instances.get_mut(id) {
+                    let began = i.start_began.take();
+                    for waiter in i.waiters.drain(..) {
+                        let _ = waiter.reply.send(Ok(WakeOk {
+                            route: route.clone(),
+                            started: began.is_some(),
+                            elapsed: now.duration_since(waiter.since),
+                        }));
+                    }
+                }
+            }
+            Action::FailWaiters(error) => {
+                if let Some(i) = self.instances.get_mut(id) {
+                    let error = match error {
+                        WaitError::StartFailed(failure) => {
+                            let tail = i.logs.tail_text(5);
+                            let mut message = format!("{id} {failure}");
+                            if !tail.is_empty() {
+                                message.push_str(&format!("; last output: {tail}"));
+                            }
+                            RpcError::new(ErrorCode::WakeFailed, message)
+                        }
+                        WaitError::Failed(reason) => RpcError::new(
+                            ErrorCode::InstanceFailed,
+                            format!("{id} is failed ({reason}); `tenctl restart {id}` once fixed"),
+                        ),
+                        WaitError::Stopped => RpcError::new(
+                            ErrorCode::Unavailable,
+                            format!("{id} was stopped while waiting for it"),
+                        ),
+                    };
+                    for waiter in i.waiters.drain(..) {
+                        let _ = waiter.reply.send(Err(error.clone()));
+                    }
+                }
+            }
+            Action::SendPark(park_id) => {
+                if self.watchers.is_empty() {
+                    // No proxy, so nothing can be in flight.
+                    self.event(id, Event::ParkAnswered { park_id, accepted: true }, now);
+                } else {
+                    self.parks.insert(
+                        (id.clone(), park_id),
+                        super::PendingPark {
+                            waiting_for: self.watchers.keys().copied().collect(),
+                        },
+                    );
+                    self.broadcast(Response::Park {
+                        instance: id.clone(),
+                        park_id,
+                    });
+                }
+            }
+            Action::PublishRoute => {
+                if let Some(route) = self.route_of(id) {
+                    self.broadcast(Response::Routes {
+                        routes: vec![route],
+                        reset: false,
+                        complete: false,
+                        removed: Vec::new(),
+                    });
+                }
+            }
+            Action::Log(message) => {
+                tracing::info!(instance = %id, "{message}");
+                if let Some(i) = self.instances.get(id) {
+                    i.logs.push(LogStream::Event, message);
+                }
+            }
+        }
+    }
+
+    fn pid_of(&self, id: &InstanceId) -> Option<i32> {
+        self.instances.get(id)?.process.as_ref().map(|p| p.pid)
+    }
+
+    /// Starts a new process generation; failures go back into the lifecycle.
+    fn start_process(&mut self, id: &InstanceId, now: Instant) {
+        match self.try_start(id, now) {
+            Ok(()) => self.event(id, Event::Spawned, now),
+            Err(error) => {
+                tracing::warn!(instance = %id, "{error}");
+                if let Some(i) = self.instances.get(id) {
+                    i.logs.push(LogStream::Event, format!("could not start: {error}"));
+                }
+                self.event(id, Event::SpawnFailed(error), now);
+            }
+        }
+    }
+
+    fn try_start(&mut self, id: &InstanceId, now: Instant) -> Result<(), String> {
+        let config = self.config.clone();
+        let settings = &config.settings;
+        let service = config
+            .service(&id.service)
+            .ok_or_else(|| format!("no service {}", id.service))?;
+
+        // The port must be ours right now, or the readiness check could succeed against a
+        // stranger. Moving is better than routing a tenant to somebody else's server.
+        let mut listener: Option<TcpListener> = None;
+        let mut port = None;
+        if service.listen != ListenMode::Unix {
+            let current = self.instances.get(id).and_then(|i| i.port);
+            let bound = current.and_then(|p| bind_loopback(p).ok().map(|l| (p, l)));
+            let (p, l) = match bound {
+                Some(found) => found,
+                None => {
+                    if let Some(old) = current {
+                        self.ports.release(old);
+                        tracing::warn!(instance = %id, port = old, "port is taken by another program; moving to a new port");
+                    }
+                    let p = self.ports.allocate(ports::bindable).map_err(|e| e.to_string())?;
+                    if let Some(i) = self.instances.get_mut(id) {
+                        i.port = Some(p);
+                    }
+                    self.save().map_err(|e| e.to_string())?;
+                    (p, bind_loopback(p).map_err(|e| format!("cannot bind port {p}: {e}"))?)
+                }
+            };
+            port = Some(p);
+            if service.listen == ListenMode::Activate {
+                listener = Some(l);
+            }
+        }
+
+        let socket_path = (service.listen == ListenMode::Unix).then(|| unix_socket_path(settings, id));
+        if let Some(path) = &socket_path {
+            prepare_socket_dir(path)?;
+            let _ = std::fs::remove_file(path);
+        }
+        let notify_path = (service.ready == ReadyMode::Notify).then(|| notify_socket_path(settings, id));
+        let notify = match &notify_path {
+            Some(path) => {
+                prepare_socket_dir(path)?;
+                Some(probe::bind_notify(path).map_err(|e| format!("cannot bind {}: {e}", path.display()))?)
+            }
+            None => None,
+        };
+
+        spawn::ensure_data_dir(&settings.instance_data_dir(id)).map_err(|e| e.to_string())?;
+        let endpoints = Endpoints {
+            port,
+            socket_path: socket_path.clone(),
+            notify_socket: notify_path,
+        };
+        let spec = spawn::build_spec(settings, service, id, &endpoints, |name| std::env::var(name).ok())
+            .map_err(|e| e.to_string())?;
+        let listener_fd: Option<OwnedFd> = listener.map(OwnedFd::from);
+        let mut child = spawn::launch(&self.helper, &spec, listener_fd.as_ref()).map_err(|e| e.to_string())?;
+        // Our copy of the handed-off socket closes here; the helper passes its copy on.
+        drop(listener_fd);
+        let pid = child.id().map(|p| p as i32).ok_or("the exec helper exited at once")?;
+
+        let instance = self
+            .instances
+            .get_mut(id)
+            .ok_or_else(|| format!("{id} vanished"))?;
+        instance.generation += 1;
+        let generation = instance.generation;
+        instance.start_began = Some(now);
+        instance.last_exit = None;
+        instance.next_health = service
+            .health
+            .as_ref()
+            .map(|_| now + service.health_interval);
+        let logs = instance.logs.clone();
+        logs.push(LogStream::Event, format!("started (pid {pid})"));
+        tracing::info!(instance = %id, pid, "started");
+
+        let mut tasks = Vec::new();
+        if let Some(stdout) = child.stdout.take() {
+            tasks.push(tokio::spawn(read_lines(stdout, logs.clone(), LogStream::Stdout, id.clone())).abort_handle());
+        }
+        if let Some(stderr) = child.stderr.take() {
+            tasks.push(tokio::spawn(read_lines(stderr, logs.clone(), LogStream::Stderr, id.clone())).abort_handle());
+        }
+
+        let address = instance.address(service.listen, settings);
+        let ready_now = service.listen == ListenMode::Activate && service.ready == ReadyMode::Tcp;
+        let tx = self.tx.clone();
+        let event = move |kind| {
+            Command::Process(ProcessEvent {
+                instance: id.clone(),
+                generation,
+                kind,
+            })
+        };
+        let ready_event = event(ProcessEventKind::Ready);
+        let health_path = service.health.clone().unwrap_or_else(|| "/".to_owned());
+        let per_try = service.health_timeout;
+        let ready_mode = service.ready;
+        let ready_tx = tx.clone();
+        tasks.push(
+            tokio::spawn(async move {
+                if !ready_now {
+                    match (ready_mode, notify) {
+                        (ReadyMode::Notify, Some(socket)) => probe::wait_notify(&socket).await,
+                        (ReadyMode::Health, _) => probe::wait_healthy(&address, &health_path, per_try).await,
+                        _ => probe::wait_accepting(&address).await,
+                    }
+                }
+                let _ = ready_tx.send(ready_event).await;
+            })
+            .abort_handle(),
+        );
+        let exit_id = id.clone();
+        tokio::spawn(async move {
+            let status = match child.wait().await {
+                Ok(status) => describe_exit(status),
+                Err(e) => format!("wait failed: {e}"),
+            };
+            let _ = tx
+                .send(Command::Process(ProcessEvent {
+                    instance: exit_id,
+                    generation,
+                    kind: ProcessEventKind::Exited(status),
+                }))
+                .await;
+        });
+
+        if let Some(stat) = procfs::read_stat(Path::new("/proc"), pid) {
+            if let Err(e) = self.store.record_process(id, pid, stat.start_time) {
+                tracing::warn!(instance = %id, "cannot record pid file: {e}");
+            }
+        }
+        if let Some(i) = self.instances.get_mut(id) {
+            i.process = Some(Process { pid, tasks });
+        }
+        Ok(())
+    }
+
+    pub(super) fn process_event(&mut self, event: ProcessEvent, now: Instant) {
+        let Some(i) = self.instances.get_mut(&event.instance) else {
+            return;
+        };
+        if i.generation != event.generation {
+            return;
+        }
+        let id = event.instance;
+        match event.kind {
+            ProcessEventKind::Ready => {
+                if let Some(began) = i.start_began {
+                    let ms = now.duration_since(began).as_secs_f64() * 1000.0;
+                    i.logs.push(LogStream::Event, format!("ready in {ms:.1} ms"));
+                    tracing::info!(instance = %id, ready_ms = ms, "ready");
+                }
+                self.event(&id, Event::Ready, now);
+            }
+            ProcessEventKind::Exited(status) => {
+                if let Some(process) = i.process.take() {
+                    // Readiness may still be polling; output readers end on EOF by themselves
+                    // but are stopped too in case a grandchild kept the pipes open.
+                    for task in process.tasks {
+                        task.abort();
+                    }
+                }
+                i.logs.push(LogStream::Event, format!("exited ({status})"));
+                i.last_exit = Some(status.clone());
+                i.health_running = false;
+                i.next_health = None;
+                self.store.forget_process(&id);
+                tracing::info!(instance = %id, "exited ({status})");
+                self.event(&id, Event::Exited(status), now);
+            }
+            ProcessEventKind::Health(result) => {
+                i.health_running = false;
+                match result {
+                    Ok(_) => self.event(&id, Event::HealthPassed, now),
+                    Err(detail) => {
+                        i.logs.push(LogStream::Event, format!("health check failed: {detail}"));
+                        self.event(&id, Event::HealthFailed(detail), now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts a health probe when one is due; each runs in its own task.
+    pub(super) fn maybe_check_health(&mut self, id: &InstanceId, now: Instant) {
+        let Some(service) = self.config.service(&id.service) else {
+            return;
+        };
+        let Some(path) = service.health.clone() else {
+            return;
+        };
+        let (interval, timeout, listen) = (service.health_interval, service.health_timeout, service.listen);
+        let settings = self.config.settings.clone();
+        let Some(i) = self.instances.get_mut(id) else {
+            return;
+        };
+        if i.health_running
+            || i.lifecycle.state() != tenement_proto::rpc::InstanceState::Running
+            || i.next_health.is_none_or(|at| now < at)
+        {
+            return;
+        }
+        i.health_running = true;
+        i.next_health = Some(now + interval);
+        let address: Address = i.address(listen, &settings);
+        let generation = i.generation;
+        let tx = self.tx.clone();
+        let id = id.clone();
+        tokio::spawn(async move {
+            let result = probe::check_health(&address, &path, timeout).await;
+            let _ = tx
+                .send(Command::Process(ProcessEvent {
+                    instance: id,
+                    generation,
+                    kind: ProcessEventKind::Health(result),
+                }))
+                .await;
+        });
+    }
+}
+
+fn bind_loopback(port: u16) -> std::io::Result<TcpListener> {
+    TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+}
+
+fn prepare_socket_dir(path: &Path) -> Result<(), String> {
+    let dir = path.parent().ok_or("socket path has no directory")?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))
+}
+
+/// `exit status N`, or `signal N (NAME)` for the helper's 128+N convention.
+pub fn describe_exit(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(code) = status.code() {
+        if code > 128 && code < 128 + 65 {
+            let signo = code - 128;
+            let name = Signal::try_from(signo).map(|s| s.as_str()).unwrap_or("?");
+            return format!("signal {signo} ({name})");
+        }
+        return format!("exit status {code}");
+    }
+    match status.signal() {
+        Some(signo) => {
+            let name = Signal::try_from(signo).map(|s| s.as_str()).unwrap_or("?");
+            format!("signal {signo} ({name})")
+        }
+        None => "unknown status".to_owned(),
+    }
+}
+
+/// SIGKILL to an exec helper's process group and every descendant.
+pub fn kill_tree(pid: i32) {
+    let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    for p in procfs::tree_of(&procfs::all_processes(Path::new("/proc")), pid) {
+        let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+    }
+    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+}
+
+async fn read_lines<R: AsyncRead + Unpin>(reader: R, logs: LogBuffer, stream: LogStream, id: InstanceId) {
+    let mut lines = FramedRead::new(reader, LinesCodec::new_with_max_length(MAX_LINE_LEN));
+    while let Some(item) = lines.next().await {
+        match item {
+            Ok(line) => {
+                tracing::debug!(target: "instance", instance = %id, "{line}");
+                logs.push(stream, line);
+            }
+            Err(tokio_util::codec::LinesCodecError::MaxLineLengthExceeded) => {
+                logs.push(stream, "[line over 8 KiB dropped]".to_owned());
+            }
+            Err(_) => break,
+        }
+    }
+}

@@ -1,0 +1,482 @@
+//! The two RPC sockets: `proxy.sock` (proxy role) and `admin.sock` (admin role, checked with
+//! SO_PEERCRED). Each connection: hello, then framed requests answered one by one; `subscribe`
+//! and `logs --follow` turn it into a stream.
+//!
+//! A bad frame gets an error reply (or the connection closed when the stream cannot be
+//! resynchronised), never a crash; every wait has a deadline.
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tenement_proto::frame::{self, FrameError};
+use tenement_proto::rpc::{ErrorCode, Request, Response, Role, PROTOCOL_VERSION};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::registry::{Command, RegistryHandle, RpcError, MAX_WAKE_WAIT};
+
+/// How long a client has to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// The wait of a wake that names no deadline.
+const DEFAULT_WAKE_WAIT: Duration = Duration::from_secs(60);
+
+/// Who may use the admin socket besides root and the supervisor's own user.
+#[derive(Debug, Clone)]
+pub struct AdminPolicy {
+    pub own_uid: u32,
+    pub admin_gid: Option<u32>,
+}
+
+impl AdminPolicy {
+    fn allows(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
+        if uid == 0 || uid == self.own_uid {
+            return true;
+        }
+        let Some(admin) = self.admin_gid else {
+            return false;
+        };
+        gid == admin || pid.is_some_and(|pid| supplementary_groups(pid).contains(&admin))
+    }
+}
+
+/// The peer's supplementary groups, from `/proc/PID/status` (proc(5), `Groups:`).
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("Groups:"))
+                .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+        })
+        .unwrap_or_default()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("another supervisor is already serving {0}; stop it or use another runtime_dir")]
+    InUse(PathBuf),
+    #[error("cannot create socket {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Binds a Unix socket at `path` with `mode`, without a window in which it exists with looser
+/// permissions: it is bound inside a private directory, chmodded, then renamed into place.
+pub fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
+    let io_err = |source| BindError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(BindError::InUse(path.to_path_buf()));
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .map_err(io_err)?;
+    let private = dir.join(format!(".bind-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(io_err)?;
+    let result = (|| {
+        let tmp = private.join("s");
+        let listener = UnixListener::bind(&tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+        std::fs::rename(&tmp, path)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    result.map_err(io_err)
+}
+
+/// Accepts connections on one socket until `shutdown`.
+pub async fn serve(
+    listener: UnixListener,
+    role: Role,
+    registry: RegistryHandle,
+    admin: Arc<AdminPolicy>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(?role, "accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let registry = registry.clone();
+        let admin = admin.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                result = connection(stream, role, registry, &admin) => {
+                    if let Err(e) = result {
+                        tracing::debug!(?role, "connection ended: {e}");
+                    }
+                }
+            }
+        });
+    }
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+    Response::Error {
+        code,
+        message: message.into(),
+    }
+}
+
+fn from_rpc(e: RpcError) -> Response {
+    error(e.code, e.message)
+}
+
+async fn connection(
+    stream: UnixStream,
+    role: Role,
+    registry: RegistryHandle,
+    admin: &AdminPolicy,
+) -> Result<(), FrameError> {
+    let cred = stream.peer_cred()?;
+    let (mut reader, mut writer) = stream.into_split();
+    if role == Role::Admin {
+        if !admin.allows(cred.uid(), cred.gid(), cred.pid()) {
+            let reply = error(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "uid {} may not use the admin socket; run as root or join the admin group",
+                    cred.uid()
+                ),
+            );
+            return frame::write_message_async(&mut writer, &reply).await;
+        }
+    }
+
+    // Hello first, with a deadline.
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, frame::read_message_async::<_, Request>(&mut reader)).await {
+        Err(_) => return Ok(()),
+        Ok(Err(FrameError::Decode(e))) => {
+            let reply = error(ErrorCode::BadRequest, format!("undecodable message: {e}"));
+            return frame::write_message_async(&mut writer, &reply).await;
+        }
+        Ok(Err(e)) => return reply_to_frame_error(&mut writer, e).await,
+        Ok(Ok(request)) => request,
+    };
+    match hello {
+        Request::Hello { version, .. } if version == PROTOCOL_VERSION => {
+            let reply = Response::Hello {
+                version: PROTOCOL_VERSION,
+                server: format!("tenement-supervisor {}", env!("CARGO_PKG_VERSION")),
+                role,
+            };
+            frame::write_message_async(&mut writer, &reply).await?;
+        }
+        Request::Hello { version, .. } => {
+            let reply = error(
+                ErrorCode::UnsupportedVersion,
+                format!("protocol version {version} is not supported; this supervisor speaks {PROTOCOL_VERSION}"),
+            );
+            return frame::write_message_async(&mut writer, &reply).await;
+        }
+        other => {
+            let reply = error(
+                ErrorCode::HelloRequired,
+                format!("the first message must be hello, not {}", other.name()),
+            );
+            return frame::write_message_async(&mut writer, &reply).await;
+        }
+    }
+
+    loop {
+        let request = match frame::read_message_async::<_, Request>(&mut reader).await {
+            Ok(request) => request,
+            Err(FrameError::Decode(e)) => {
+                // The frame boundary is intact: answer and carry on.
+                let reply = error(ErrorCode::BadRequest, format!("undecodable message: {e}"));
+                frame::write_message_async(&mut writer, &reply).await?;
+                continue;
+            }
+            Err(FrameError::Closed) => return Ok(()),
+            Err(e) => return reply_to_frame_error(&mut writer, e).await,
+        };
+        if !request.allowed_for(role) {
+            let reply = error(
+                ErrorCode::WrongRole,
+                format!("{} is an admin call; use the admin socket", request.name()),
+            );
+            frame::write_message_async(&mut writer, &reply).await?;
+            continue;
+        }
+        match request {
+            Request::Subscribe => return watch(reader, writer, registry).await,
+            Request::Logs {
+                instance,
+                lines,
+                follow,
+            } => {
+                let reply = registry
+                    .ask(|reply| Command::Logs {
+                        instance,
+                        lines,
+                        follow,
+                        reply,
+                    })
+                    .await
+                    .and_then(|r| r);
+                match reply {
+                    Err(e) => frame::write_message_async(&mut writer, &from_rpc(e)).await?,
+                    Ok(logs) => {
+                        frame::write_message_async(&mut writer, &Response::Logs { lines: logs.lines }).await?;
+                        if let Some(feed) = logs.follow {
+                            return follow_logs(reader, writer, feed).await;
+                        }
+                    }
+                }
+            }
+            other => {
+                let reply = answer(other, &registry).await;
+                frame::write_message_async(&mut writer, &reply).await?;
+            }
+        }
+    }
+}
+
+/// Tells the peer why its frame was refused, then ends the connection.
+async fn reply_to_frame_error(writer: &mut OwnedWriteHalf, e: FrameError) -> Result<(), FrameError> {
+    if let FrameError::TooLarge { .. } = e {
+        let reply = error(ErrorCode::FrameTooLarge, e.to_string());
+        let _ = frame::write_message_async(writer, &reply).await;
+        return Ok(());
+    }
+    Err(e)
+}
+
+/// One request, one response.
+async fn answer(request: Request, registry: &RegistryHandle) -> Response {
+    let result: Result<Response, RpcError> = async {
+        match request {
+            Request::Hello { .. } => Err(RpcError::new(ErrorCode::HelloRequired, "hello was already said")),
+            Request::Wake { instance, timeout_ms } => wake(registry, instance, timeout_ms, false).await,
+            Request::Spawn { instance } => wake(registry, instance, None, true).await,
+            Request::Restart { instance } => {
+                let rx = registry.ask(|reply| Command::Restart { instance, reply }).await?;
+                Ok(woken(rx?))
+            }
+            Request::Resolve { instance } => {
+                let route = registry.ask(|reply| Command::Resolve { instance, reply }).await??;
+                Ok(Response::Route { route })
+            }
+            Request::Activity { reports } => {
+                registry.send(Command::Activity { reports }).await;
+                Ok(Response::Ok)
+            }
+            Request::ParkAck { .. } => Err(RpcError::new(
+                ErrorCode::BadRequest,
+                "park_ack is only valid on a subscribed connection",
+            )),
+            Request::Add { instances } => {
+                let (added, existing) = registry.ask(|reply| Command::Add { instances, reply }).await??;
+                Ok(Response::Added { added, existing })
+            }
+            Request::Stop { instance } => {
+                registry.ask(|reply| Command::Stop { instance, reply }).await??;
+                Ok(Response::Ok)
+            }
+            Request::Remove { instance, purge } => {
+                registry
+                    .ask(|reply| Command::Remove { instance, purge, reply })
+                    .await??;
+                Ok(Response::Ok)
+            }
+            Request::List => {
+                let instances = registry.ask(|reply| Command::List { reply }).await?;
+                Ok(Response::Instances { instances })
+            }
+            Request::Status { instance } => {
+                let status = registry.ask(|reply| Command::Status { instance, reply }).await??;
+                Ok(Response::Status { status })
+            }
+            // Handled by the caller.
+            Request::Subscribe | Request::Logs { .. } => Err(RpcError::new(ErrorCode::Internal, "misrouted request")),
+        }
+    }
+    .await;
+    result.unwrap_or_else(from_rpc)
+}
+
+fn woken(ok: crate::registry::WakeOk) -> Response {
+    Response::Woken {
+        route: ok.route,
+        started: ok.started,
+        elapsed_us: ok.elapsed.as_micros() as u64,
+    }
+}
+
+async fn wake(
+    registry: &RegistryHandle,
+    instance: tenement_proto::InstanceId,
+    timeout_ms: Option<u64>,
+    spawn: bool,
+) -> Result<Response, RpcError> {
+    let wait = timeout_ms
+        .map(Duration::from_millis)
+        .unwrap_or(DEFAULT_WAKE_WAIT)
+        .min(MAX_WAKE_WAIT);
+    let name = instance.to_string();
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    registry
+        .send(Command::Wake {
+            instance,
+            register: spawn,
+            reset_failed: spawn,
+            reply,
+        })
+        .await;
+    match tokio::time::timeout(wait, rx).await {
+        Err(_) => Err(RpcError::new(
+            ErrorCode::WakeTimeout,
+            format!("{name} was not ready within {} ms", wait.as_millis()),
+        )),
+        Ok(Err(_)) => Err(RpcError::new(ErrorCode::Unavailable, "the supervisor is shutting down")),
+        Ok(Ok(result)) => result.map(woken),
+    }
+}
+
+/// The proxy's watch stream: route updates and park requests down, activity and park
+/// answers up.
+async fn watch(mut reader: OwnedReadHalf, mut writer: OwnedWriteHalf, registry: RegistryHandle) -> Result<(), FrameError> {
+    let (tx, mut rx) = mpsc::channel::<Response>(4096);
+    let watcher = registry.ask(|reply| Command::Subscribe { tx, reply }).await;
+    let Ok(watcher) = watcher else {
+        return Ok(());
+    };
+    let (frames_tx, mut frames_rx) = mpsc::channel::<Result<Request, FrameError>>(64);
+    // Reading in its own task keeps frame reads whole (read_frame is not cancel-safe).
+    let reader_task = tokio::spawn(async move {
+        loop {
+            let result = frame::read_message_async::<_, Request>(&mut reader).await;
+            let stop = matches!(result, Err(FrameError::Closed | FrameError::TooLarge { .. } | FrameError::Io(_)));
+            if frames_tx.send(result).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    let result = loop {
+        tokio::select! {
+            message = rx.recv() => match message {
+                Some(message) => {
+                    if let Err(e) = frame::write_message_async(&mut writer, &message).await {
+                        break Err(e);
+                    }
+                }
+                // The registry dropped us for falling behind.
+                None => break Ok(()),
+            },
+            incoming = frames_rx.recv() => match incoming {
+                None | Some(Err(FrameError::Closed)) => break Ok(()),
+                Some(Err(FrameError::Decode(e))) => {
+                    let reply = error(ErrorCode::BadRequest, format!("undecodable message: {e}"));
+                    if let Err(e) = frame::write_message_async(&mut writer, &reply).await {
+                        break Err(e);
+                    }
+                }
+                Some(Err(e)) => break reply_to_frame_error(&mut writer, e).await,
+                Some(Ok(Request::Activity { reports })) => registry.send(Command::Activity { reports }).await,
+                Some(Ok(Request::ParkAck { instance, park_id, accepted })) => {
+                    registry.send(Command::ParkAck { watcher, instance, park_id, accepted }).await;
+                }
+                Some(Ok(other)) => {
+                    let reply = error(ErrorCode::BadRequest, format!("{} is not valid on a watch stream", other.name()));
+                    if let Err(e) = frame::write_message_async(&mut writer, &reply).await {
+                        break Err(e);
+                    }
+                }
+            },
+        }
+    };
+    reader_task.abort();
+    registry.send(Command::Unsubscribe { watcher }).await;
+    result
+}
+
+/// Streams new log lines until the client goes away.
+async fn follow_logs(
+    mut reader: OwnedReadHalf,
+    mut writer: OwnedWriteHalf,
+    mut feed: tokio::sync::broadcast::Receiver<tenement_proto::rpc::LogLine>,
+) -> Result<(), FrameError> {
+    use tokio::io::AsyncReadExt;
+    use tokio::sync::broadcast::error::RecvError;
+    let mut probe = [0u8; 64];
+    loop {
+        tokio::select! {
+            line = feed.recv() => match line {
+                Ok(line) => frame::write_message_async(&mut writer, &Response::Logs { lines: vec![line] }).await?,
+                Err(RecvError::Lagged(n)) => {
+                    let note = tenement_proto::rpc::LogLine {
+                        ts_ms: 0,
+                        stream: tenement_proto::rpc::LogStream::Event,
+                        line: format!("[{n} lines skipped: the reader fell behind]"),
+                    };
+                    frame::write_message_async(&mut writer, &Response::Logs { lines: vec![note] }).await?;
+                }
+                // The instance was removed.
+                Err(RecvError::Closed) => return Ok(()),
+            },
+            // Any input or EOF from the client ends the stream.
+            _ = reader.read(&mut probe) => return Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_policy_allows_root_self_and_group() {
+        let policy = AdminPolicy {
+            own_uid: 1000,
+            admin_gid: Some(50),
+        };
+        assert!(policy.allows(0, 0, None));
+        assert!(policy.allows(1000, 1000, None));
+        assert!(policy.allows(1001, 50, None));
+        assert!(!policy.allows(1001, 1001, None));
+        let closed = AdminPolicy {
+            own_uid: 0,
+            admin_gid: None,
+        };
+        assert!(!closed.allows(1001, 50, None));
+    }
+
+    #[tokio::test]
+    async fn sockets_are_created_with_their_mode_and_refuse_a_second_owner() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("admin.sock");
+        let listener = bind_socket(&path, 0o600).expect("bind");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(matches!(bind_socket(&path, 0o600), Err(BindError::InUse(_))));
+        drop(listener);
+        // A stale socket file with nobody behind it is replaced.
+        bind_socket(&path, 0o600).expect("rebind over a stale file");
+    }
+}

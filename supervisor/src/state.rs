@@ -1,0 +1,259 @@
+//! The registry on disk: which instances exist, their ports and weights.
+//!
+//! Written atomically (temp file in the same directory, fsync, rename, fsync of the directory)
+//! so a crash or power cut leaves the old file or the new one, never half of either. The
+//! process ids of running instances are kept apart, one small file per instance under
+//! `state_dir/pids/`, so waking an instance never rewrites the whole registry; after a
+//! supervisor crash they name the leftovers to kill (checked by start time, never by pid
+//! alone).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tenement_proto::InstanceId;
+
+use crate::procfs;
+
+const STATE_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateFile {
+    pub version: u32,
+    pub instances: Vec<PersistedInstance>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PersistedInstance {
+    pub instance: InstanceId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub weight: u32,
+    /// Milliseconds since the Unix epoch.
+    pub created_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot read registry {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("registry {path} is corrupt: {source}; move it away to start with an empty registry")]
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("registry {path} has version {version}, this supervisor reads version {STATE_VERSION}")]
+    Version { path: PathBuf, version: u32 },
+    #[error("cannot write registry {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+}
+
+/// The registry file and the pid files beside it.
+#[derive(Debug, Clone)]
+pub struct StateStore {
+    dir: PathBuf,
+}
+
+impl StateStore {
+    /// Creates the state directory (0700) if needed.
+    pub fn open(dir: &Path) -> Result<Self, StateError> {
+        let write_err = |source| StateError::Write {
+            path: dir.to_path_buf(),
+            source,
+        };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir.join("pids"))
+            .map_err(write_err)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn registry_path(&self) -> PathBuf {
+        self.dir.join("registry.json")
+    }
+
+    /// The saved registry, or an empty one when there is none yet.
+    pub fn load(&self) -> Result<StateFile, StateError> {
+        let path = self.registry_path();
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Ok(StateFile {
+                    version: STATE_VERSION,
+                    instances: Vec::new(),
+                })
+            }
+            Err(source) => return Err(StateError::Read { path, source }),
+        };
+        let state: StateFile = serde_json::from_slice(&bytes)
+            .map_err(|source| StateError::Corrupt { path: path.clone(), source })?;
+        if state.version != STATE_VERSION {
+            return Err(StateError::Version {
+                path,
+                version: state.version,
+            });
+        }
+        Ok(state)
+    }
+
+    /// Replaces the registry atomically.
+    pub fn save(&self, instances: Vec<PersistedInstance>) -> Result<(), StateError> {
+        let path = self.registry_path();
+        let state = StateFile {
+            version: STATE_VERSION,
+            instances,
+        };
+        let bytes = serde_json::to_vec_pretty(&state).map_err(|e| StateError::Write {
+            path: path.clone(),
+            source: io::Error::other(e),
+        })?;
+        write_atomically(&path, &bytes).map_err(|source| StateError::Write { path, source })
+    }
+
+    fn pid_path(&self, instance: &InstanceId) -> PathBuf {
+        // Both halves are DNS labels, so the name cannot escape the directory.
+        self.dir
+            .join("pids")
+            .join(format!("{}.{}", instance.service, instance.id))
+    }
+
+    /// Remembers the exec helper of a running instance. Not fsynced: after a power cut no
+    /// process is left to clean up anyway.
+    pub fn record_process(&self, instance: &InstanceId, pid: i32, start_time: u64) -> io::Result<()> {
+        let path = self.pid_path(instance);
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, format!("{pid} {start_time}\n"))?;
+        fs::rename(&tmp, &path)
+    }
+
+    pub fn forget_process(&self, instance: &InstanceId) {
+        let _ = fs::remove_file(self.pid_path(instance));
+    }
+
+    /// Kills process trees left by a previous supervisor that died without stopping them.
+    /// A pid file only counts if the process with that pid has the recorded start time.
+    /// Returns the pids killed.
+    pub fn kill_leftovers(&self, proc_root: &Path) -> Vec<i32> {
+        let mut killed = Vec::new();
+        let Ok(entries) = fs::read_dir(self.dir.join("pids")) else {
+            return killed;
+        };
+        for entry in entries.filter_map(|e| e.ok()) {
+            let path = entry.path();
+            if let Some((pid, start_time)) = fs::read_to_string(&path)
+                .ok()
+                .and_then(|text| parse_pid_file(&text))
+            {
+                if procfs::read_stat(proc_root, pid).is_some_and(|s| s.start_time == start_time) {
+                    let processes = procfs::all_processes(proc_root);
+                    let mut tree = procfs::tree_of(&processes, pid);
+                    tree.push(pid);
+                    for p in &tree {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(*p),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                    killed.extend(tree);
+                }
+            }
+            let _ = fs::remove_file(&path);
+        }
+        killed
+    }
+}
+
+fn parse_pid_file(text: &str) -> Option<(i32, u64)> {
+    let mut parts = text.split_whitespace();
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Writes `bytes` to `path` so that readers see the old content or the new, whole.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str, port: u16) -> PersistedInstance {
+        PersistedInstance {
+            instance: InstanceId::parse(name).expect("valid"),
+            port: Some(port),
+            weight: 1,
+            created_ms: 1,
+        }
+    }
+
+    #[test]
+    fn registry_round_trips_and_starts_empty() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::open(dir.path()).expect("open");
+        assert!(store.load().expect("empty").instances.is_empty());
+        store
+            .save(vec![entry("notes:alice", 20001), entry("notes:bob", 20002)])
+            .expect("save");
+        let loaded = store.load().expect("load");
+        assert_eq!(loaded.instances.len(), 2);
+        assert_eq!(loaded.instances[1].port, Some(20002));
+        // No temp file is left behind.
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .expect("list")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| !n.contains("tmp")), "{names:?}");
+    }
+
+    #[test]
+    fn a_corrupt_registry_is_an_error_not_an_empty_registry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::open(dir.path()).expect("open");
+        fs::write(store.registry_path(), b"{\"version\":1,\"instan").expect("write");
+        let err = store.load().expect_err("corrupt");
+        assert!(err.to_string().contains("is corrupt"), "{err}");
+    }
+
+    #[test]
+    fn pid_files_with_a_recycled_pid_are_not_killed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::open(dir.path()).expect("open");
+        let me = std::process::id() as i32;
+        // Our own pid with a start time that is not ours: must be left alone.
+        store
+            .record_process(&InstanceId::parse("notes:alice").expect("valid"), me, 1)
+            .expect("record");
+        assert!(store.kill_leftovers(Path::new("/proc")).is_empty());
+        assert!(fs::read_dir(dir.path().join("pids"))
+            .expect("list")
+            .next()
+            .is_none());
+    }
+}

@@ -1,0 +1,119 @@
+//! The only place in tenement with `unsafe`: fork, exec, and what runs between them.
+//!
+//! - [`pass_fd`]: a `pre_exec` hook that puts a listening socket at fd 3 of the exec helper.
+//!   It runs in the forked child of the multithreaded supervisor, so it makes only
+//!   async-signal-safe calls (dup2, fcntl).
+//! - [`fork_exec_app`]: the exec helper's fork of the app. The helper is single-threaded (a
+//!   fresh exec of this binary that never starts a runtime), so the child may allocate.
+//!
+//! Every `unsafe` block names the invariant it relies on.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::os::fd::RawFd;
+
+use nix::unistd::Pid;
+
+/// Arranges for `fd` to be fd 3 (without close-on-exec) in the process `command` starts.
+pub fn pass_fd(command: &mut tokio::process::Command, fd: RawFd) {
+    // SAFETY: the closure runs in the child between fork and exec of a multithreaded parent.
+    // It only calls dup2(2) and fcntl(2), both async-signal-safe (signal-safety(7)), touches
+    // no allocator or lock, and captures `fd` by value (a plain integer).
+    unsafe {
+        command.pre_exec(move || {
+            if fd == 3 {
+                // dup2 onto itself keeps FD_CLOEXEC; clear it explicitly.
+                if libc::fcntl(3, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, 3) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// What the exec helper's child needs to become the app. Built before the fork.
+pub struct AppExec {
+    pub program: CString,
+    pub argv: Vec<CString>,
+    /// `KEY=VALUE` entries, except LISTEN_PID which the child adds with its own pid.
+    pub env: Vec<CString>,
+    pub workdir: CString,
+    /// Whether fd 3 is a listening socket to hand over (LISTEN_PID is then set).
+    pub listen_fd: bool,
+}
+
+/// Forks the app from the single-threaded exec helper. Returns the child's pid in the parent;
+/// the child never returns (it execs or exits 127 with a message on stderr).
+pub fn fork_exec_app(app: &AppExec) -> nix::Result<Pid> {
+    // SAFETY: fork(2) is sound here because the exec helper is single-threaded: it is a fresh
+    // exec of this binary that never starts a tokio runtime or any thread (see exec_helper.rs),
+    // so no lock or allocator state can be held by another thread at the fork.
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Parent { child } => Ok(child),
+        nix::unistd::ForkResult::Child => child_exec(app),
+    }
+}
+
+fn child_exec(app: &AppExec) -> ! {
+    use nix::sys::signal::{signal, SigHandler, SigSet, SigmaskHow, Signal};
+
+    // Rust ignores SIGPIPE and the helper blocks the signals it handles; an ignored disposition
+    // and the mask survive exec, so give the app the defaults a shell would.
+    // SAFETY: installing SIG_DFL is not a handler; no Rust code runs on delivery.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+
+    let mut env = app.env.clone();
+    if app.listen_fd {
+        let pid = std::process::id();
+        if let Ok(entry) = CString::new(format!("LISTEN_PID={pid}")) {
+            env.push(entry);
+        }
+    }
+    if let Err(e) = nix::unistd::chdir(app.workdir.as_c_str()) {
+        die(&format!(
+            "tenement: cannot enter workdir {}: {e}",
+            app.workdir.to_string_lossy()
+        ));
+    }
+    let err = nix::unistd::execve(&app.program, &app.argv, &env).err();
+    die(&format!(
+        "tenement: cannot execute {}: {}",
+        app.program.to_string_lossy(),
+        err.map(|e| e.to_string()).unwrap_or_default()
+    ));
+}
+
+fn die(message: &str) -> ! {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{message}");
+    // Exit without running the parent's atexit handlers or flushing its buffers twice.
+    // SAFETY: _exit(2) is always safe to call; it never returns.
+    unsafe { libc::_exit(127) }
+}
+
+/// Makes the calling process a child subreaper: orphaned descendants (a double-forked daemon)
+/// are reparented to it instead of to PID 1, so the exec helper can still kill them.
+/// See prctl(2), PR_SET_CHILD_SUBREAPER.
+pub fn set_child_subreaper() -> std::io::Result<()> {
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes an integer argument and touches no memory.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if rc == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Asks the kernel to send `signal` to the calling process when its parent dies.
+/// See prctl(2), PR_SET_PDEATHSIG.
+pub fn set_parent_death_signal(signal: nix::sys::signal::Signal) -> std::io::Result<()> {
+    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and touches no memory.
+    let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) };
+    if rc == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
