@@ -135,7 +135,9 @@ fn supervise(app: Pid, signals: &mut SignalFd, grace: Duration) -> i32 {
         if wait_readable(signals, timeout) {
             if let Ok(Some(info)) = signals.read_signal() {
                 let signo = info.ssi_signo as i32;
-                if signo != libc::SIGCHLD {
+                // Our own killpg reaches us too; forwarding that again would loop.
+                let from_self = info.ssi_pid as i32 == me;
+                if signo != libc::SIGCHLD && !from_self {
                     if let Ok(signal) = Signal::try_from(signo) {
                         signal_tree(me, signal);
                     }

@@ -23,7 +23,6 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::lifecycle::{Event, Policy};
-use crate::logs::LogBuffer;
 use crate::ports::PortAllocator;
 use crate::state::{PersistedInstance, StateStore};
 
