@@ -1,1 +1,369 @@
-fn main() {}
+//! `tenctl`: the operator's command line for tenement.
+//!
+//! This file owns the argument grammar (clap), dispatch to [`commands`], and the exit status:
+//! 0 success, 1 supervisor unreachable or request refused, 2 bad usage or config, 3 unknown
+//! service or instance, 4 the instance could not be woken. Every error is printed as one line
+//! on stderr; tenctl never panics on input and never prints a backtrace. Talking to the
+//! supervisor is [`client`]'s job, formatting is [`render`]'s.
+#![forbid(unsafe_code)]
+
+mod client;
+mod commands;
+mod render;
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use tenement_proto::config::{parse_duration, DEFAULT_CONFIG_PATH};
+use tenement_proto::rpc::ErrorCode;
+
+use crate::client::RemoteError;
+use crate::commands::{Context, LogsOptions, NotFound, UsageError};
+
+const EXIT_STATUS_HELP: &str = "\
+Exit status:
+  0  success
+  1  the supervisor could not be reached, or refused or failed the request
+  2  bad usage: invalid arguments, instance id, service name, regex or config file
+  3  unknown service or instance (unknown_service, unknown_instance)
+  4  the instance could not be woken (wake_failed, wake_timeout, instance_failed)";
+
+/// Control tenement: add, wake, stop and inspect instances.
+#[derive(Debug, Parser)]
+#[command(name = "tenctl", version, after_help = EXIT_STATUS_HELP)]
+struct Args {
+    /// The config file; it says where the supervisor's admin socket is.
+    #[arg(
+        long,
+        short = 'c',
+        env = "TENEMENT_CONFIG",
+        default_value = DEFAULT_CONFIG_PATH,
+        global = true,
+        value_name = "FILE"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ClapArgs)]
+struct Json {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check a config file without running anything (the supervisor is not needed).
+    Validate {
+        /// The file to check (default: --config).
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        output: Json,
+    },
+    /// Register instances without starting them.
+    Add {
+        /// SERVICE:ID, for example notes:alice.
+        #[arg(required = true, value_name = "INSTANCE")]
+        instances: Vec<String>,
+        #[command(flatten)]
+        output: Json,
+    },
+    /// Register an instance if needed and start it.
+    Spawn {
+        /// SERVICE:ID.
+        instance: String,
+        #[command(flatten)]
+        output: Json,
+    },
+    /// Start an instance if it is stopped and wait until it is ready.
+    Wake {
+        /// SERVICE:ID.
+        instance: String,
+        /// How long to wait for ready, like 30s or 500ms (the supervisor caps it at 2m).
+        #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
+        timeout: Option<Duration>,
+        #[command(flatten)]
+        output: Json,
+    },
+    /// Stop an instance (it stays registered).
+    Stop {
+        /// SERVICE:ID.
+        instance: String,
+    },
+    /// Stop and start an instance; also clears the failed state.
+    Restart {
+        /// SERVICE:ID.
+        instance: String,
+        #[command(flatten)]
+        output: Json,
+    },
+    /// Stop and unregister an instance.
+    Rm {
+        /// SERVICE:ID.
+        instance: String,
+        /// Also delete the instance's data directory.
+        #[arg(long)]
+        purge: bool,
+    },
+    /// List registered instances.
+    Ps {
+        /// Only this service's instances.
+        service: Option<String>,
+        #[command(flatten)]
+        output: Json,
+    },
+    /// Show everything about one instance.
+    Status {
+        /// SERVICE:ID.
+        instance: String,
+        #[command(flatten)]
+        output: Json,
+    },
+    /// Show an instance's output.
+    Logs {
+        /// SERVICE:ID.
+        instance: String,
+        /// Keep printing new lines until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only lines matching this regular expression (also while following).
+        #[arg(long, value_name = "RE")]
+        grep: Option<String>,
+        /// Only the last N (matching) lines.
+        #[arg(short = 'n', long = "lines", value_name = "N")]
+        lines: Option<usize>,
+        #[command(flatten)]
+        output: Json,
+    },
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let timeout = parse_duration(text)?;
+    if timeout.is_zero() {
+        return Err("the timeout must be longer than 0".to_owned());
+    }
+    Ok(timeout)
+}
+
+/// The exit status for a typed supervisor error.
+fn remote_exit_status(code: ErrorCode) -> u8 {
+    match code {
+        ErrorCode::UnknownService | ErrorCode::UnknownInstance => 3,
+        ErrorCode::WakeFailed | ErrorCode::WakeTimeout | ErrorCode::InstanceFailed => 4,
+        ErrorCode::BadRequest
+        | ErrorCode::FrameTooLarge
+        | ErrorCode::UnsupportedVersion
+        | ErrorCode::HelloRequired
+        | ErrorCode::WrongRole
+        | ErrorCode::PermissionDenied
+        | ErrorCode::Unavailable
+        | ErrorCode::Internal => 1,
+    }
+}
+
+/// The exit status for any error `run` returns.
+fn exit_status(err: &anyhow::Error) -> u8 {
+    for cause in err.chain() {
+        if let Some(remote) = cause.downcast_ref::<RemoteError>() {
+            return remote_exit_status(remote.code);
+        }
+        if cause.is::<UsageError>() {
+            return 2;
+        }
+        if cause.is::<NotFound>() {
+            return 3;
+        }
+    }
+    1
+}
+
+/// Marks a write error on stdout as the reader having gone away (`tenctl logs -f | head`),
+/// which ends tenctl quietly, unlike a broken connection to the supervisor.
+#[derive(Debug)]
+struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stdout was closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+struct Stdout<W: Write>(W);
+
+impl<W: Write> Stdout<W> {
+    fn mark(e: io::Error) -> io::Error {
+        if e.kind() == io::ErrorKind::BrokenPipe {
+            io::Error::new(io::ErrorKind::BrokenPipe, StdoutClosed)
+        } else {
+            e
+        }
+    }
+}
+
+impl<W: Write> Write for Stdout<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf).map_err(Self::mark)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush().map_err(Self::mark)
+    }
+}
+
+fn stdout_closed(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause.is::<StdoutClosed>()
+            || cause
+                .downcast_ref::<io::Error>()
+                .and_then(|e| e.get_ref())
+                .is_some_and(|inner| inner.is::<StdoutClosed>())
+    })
+}
+
+fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
+    let ctx = Context {
+        config: args.config.clone(),
+    };
+    match args.command {
+        Command::Validate { file, output } => {
+            let path = file.unwrap_or(args.config);
+            return commands::validate(&path, output.json, out);
+        }
+        Command::Add { instances, output } => commands::add(&ctx, &instances, output.json, out)?,
+        Command::Spawn { instance, output } => commands::spawn(&ctx, &instance, output.json, out)?,
+        Command::Wake {
+            instance,
+            timeout,
+            output,
+        } => commands::wake(&ctx, &instance, timeout, output.json, out)?,
+        Command::Stop { instance } => commands::stop(&ctx, &instance, out)?,
+        Command::Restart { instance, output } => {
+            commands::restart(&ctx, &instance, output.json, out)?;
+        }
+        Command::Rm { instance, purge } => commands::remove(&ctx, &instance, purge, out)?,
+        Command::Ps { service, output } => {
+            commands::ps(&ctx, service.as_deref(), output.json, out)?;
+        }
+        Command::Status { instance, output } => {
+            commands::status(&ctx, &instance, output.json, out)?;
+        }
+        Command::Logs {
+            instance,
+            follow,
+            grep,
+            lines,
+            output,
+        } => {
+            let options = LogsOptions {
+                instance,
+                follow,
+                grep,
+                lines,
+                json: output.json,
+            };
+            commands::logs(&ctx, &options, out)?;
+        }
+    }
+    Ok(0)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let mut out = Stdout(io::stdout().lock());
+    let result = run(args, &mut out).and_then(|status| {
+        out.flush()?;
+        Ok(status)
+    });
+    match result {
+        Ok(status) => ExitCode::from(status),
+        Err(e) if stdout_closed(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            let line = render::sanitize(&format!("{e:#}"));
+            // Nothing sensible is left to do if stderr is gone too.
+            let _ = writeln!(io::stderr(), "tenctl: {line}");
+            ExitCode::from(exit_status(&e))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn error_codes_map_to_documented_exit_statuses() {
+        assert_eq!(remote_exit_status(ErrorCode::UnknownInstance), 3);
+        assert_eq!(remote_exit_status(ErrorCode::UnknownService), 3);
+        assert_eq!(remote_exit_status(ErrorCode::WakeFailed), 4);
+        assert_eq!(remote_exit_status(ErrorCode::WakeTimeout), 4);
+        assert_eq!(remote_exit_status(ErrorCode::InstanceFailed), 4);
+        assert_eq!(remote_exit_status(ErrorCode::PermissionDenied), 1);
+        assert_eq!(remote_exit_status(ErrorCode::Internal), 1);
+        assert_eq!(remote_exit_status(ErrorCode::Unavailable), 1);
+    }
+
+    #[test]
+    fn exit_status_looks_through_context() {
+        use anyhow::Context as _;
+        let remote: anyhow::Error = RemoteError {
+            code: ErrorCode::WakeTimeout,
+            message: "slow".into(),
+        }
+        .into();
+        assert_eq!(exit_status(&remote), 4);
+        let wrapped = Err::<(), _>(remote)
+            .context("log stream ended")
+            .expect_err("err");
+        assert_eq!(exit_status(&wrapped), 4);
+        assert_eq!(exit_status(&UsageError("bad".into()).into()), 2);
+        assert_eq!(exit_status(&NotFound("no service x".into()).into()), 3);
+        assert_eq!(exit_status(&anyhow::anyhow!("cannot reach")), 1);
+    }
+
+    #[test]
+    fn a_closed_stdout_is_told_apart_from_a_closed_socket() {
+        let mut out = Stdout(BrokenPipeWriter);
+        let err: anyhow::Error = out.write_all(b"x").expect_err("broken").into();
+        assert!(stdout_closed(&err));
+        let socket: anyhow::Error = io::Error::from(io::ErrorKind::BrokenPipe).into();
+        assert!(!stdout_closed(&socket));
+    }
+
+    struct BrokenPipeWriter;
+
+    impl Write for BrokenPipeWriter {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_grammar_is_consistent_and_documents_exit_statuses() {
+        Args::command().debug_assert();
+        let help = Args::command().render_long_help().to_string();
+        assert!(help.contains("Exit status:"), "{help}");
+        assert!(
+            help.contains("4  the instance could not be woken"),
+            "{help}"
+        );
+    }
+
+    #[test]
+    fn timeouts_take_config_durations() {
+        assert_eq!(parse_timeout("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_timeout("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_timeout("0").is_err());
+        assert!(parse_timeout("soon").is_err());
+    }
+}

@@ -1,1 +1,222 @@
-fn main() {}
+//! `tenement-proxy`: the unprivileged front door. Routes by Host, wakes instances through the
+//! supervisor, forwards HTTP.
+//!
+//! `main` is synchronous: it takes the systemd sockets (or binds `--listen`), drops privileges
+//! if started as root with `--user`, refuses to run with any capability otherwise, and only
+//! then builds the runtime. The proxy never forks and never spawns.
+#![forbid(unsafe_code)]
+
+mod forward;
+mod host;
+mod link;
+mod listeners;
+mod pool;
+mod privilege;
+mod respond;
+mod table;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tenement_proto::config::{Config, Environment, DEFAULT_CONFIG_PATH};
+use tokio_util::sync::CancellationToken;
+
+use crate::forward::{Peer, Proxy, ServicePolicy};
+use crate::listeners::Listener;
+
+/// tenement's front door: routes `{id}.{service}.{domain}` to instances, waking them.
+#[derive(Debug, Parser)]
+#[command(name = "tenement-proxy", version)]
+struct Args {
+    /// The config file (the same one the supervisor reads).
+    #[arg(long, short = 'c', env = "TENEMENT_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Address to listen on when systemd passes no sockets (repeatable); default: the
+    /// `listen` setting.
+    #[arg(long = "listen", value_name = "ADDR")]
+    listen: Vec<std::net::SocketAddr>,
+    /// Drop to this user after taking the sockets (required when started as root).
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    #[arg(long, default_value_t = 10)]
+    shutdown_grace: u64,
+}
+
+/// Client header read timeout; also how long an idle keep-alive connection stays open.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
+/// Largest request head accepted (larger: 431).
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Default per-service request body limit.
+const DEFAULT_MAX_BODY: u64 = 1 << 30;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tenement-proxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    // Sockets first: systemd's (before any thread exists, LISTEN_* are consumed here), or our
+    // own binds, which may need root for port 80 before the drop.
+    let is_root = nix::unistd::geteuid().is_root();
+    let environment = Environment {
+        is_root,
+        xdg_runtime_dir: std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from),
+        ephemeral_ports: None,
+    };
+    let config = Config::load(&args.config, &environment).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut listeners = listeners::from_systemd()?;
+    if listeners.is_empty() {
+        let addrs = if args.listen.is_empty() {
+            config.settings.listen.clone()
+        } else {
+            args.listen.clone()
+        };
+        listeners = listeners::bind(&addrs)?;
+    }
+    privilege::ensure_unprivileged(args.user.as_deref())?;
+
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    runtime.block_on(serve(config, listeners, Duration::from_secs(args.shutdown_grace)))
+}
+
+async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> anyhow::Result<()> {
+    let services: HashMap<_, _> = config
+        .services
+        .keys()
+        .map(|name| (name.clone(), ServicePolicy { max_body: DEFAULT_MAX_BODY }))
+        .collect();
+    let wake_timeout = config
+        .services
+        .values()
+        .map(|s| s.startup_timeout)
+        .max()
+        .unwrap_or(Duration::from_secs(30))
+        .max(Duration::from_secs(5))
+        + Duration::from_secs(2);
+    let link = link::Link::new(config.settings.proxy_socket());
+    let proxy = Arc::new(Proxy {
+        settings: forward::Settings {
+            domains: config.settings.domains.clone(),
+            services,
+            wake_timeout,
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(60),
+            trusted_proxies: Vec::new(),
+        },
+        table: Arc::default(),
+        link: link.clone(),
+        pool: Arc::default(),
+    });
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(link.watch(proxy.table.clone(), shutdown.clone()));
+
+    let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
+    let builder = Arc::new(builder);
+
+    let mut accept_tasks = Vec::new();
+    for listener in listeners {
+        tracing::info!(address = %listener.describe(), scheme = listener.scheme, "listening");
+        let proxy = proxy.clone();
+        let builder = builder.clone();
+        let graceful = graceful.clone();
+        let shutdown = shutdown.clone();
+        let scheme = listener.scheme;
+        let socket = tokio::net::TcpListener::from_std(listener.socket).context("cannot register a listening socket")?;
+        accept_tasks.push(tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    accepted = socket.accept() => accepted,
+                };
+                let (stream, addr) = match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let peer = Peer {
+                    addr,
+                    scheme,
+                };
+                let proxy = proxy.clone();
+                let service = hyper::service::service_fn(move |request| proxy.clone().handle(request, peer));
+                let connection = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .into_owned();
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(peer = %addr, "connection ended: {e}");
+                    }
+                });
+            }
+        }));
+    }
+
+    wait_for_signal().await;
+    tracing::info!("stopping: no new connections, {} s for requests in flight", grace.as_secs());
+    shutdown.cancel();
+    for task in accept_tasks {
+        let _ = task.await;
+    }
+    let graceful = Arc::try_unwrap(graceful).map_err(|_| anyhow::anyhow!("connections still shared"))?;
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!("grace period over with requests still in flight");
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

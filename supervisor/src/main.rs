@@ -117,7 +117,22 @@ async fn run(config: Arc<Config>, is_root: bool) -> anyhow::Result<()> {
         nix::unistd::chown(&settings.admin_socket(), None, Some(nix::unistd::Gid::from_raw(gid)))
             .context("cannot give the admin socket to admin_group")?;
     }
-    let proxy = rpc_server::bind_socket(&settings.proxy_socket(), 0o600)?;
+    // Without systemd, root hands proxy.sock to the proxy's group (with systemd the socket
+    // unit does, see systemd/).
+    let proxy_gid = match (&settings.proxy_user, is_root) {
+        (Some(name), true) => Some(
+            nix::unistd::User::from_name(name)
+                .ok()
+                .flatten()
+                .with_context(|| format!("proxy_user {name:?} does not exist"))?
+                .gid,
+        ),
+        _ => None,
+    };
+    let proxy = rpc_server::bind_socket(&settings.proxy_socket(), if proxy_gid.is_some() { 0o660 } else { 0o600 })?;
+    if let Some(gid) = proxy_gid {
+        nix::unistd::chown(&settings.proxy_socket(), None, Some(gid)).context("cannot give the proxy socket to proxy_user")?;
+    }
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();

@@ -64,6 +64,9 @@ pub struct Settings {
     pub port_range: RangeInclusive<u16>,
     /// Members of this group may use the admin socket (root always may).
     pub admin_group: Option<String>,
+    /// When the supervisor runs as root without systemd, `proxy.sock` is made usable by this
+    /// user's group (the user `tenement-proxy --user` drops to).
+    pub proxy_user: Option<String>,
 }
 
 impl Settings {

@@ -16,6 +16,7 @@ const SETTINGS_KEYS: &[&str] = &[
     "listen",
     "port_range",
     "admin_group",
+    "proxy_user",
 ];
 
 /// `sizeof(sockaddr_un.sun_path)` on Linux, terminating NUL included (unix(7)).
@@ -66,6 +67,10 @@ impl Checker<'_> {
             .get("admin_group")
             .and_then(|e| self.string(e))
             .map(str::to_owned);
+        let proxy_user = table
+            .get("proxy_user")
+            .and_then(|e| self.string(e))
+            .map(str::to_owned);
         Settings {
             domains,
             data_dir,
@@ -74,6 +79,7 @@ impl Checker<'_> {
             listen,
             port_range,
             admin_group,
+            proxy_user,
         }
     }
 

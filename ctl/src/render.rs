@@ -1,0 +1,386 @@
+//! How tenctl shows things to a person: tables, durations, timestamps, status blocks and log
+//! lines.
+//!
+//! Everything here is a pure function from data to text, so the exact output is unit-tested.
+//! It does no I/O and knows nothing about sockets. Text that came from an instance (log lines,
+//! exit reasons) is passed through [`sanitize`] so a tenant cannot send escape sequences to an
+//! operator's terminal.
+
+use std::fmt::Write as _;
+
+use tenement_proto::rpc::{InstanceInfo, LogLine, LogStream};
+
+/// Seconds as a short human duration: `0s`, `42s`, `5m12s`, `2h3m`, `3d4h`. Only the two
+/// largest units are shown; a zero second unit is left out (`5m`, `2h`, `3d`).
+pub fn human_duration(secs: u64) -> String {
+    const MINUTE: u64 = 60;
+    const HOUR: u64 = 60 * MINUTE;
+    const DAY: u64 = 24 * HOUR;
+    let (big, big_unit, small, small_unit) = if secs < MINUTE {
+        return format!("{secs}s");
+    } else if secs < HOUR {
+        (secs / MINUTE, "m", secs % MINUTE, "s")
+    } else if secs < DAY {
+        (secs / HOUR, "h", (secs % HOUR) / MINUTE, "m")
+    } else {
+        (secs / DAY, "d", (secs % DAY) / HOUR, "h")
+    };
+    if small == 0 {
+        format!("{big}{big_unit}")
+    } else {
+        format!("{big}{big_unit}{small}{small_unit}")
+    }
+}
+
+/// [`human_duration`], or `-` when there is nothing to measure.
+pub fn optional_duration(secs: Option<u64>) -> String {
+    secs.map_or_else(|| "-".to_owned(), human_duration)
+}
+
+/// A wake or start time given in microseconds: `43.2 ms` below ten seconds, `12.3 s` above.
+pub fn elapsed(us: u64) -> String {
+    if us < 10_000_000 {
+        format!("{:.1} ms", us as f64 / 1000.0)
+    } else {
+        format!("{:.1} s", us as f64 / 1_000_000.0)
+    }
+}
+
+/// Milliseconds since the Unix epoch as an ISO 8601 UTC time: `2023-11-14T22:13:20.123Z`.
+pub fn iso_utc(ts_ms: u64) -> String {
+    const MS_PER_DAY: u64 = 86_400_000;
+    // u64::MAX / MS_PER_DAY is about 2.1e11, far inside i64.
+    let days = i64::try_from(ts_ms / MS_PER_DAY).unwrap_or(i64::MAX);
+    let ms_of_day = ts_ms % MS_PER_DAY;
+    let (year, month, day) = days_to_civil(days);
+    let (hour, rest) = (ms_of_day / 3_600_000, ms_of_day % 3_600_000);
+    let (minute, rest) = (rest / 60_000, rest % 60_000);
+    let (second, milli) = (rest / 1000, rest % 1000);
+    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{milli:03}Z")
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day).
+///
+/// Howard Hinnant's `civil_from_days` (<https://howardhinnant.github.io/date_algorithms.html>):
+/// shift the epoch to 0000-03-01 so the leap day ends each 400-year era, then peel off eras,
+/// years and months arithmetically. No tables, no loops, exact for every i64 day count whose
+/// result fits.
+pub fn days_to_civil(days: i64) -> (i64, u32, u32) {
+    let z = days.saturating_add(719_468);
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097); // day of era, [0, 146096]
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // [0, 399]
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // day of year from March 1st, [0, 365]
+    let mp = (5 * doy + 2) / 153; // month from March, [0, 11]
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    // Both are small and positive by construction.
+    (year, month as u32, day as u32)
+}
+
+/// Replaces control characters (other than tab) with visible escapes, so text from an
+/// instance cannot move the cursor, retitle the terminal or break a line.
+pub fn sanitize(text: &str) -> String {
+    if !text.chars().any(|c| c.is_control() && c != '\t') {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Left-aligned columns separated by two spaces; the last column is not padded, so no line
+/// ends in spaces. Widths count characters.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let columns = headers.len();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header_row: Vec<String> = headers.iter().map(|h| (*h).to_owned()).collect();
+    for row in std::iter::once(&header_row).chain(rows) {
+        let mut line = String::new();
+        for (i, width) in widths.iter().enumerate() {
+            let cell = row.get(i).map_or("", String::as_str);
+            if i + 1 == columns {
+                line.push_str(cell);
+            } else {
+                let pad = width.saturating_sub(cell.chars().count());
+                line.push_str(cell);
+                line.extend(std::iter::repeat(' ').take(pad + 2));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn or_dash(text: &str) -> String {
+    if text.is_empty() {
+        "-".to_owned()
+    } else {
+        sanitize(text)
+    }
+}
+
+/// The `tenctl ps` table.
+pub fn instance_table(instances: &[InstanceInfo]) -> String {
+    let rows: Vec<Vec<String>> = instances
+        .iter()
+        .map(|i| {
+            vec![
+                i.instance.to_string(),
+                i.state.as_str().to_owned(),
+                i.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+                or_dash(&i.address),
+                optional_duration(i.uptime_s),
+                optional_duration(i.idle_s),
+                i.restarts.to_string(),
+                or_dash(&i.health),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "INSTANCE", "STATE", "PID", "ADDRESS", "UPTIME", "IDLE", "RESTARTS", "HEALTH",
+        ],
+        &rows,
+    )
+}
+
+/// The `tenctl status` block: one aligned `key: value` line per field.
+pub fn status_block(info: &InstanceInfo) -> String {
+    let fields: [(&str, String); 14] = [
+        ("instance", info.instance.to_string()),
+        ("state", info.state.as_str().to_owned()),
+        (
+            "pid",
+            info.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+        ),
+        ("address", or_dash(&info.address)),
+        ("uptime", optional_duration(info.uptime_s)),
+        ("idle", optional_duration(info.idle_s)),
+        ("restarts", info.restarts.to_string()),
+        ("health", or_dash(&info.health)),
+        ("in flight", info.in_flight.to_string()),
+        ("weight", info.weight.to_string()),
+        ("data dir", or_dash(&info.data_dir)),
+        ("isolation", or_dash(&info.isolation)),
+        (
+            "last exit",
+            or_dash(info.last_exit.as_deref().unwrap_or("")),
+        ),
+        ("reason", or_dash(info.reason.as_deref().unwrap_or(""))),
+    ];
+    let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    let mut out = String::new();
+    for (key, value) in fields {
+        // Writing to a String cannot fail.
+        let _ = writeln!(out, "{:<width$} {value}", format!("{key}:"));
+    }
+    out
+}
+
+fn stream_name(stream: LogStream) -> &'static str {
+    match stream {
+        LogStream::Stdout => "stdout",
+        LogStream::Stderr => "stderr",
+        LogStream::Event => "event ",
+    }
+}
+
+/// One log line as `2026-11-23T03:40:01.123Z stdout | text`, without the newline.
+pub fn log_line(line: &LogLine) -> String {
+    format!(
+        "{} {} | {}",
+        iso_utc(line.ts_ms),
+        stream_name(line.stream),
+        sanitize(&line.line)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tenement_proto::rpc::InstanceState;
+    use tenement_proto::InstanceId;
+
+    #[test]
+    fn durations_show_the_two_largest_units() {
+        let cases = [
+            (0, "0s"),
+            (3, "3s"),
+            (59, "59s"),
+            (60, "1m"),
+            (312, "5m12s"),
+            (3599, "59m59s"),
+            (3600, "1h"),
+            (7380, "2h3m"),
+            (7399, "2h3m"),
+            (86_399, "23h59m"),
+            (86_400, "1d"),
+            (3 * 86_400 + 4 * 3600 + 59, "3d4h"),
+            (u64::MAX, "213503982334601d7h"),
+        ];
+        for (secs, text) in cases {
+            assert_eq!(human_duration(secs), text, "{secs}");
+        }
+        assert_eq!(optional_duration(None), "-");
+        assert_eq!(optional_duration(Some(5)), "5s");
+    }
+
+    #[test]
+    fn elapsed_is_milliseconds_with_one_decimal_then_seconds() {
+        assert_eq!(elapsed(43_210), "43.2 ms");
+        assert_eq!(elapsed(0), "0.0 ms");
+        assert_eq!(elapsed(9_999_000), "9999.0 ms");
+        assert_eq!(elapsed(12_345_678), "12.3 s");
+    }
+
+    #[test]
+    fn timestamps_are_iso_utc_with_milliseconds() {
+        assert_eq!(iso_utc(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso_utc(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        // Leap day and the last millisecond of a leap year.
+        assert_eq!(iso_utc(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(iso_utc(1_735_689_599_999), "2024-12-31T23:59:59.999Z");
+        assert_eq!(iso_utc(4_102_444_800_000), "2100-01-01T00:00:00.000Z");
+        // Never panics, even at the far end.
+        assert!(iso_utc(u64::MAX).ends_with('Z'));
+    }
+
+    #[test]
+    fn days_to_civil_matches_known_dates() {
+        assert_eq!(days_to_civil(0), (1970, 1, 1));
+        assert_eq!(days_to_civil(-1), (1969, 12, 31));
+        assert_eq!(days_to_civil(59), (1970, 3, 1));
+        assert_eq!(days_to_civil(11_016), (2000, 2, 29));
+        assert_eq!(days_to_civil(19_675), (2023, 11, 14));
+        assert_eq!(days_to_civil(-719_468), (0, 3, 1));
+        // Every day of 1968-2100 follows the previous one.
+        let mut previous = days_to_civil(-730);
+        for days in -729..47_482 {
+            let (y, m, d) = days_to_civil(days);
+            let (py, pm, pd) = previous;
+            let next_day = y == py && m == pm && d == pd + 1;
+            let next_month = y == py && m == pm + 1 && d == 1;
+            let next_year = y == py + 1 && m == 1 && d == 1 && pm == 12 && pd == 31;
+            assert!(
+                next_day || next_month || next_year,
+                "{previous:?} -> {y}-{m}-{d}"
+            );
+            previous = (y, m, d);
+        }
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(sanitize("plain\ttext"), "plain\ttext");
+        assert_eq!(sanitize("\x1b[31mred\n"), "\\u{1b}[31mred\\n");
+        assert_eq!(sanitize("é ✓"), "é ✓");
+    }
+
+    #[test]
+    fn table_columns_are_aligned_and_lines_have_no_trailing_spaces() {
+        let text = table(
+            &["A", "LONGER", "C"],
+            &[
+                vec!["wide-cell".into(), "x".into(), "".into()],
+                vec!["é".into(), "yy".into(), "last".into()],
+            ],
+        );
+        assert_eq!(
+            text,
+            "A          LONGER  C\n\
+             wide-cell  x\n\
+             é          yy      last\n"
+        );
+    }
+
+    fn info(instance: &str) -> InstanceInfo {
+        let instance = InstanceId::parse(instance).expect("valid id");
+        InstanceInfo {
+            service: instance.service.clone(),
+            id: instance.id.to_string(),
+            instance,
+            state: InstanceState::Running,
+            pid: Some(4242),
+            address: "127.0.0.1:20001".into(),
+            uptime_s: Some(312),
+            idle_s: Some(3),
+            restarts: 0,
+            health: "healthy".into(),
+            in_flight: 1,
+            weight: 1,
+            data_dir: "/var/lib/tenement/data/notes/alice".into(),
+            isolation: "process-group".into(),
+            last_exit: None,
+            reason: None,
+        }
+    }
+
+    #[test]
+    fn instance_table_aligns_every_column() {
+        let mut bob = info("notes:bob");
+        bob.state = InstanceState::Stopped;
+        bob.pid = None;
+        bob.uptime_s = None;
+        bob.idle_s = None;
+        bob.health = "-".into();
+        bob.restarts = 12;
+        let text = instance_table(&[info("notes:alice"), bob]);
+        assert_eq!(
+            text,
+            "INSTANCE     STATE    PID   ADDRESS          UPTIME  IDLE  RESTARTS  HEALTH\n\
+             notes:alice  running  4242  127.0.0.1:20001  5m12s   3s    0         healthy\n\
+             notes:bob    stopped  -     127.0.0.1:20001  -       -     12        -\n"
+        );
+    }
+
+    #[test]
+    fn status_block_has_one_aligned_line_per_field() {
+        let mut alice = info("notes:alice");
+        alice.last_exit = Some("signal 9 (SIGKILL)".into());
+        let text = status_block(&alice);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 14);
+        assert_eq!(lines[0], "instance:  notes:alice");
+        assert_eq!(lines[8], "in flight: 1");
+        assert_eq!(lines[12], "last exit: signal 9 (SIGKILL)");
+        assert_eq!(lines[13], "reason:    -");
+        assert!(lines.iter().all(|l| l.as_bytes().get(10) == Some(&b' ')));
+    }
+
+    #[test]
+    fn log_lines_show_time_stream_and_sanitized_text() {
+        let line = LogLine {
+            ts_ms: 1_700_000_000_123,
+            stream: LogStream::Stdout,
+            line: "GET /health 200\x1b]0;pwned\x07".into(),
+        };
+        assert_eq!(
+            log_line(&line),
+            "2023-11-14T22:13:20.123Z stdout | GET /health 200\\u{1b}]0;pwned\\u{7}"
+        );
+        let event = LogLine {
+            ts_ms: 0,
+            stream: LogStream::Event,
+            line: "started".into(),
+        };
+        assert_eq!(
+            log_line(&event),
+            "1970-01-01T00:00:00.000Z event  | started"
+        );
+    }
+}

@@ -1,0 +1,533 @@
+//! The request path: route by Host, wait for a wake when needed, forward over a pooled
+//! connection, stream both bodies, and keep the instance counted as busy until the response
+//! (or the upgraded connection) has ended.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use tenement_proto::rpc::InstanceState;
+use tenement_proto::ServiceName;
+use tokio::time::Instant;
+
+use crate::host::{self, Target};
+use crate::link::Link;
+use crate::pool::{Pool, PoolKey, Sender};
+use crate::respond::{error_response, full, BoxError, ProxyBody, ProxyError};
+use crate::table::{Entry, InFlight, RouteInfo, Table};
+
+/// Per-service settings the proxy needs.
+#[derive(Debug, Clone)]
+pub struct ServicePolicy {
+    pub max_body: u64,
+}
+
+/// Everything the request path is configured with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub domains: Vec<String>,
+    pub services: HashMap<ServiceName, ServicePolicy>,
+    /// How long a request may wait for a wake.
+    pub wake_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// How long the upstream has to send its response head.
+    pub response_timeout: Duration,
+    /// Peers whose X-Forwarded-*/Forwarded headers are kept and extended.
+    pub trusted_proxies: Vec<IpAddr>,
+}
+
+pub struct Proxy {
+    pub settings: Settings,
+    pub table: Arc<Table>,
+    pub link: Link,
+    pub pool: Arc<Pool>,
+}
+
+/// How a request reached the proxy.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// `http` or `https`, from the listener's name.
+    pub scheme: &'static str,
+}
+
+/// RFC 9110 7.6.1 plus the proxy-* headers meant for this hop.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+impl Proxy {
+    /// Serves one request; never fails (errors become responses).
+    pub async fn handle(self: Arc<Self>, request: Request<Incoming>, peer: Peer) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+        match self.serve(request, peer).await {
+            Ok(response) => Ok(response),
+            Err(error) => {
+                match &error {
+                    ProxyError::WakeFailed(detail)
+                    | ProxyError::InstanceFailed(detail)
+                    | ProxyError::Upstream(detail) => tracing::warn!(peer = %peer.addr, "{error}: {detail}"),
+                    _ => tracing::debug!(peer = %peer.addr, "{error}"),
+                }
+                Ok(error_response(&error))
+            }
+        }
+    }
+
+    async fn serve(&self, request: Request<Incoming>, peer: Peer) -> Result<Response<ProxyBody>, ProxyError> {
+        let raw_host = request
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| request.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
+        let target = host::target_of(raw_host.as_deref(), &self.settings.domains)?;
+        let deadline = Instant::now() + self.settings.wake_timeout;
+        let entry = match target {
+            Target::Home => return Ok(self.home_page()),
+            Target::NoMatch => return Err(ProxyError::UnknownHost),
+            Target::Instance(id) => {
+                let policy = self.settings.services.get(&id.service).ok_or(ProxyError::UnknownService)?;
+                check_body_size(&request, policy.max_body)?;
+                match self.table.get(&id) {
+                    Some(entry) => entry,
+                    None => {
+                        // Not in the cache: ask (the supervisor registers it for auto_spawn).
+                        let route = self.link.resolve(&id, deadline).await?;
+                        self.table.upsert(&route)
+                    }
+                }
+            }
+            Target::Service(name) => {
+                let policy = self.settings.services.get(&name).ok_or(ProxyError::UnknownService)?;
+                check_body_size(&request, policy.max_body)?;
+                self.table.pick(&name).ok_or(ProxyError::UnknownInstance)?
+            }
+        };
+        let max_body = self.settings.services.get(&entry.id.service).map_or(u64::MAX, |p| p.max_body);
+        self.forward(request, entry, peer, raw_host.unwrap_or_default(), max_body, deadline).await
+    }
+
+    fn home_page(&self) -> Response<ProxyBody> {
+        let (instances, running) = self.table.counts();
+        let text = format!("tenement\n{instances} instances, {running} running\n");
+        let mut response = Response::new(full(text));
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        response
+    }
+
+    /// Enters the instance, waking it first if it is not serving.
+    async fn enter(&self, entry: &Arc<Entry>, deadline: Instant) -> Result<(InFlight, RouteInfo), ProxyError> {
+        for _ in 0..4 {
+            if let Some(guard) = entry.try_enter() {
+                let route = entry.route();
+                return Ok((guard, route));
+            }
+            if entry.route().state == InstanceState::Failed {
+                return Err(ProxyError::InstanceFailed("instance is failed".to_owned()));
+            }
+            self.wake(entry, deadline).await?;
+        }
+        Err(ProxyError::WakeFailed("the instance stopped again right after waking".to_owned()))
+    }
+
+    /// One wake per instance at a time, shared by every request waiting for it.
+    async fn wake(&self, entry: &Arc<Entry>, deadline: Instant) -> Result<RouteInfo, ProxyError> {
+        let mut rx = {
+            let mut slot = match entry.wake.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            match slot.as_ref() {
+                Some(rx) if rx.borrow().is_none() => rx.clone(),
+                _ => {
+                    let (tx, rx) = tokio::sync::watch::channel(None);
+                    *slot = Some(rx.clone());
+                    let link = self.link.clone();
+                    let entry = entry.clone();
+                    tokio::spawn(async move {
+                        let result = link.wake(&entry.id, deadline).await;
+                        if let Ok(route) = &result {
+                            entry.set_route(route.clone());
+                            // The supervisor says it runs: any park it asked for is over.
+                            entry.unpark();
+                        }
+                        let _ = tx.send(Some(result));
+                    });
+                    rx
+                }
+            }
+        };
+        let outcome = tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await;
+        match outcome {
+            Ok(Ok(value)) => value.clone().unwrap_or_else(|| Err(ProxyError::WakeFailed("no outcome".to_owned()))),
+            Ok(Err(_)) => Err(ProxyError::WakeFailed("wake task ended".to_owned())),
+            Err(_) => Err(ProxyError::WakeFailed("wake deadline passed".to_owned())),
+        }
+    }
+
+    async fn forward(
+        &self,
+        request: Request<Incoming>,
+        entry: Arc<Entry>,
+        peer: Peer,
+        raw_host: String,
+        max_body: u64,
+        deadline: Instant,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let (mut parts, body) = request.into_parts();
+        let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+        let upgrade = is_upgrade(&parts.headers).then(|| parts.headers.get(header::UPGRADE).cloned()).flatten();
+        prepare_headers(&mut parts.headers, peer, &raw_host, &self.settings.trusted_proxies);
+        if let Some(protocol) = &upgrade {
+            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, protocol.clone());
+        }
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        parts.uri = Uri::try_from(path).map_err(|_| ProxyError::BadHost(host::HostError::Malformed))?;
+        parts.version = http::Version::HTTP_11;
+        if parts.headers.get(header::HOST).is_none() {
+            if let Ok(value) = HeaderValue::from_str(&raw_host) {
+                parts.headers.insert(header::HOST, value);
+            }
+        }
+        let body: ProxyBody = if max_body == u64::MAX {
+            body.map_err(|e| -> BoxError { Box::new(e) }).boxed()
+        } else {
+            Limited::new(body, max_body as usize).boxed()
+        };
+        let mut upstream_request = Request::from_parts(parts, body);
+
+        let (mut guard, mut route) = self.enter(&entry, deadline).await?;
+        let mut woke_after_refusal = false;
+        let (mut sender, key) = loop {
+            let key = PoolKey {
+                address: route.address.clone(),
+                generation: route.generation,
+            };
+            if let Some(sender) = self.pool.take(&key) {
+                break (sender, key);
+            }
+            match self.pool.connect(&key, self.settings.connect_timeout).await {
+                Ok(sender) => break (sender, key),
+                Err(e) if !woke_after_refusal => {
+                    // The instance just stopped or crashed: nothing was sent yet, so wake it
+                    // and try once more.
+                    tracing::debug!(instance = %entry.id, "connect failed ({e}); waking and retrying");
+                    woke_after_refusal = true;
+                    drop(guard);
+                    entry.set_route(RouteInfo {
+                        state: InstanceState::Stopped,
+                        ..route
+                    });
+                    (guard, route) = self.enter(&entry, deadline).await?;
+                }
+                Err(e) => return Err(ProxyError::Upstream(format!("connect to {}: {e}", entry.id))),
+            }
+        };
+
+        // A pooled connection may have been closed by the instance since; the request comes
+        // back untouched in that case and goes out on a fresh connection.
+        let response = loop {
+            let attempt = tokio::time::timeout(self.settings.response_timeout, sender.try_send_request(upstream_request)).await;
+            match attempt {
+                Err(_) => return Err(ProxyError::UpstreamTimeout),
+                Ok(Ok(response)) => break response,
+                Ok(Err(mut error)) => match error.take_message() {
+                    Some(request) => {
+                        upstream_request = request;
+                        sender = self
+                            .pool
+                            .connect(&key, self.settings.connect_timeout)
+                            .await
+                            .map_err(|e| ProxyError::Upstream(format!("reconnect to {}: {e}", entry.id)))?;
+                    }
+                    None => {
+                        let error = error.into_error();
+                        if source_is::<http_body_util::LengthLimitError>(&error) {
+                            return Err(ProxyError::BodyTooLarge);
+                        }
+                        return Err(ProxyError::Upstream(format!("{}: {error}", entry.id)));
+                    }
+                },
+            }
+        };
+
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(switch_protocols(response, client_upgrade, guard));
+        }
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let body = GuardedBody {
+            inner: body,
+            guard: Some(guard),
+            release: Some((self.pool.clone(), key, sender)),
+        };
+        Ok(Response::from_parts(parts, body.boxed()))
+    }
+}
+
+fn check_body_size<B>(request: &Request<B>, max: u64) -> Result<(), ProxyError> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(len) if len > max => Err(ProxyError::BodyTooLarge),
+        _ => Ok(()),
+    }
+}
+
+fn source_is<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = current {
+        if e.is::<E>() {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes hop-by-hop headers, including those the Connection header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Hop-by-hop headers out; X-Forwarded-For/-Proto/-Host and Forwarded set for this hop,
+/// replacing what an untrusted client sent.
+pub fn prepare_headers(headers: &mut HeaderMap, peer: Peer, raw_host: &str, trusted: &[IpAddr]) {
+    strip_hop_by_hop(headers);
+    let client_ip = peer.addr.ip().to_canonical();
+    let trusted_peer = trusted.contains(&client_ip);
+    let prior_for = if trusted_peer {
+        headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()).map(str::to_owned)
+    } else {
+        None
+    };
+    let prior_forwarded = if trusted_peer {
+        headers.get(FORWARDED).and_then(|v| v.to_str().ok()).map(str::to_owned)
+    } else {
+        None
+    };
+    let proto = if trusted_peer {
+        headers
+            .get(X_FORWARDED_PROTO)
+            .and_then(|v| v.to_str().ok())
+            .filter(|p| *p == "http" || *p == "https")
+            .map(str::to_owned)
+            .unwrap_or_else(|| peer.scheme.to_owned())
+    } else {
+        peer.scheme.to_owned()
+    };
+    for name in [&X_FORWARDED_FOR, &X_FORWARDED_PROTO, &X_FORWARDED_HOST, &FORWARDED] {
+        headers.remove(name);
+    }
+    let ip_text = client_ip.to_string();
+    let xff = match prior_for {
+        Some(prior) => format!("{prior}, {ip_text}"),
+        None => ip_text.clone(),
+    };
+    let node = match client_ip {
+        IpAddr::V4(_) => ip_text,
+        IpAddr::V6(_) => format!("\"[{ip_text}]\""),
+    };
+    let host_param = raw_host.replace('"', "");
+    let this_hop = format!("for={node};proto={proto};host=\"{host_param}\"");
+    let forwarded = match prior_forwarded {
+        Some(prior) => format!("{prior}, {this_hop}"),
+        None => this_hop,
+    };
+    let mut set = |name: HeaderName, value: String| {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    };
+    set(X_FORWARDED_FOR, xff);
+    set(X_FORWARDED_PROTO, proto);
+    set(X_FORWARDED_HOST, raw_host.to_owned());
+    set(FORWARDED, forwarded);
+}
+
+/// Relays a 101 answer and splices the two upgraded connections; the instance counts as busy
+/// until both directions have closed.
+fn switch_protocols(
+    mut response: Response<Incoming>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    guard: InFlight,
+) -> Response<ProxyBody> {
+    let upstream_upgrade = hyper::upgrade::on(&mut response);
+    let (parts, _) = response.into_parts();
+    if let Some(client_upgrade) = client_upgrade {
+        tokio::spawn(async move {
+            let _guard = guard;
+            match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok((client, upstream)) => {
+                    let mut client = hyper_util::rt::TokioIo::new(client);
+                    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                        tracing::debug!("upgraded connection ended: {e}");
+                    }
+                }
+                Err(e) => tracing::debug!("upgrade failed: {e}"),
+            }
+        });
+    }
+    Response::from_parts(parts, full(Bytes::new()))
+}
+
+/// The upstream response body, holding the in-flight count and the connection until it ends.
+struct GuardedBody {
+    inner: Incoming,
+    guard: Option<InFlight>,
+    release: Option<(Arc<Pool>, PoolKey, Sender)>,
+}
+
+impl GuardedBody {
+    fn finish(&mut self, reusable: bool) {
+        if let Some((pool, key, sender)) = self.release.take() {
+            if reusable {
+                pool.put(key, sender);
+            }
+        }
+        self.guard = None;
+    }
+}
+
+impl Body for GuardedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(None) => {
+                this.finish(true);
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.finish(false);
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if this.inner.is_end_stream() {
+                    this.finish(true);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(ip: &str) -> Peer {
+        Peer {
+            addr: SocketAddr::new(ip.parse().expect("ip"), 5555),
+            scheme: "http",
+        }
+    }
+
+    #[test]
+    fn forwarding_headers_replace_what_a_client_sent() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer secret"));
+        headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        headers.insert(FORWARDED, HeaderValue::from_static("for=6.6.6.6"));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-drop-me"));
+        headers.insert("x-drop-me", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        prepare_headers(&mut headers, peer("10.1.2.3"), "alice.notes.localhost", &[]);
+        assert_eq!(headers[header::AUTHORIZATION], "Bearer secret");
+        assert_eq!(headers[X_FORWARDED_FOR], "10.1.2.3");
+        assert_eq!(headers[X_FORWARDED_PROTO], "http");
+        assert_eq!(headers[X_FORWARDED_HOST], "alice.notes.localhost");
+        assert_eq!(headers[FORWARDED], "for=10.1.2.3;proto=http;host=\"alice.notes.localhost\"");
+        assert!(!headers.contains_key("x-drop-me"));
+        assert!(!headers.contains_key("keep-alive"));
+        assert!(!headers.contains_key(header::CONNECTION));
+    }
+
+    #[test]
+    fn a_trusted_proxy_extends_the_chain() {
+        let mut headers = HeaderMap::new();
+        headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        headers.insert(FORWARDED, HeaderValue::from_static("for=1.1.1.1;proto=https"));
+        let trusted = ["::1".parse().expect("ip")];
+        prepare_headers(&mut headers, peer("::1"), "x.localhost", &trusted);
+        assert_eq!(headers[X_FORWARDED_FOR], "1.1.1.1, ::1");
+        assert_eq!(headers[X_FORWARDED_PROTO], "https");
+        assert_eq!(
+            headers[FORWARDED],
+            "for=1.1.1.1;proto=https, for=\"[::1]\";proto=https;host=\"x.localhost\""
+        );
+    }
+
+    #[test]
+    fn upgrade_detection_reads_connection_tokens() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        assert!(is_upgrade(&headers));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        assert!(!is_upgrade(&headers));
+    }
+}

@@ -1,0 +1,237 @@
+//! The proxy's side of the supervisor RPC (proxy role only): wake and resolve calls, and the
+//! watch stream that keeps the route table current, carries activity reports up and answers
+//! park requests.
+//!
+//! The supervisor may restart at any time (socket-activated in production): calls retry the
+//! connection until their deadline instead of failing, and the watch stream reconnects and
+//! takes a fresh snapshot.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tenement_proto::frame::{self, FrameError};
+use tenement_proto::rpc::{ActivityReport, ErrorCode, Request, Response, PROTOCOL_VERSION};
+use tenement_proto::InstanceId;
+use tokio::net::UnixStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::respond::ProxyError;
+use crate::table::{Entry, RouteInfo, Table};
+
+/// How often activity is reported.
+const REPORT_EVERY: Duration = Duration::from_millis(250);
+
+#[derive(Clone)]
+pub struct Link {
+    socket: PathBuf,
+}
+
+impl Link {
+    pub fn new(socket: PathBuf) -> Self {
+        Self { socket }
+    }
+
+    /// Connects and says hello, retrying until `deadline` while the supervisor is away.
+    async fn connect(&self, deadline: Instant) -> Result<UnixStream, ProxyError> {
+        let mut pause = Duration::from_millis(5);
+        loop {
+            match self.try_connect().await {
+                Ok(stream) => return Ok(stream),
+                Err(e) => {
+                    if Instant::now() + pause >= deadline {
+                        tracing::warn!("supervisor unreachable at {}: {e}", self.socket.display());
+                        return Err(ProxyError::WakeFailed(format!("supervisor unreachable: {e}")));
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+
+    async fn try_connect(&self) -> Result<UnixStream, FrameError> {
+        let mut stream = UnixStream::connect(&self.socket).await?;
+        let hello = Request::Hello {
+            version: PROTOCOL_VERSION,
+            client: format!("tenement-proxy {}", env!("CARGO_PKG_VERSION")),
+        };
+        frame::write_message_async(&mut stream, &hello).await?;
+        match frame::read_message_async::<_, Response>(&mut stream).await? {
+            Response::Hello { .. } => Ok(stream),
+            other => Err(FrameError::Io(std::io::Error::other(format!(
+                "unexpected hello answer: {other:?}"
+            )))),
+        }
+    }
+
+    /// One request and its answer, retried on a fresh connection if the supervisor went away
+    /// mid-call (a restart), until `deadline`.
+    async fn call(&self, request: Request, deadline: Instant) -> Result<Response, ProxyError> {
+        loop {
+            let mut stream = self.connect(deadline).await?;
+            let exchange = async {
+                frame::write_message_async(&mut stream, &request).await?;
+                frame::read_message_async::<_, Response>(&mut stream).await
+            };
+            match tokio::time::timeout_at(deadline, exchange).await {
+                Err(_) => return Err(ProxyError::WakeFailed("wake deadline passed".to_owned())),
+                Ok(Ok(response)) => return Ok(response),
+                Ok(Err(e)) => {
+                    tracing::debug!("supervisor call interrupted, retrying: {e}");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+    }
+
+    /// Wakes `id` and returns its route once it is ready.
+    pub async fn wake(&self, id: &InstanceId, deadline: Instant) -> Result<RouteInfo, ProxyError> {
+        let timeout_ms = deadline.saturating_duration_since(Instant::now()).as_millis() as u64;
+        let request = Request::Wake {
+            instance: id.clone(),
+            timeout_ms: Some(timeout_ms),
+        };
+        match self.call(request, deadline).await? {
+            Response::Woken { route, .. } => Ok(RouteInfo::from(&route)),
+            Response::Error { code, message } => Err(map_error(code, message)),
+            other => Err(ProxyError::WakeFailed(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// Looks an instance up (registering it if its service has `auto_spawn`).
+    pub async fn resolve(&self, id: &InstanceId, deadline: Instant) -> Result<tenement_proto::rpc::Route, ProxyError> {
+        match self.call(Request::Resolve { instance: id.clone() }, deadline).await? {
+            Response::Route { route } => Ok(route),
+            Response::Error { code, message } => Err(map_error(code, message)),
+            other => Err(ProxyError::WakeFailed(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// Keeps `table` in sync until `shutdown`.
+    pub async fn watch(self, table: Arc<Table>, shutdown: CancellationToken) {
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let result = tokio::select! {
+                () = shutdown.cancelled() => return,
+                result = self.watch_once(&table) => result,
+            };
+            table.set_synced(false);
+            if let Err(e) = result {
+                tracing::debug!("watch stream ended: {e}");
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    async fn watch_once(&self, table: &Table) -> Result<(), FrameError> {
+        let mut stream = self.try_connect().await?;
+        frame::write_message_async(&mut stream, &Request::Subscribe).await?;
+        tracing::info!("watching routes from {}", self.socket.display());
+        let (mut reader, mut writer) = stream.into_split();
+        let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<Request>(256);
+
+        // Frames are read whole in their own task (reads are not cancel-safe).
+        let (in_tx, mut in_rx) = tokio::sync::mpsc::channel::<Result<Response, FrameError>>(256);
+        let reader_task = tokio::spawn(async move {
+            loop {
+                let message = frame::read_message_async::<_, Response>(&mut reader).await;
+                let end = message.is_err();
+                if in_tx.send(message).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        let writer_task = tokio::spawn(async move {
+            while let Some(request) = out_rx.recv().await {
+                frame::write_message_async(&mut writer, &request).await?;
+            }
+            Ok::<(), FrameError>(())
+        });
+
+        let mut snapshot: Option<HashSet<InstanceId>> = None;
+        let mut report = tokio::time::interval(REPORT_EVERY);
+        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let result = loop {
+            tokio::select! {
+                message = in_rx.recv() => match message {
+                    None => break Ok(()),
+                    Some(Err(e)) => break Err(e),
+                    Some(Ok(Response::Routes { routes, reset, complete, removed })) => {
+                        if reset {
+                            snapshot = Some(HashSet::new());
+                        }
+                        for route in &routes {
+                            table.upsert(route);
+                            if let Some(seen) = snapshot.as_mut() {
+                                seen.insert(route.instance.clone());
+                            }
+                        }
+                        for id in &removed {
+                            table.remove(id);
+                        }
+                        if complete {
+                            if let Some(seen) = snapshot.take() {
+                                table.retain(&seen);
+                            }
+                            table.set_synced(true);
+                        }
+                    }
+                    Some(Ok(Response::Park { instance, park_id })) => {
+                        let accepted = table.get(&instance).is_some_and(|e| park(&e));
+                        if !accepted {
+                            // Tell the supervisor why: what is in flight right now.
+                            send_activity(table, &out_tx).await;
+                        }
+                        let _ = out_tx.send(Request::ParkAck { instance, park_id, accepted }).await;
+                    }
+                    Some(Ok(Response::Error { code, message })) => {
+                        tracing::warn!(?code, "supervisor: {message}");
+                    }
+                    Some(Ok(_)) => {}
+                },
+                _ = report.tick() => send_activity(table, &out_tx).await,
+            }
+            if writer_task.is_finished() {
+                break Ok(());
+            }
+        };
+        reader_task.abort();
+        writer_task.abort();
+        result
+    }
+}
+
+fn park(entry: &Entry) -> bool {
+    entry.try_park()
+}
+
+async fn send_activity(table: &Table, out: &tokio::sync::mpsc::Sender<Request>) {
+    let reports: Vec<ActivityReport> = table
+        .activity()
+        .into_iter()
+        .map(|(instance, started, in_flight)| ActivityReport {
+            instance,
+            in_flight,
+            started,
+        })
+        .collect();
+    if !reports.is_empty() {
+        let _ = out.send(Request::Activity { reports }).await;
+    }
+}
+
+fn map_error(code: ErrorCode, message: String) -> ProxyError {
+    match code {
+        ErrorCode::UnknownInstance => ProxyError::UnknownInstance,
+        ErrorCode::UnknownService => ProxyError::UnknownService,
+        ErrorCode::InstanceFailed => ProxyError::InstanceFailed(message),
+        _ => ProxyError::WakeFailed(message),
+    }
+}

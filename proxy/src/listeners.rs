@@ -1,0 +1,89 @@
+//! The proxy's listening sockets: handed over by systemd (LISTEN_FDS, with LISTEN_FDNAMES
+//! telling `http` from `https`; sd_listen_fds(3)) or bound from `--listen`.
+//!
+//! Called from `main` before any thread exists: taking systemd's sockets consumes the LISTEN_*
+//! variables.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+
+pub struct Listener {
+    /// Registered with the runtime once it exists.
+    pub socket: std::net::TcpListener,
+    /// `http` or `https`: what X-Forwarded-Proto says for requests on this socket.
+    pub scheme: &'static str,
+    name: String,
+}
+
+impl Listener {
+    pub fn describe(&self) -> String {
+        match self.socket.local_addr() {
+            Ok(addr) => format!("{addr} ({})", self.name),
+            Err(_) => self.name.clone(),
+        }
+    }
+}
+
+/// The scheme a listener name stands for: names starting with `https` are TLS-terminated in
+/// front of the proxy; everything else is plain HTTP.
+pub fn scheme_of(name: &str) -> &'static str {
+    if name.starts_with("https") {
+        "https"
+    } else {
+        "http"
+    }
+}
+
+/// The sockets systemd passed, if any.
+pub fn from_systemd() -> anyhow::Result<Vec<Listener>> {
+    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+        .map(|v| v.split(':').map(str::to_owned).collect())
+        .unwrap_or_default();
+    let mut fds = listenfd::ListenFd::from_env();
+    let mut listeners = Vec::new();
+    for index in 0..fds.len() {
+        let std_listener = fds
+            .take_tcp_listener(index)
+            .with_context(|| format!("systemd socket {index} is not a TCP listener"))?
+            .with_context(|| format!("systemd socket {index} was already taken"))?;
+        std_listener.set_nonblocking(true)?;
+        let name = names.get(index).cloned().unwrap_or_else(|| "http".to_owned());
+        listeners.push(Listener {
+            socket: std_listener,
+            scheme: scheme_of(&name),
+            name,
+        });
+    }
+    Ok(listeners)
+}
+
+/// Binds `addrs` ourselves (foreground use).
+pub fn bind(addrs: &[SocketAddr]) -> anyhow::Result<Vec<Listener>> {
+    addrs
+        .iter()
+        .map(|addr| {
+            let socket = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            socket.set_nonblocking(true)?;
+            Ok(Listener {
+                socket,
+                scheme: "http",
+                name: "http".to_owned(),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listener_names_pick_the_scheme() {
+        assert_eq!(scheme_of("http"), "http");
+        assert_eq!(scheme_of("https"), "https");
+        assert_eq!(scheme_of("https-alt"), "https");
+        assert_eq!(scheme_of("web"), "http");
+    }
+}

@@ -1,0 +1,109 @@
+//! Every error the proxy answers, and the one function that maps them to HTTP responses.
+//!
+//! Bodies are short plain text saying which error it is; they never carry internal paths,
+//! addresses or supervisor messages (those go to the log).
+
+use bytes::Bytes;
+use http::{header, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+
+use crate::host::HostError;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// Seconds a client is told to wait after a 503.
+const RETRY_AFTER_S: u32 = 5;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    #[error("bad host: {0}")]
+    BadHost(#[from] HostError),
+    #[error("no such host")]
+    UnknownHost,
+    #[error("no such instance")]
+    UnknownInstance,
+    #[error("no such service")]
+    UnknownService,
+    /// The wake failed (the app did not start) or the supervisor could not be reached in time.
+    #[error("wake failed: {0}")]
+    WakeFailed(String),
+    /// The instance is `failed` and waits for an operator.
+    #[error("instance failed: {0}")]
+    InstanceFailed(String),
+    /// The upstream broke: connection refused or reset, malformed response.
+    #[error("upstream error: {0}")]
+    Upstream(String),
+    /// The upstream did not send its response head in time.
+    #[error("upstream timeout")]
+    UpstreamTimeout,
+    #[error("request body too large")]
+    BodyTooLarge,
+}
+
+/// The one place a [`ProxyError`] becomes a response.
+pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
+    let (status, text) = match error {
+        ProxyError::BadHost(HostError::Missing) => (StatusCode::BAD_REQUEST, "400 bad request: missing Host header\n"),
+        ProxyError::BadHost(_) => (StatusCode::BAD_REQUEST, "400 bad request: invalid host name\n"),
+        ProxyError::UnknownHost => (StatusCode::NOT_FOUND, "404 not found: no site at this host\n"),
+        ProxyError::UnknownInstance | ProxyError::UnknownService => {
+            (StatusCode::NOT_FOUND, "404 not found: no such instance\n")
+        }
+        ProxyError::WakeFailed(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "503 service unavailable: the instance could not be started, try again shortly\n",
+        ),
+        ProxyError::InstanceFailed(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "503 service unavailable: the instance is down\n",
+        ),
+        ProxyError::Upstream(_) => (StatusCode::BAD_GATEWAY, "502 bad gateway: the instance did not answer properly\n"),
+        ProxyError::UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "504 gateway timeout: the instance was too slow\n"),
+        ProxyError::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "413 payload too large\n"),
+    };
+    let mut response = Response::new(full(text));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        headers.insert(header::RETRY_AFTER, header::HeaderValue::from(RETRY_AFTER_S));
+    }
+    response
+}
+
+pub fn full(text: impl Into<Bytes>) -> ProxyBody {
+    Full::new(text.into()).map_err(|never| match never {}).boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_match_the_contract() {
+        let cases = [
+            (ProxyError::BadHost(HostError::Missing), 400),
+            (ProxyError::BadHost(HostError::Malformed), 400),
+            (ProxyError::UnknownHost, 404),
+            (ProxyError::UnknownInstance, 404),
+            (ProxyError::WakeFailed("x".into()), 503),
+            (ProxyError::InstanceFailed("x".into()), 503),
+            (ProxyError::Upstream("x".into()), 502),
+            (ProxyError::UpstreamTimeout, 504),
+            (ProxyError::BodyTooLarge, 413),
+        ];
+        for (error, status) in cases {
+            let response = error_response(&error);
+            assert_eq!(response.status().as_u16(), status, "{error:?}");
+            assert_eq!(response.headers().contains_key(header::RETRY_AFTER), status == 503);
+        }
+    }
+
+    #[test]
+    fn bodies_never_leak_details() {
+        let response = error_response(&ProxyError::WakeFailed("/var/lib/tenement/data/notes/alice: EACCES".into()));
+        let body = format!("{:?}", response.body());
+        assert!(!body.contains("/var/lib"));
+    }
+}

@@ -1,0 +1,125 @@
+//! `stop` leaves nothing behind: awkward process trees (a shell wrapper whose child ignores
+//! SIGTERM, a parent waiting on its serving child, a double-forked daemon in its own session)
+//! are gone within stop_grace + 1 s, and their port can be bound again.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+use tenement_proto::rpc::InstanceState;
+
+const TREES: &str = r#"
+[service.wrapper]
+command = "sh -c 'python3 @FIXTURES@/forker.py ignore-term; true'"
+stop_grace = "500ms"
+
+[service.parent]
+command = "python3 @FIXTURES@/forker.py parent-child"
+stop_grace = "500ms"
+
+[service.daemon]
+command = "python3 @FIXTURES@/forker.py double-fork"
+stop_grace = "500ms"
+[service.daemon.env]
+DATA_DIR = "{data_dir}/{id}"
+"#;
+
+const GRACE: Duration = Duration::from_millis(500);
+
+/// Wakes `instance`, records every process of its tree, stops it and checks nothing is left.
+fn stop_leaves_nothing(sb: &Sandbox, c: &mut Client, instance: &str, extra: &dyn Fn() -> Vec<i32>) {
+    let (route, _) = expect_woken(c.spawn(instance));
+    let addr = tcp_addr(&route);
+    let helper = c.status(instance).pid.expect("pid") as i32;
+    let server = served_pid(addr);
+    let mut tree = vec![helper, server];
+    tree.extend(descendants(helper));
+    tree.extend(extra());
+    tree.sort();
+    tree.dedup();
+    assert!(tree.len() >= 3, "{instance}: expected a tree, found {tree:?}");
+
+    let t0 = Instant::now();
+    expect_ok(c.stop(instance));
+    let deadline = t0 + GRACE + Duration::from_secs(1);
+    let gone = wait_until(deadline.saturating_duration_since(Instant::now()), || {
+        tree.iter().all(|&p| !pid_alive(p))
+    });
+    let alive: Vec<i32> = tree.iter().copied().filter(|&p| pid_alive(p)).collect();
+    assert!(
+        gone,
+        "{instance}: processes {alive:?} of {tree:?} still alive {:?} after stop",
+        t0.elapsed()
+    );
+    assert!(
+        wait_until(Duration::from_millis(200), || port_bindable(addr.port())),
+        "{instance}: port {} not free after stop",
+        addr.port()
+    );
+    assert_eq!(c.state(instance), InstanceState::Stopped);
+    let _ = sb;
+}
+
+#[test]
+fn stop_kills_a_wrapper_whose_child_ignores_sigterm() {
+    let sb = Sandbox::new(TREES);
+    let _sup = sb.start();
+    let mut c = Client::admin(&sb);
+    stop_leaves_nothing(&sb, &mut c, "wrapper:w", &|| Vec::new());
+}
+
+#[test]
+fn stop_kills_the_serving_child_of_a_waiting_parent() {
+    let sb = Sandbox::new(TREES);
+    let _sup = sb.start();
+    let mut c = Client::admin(&sb);
+    stop_leaves_nothing(&sb, &mut c, "parent:p", &|| Vec::new());
+}
+
+#[test]
+fn stop_kills_a_double_forked_daemon_in_its_own_session() {
+    let sb = Sandbox::new(TREES);
+    let _sup = sb.start();
+    let mut c = Client::admin(&sb);
+    let pid_file = sb.instance_data_dir("daemon:d").join("daemon.pid");
+    stop_leaves_nothing(&sb, &mut c, "daemon:d", &|| {
+        let text = read_when_written(&pid_file, Duration::from_secs(5));
+        vec![text.trim().parse().expect("daemon.pid holds a pid")]
+    });
+}
+
+#[test]
+fn stop_kills_an_app_that_ignores_sigterm_once_stop_grace_is_over() {
+    let sb = Sandbox::new(
+        r#"
+[service.stubborn]
+command = "python3 @FIXTURES@/forker.py ignore-term"
+stop_grace = "500ms"
+"#,
+    );
+    let _sup = sb.start();
+    let mut c = Client::admin(&sb);
+    let (route, _) = expect_woken(c.spawn("stubborn:s"));
+    let addr = tcp_addr(&route);
+    let server = served_pid(addr);
+    let t0 = Instant::now();
+    expect_ok(c.stop("stubborn:s"));
+    let stopped = t0.elapsed();
+    assert!(!pid_alive(server) || wait_until(Duration::from_millis(200), || !pid_alive(server)));
+    assert!(
+        stopped >= GRACE - Duration::from_millis(50),
+        "stop returned after {stopped:?}, before the grace given to SIGTERM"
+    );
+    assert!(
+        stopped < GRACE + Duration::from_secs(1),
+        "stop took {stopped:?}"
+    );
+    assert!(port_bindable(addr.port()));
+    let logs = c.logs("stubborn:s");
+    assert!(
+        logs.iter().any(|l| l.line.contains("got SIGTERM, ignoring")),
+        "the app was asked politely first: {logs:?}"
+    );
+}

@@ -1,0 +1,303 @@
+//! The instance lifecycle driven over the admin RPC of the real supervisor, with real apps:
+//! spawn, stop, restart, rm, crashes, health checks, start failures.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+use support::*;
+use tenement_proto::rpc::{ErrorCode, InstanceState};
+
+const WEB: &str = r#"
+[service.web]
+command = "@TINY@"
+stop_grace = "2s"
+"#;
+
+#[test]
+fn spawn_stop_restart_and_rm_drive_real_processes() {
+    let sb = Sandbox::new(WEB);
+    let _sup = sb.start();
+    let mut c = Client::admin(&sb);
+
+    // spawn: running, with a pid and a port that answers HTTP.
+    let (route, started) = expect_woken(c.spawn("web:alice"));
+    assert!(started, "spawn of a new instance starts a process");
+    assert_eq!(route.state, InstanceState::Running);
+    let addr = tcp_addr(&route);
+    let status = c.status("web:alice");
+    assert_eq!(status.state, InstanceState::Running);
+    let helper = status.pid.expect("a running instance has a pid") as i32;
+    assert!(pid_alive(helper));
+    let (code, body) = http_get(addr, "/");
+    assert_eq!((code, body.trim()), (200, "hello from web:alice"));
+    let app = served_pid(addr);
+
+    // stop: stopped, no pid, the processes gone, the port closed.
+    expect_ok(c.stop("web:alice"));
+    let status = c.status("web:alice");
+    assert_eq!(status.state, InstanceState::Stopped);
+    assert_eq!(status.pid, None);
+    assert!(
+        wait_until(Duration::from_secs(1), || !pid_alive(helper) && !pid_alive(app)),
+        "helper {helper} or app {app} survived stop"
+    );
+    assert!(!port_listening(addr.port()), "port {} still open", addr.port());
+
+    // restart of a running instance: a new process generation.
+    let (route, _) = expect_woken(c.wake("web:alice"));
+    let before = served_pid(tcp_addr(&route));
+    let (restarted, started) = expect_woken(c.restart("web:alice"));
+    assert!(started, "restart starts a process");
+    assert!(restarted.generation > route.generation);
+    let after = served_pid(tcp_addr(&restarted));
+    assert_ne!(before, after, "restart must run a new process");
+    assert!(wait_until(Duration::from_secs(1), || !pid_alive(before)));
+    assert_eq!(c.status("web:alice").restarts, 1);
+
+    // rm: gone from ps, process stopped, data kept; wake no longer knows it.
+    let data = sb.instance_data_dir("web:alice");
+    assert!(data.is_dir(), "{} was created at start", data.display());
+    expect_ok(c.remove("web:alice", false));
+    assert!(wait_until(Duration::from_secs(1), || !pid_alive(after)));
+    assert!(
+        c.ps().iter().all(|i| i.instance != iid("web:alice")),
+        "rm left the instance in ps"
+    );
+    assert!(data.is_dir(), "rm without purge keeps the data");
+    expect_error(c.wake("web:alice"), ErrorCode::UnknownInstance);
+    expect_error(c.try_status("web:alice"), ErrorCode::UnknownInstance);
+
+    // rm --purge deletes the data directory.
+    expect_woken(c.spawn("web:alice"));
+    expect_ok(c.remove("web:alice", true));
+    assert!(!data.exists(), "rm --purge left {}", data.display());
+    assert!(c.ps().is_empty());
+    expect_error(c.wake("web:alice"), ErrorCode::UnknownInstance);
+}
+
+#[test]
+fn crash_is_detected_by_reaping_and_restarted_after_backoff() {
+    let sb = Sandbox::new(
+        r#"
+[service.web]
+command = "@TINY@"
+backoff_base = "200ms"
+"#,
+    );
+    let _sup = sb.start();
+    let mut c = Client::admin(&sb);
+    let (route, _) = expect_woken(c.spawn("web:crashy"));
+    let addr = tcp_addr(&route);
+    let first = c.status("web:crashy").pid.expect("pid");
+
+    let t0 = Instant::now();
+    // `/crash` exits with status 3 without answering.
+    assert!(try_http_get(addr, "/crash").is_err(), "/crash must not answer");
+    assert!(
+        wait_until(Duration::from_secs(1), || c.state("web:crashy")
+            != InstanceState::Running),
+        "the crash was not noticed within 1 s"
+    );
+    let noticed = t0.elapsed();
+    eprintln!("crash noticed after {noticed:?}");
+
+    let restarted = wait_until(Duration::from_millis(200) + Duration::from_secs(1), || {
+        let s = c.status("web:crashy");
+        s.state == InstanceState::Running && s.pid.is_some_and(|p| p != first)
+    });
+    assert!(
+        restarted,
+        "not restarted within backoff_base + 1 s: {:?}",
+        c.status("web:crashy")
+    );
+    let status = c.status("web:crashy");
+    assert_eq!(status.restarts, 1, "{status:?}");
+    assert!(
+        status
+            .last_exit
+            .as_deref()
+            .is_some_and(|e| e.contains("exit status 3")),
+        "last_exit should say why the instance restarted: {status:?}"
+    );
+    let (code, _) = http_get(addr, "/");
+    assert_eq!(code, 200, "the restarted instance serves on the same port");
+}
+
+#[test]
+fn failing_health_checks_restart_then_fail_until_an_operator_restarts() {
+    let sb = Sandbox::new(
+        r#"
+[service.web]
+command = "@TINY@"
+health = "/health"
+ready = "tcp"
+health_interval = "200ms"
+health_timeout = "100ms"
+unhealthy_threshold = 2
+max_restarts = 2
+restart_window = "60s"
+backoff_base = "100ms"
+stop_grace = "1s"
+[service.web.env]
+FIXTURE_HEALTH_FILE = "{data_dir}/{id}.health"
+"#,
+    );
+    let health_file = sb.data_dir.join("web").join("sick.health");
+    fs::create_dir_all(health_file.parent().unwrap()).unwrap();
+    fs::write(&health_file, "fail\n").unwrap();
+    let _sup = sb.start();
+    let mut c = Client::admin(&sb);
+    let (route, _) = expect_woken(c.spawn("web:sick"));
+    assert_eq!(http_get(tcp_addr(&route), "/health").0, 500);
+
+    // 3 starts x (2 failed probes 200 ms apart) + backoffs: about 2 s.
+    assert!(
+        wait_until(Duration::from_secs(10), || c.state("web:sick")
+            == InstanceState::Failed),
+        "never failed: {:?}",
+        c.status("web:sick")
+    );
+    let status = c.status("web:sick");
+    assert_eq!(status.restarts, 2, "{status:?}");
+    assert_eq!(status.pid, None, "a failed instance has no process");
+    assert!(
+        status.reason.as_deref().is_some_and(|r| r.contains("health")),
+        "the reason names the health checks: {status:?}"
+    );
+    let message = expect_error(c.wake("web:sick"), ErrorCode::InstanceFailed);
+    assert!(message.contains("web:sick"), "{message}");
+    // It stays failed: no start behind the operator's back.
+    assert_eq!(c.state("web:sick"), InstanceState::Failed);
+
+    // Fixed, then restarted by the operator: running, and it stays so.
+    fs::write(&health_file, "ok\n").unwrap();
+    let (route, started) = expect_woken(c.restart("web:sick"));
+    assert!(started);
+    assert_eq!(http_get(tcp_addr(&route), "/health").0, 200);
+    let pid = c.status("web:sick").pid;
+    assert!(pid.is_some());
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(1) {
+        let s = c.status("web:sick");
+        assert_eq!(s.state, InstanceState::Running, "{s:?}");
+        assert_eq!(s.pid, pid, "restarted although healthy: {s:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(c.status("web:sick").health, "healthy");
+}
+
+#[test]
+fn service_without_health_path_is_never_health_checked() {
+    let sb = Sandbox::new(
+        r#"
+[service.web]
+command = "@TINY@"
+backoff_base = "100ms"
+[service.web.env]
+FIXTURE_HEALTH_FILE = "{data_dir}/{id}.health"
+"#,
+    );
+    let health_file = sb.data_dir.join("web").join("plain.health");
+    fs::create_dir_all(health_file.parent().unwrap()).unwrap();
+    fs::write(&health_file, "fail\n").unwrap();
+    let _sup = sb.start();
+    let mut c = Client::admin(&sb);
+    let (route, _) = expect_woken(c.spawn("web:plain"));
+    assert_eq!(
+        http_get(tcp_addr(&route), "/health").0,
+        500,
+        "its /health would fail"
+    );
+    let pid = c.status("web:plain").pid;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(2) {
+        let s = c.status("web:plain");
+        assert_eq!(s.state, InstanceState::Running, "{s:?}");
+        assert_eq!(s.restarts, 0, "{s:?}");
+        assert_eq!(s.pid, pid, "{s:?}");
+        assert_eq!(s.health, "unchecked", "{s:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let events = c.events("web:plain");
+    assert!(
+        events.iter().all(|e| !e.contains("health")),
+        "no health check may run: {events:?}"
+    );
+}
+
+#[test]
+fn exit_during_start_is_wake_failed_with_the_status_and_the_last_output() {
+    let sb = Sandbox::new(
+        r#"
+[service.bad]
+command = "@TINY@"
+backoff_base = "5s"
+[service.bad.env]
+FIXTURE_EXIT_AT_START = "7"
+"#,
+    );
+    let _sup = sb.start();
+    let mut c = Client::admin(&sb);
+    // Several times: the app's last line and its exit race inside the supervisor.
+    for n in 0..5 {
+        let id = format!("bad:b{n}");
+        let message = expect_error(c.spawn(&id), ErrorCode::WakeFailed);
+        assert!(message.contains("exit status 7"), "{message}");
+        assert!(
+            message.contains("starting"),
+            "the error must carry the app's last output line: {message}"
+        );
+    }
+}
+
+#[test]
+fn missing_command_is_wake_failed_naming_it_not_found() {
+    let sb = Sandbox::new(
+        r#"
+[service.ghost]
+command = "no-such-program-tenement-e2e"
+backoff_base = "5s"
+"#,
+    );
+    let _sup = sb.start();
+    let mut c = Client::admin(&sb);
+    let message = expect_error(c.spawn("ghost:x"), ErrorCode::WakeFailed);
+    assert!(message.contains("not found"), "{message}");
+    assert!(message.contains("no-such-program-tenement-e2e"), "{message}");
+    assert_ne!(c.state("ghost:x"), InstanceState::Running);
+}
+
+#[test]
+fn notes_example_keeps_each_tenants_data_across_stop_and_wake() {
+    let sb = Sandbox::new(
+        r#"
+[service.notes]
+command = "python3 app.py"
+workdir = "@NOTES@"
+health = "/health"
+[service.notes.env]
+DATA_DIR = "{data_dir}/{id}"
+"#,
+    );
+    let _sup = sb.start();
+    let mut c = Client::admin(&sb);
+    let (alice, _) = expect_woken(c.spawn("notes:alice"));
+    let (code, _) = http_post(tcp_addr(&alice), "/notes", "buy milk");
+    assert_eq!(code, 201);
+    assert!(sb.instance_data_dir("notes:alice").join("notes.db").is_file());
+
+    expect_ok(c.stop("notes:alice"));
+    let (alice, started) = expect_woken(c.wake("notes:alice"));
+    assert!(started);
+    let (code, body) = http_get(tcp_addr(&alice), "/notes");
+    assert_eq!(code, 200);
+    assert!(body.contains("buy milk"), "{body}");
+
+    let (bob, _) = expect_woken(c.spawn("notes:bob"));
+    assert_ne!(tcp_addr(&bob), tcp_addr(&alice));
+    let (_, body) = http_get(tcp_addr(&bob), "/notes");
+    assert!(!body.contains("buy milk"), "bob sees alice's notes: {body}");
+}

@@ -1,0 +1,178 @@
+//! What survives a restart of the supervisor itself: registered instances, their ports, and
+//! nothing of their processes after a `kill -9`.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::time::Duration;
+
+use support::*;
+use tenement_proto::rpc::{InstanceState, Response};
+
+const WEB: &str = r#"
+[service.web]
+command = "@TINY@"
+stop_grace = "500ms"
+"#;
+const GRACE: Duration = Duration::from_millis(500);
+
+fn ports(c: &mut Client) -> BTreeMap<String, u16> {
+    c.ps()
+        .iter()
+        .map(|i| (i.instance.to_string(), info_port(i)))
+        .collect()
+}
+
+#[test]
+fn port_is_stable_across_a_supervisor_restart_and_sigterm_stops_instances() {
+    let sb = Sandbox::new(WEB);
+    let sup = sb.start();
+    let mut c = Client::admin(&sb);
+    let (route, _) = expect_woken(c.spawn("web:keep"));
+    let port = tcp_addr(&route).port();
+    let app = served_pid(tcp_addr(&route));
+
+    let status = sup.terminate();
+    assert!(status.success(), "supervisor exit: {status}");
+    assert!(!pid_alive(app), "SIGTERM to the supervisor stops its instances first");
+    assert!(port_bindable(port));
+
+    let _sup = sb.start();
+    let mut c = Client::admin(&sb);
+    let info = c.status("web:keep");
+    assert_eq!(info.state, InstanceState::Stopped);
+    assert_eq!(info_port(&info), port);
+    let (route, _) = expect_woken(c.wake("web:keep"));
+    assert_eq!(tcp_addr(&route).port(), port);
+    assert_eq!(http_get(tcp_addr(&route), "/").0, 200);
+}
+
+#[test]
+fn registry_survives_kill_9_and_the_apps_die_with_the_supervisor() {
+    let sb = Sandbox::new(WEB);
+    let sup = sb.start();
+    let mut c = Client::admin(&sb);
+    assert!(matches!(
+        c.add(&["web:a", "web:b", "web:c"]),
+        Response::Added { .. }
+    ));
+    let (route, _) = expect_woken(c.wake("web:b"));
+    let helper = c.status("web:b").pid.unwrap() as i32;
+    let app = served_pid(tcp_addr(&route));
+    let before = ports(&mut c);
+    assert_eq!(before.len(), 3);
+
+    sup.kill9();
+    // The exec helper gets SIGTERM from PR_SET_PDEATHSIG and takes its tree down.
+    assert!(
+        wait_until(GRACE + Duration::from_secs(1), || !pid_alive(app)
+            && !pid_alive(helper)),
+        "app {app} (alive: {}) or helper {helper} (alive: {}) outlived the supervisor",
+        pid_alive(app),
+        pid_alive(helper)
+    );
+    assert!(wait_until(Duration::from_millis(500), || port_bindable(
+        tcp_addr(&route).port()
+    )));
+
+    let _sup = sb.start();
+    let mut c = Client::admin(&sb);
+    let list = c.ps();
+    let names: Vec<String> = list.iter().map(|i| i.instance.to_string()).collect();
+    assert_eq!(names, ["web:a", "web:b", "web:c"], "each instance exactly once");
+    for info in &list {
+        assert_eq!(info.state, InstanceState::Stopped, "{info:?}");
+        assert_eq!(info.pid, None, "{info:?}");
+    }
+    assert_eq!(ports(&mut c), before, "ports changed across the restart");
+    let (route, started) = expect_woken(c.wake("web:b"));
+    assert!(started);
+    let fresh = served_pid(tcp_addr(&route));
+    assert_ne!(fresh, app);
+    assert_eq!(tcp_addr(&route).port(), before["web:b"]);
+}
+
+#[test]
+fn hand_written_registry_with_a_duplicate_entry_loads_without_duplicates() {
+    let sb = Sandbox::new(WEB);
+    let (lo, _) = sb.ports;
+    fs::create_dir_all(&sb.state_dir).unwrap();
+    let registry = format!(
+        r#"{{
+  "version": 1,
+  "instances": [
+    {{ "instance": "web:dup", "port": {p0}, "weight": 1, "created_ms": 1 }},
+    {{ "instance": "web:other", "port": {p1}, "weight": 1, "created_ms": 1 }},
+    {{ "instance": "web:dup", "port": {p2}, "weight": 1, "created_ms": 2 }}
+  ]
+}}"#,
+        p0 = lo + 10,
+        p1 = lo + 11,
+        p2 = lo + 12,
+    );
+    fs::write(sb.registry_file(), registry).unwrap();
+    let _sup = sb.start();
+    let mut c = Client::admin(&sb);
+    let got = ports(&mut c);
+    let want: BTreeMap<String, u16> = [("web:dup".to_owned(), lo + 10), ("web:other".to_owned(), lo + 11)]
+        .into_iter()
+        .collect();
+    assert_eq!(got, want);
+    // The file is rewritten without the duplicate.
+    let saved: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(sb.registry_file()).unwrap()).unwrap();
+    let saved = saved["instances"].as_array().unwrap();
+    assert_eq!(saved.len(), 2, "{saved:?}");
+    // And a new instance does not get the duplicate's port or a taken one.
+    assert!(matches!(c.add(&["web:new"]), Response::Added { .. }));
+    let port = info_port(&c.status("web:new"));
+    assert!(port != lo + 10 && port != lo + 11, "port {port}");
+    let (route, _) = expect_woken(c.wake("web:dup"));
+    assert_eq!(tcp_addr(&route).port(), lo + 10);
+}
+
+#[test]
+fn awkward_trees_die_within_stop_grace_after_kill_9_of_the_supervisor() {
+    let sb = Sandbox::new(
+        r#"
+[service.stubborn]
+command = "python3 @FIXTURES@/forker.py ignore-term"
+stop_grace = "500ms"
+
+[service.daemon]
+command = "python3 @FIXTURES@/forker.py double-fork"
+stop_grace = "500ms"
+[service.daemon.env]
+DATA_DIR = "{data_dir}/{id}"
+"#,
+    );
+    let sup = sb.start();
+    let mut c = Client::admin(&sb);
+    let mut tree = Vec::new();
+    let mut ports = Vec::new();
+    for id in ["stubborn:s", "daemon:d"] {
+        let (route, _) = expect_woken(c.spawn(id));
+        let helper = c.status(id).pid.unwrap() as i32;
+        tree.push(helper);
+        tree.push(served_pid(tcp_addr(&route)));
+        tree.extend(descendants(helper));
+        ports.push(tcp_addr(&route).port());
+    }
+    let daemon_pid = read_when_written(
+        &sb.instance_data_dir("daemon:d").join("daemon.pid"),
+        Duration::from_secs(5),
+    );
+    tree.push(daemon_pid.trim().parse().unwrap());
+
+    sup.kill9();
+    let gone = wait_until(GRACE + Duration::from_secs(1), || {
+        tree.iter().all(|&p| !pid_alive(p))
+    });
+    let alive: Vec<i32> = tree.iter().copied().filter(|&p| pid_alive(p)).collect();
+    assert!(gone, "{alive:?} of {tree:?} outlived the supervisor");
+    for port in ports {
+        assert!(port_bindable(port), "port {port} still taken");
+    }
+}
