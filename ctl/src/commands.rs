@@ -378,6 +378,13 @@ pub fn remove(ctx: &Context, id: &str, purge: bool, out: &mut dyn Write) -> anyh
         )?,
         other => return Err(unexpected("rm", &other)),
     }
+    if config.instances.contains(&instance) {
+        writeln!(
+            out,
+            "note: {instance} is declared in [instances] of {}; the supervisor registers it again when it restarts unless you remove it there",
+            config.path.display()
+        )?;
+    }
     Ok(())
 }
 

@@ -25,7 +25,7 @@ pub enum Role {
 
 /// A message from a client (tenctl or the proxy) to the supervisor.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
     /// First message on every connection.
     Hello { version: u32, client: String },
@@ -119,7 +119,7 @@ impl Request {
 
 /// A message from the supervisor.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
     Hello {
         version: u32,

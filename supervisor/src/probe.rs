@@ -8,6 +8,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+use crate::sys::FineSleep;
+
 use tenement_proto::rpc::Address;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixDatagram, UnixStream};
@@ -29,25 +31,47 @@ pub async fn connect(address: &Address) -> std::io::Result<Conn> {
     }
 }
 
+/// How often readiness is polled: finely while a fast app may be about to listen, then at
+/// tokio's millisecond granularity.
+fn poll_pause(elapsed: Duration) -> Duration {
+    if elapsed < Duration::from_millis(50) {
+        Duration::from_micros(200)
+    } else {
+        Duration::from_millis(1)
+    }
+}
+
+/// Sleeps `pause`, finely when `fine` is available.
+async fn pause(fine: Option<&FineSleep>, pause: Duration) {
+    match fine {
+        Some(fine) if pause < Duration::from_millis(1) => fine.sleep(pause).await,
+        _ => tokio::time::sleep(pause).await,
+    }
+}
+
 /// Polls until `address` accepts a connection (never returns otherwise; the caller bounds it).
 pub async fn wait_accepting(address: &Address) {
+    let started = std::time::Instant::now();
+    let fine = FineSleep::new();
     loop {
         if connect(address).await.is_ok() {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        pause(fine.as_ref(), poll_pause(started.elapsed())).await;
     }
 }
 
 /// Polls until `GET path` answers 2xx.
 pub async fn wait_healthy(address: &Address, path: &str, per_try: Duration) {
+    let started = std::time::Instant::now();
+    let fine = FineSleep::new();
     loop {
         if let Ok(Ok(status)) = tokio::time::timeout(per_try, http_get_status(address, path)).await {
             if (200..300).contains(&status) {
                 return;
             }
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        pause(fine.as_ref(), poll_pause(started.elapsed())).await;
     }
 }
 
@@ -151,6 +175,19 @@ mod tests {
         assert!(parse_status(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
         // "200" appearing in a body-like garbage line is not a status.
         assert!(parse_status(b"hello 200 OK\r\n\r\n").is_err());
+    }
+
+    #[tokio::test]
+    async fn fine_sleep_is_finer_than_a_millisecond() {
+        let fine = FineSleep::new().expect("timerfd");
+        let started = std::time::Instant::now();
+        for _ in 0..10 {
+            fine.sleep(Duration::from_micros(100)).await;
+        }
+        let took = started.elapsed();
+        assert!(took >= Duration::from_micros(1000), "{took:?}");
+        // Ten tokio sleeps would take at least 10 ms; allow a loaded machine some slack.
+        assert!(took < Duration::from_millis(9), "{took:?}");
     }
 
     #[test]

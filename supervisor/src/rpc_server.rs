@@ -431,7 +431,7 @@ async fn follow_logs(
                 Ok(line) => frame::write_message_async(&mut writer, &Response::Logs { lines: vec![line] }).await?,
                 Err(RecvError::Lagged(n)) => {
                     let note = tenement_proto::rpc::LogLine {
-                        ts_ms: 0,
+                        ts_ms: crate::logs::now_ms(),
                         stream: tenement_proto::rpc::LogStream::Event,
                         line: format!("[{n} lines skipped: the reader fell behind]"),
                     };

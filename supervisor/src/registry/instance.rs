@@ -103,7 +103,14 @@ impl Instance {
         }
     }
 
-    pub fn info(&self, address: Option<Address>, settings: &Settings, now: Instant) -> InstanceInfo {
+    /// `apps` maps a pid to its first child: the app under the exec helper.
+    pub fn info(
+        &self,
+        address: Option<Address>,
+        settings: &Settings,
+        apps: &std::collections::HashMap<i32, i32>,
+        now: Instant,
+    ) -> InstanceInfo {
         let state = self.lifecycle.state();
         let running = state == InstanceState::Running;
         let health = if !running {
@@ -120,7 +127,10 @@ impl Instance {
             service: self.id.service.clone(),
             id: self.id.id.to_string(),
             state,
-            pid: self.process.as_ref().map(|p| p.pid as u32),
+            pid: self
+                .process
+                .as_ref()
+                .map(|p| *apps.get(&p.pid).unwrap_or(&p.pid) as u32),
             address: address.map(|a| a.to_string()).unwrap_or_else(|| "-".to_owned()),
             uptime_s: self
                 .lifecycle

@@ -12,7 +12,7 @@ mod process;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tenement_proto::config::{Config, Service};
 use tenement_proto::rpc::{
@@ -192,11 +192,19 @@ pub struct Registry {
     rx: mpsc::Receiver<Command>,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+use crate::logs::now_ms;
+
+/// The app under each running exec helper (its first child), from one scan of /proc, so `ps`
+/// shows the app's pid rather than the helper's.
+fn app_pids(instances: &HashMap<InstanceId, Instance>) -> HashMap<i32, i32> {
+    if instances.values().all(|i| i.process.is_none()) {
+        return HashMap::new();
+    }
+    let mut children = HashMap::new();
+    for p in crate::procfs::all_processes(std::path::Path::new("/proc")) {
+        children.entry(p.ppid).and_modify(|c: &mut i32| *c = (*c).min(p.pid)).or_insert(p.pid);
+    }
+    children
 }
 
 /// The lifecycle policy of a service.
@@ -352,17 +360,19 @@ impl Registry {
                 reply,
             } => self.remove(instance, purge, reply, now),
             Command::List { reply } => {
+                let apps = app_pids(&self.instances);
                 let mut list: Vec<InstanceInfo> = self
                     .instances
                     .values()
-                    .map(|i| i.info(self.address_of(i), &self.config.settings, now))
+                    .map(|i| i.info(self.address_of(i), &self.config.settings, &apps, now))
                     .collect();
                 list.sort_by(|a, b| a.instance.cmp(&b.instance));
                 let _ = reply.send(list);
             }
             Command::Status { instance, reply } => {
+                let apps = app_pids(&self.instances);
                 let result = match self.instances.get(&instance) {
-                    Some(i) => Ok(i.info(self.address_of(i), &self.config.settings, now)),
+                    Some(i) => Ok(i.info(self.address_of(i), &self.config.settings, &apps, now)),
                     None => Err(RpcError::unknown(&instance)),
                 };
                 let _ = reply.send(result);

@@ -325,6 +325,10 @@ impl Registry {
             }
             ProcessEventKind::Exited(status) => {
                 if let Some(process) = i.process.take() {
+                    // Normally the helper took its tree down with it; if the helper itself was
+                    // killed, whatever is left of its process group goes now, so no orphan
+                    // keeps the instance's port.
+                    let _ = killpg(Pid::from_raw(process.pid), Signal::SIGKILL);
                     // Readiness may still be polling; output readers end on EOF by themselves
                     // but are stopped too in case a grandchild kept the pipes open.
                     for task in process.tasks {

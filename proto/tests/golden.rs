@@ -1,0 +1,295 @@
+//! The wire format, pinned: each file in `tests/golden/` is the exact JSON of one request or
+//! response. A change here is a protocol change and must follow the compatibility rules at the
+//! top of `lib.rs`.
+//!
+//! `UPDATE_GOLDEN=1 cargo test -p tenement-proto --test golden` rewrites the files from the
+//! values below; review the diff like any protocol change.
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tenement_proto::frame;
+use tenement_proto::rpc::{
+    ActivityReport, Address, ErrorCode, InstanceInfo, InstanceState, LogLine, LogStream,
+    Request, Response, Role, Route, PROTOCOL_VERSION,
+};
+use tenement_proto::{InstanceId, ServiceName};
+
+fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("golden")
+}
+
+fn id(text: &str) -> InstanceId {
+    InstanceId::parse(text).unwrap()
+}
+
+fn route() -> Route {
+    Route {
+        instance: id("notes:alice"),
+        state: InstanceState::Running,
+        address: Address::Tcp(SocketAddr::from(([127, 0, 0, 1], 20001))),
+        weight: 1,
+        generation: 3,
+    }
+}
+
+fn requests() -> Vec<(&'static str, Request)> {
+    vec![
+        (
+            "request_hello",
+            Request::Hello {
+                version: PROTOCOL_VERSION,
+                client: "tenctl 0.1.0".to_owned(),
+            },
+        ),
+        (
+            "request_wake",
+            Request::Wake {
+                instance: id("notes:alice"),
+                timeout_ms: None,
+            },
+        ),
+        (
+            "request_wake_timeout",
+            Request::Wake {
+                instance: id("notes:alice"),
+                timeout_ms: Some(5000),
+            },
+        ),
+        (
+            "request_add",
+            Request::Add {
+                instances: vec![id("notes:alice"), id("notes:bob")],
+            },
+        ),
+        ("request_list", Request::List),
+        (
+            "request_logs",
+            Request::Logs {
+                instance: id("notes:alice"),
+                lines: Some(50),
+                follow: true,
+            },
+        ),
+        ("request_subscribe", Request::Subscribe),
+        (
+            "request_activity",
+            Request::Activity {
+                reports: vec![ActivityReport {
+                    instance: id("notes:alice"),
+                    in_flight: 2,
+                    started: 7,
+                }],
+            },
+        ),
+        (
+            "request_park_ack",
+            Request::ParkAck {
+                instance: id("notes:alice"),
+                park_id: 4,
+                accepted: false,
+            },
+        ),
+        (
+            "request_remove",
+            Request::Remove {
+                instance: id("notes:alice"),
+                purge: true,
+            },
+        ),
+    ]
+}
+
+fn responses() -> Vec<(&'static str, Response)> {
+    vec![
+        (
+            "response_hello",
+            Response::Hello {
+                version: PROTOCOL_VERSION,
+                server: "tenement-supervisor 0.1.0".to_owned(),
+                role: Role::Proxy,
+            },
+        ),
+        ("response_ok", Response::Ok),
+        (
+            "response_error",
+            Response::Error {
+                code: ErrorCode::InstanceFailed,
+                message: "notes:alice is failed".to_owned(),
+            },
+        ),
+        (
+            "response_woken",
+            Response::Woken {
+                route: route(),
+                started: true,
+                elapsed_us: 1234,
+            },
+        ),
+        (
+            "response_instances",
+            Response::Instances {
+                instances: vec![InstanceInfo {
+                    instance: id("notes:alice"),
+                    service: ServiceName::new("notes").unwrap(),
+                    id: "alice".to_owned(),
+                    state: InstanceState::Running,
+                    pid: Some(4242),
+                    address: "127.0.0.1:20001".to_owned(),
+                    uptime_s: Some(60),
+                    idle_s: Some(5),
+                    restarts: 1,
+                    health: "healthy".to_owned(),
+                    in_flight: 0,
+                    weight: 1,
+                    data_dir: "/var/lib/tenement/data/notes/alice".to_owned(),
+                    isolation: "process-group".to_owned(),
+                    last_exit: Some("exit status 3".to_owned()),
+                    reason: None,
+                }],
+            },
+        ),
+        (
+            "response_routes",
+            Response::Routes {
+                routes: vec![
+                    route(),
+                    Route {
+                        instance: id("blog:bob"),
+                        state: InstanceState::Stopped,
+                        address: Address::Unix("/run/tenement/instances/blog.bob.sock".into()),
+                        weight: 0,
+                        generation: 0,
+                    },
+                ],
+                reset: true,
+                complete: true,
+                removed: vec![id("notes:carol")],
+            },
+        ),
+        (
+            "response_routes_update",
+            Response::Routes {
+                routes: vec![route()],
+                reset: false,
+                complete: false,
+                removed: Vec::new(),
+            },
+        ),
+        (
+            "response_park",
+            Response::Park {
+                instance: id("notes:alice"),
+                park_id: 4,
+            },
+        ),
+        (
+            "response_logs",
+            Response::Logs {
+                lines: vec![
+                    LogLine {
+                        ts_ms: 1_700_000_000_000,
+                        stream: LogStream::Event,
+                        line: "started (pid 4242)".to_owned(),
+                    },
+                    LogLine {
+                        ts_ms: 1_700_000_000_001,
+                        stream: LogStream::Stdout,
+                        line: "notes listening on 127.0.0.1:20001".to_owned(),
+                    },
+                ],
+            },
+        ),
+    ]
+}
+
+fn updating() -> bool {
+    std::env::var_os("UPDATE_GOLDEN").is_some_and(|v| v == "1")
+}
+
+/// Compares (or with `UPDATE_GOLDEN=1` rewrites) one golden file; returns a mismatch report.
+fn check<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(
+    name: &str,
+    value: &T,
+) -> Option<String> {
+    let path = golden_dir().join(format!("{name}.json"));
+    let json = serde_json::to_string(value).unwrap();
+    if updating() {
+        fs::create_dir_all(golden_dir()).unwrap();
+        fs::write(&path, format!("{json}\n")).unwrap();
+        return None;
+    }
+    let golden = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) => return Some(format!("{}: {e} (UPDATE_GOLDEN=1 creates it)", path.display())),
+    };
+    let golden = golden.trim();
+    if json != golden {
+        return Some(format!(
+            "{name}: encoding changed\n  golden: {golden}\n  now:    {json}"
+        ));
+    }
+    match serde_json::from_str::<T>(golden) {
+        Ok(back) if back == *value => None,
+        Ok(back) => Some(format!("{name}: decodes to {back:?}, not {value:?}")),
+        Err(e) => Some(format!("{name}: does not decode: {e}")),
+    }
+}
+
+#[test]
+fn requests_and_responses_match_their_golden_files() {
+    let mut problems: Vec<String> = Vec::new();
+    for (name, request) in requests() {
+        problems.extend(check(name, &request));
+    }
+    for (name, response) in responses() {
+        problems.extend(check(name, &response));
+    }
+    assert!(problems.is_empty(), "\n{}", problems.join("\n"));
+}
+
+#[test]
+fn every_golden_file_is_checked() {
+    let known: Vec<String> = requests()
+        .iter()
+        .map(|(n, _)| n.to_string())
+        .chain(responses().iter().map(|(n, _)| n.to_string()))
+        .collect();
+    if updating() {
+        return;
+    }
+    for entry in fs::read_dir(golden_dir()).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        let stem = name.strip_suffix(".json").unwrap_or(&name);
+        assert!(
+            known.iter().any(|k| k == stem),
+            "{name} in tests/golden is not checked by any value"
+        );
+    }
+}
+
+#[test]
+fn a_frame_is_a_big_endian_length_then_the_json() {
+    let bytes = frame::encode(&Request::List).unwrap();
+    let json = br#"{"type":"list"}"#;
+    assert_eq!(&bytes[..4], &(json.len() as u32).to_be_bytes());
+    assert_eq!(&bytes[..4], &[0, 0, 0, 15]);
+    assert_eq!(&bytes[4..], json);
+
+    let wake = Request::Wake {
+        instance: id("notes:alice"),
+        timeout_ms: Some(5000),
+    };
+    let bytes = frame::encode(&wake).unwrap();
+    let json = br#"{"type":"wake","instance":"notes:alice","timeout_ms":5000}"#;
+    let mut want = (json.len() as u32).to_be_bytes().to_vec();
+    want.extend_from_slice(json);
+    assert_eq!(bytes, want);
+    let mut reader: &[u8] = &bytes;
+    let back: Request = frame::read_message(&mut reader).unwrap();
+    assert_eq!(back, wake);
+}

@@ -1,0 +1,296 @@
+//! The RPC sockets of the real supervisor under hostile input: ids that could reach a path or
+//! an argv are refused before any file or process work, and garbage, oversized frames, silent
+//! clients and protocol mistakes get typed errors (or a closed connection), never a crash or a
+//! stall of other clients.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::io::Write;
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use support::*;
+use tenement_proto::rpc::{ErrorCode, Request, Response, Role, PROTOCOL_VERSION};
+
+const NOTES: &str = r#"
+[service.notes]
+command = "@TINY@"
+"#;
+
+/// Says hello on a raw connection.
+fn raw_hello(path: &Path) -> UnixStream {
+    let mut s = raw_connect(path);
+    send_frame(&mut s, &hello_frame(PROTOCOL_VERSION));
+    match read_response(&mut s) {
+        Some(Response::Hello { .. }) => s,
+        other => panic!("hello answered with {other:?}"),
+    }
+}
+
+fn expect_code(stream: &mut UnixStream, code: ErrorCode, what: &str) -> String {
+    match read_response(stream) {
+        Some(Response::Error { code: got, message }) if got == code => message,
+        other => panic!("{what}: expected {}, got {other:?}", code.as_str()),
+    }
+}
+
+/// A request that needs no instance, to show the connection still works.
+fn still_usable(stream: &mut UnixStream, role: Role, what: &str) {
+    let probe = match role {
+        Role::Admin => br#"{"type":"list"}"#.as_slice(),
+        Role::Proxy => br#"{"type":"resolve","instance":"notes:nobody"}"#.as_slice(),
+    };
+    send_frame(stream, probe);
+    match read_response(stream) {
+        Some(Response::Instances { .. }) if role == Role::Admin => {}
+        Some(Response::Error {
+            code: ErrorCode::UnknownInstance,
+            ..
+        }) if role == Role::Proxy => {}
+        other => panic!("{what}: the connection is not usable any more: {other:?}"),
+    }
+}
+
+#[test]
+fn unsafe_instance_ids_are_refused_before_any_file_or_process_work() {
+    let sb = Sandbox::new(NOTES);
+    let _sup = sb.start();
+    let data_before = tree_listing(&sb.data_dir);
+    let state_before = tree_listing(&sb.state_dir);
+    let long = format!("notes:{}", "a".repeat(64));
+    let bad_ids = [
+        "notes:../x",
+        "notes:A B",
+        "notes:a.b",
+        "notes:",
+        long.as_str(),
+        "../x",
+        "notes:{port}",
+        "notes:/tmp/x",
+        "notes:a\u{0}b",
+    ];
+    let mut admin = raw_hello(&sb.admin_socket());
+    let mut proxy = raw_hello(&sb.proxy_socket());
+    for id in bad_ids {
+        let id_json = serde_json::to_string(id).unwrap();
+        for body in [
+            format!(r#"{{"type":"wake","instance":{id_json}}}"#),
+            format!(r#"{{"type":"wake","instance":{id_json},"timeout_ms":100}}"#),
+            format!(r#"{{"type":"add","instances":[{id_json}]}}"#),
+            format!(r#"{{"type":"add","instances":["notes:fine",{id_json}]}}"#),
+            format!(r#"{{"type":"spawn","instance":{id_json}}}"#),
+            format!(r#"{{"type":"remove","instance":{id_json},"purge":true}}"#),
+            format!(r#"{{"type":"status","instance":{id_json}}}"#),
+        ] {
+            send_frame(&mut admin, body.as_bytes());
+            expect_code(&mut admin, ErrorCode::BadRequest, &body);
+        }
+        for body in [
+            format!(r#"{{"type":"wake","instance":{id_json}}}"#),
+            format!(r#"{{"type":"resolve","instance":{id_json}}}"#),
+        ] {
+            send_frame(&mut proxy, body.as_bytes());
+            expect_code(&mut proxy, ErrorCode::BadRequest, &body);
+        }
+    }
+    still_usable(&mut admin, Role::Admin, "after bad ids");
+    still_usable(&mut proxy, Role::Proxy, "after bad ids");
+    let mut c = Client::admin(&sb);
+    assert!(c.ps().is_empty(), "a bad id was registered: {:?}", c.ps());
+    assert_eq!(tree_listing(&sb.data_dir), data_before, "data_dir changed");
+    assert_eq!(tree_listing(&sb.state_dir), state_before, "state_dir changed");
+    assert!(sb.leftover_processes().is_empty(), "a process was started");
+}
+
+/// Pseudo-random bytes (xorshift), the same each run.
+fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        })
+        .collect()
+}
+
+fn garbage_on(sb: &Sandbox, socket: &Path, role: Role) {
+    let what = format!("{role:?} socket");
+
+    // Random bytes without hello, then the write side closed: an error reply or a close.
+    for seed in 1..=8u64 {
+        let mut s = raw_connect(socket);
+        s.write_all(&noise(64, seed)).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        while let Some(response) = read_response_lenient(&mut s) {
+            assert!(
+                matches!(response, Response::Error { .. }),
+                "{what}: noise answered with {response:?}"
+            );
+        }
+    }
+
+    // A text protocol spoken at it.
+    let mut s = raw_connect(socket);
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    match read_response_lenient(&mut s) {
+        None
+        | Some(Response::Error {
+            code: ErrorCode::FrameTooLarge | ErrorCode::BadRequest,
+            ..
+        }) => {}
+        other => panic!("{what}: HTTP answered with {other:?}"),
+    }
+
+    // A length prefix of 4 GiB: refused at once, without waiting for the body.
+    for hello_first in [false, true] {
+        let mut s = if hello_first {
+            raw_hello(socket)
+        } else {
+            raw_connect(socket)
+        };
+        s.write_all(&[0xff, 0xff, 0xff, 0xff]).unwrap();
+        let t0 = Instant::now();
+        match read_response_lenient(&mut s) {
+            None
+            | Some(Response::Error {
+                code: ErrorCode::FrameTooLarge,
+                ..
+            }) => {}
+            other => panic!("{what}: 4 GiB frame answered with {other:?}"),
+        }
+        assert!(t0.elapsed() < Duration::from_secs(2), "{what}: waited for the body");
+    }
+
+    // A valid length with non-JSON: before hello the connection ends with bad_request...
+    let mut s = raw_connect(socket);
+    send_frame(&mut s, b"\x00\x01not json at all\xff");
+    expect_code(&mut s, ErrorCode::BadRequest, "non-JSON before hello");
+    // ...after hello it continues.
+    let mut s = raw_hello(socket);
+    send_frame(&mut s, b"not json at all");
+    expect_code(&mut s, ErrorCode::BadRequest, "non-JSON after hello");
+    still_usable(&mut s, role, "after non-JSON");
+
+    // Well-formed JSON the protocol does not know.
+    for body in [
+        r#"{"type":"format_disk"}"#,
+        r#"{"type":"format_disk","device":"/dev/sda"}"#,
+        r#"{"no_type":true}"#,
+        r#"[1,2,3]"#,
+        r#""hello""#,
+        r#"{"type":"wake"}"#,
+        r#"{"type":"wake","instance":17}"#,
+    ] {
+        send_frame(&mut s, body.as_bytes());
+        expect_code(&mut s, ErrorCode::BadRequest, body);
+    }
+    still_usable(&mut s, role, "after unknown requests");
+
+    // A second hello is a mistake, not a new session.
+    send_frame(&mut s, &hello_frame(PROTOCOL_VERSION));
+    expect_code(&mut s, ErrorCode::HelloRequired, "second hello");
+    still_usable(&mut s, role, "after a second hello");
+
+    // No hello first.
+    let mut s = raw_connect(socket);
+    send_frame(&mut s, br#"{"type":"list"}"#);
+    expect_code(&mut s, ErrorCode::HelloRequired, "list before hello");
+
+    // Another protocol version.
+    let mut s = raw_connect(socket);
+    send_frame(&mut s, &hello_frame(PROTOCOL_VERSION + 98));
+    expect_code(&mut s, ErrorCode::UnsupportedVersion, "hello version 99");
+
+    // Half a frame, then gone; and a half frame left hanging while others work.
+    let mut s = raw_hello(socket);
+    s.write_all(&[0, 0, 0, 100, b'{', b'"']).unwrap();
+    drop(s);
+    let mut hanging = raw_hello(socket);
+    hanging.write_all(&[0, 0, 0, 100, b'{', b'"']).unwrap();
+
+    // Clients that connect and say nothing do not hold up anyone else.
+    let silent: Vec<UnixStream> = (0..10).map(|_| raw_connect(socket)).collect();
+    let t0 = Instant::now();
+    let mut other = raw_hello(socket);
+    still_usable(&mut other, role, "beside silent clients");
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "{what}: a client waited {:?} behind silent ones",
+        t0.elapsed()
+    );
+    drop(silent);
+    drop(hanging);
+    let _ = sb;
+}
+
+/// Like [`read_response`], but a reset or undecodable answer counts as closed.
+fn read_response_lenient(stream: &mut UnixStream) -> Option<Response> {
+    match tenement_proto::frame::read_message::<_, Response>(stream) {
+        Ok(response) => Some(response),
+        Err(tenement_proto::frame::FrameError::Io(e))
+            if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut =>
+        {
+            panic!("the supervisor neither answered nor closed the connection")
+        }
+        Err(_) => None,
+    }
+}
+
+#[test]
+fn garbage_on_both_sockets_gets_errors_and_the_supervisor_keeps_serving() {
+    let sb = Sandbox::new(NOTES);
+    let mut sup = sb.start();
+    garbage_on(&sb, &sb.admin_socket(), Role::Admin);
+    garbage_on(&sb, &sb.proxy_socket(), Role::Proxy);
+    assert!(sup.is_running(), "the supervisor died:\n{}", sb.supervisor_log());
+    let mut c = Client::admin(&sb);
+    assert!(c.ps().is_empty());
+    let p = Client::proxy(&sb);
+    assert_eq!(p.role, Role::Proxy);
+}
+
+#[test]
+fn admin_calls_on_the_proxy_socket_are_wrong_role_and_the_connection_continues() {
+    let sb = Sandbox::new(NOTES);
+    let _sup = sb.start();
+    let mut admin = Client::admin(&sb);
+    assert!(matches!(admin.add(&["notes:bob"]), Response::Added { .. }));
+    let mut p = Client::proxy(&sb);
+    assert_eq!(p.role, Role::Proxy);
+    for request in [
+        Request::List,
+        Request::Spawn {
+            instance: iid("notes:mallory"),
+        },
+        Request::Stop {
+            instance: iid("notes:bob"),
+        },
+        Request::Remove {
+            instance: iid("notes:bob"),
+            purge: true,
+        },
+        Request::Add {
+            instances: vec![iid("notes:mallory")],
+        },
+        Request::Logs {
+            instance: iid("notes:bob"),
+            lines: None,
+            follow: true,
+        },
+    ] {
+        let name = request.name();
+        let message = expect_error(p.call(request), ErrorCode::WrongRole);
+        assert!(message.contains(name), "{message}");
+    }
+    // Still usable for what the proxy may do.
+    let (route, _) = expect_woken(p.wake("notes:bob"));
+    assert_eq!(route.instance, iid("notes:bob"));
+    let names: Vec<String> = admin.ps().iter().map(|i| i.instance.to_string()).collect();
+    assert_eq!(names, ["notes:bob"], "the proxy changed the registry");
+    assert!(!sb.instance_data_dir("notes:mallory").exists());
+}
