@@ -28,7 +28,10 @@ pub enum Role {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
     /// First message on every connection.
-    Hello { version: u32, client: String },
+    Hello {
+        version: u32,
+        client: String,
+    },
 
     // ---- proxy role (also allowed on the admin socket) ----
     /// Start the instance if it is not running and wait until it is ready.
@@ -40,13 +43,17 @@ pub enum Request {
     },
     /// The route of one instance, or `UnknownInstance`. With `auto_spawn` on its service an
     /// unknown instance is registered (stopped) first.
-    Resolve { instance: InstanceId },
+    Resolve {
+        instance: InstanceId,
+    },
     /// Turns the connection into a watch stream: a snapshot of the route table
     /// ([`Response::Routes`] with `reset`), then updates and [`Response::Park`] requests. The
     /// proxy answers park requests and reports activity on the same connection.
     Subscribe,
     /// In-flight counts and activity since the last report, proxy -> supervisor.
-    Activity { reports: Vec<ActivityReport> },
+    Activity {
+        reports: Vec<ActivityReport>,
+    },
     /// The proxy's answer to [`Response::Park`].
     ParkAck {
         instance: InstanceId,
@@ -56,15 +63,28 @@ pub enum Request {
 
     // ---- admin role ----
     /// Register instances without starting them.
-    Add { instances: Vec<InstanceId> },
+    Add {
+        instances: Vec<InstanceId>,
+    },
     /// Register (if needed) and start.
-    Spawn { instance: InstanceId },
-    Stop { instance: InstanceId },
-    Restart { instance: InstanceId },
-    Remove { instance: InstanceId, purge: bool },
+    Spawn {
+        instance: InstanceId,
+    },
+    Stop {
+        instance: InstanceId,
+    },
+    Restart {
+        instance: InstanceId,
+    },
+    Remove {
+        instance: InstanceId,
+        purge: bool,
+    },
     /// Every registered instance.
     List,
-    Status { instance: InstanceId },
+    Status {
+        instance: InstanceId,
+    },
     Logs {
         instance: InstanceId,
         /// Last N lines (default: all buffered).

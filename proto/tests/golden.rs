@@ -14,13 +14,15 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tenement_proto::frame;
 use tenement_proto::rpc::{
-    ActivityReport, Address, ErrorCode, InstanceInfo, InstanceState, LogLine, LogStream,
-    Request, Response, Role, Route, PROTOCOL_VERSION,
+    ActivityReport, Address, ErrorCode, InstanceInfo, InstanceState, LogLine, LogStream, Request,
+    Response, Role, Route, PROTOCOL_VERSION,
 };
 use tenement_proto::{InstanceId, ServiceName};
 
 fn golden_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("golden")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("golden")
 }
 
 fn id(text: &str) -> InstanceId {
@@ -225,7 +227,12 @@ fn check<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(
     }
     let golden = match fs::read_to_string(&path) {
         Ok(text) => text,
-        Err(e) => return Some(format!("{}: {e} (UPDATE_GOLDEN=1 creates it)", path.display())),
+        Err(e) => {
+            return Some(format!(
+                "{}: {e} (UPDATE_GOLDEN=1 creates it)",
+                path.display()
+            ))
+        }
     };
     let golden = golden.trim();
     if json != golden {

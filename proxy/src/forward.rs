@@ -80,14 +80,20 @@ const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
 impl Proxy {
     /// Serves one request; never fails (errors become responses).
-    pub async fn handle(self: Arc<Self>, request: Request<Incoming>, peer: Peer) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+    pub async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        peer: Peer,
+    ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
         match self.serve(request, peer).await {
             Ok(response) => Ok(response),
             Err(error) => {
                 match &error {
                     ProxyError::WakeFailed(detail)
                     | ProxyError::InstanceFailed(detail)
-                    | ProxyError::Upstream(detail) => tracing::warn!(peer = %peer.addr, "{error}: {detail}"),
+                    | ProxyError::Upstream(detail) => {
+                        tracing::warn!(peer = %peer.addr, "{error}: {detail}")
+                    }
                     _ => tracing::debug!(peer = %peer.addr, "{error}"),
                 }
                 Ok(error_response(&error))
@@ -95,19 +101,33 @@ impl Proxy {
         }
     }
 
-    async fn serve(&self, request: Request<Incoming>, peer: Peer) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn serve(
+        &self,
+        request: Request<Incoming>,
+        peer: Peer,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let raw_host = request
             .uri()
             .authority()
             .map(|a| a.as_str().to_owned())
-            .or_else(|| request.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
+            .or_else(|| {
+                request
+                    .headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            });
         let target = host::target_of(raw_host.as_deref(), &self.settings.domains)?;
         let deadline = Instant::now() + self.settings.wake_timeout;
         let entry = match target {
             Target::Home => return Ok(self.home_page()),
             Target::NoMatch => return Err(ProxyError::UnknownHost),
             Target::Instance(id) => {
-                let policy = self.settings.services.get(&id.service).ok_or(ProxyError::UnknownService)?;
+                let policy = self
+                    .settings
+                    .services
+                    .get(&id.service)
+                    .ok_or(ProxyError::UnknownService)?;
                 check_body_size(&request, policy.max_body)?;
                 match self.table.get(&id) {
                     Some(entry) => entry,
@@ -119,27 +139,48 @@ impl Proxy {
                 }
             }
             Target::Service(name) => {
-                let policy = self.settings.services.get(&name).ok_or(ProxyError::UnknownService)?;
+                let policy = self
+                    .settings
+                    .services
+                    .get(&name)
+                    .ok_or(ProxyError::UnknownService)?;
                 check_body_size(&request, policy.max_body)?;
                 self.table.pick(&name).ok_or(ProxyError::UnknownInstance)?
             }
         };
-        let max_body = self.settings.services.get(&entry.id.service).map_or(u64::MAX, |p| p.max_body);
-        self.forward(request, entry, peer, raw_host.unwrap_or_default(), max_body, deadline).await
+        let max_body = self
+            .settings
+            .services
+            .get(&entry.id.service)
+            .map_or(u64::MAX, |p| p.max_body);
+        self.forward(
+            request,
+            entry,
+            peer,
+            raw_host.unwrap_or_default(),
+            max_body,
+            deadline,
+        )
+        .await
     }
 
     fn home_page(&self) -> Response<ProxyBody> {
         let (instances, running) = self.table.counts();
         let text = format!("tenement\n{instances} instances, {running} running\n");
         let mut response = Response::new(full(text));
-        response
-            .headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
         response
     }
 
     /// Enters the instance, waking it first if it is not serving.
-    async fn enter(&self, entry: &Arc<Entry>, deadline: Instant) -> Result<(InFlight, RouteInfo), ProxyError> {
+    async fn enter(
+        &self,
+        entry: &Arc<Entry>,
+        deadline: Instant,
+    ) -> Result<(InFlight, RouteInfo), ProxyError> {
         for _ in 0..4 {
             if let Some(guard) = entry.try_enter() {
                 let route = entry.route();
@@ -150,7 +191,9 @@ impl Proxy {
             }
             self.wake(entry, deadline).await?;
         }
-        Err(ProxyError::WakeFailed("the instance stopped again right after waking".to_owned()))
+        Err(ProxyError::WakeFailed(
+            "the instance stopped again right after waking".to_owned(),
+        ))
     }
 
     /// One wake per instance at a time, shared by every request waiting for it.
@@ -182,7 +225,9 @@ impl Proxy {
         };
         let outcome = tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await;
         match outcome {
-            Ok(Ok(value)) => value.clone().unwrap_or_else(|| Err(ProxyError::WakeFailed("no outcome".to_owned()))),
+            Ok(Ok(value)) => value
+                .clone()
+                .unwrap_or_else(|| Err(ProxyError::WakeFailed("no outcome".to_owned()))),
             Ok(Err(_)) => Err(ProxyError::WakeFailed("wake task ended".to_owned())),
             Err(_) => Err(ProxyError::WakeFailed("wake deadline passed".to_owned())),
         }
@@ -199,14 +244,24 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut parts, body) = request.into_parts();
         let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
-        let upgrade = is_upgrade(&parts.headers).then(|| parts.headers.get(header::UPGRADE).cloned()).flatten();
-        prepare_headers(&mut parts.headers, peer, &raw_host, &self.settings.trusted_proxies);
+        let upgrade = is_upgrade(&parts.headers)
+            .then(|| parts.headers.get(header::UPGRADE).cloned())
+            .flatten();
+        prepare_headers(
+            &mut parts.headers,
+            peer,
+            &raw_host,
+            &self.settings.trusted_proxies,
+        );
         if let Some(protocol) = &upgrade {
-            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, protocol.clone());
         }
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        parts.uri = Uri::try_from(path).map_err(|_| ProxyError::BadHost(host::HostError::Malformed))?;
+        parts.uri =
+            Uri::try_from(path).map_err(|_| ProxyError::BadHost(host::HostError::Malformed))?;
         parts.version = http::Version::HTTP_11;
         if parts.headers.get(header::HOST).is_none() {
             if let Ok(value) = HeaderValue::from_str(&raw_host) {
@@ -244,14 +299,23 @@ impl Proxy {
                     });
                     (guard, route) = self.enter(&entry, deadline).await?;
                 }
-                Err(e) => return Err(ProxyError::Upstream(format!("connect to {}: {e}", entry.id))),
+                Err(e) => {
+                    return Err(ProxyError::Upstream(format!(
+                        "connect to {}: {e}",
+                        entry.id
+                    )))
+                }
             }
         };
 
         // A pooled connection may have been closed by the instance since; the request comes
         // back untouched in that case and goes out on a fresh connection.
         let response = loop {
-            let attempt = tokio::time::timeout(self.settings.response_timeout, sender.try_send_request(upstream_request)).await;
+            let attempt = tokio::time::timeout(
+                self.settings.response_timeout,
+                sender.try_send_request(upstream_request),
+            )
+            .await;
             match attempt {
                 Err(_) => return Err(ProxyError::UpstreamTimeout),
                 Ok(Ok(response)) => break response,
@@ -262,7 +326,9 @@ impl Proxy {
                             .pool
                             .connect(&key, self.settings.connect_timeout)
                             .await
-                            .map_err(|e| ProxyError::Upstream(format!("reconnect to {}: {e}", entry.id)))?;
+                            .map_err(|e| {
+                                ProxyError::Upstream(format!("reconnect to {}: {e}", entry.id))
+                            })?;
                     }
                     None => {
                         let error = error.into_error();
@@ -346,12 +412,18 @@ pub fn prepare_headers(headers: &mut HeaderMap, peer: Peer, raw_host: &str, trus
     let client_ip = peer.addr.ip().to_canonical();
     let trusted_peer = trusted.contains(&client_ip);
     let prior_for = if trusted_peer {
-        headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()).map(str::to_owned)
+        headers
+            .get(X_FORWARDED_FOR)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
     } else {
         None
     };
     let prior_forwarded = if trusted_peer {
-        headers.get(FORWARDED).and_then(|v| v.to_str().ok()).map(str::to_owned)
+        headers
+            .get(FORWARDED)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
     } else {
         None
     };
@@ -365,7 +437,12 @@ pub fn prepare_headers(headers: &mut HeaderMap, peer: Peer, raw_host: &str, trus
     } else {
         peer.scheme.to_owned()
     };
-    for name in [&X_FORWARDED_FOR, &X_FORWARDED_PROTO, &X_FORWARDED_HOST, &FORWARDED] {
+    for name in [
+        &X_FORWARDED_FOR,
+        &X_FORWARDED_PROTO,
+        &X_FORWARDED_HOST,
+        &FORWARDED,
+    ] {
         headers.remove(name);
     }
     let ip_text = client_ip.to_string();
@@ -410,7 +487,8 @@ fn switch_protocols(
                 Ok((client, upstream)) => {
                     let mut client = hyper_util::rt::TokioIo::new(client);
                     let mut upstream = hyper_util::rt::TokioIo::new(upstream);
-                    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                    {
                         tracing::debug!("upgraded connection ended: {e}");
                     }
                 }
@@ -443,7 +521,10 @@ impl Body for GuardedBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(None) => {
@@ -487,11 +568,17 @@ mod tests {
     #[test]
     fn forwarding_headers_replace_what_a_client_sent() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer secret"));
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer secret"),
+        );
         headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
         headers.insert(FORWARDED, HeaderValue::from_static("for=6.6.6.6"));
-        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-drop-me"));
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-drop-me"),
+        );
         headers.insert("x-drop-me", HeaderValue::from_static("1"));
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         prepare_headers(&mut headers, peer("10.1.2.3"), "alice.notes.localhost", &[]);
@@ -499,7 +586,10 @@ mod tests {
         assert_eq!(headers[X_FORWARDED_FOR], "10.1.2.3");
         assert_eq!(headers[X_FORWARDED_PROTO], "http");
         assert_eq!(headers[X_FORWARDED_HOST], "alice.notes.localhost");
-        assert_eq!(headers[FORWARDED], "for=10.1.2.3;proto=http;host=\"alice.notes.localhost\"");
+        assert_eq!(
+            headers[FORWARDED],
+            "for=10.1.2.3;proto=http;host=\"alice.notes.localhost\""
+        );
         assert!(!headers.contains_key("x-drop-me"));
         assert!(!headers.contains_key("keep-alive"));
         assert!(!headers.contains_key(header::CONNECTION));
@@ -510,7 +600,10 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-        headers.insert(FORWARDED, HeaderValue::from_static("for=1.1.1.1;proto=https"));
+        headers.insert(
+            FORWARDED,
+            HeaderValue::from_static("for=1.1.1.1;proto=https"),
+        );
         let trusted = ["::1".parse().expect("ip")];
         prepare_headers(&mut headers, peer("::1"), "x.localhost", &trusted);
         assert_eq!(headers[X_FORWARDED_FOR], "1.1.1.1, ::1");
@@ -525,7 +618,10 @@ mod tests {
     fn upgrade_detection_reads_connection_tokens() {
         let mut headers = HeaderMap::new();
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
         assert!(is_upgrade(&headers));
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         assert!(!is_upgrade(&headers));

@@ -47,7 +47,10 @@ pub fn normalize(raw: &str) -> Result<String, HostError> {
         if !(after.is_empty() || is_port_suffix(after)) || inside.is_empty() {
             return Err(HostError::Malformed);
         }
-        if !inside.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.') {
+        if !inside
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        {
             return Err(HostError::Malformed);
         }
         return Ok(format!("[{}]", inside.to_ascii_lowercase()));
@@ -78,7 +81,10 @@ pub fn normalize(raw: &str) -> Result<String, HostError> {
 }
 
 fn is_port(text: &str) -> bool {
-    !text.is_empty() && text.len() <= 5 && text.bytes().all(|b| b.is_ascii_digit()) && text.parse::<u16>().is_ok()
+    !text.is_empty()
+        && text.len() <= 5
+        && text.bytes().all(|b| b.is_ascii_digit())
+        && text.parse::<u16>().is_ok()
 }
 
 fn is_port_suffix(text: &str) -> bool {

@@ -43,7 +43,9 @@ impl Link {
                 Err(e) => {
                     if Instant::now() + pause >= deadline {
                         tracing::warn!("supervisor unreachable at {}: {e}", self.socket.display());
-                        return Err(ProxyError::WakeFailed(format!("supervisor unreachable: {e}")));
+                        return Err(ProxyError::WakeFailed(format!(
+                            "supervisor unreachable: {e}"
+                        )));
                     }
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(200));
@@ -89,7 +91,9 @@ impl Link {
 
     /// Wakes `id` and returns its route once it is ready.
     pub async fn wake(&self, id: &InstanceId, deadline: Instant) -> Result<RouteInfo, ProxyError> {
-        let timeout_ms = deadline.saturating_duration_since(Instant::now()).as_millis() as u64;
+        let timeout_ms = deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis() as u64;
         let request = Request::Wake {
             instance: id.clone(),
             timeout_ms: Some(timeout_ms),
@@ -97,16 +101,32 @@ impl Link {
         match self.call(request, deadline).await? {
             Response::Woken { route, .. } => Ok(RouteInfo::from(&route)),
             Response::Error { code, message } => Err(map_error(code, message)),
-            other => Err(ProxyError::WakeFailed(format!("unexpected answer {other:?}"))),
+            other => Err(ProxyError::WakeFailed(format!(
+                "unexpected answer {other:?}"
+            ))),
         }
     }
 
     /// Looks an instance up (registering it if its service has `auto_spawn`).
-    pub async fn resolve(&self, id: &InstanceId, deadline: Instant) -> Result<tenement_proto::rpc::Route, ProxyError> {
-        match self.call(Request::Resolve { instance: id.clone() }, deadline).await? {
+    pub async fn resolve(
+        &self,
+        id: &InstanceId,
+        deadline: Instant,
+    ) -> Result<tenement_proto::rpc::Route, ProxyError> {
+        match self
+            .call(
+                Request::Resolve {
+                    instance: id.clone(),
+                },
+                deadline,
+            )
+            .await?
+        {
             Response::Route { route } => Ok(route),
             Response::Error { code, message } => Err(map_error(code, message)),
-            other => Err(ProxyError::WakeFailed(format!("unexpected answer {other:?}"))),
+            other => Err(ProxyError::WakeFailed(format!(
+                "unexpected answer {other:?}"
+            ))),
         }
     }
 

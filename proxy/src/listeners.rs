@@ -48,7 +48,10 @@ pub fn from_systemd() -> anyhow::Result<Vec<Listener>> {
             .with_context(|| format!("systemd socket {index} is not a TCP listener"))?
             .with_context(|| format!("systemd socket {index} was already taken"))?;
         std_listener.set_nonblocking(true)?;
-        let name = names.get(index).cloned().unwrap_or_else(|| "http".to_owned());
+        let name = names
+            .get(index)
+            .cloned()
+            .unwrap_or_else(|| "http".to_owned());
         listeners.push(Listener {
             socket: std_listener,
             scheme: scheme_of(&name),

@@ -104,14 +104,25 @@ fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    runtime.block_on(serve(config, listeners, Duration::from_secs(args.shutdown_grace)))
+    runtime.block_on(serve(
+        config,
+        listeners,
+        Duration::from_secs(args.shutdown_grace),
+    ))
 }
 
 async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> anyhow::Result<()> {
     let services: HashMap<_, _> = config
         .services
         .keys()
-        .map(|name| (name.clone(), ServicePolicy { max_body: DEFAULT_MAX_BODY }))
+        .map(|name| {
+            (
+                name.clone(),
+                ServicePolicy {
+                    max_body: DEFAULT_MAX_BODY,
+                },
+            )
+        })
         .collect();
     let wake_timeout = config
         .services
@@ -160,7 +171,8 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
         let graceful = graceful.clone();
         let shutdown = shutdown.clone();
         let scheme = listener.scheme;
-        let socket = tokio::net::TcpListener::from_std(listener.socket).context("cannot register a listening socket")?;
+        let socket = tokio::net::TcpListener::from_std(listener.socket)
+            .context("cannot register a listening socket")?;
         accept_tasks.push(tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -177,12 +189,10 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let peer = Peer {
-                    addr,
-                    scheme,
-                };
+                let peer = Peer { addr, scheme };
                 let proxy = proxy.clone();
-                let service = hyper::service::service_fn(move |request| proxy.clone().handle(request, peer));
+                let service =
+                    hyper::service::service_fn(move |request| proxy.clone().handle(request, peer));
                 let connection = builder
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .into_owned();
@@ -197,13 +207,20 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
     }
 
     wait_for_signal().await;
-    tracing::info!("stopping: no new connections, {} s for requests in flight", grace.as_secs());
+    tracing::info!(
+        "stopping: no new connections, {} s for requests in flight",
+        grace.as_secs()
+    );
     shutdown.cancel();
     for task in accept_tasks {
         let _ = task.await;
     }
-    let graceful = Arc::try_unwrap(graceful).map_err(|_| anyhow::anyhow!("connections still shared"))?;
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    let graceful =
+        Arc::try_unwrap(graceful).map_err(|_| anyhow::anyhow!("connections still shared"))?;
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("grace period over with requests still in flight");
     }
     Ok(())
@@ -211,7 +228,10 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         std::future::pending::<()>().await;
         return;
     };

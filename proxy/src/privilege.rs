@@ -9,7 +9,9 @@ use nix::unistd::{Gid, Uid, User};
 pub fn ensure_unprivileged(user: Option<&str>) -> anyhow::Result<()> {
     let root = nix::unistd::geteuid().is_root() || nix::unistd::getuid().is_root();
     match (root, user) {
-        (true, None) => bail!("refusing to run as root; pass --user NAME to drop to an unprivileged user"),
+        (true, None) => {
+            bail!("refusing to run as root; pass --user NAME to drop to an unprivileged user")
+        }
         (true, Some(name)) => drop_to(name)?,
         (false, Some(name)) => {
             let me = nix::unistd::geteuid();
@@ -50,7 +52,9 @@ fn drop_to(name: &str) -> anyhow::Result<()> {
     {
         bail!("privilege drop to {name} did not take");
     }
-    if nix::unistd::setuid(Uid::from_raw(0)).is_ok() || nix::unistd::setgid(Gid::from_raw(0)).is_ok() {
+    if nix::unistd::setuid(Uid::from_raw(0)).is_ok()
+        || nix::unistd::setgid(Gid::from_raw(0)).is_ok()
+    {
         bail!("privilege drop to {name} is reversible; refusing to run");
     }
     Ok(())

@@ -44,9 +44,18 @@ pub enum ProxyError {
 /// The one place a [`ProxyError`] becomes a response.
 pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
     let (status, text) = match error {
-        ProxyError::BadHost(HostError::Missing) => (StatusCode::BAD_REQUEST, "400 bad request: missing Host header\n"),
-        ProxyError::BadHost(_) => (StatusCode::BAD_REQUEST, "400 bad request: invalid host name\n"),
-        ProxyError::UnknownHost => (StatusCode::NOT_FOUND, "404 not found: no site at this host\n"),
+        ProxyError::BadHost(HostError::Missing) => (
+            StatusCode::BAD_REQUEST,
+            "400 bad request: missing Host header\n",
+        ),
+        ProxyError::BadHost(_) => (
+            StatusCode::BAD_REQUEST,
+            "400 bad request: invalid host name\n",
+        ),
+        ProxyError::UnknownHost => (
+            StatusCode::NOT_FOUND,
+            "404 not found: no site at this host\n",
+        ),
         ProxyError::UnknownInstance | ProxyError::UnknownService => {
             (StatusCode::NOT_FOUND, "404 not found: no such instance\n")
         }
@@ -58,22 +67,36 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
             StatusCode::SERVICE_UNAVAILABLE,
             "503 service unavailable: the instance is down\n",
         ),
-        ProxyError::Upstream(_) => (StatusCode::BAD_GATEWAY, "502 bad gateway: the instance did not answer properly\n"),
-        ProxyError::UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "504 gateway timeout: the instance was too slow\n"),
+        ProxyError::Upstream(_) => (
+            StatusCode::BAD_GATEWAY,
+            "502 bad gateway: the instance did not answer properly\n",
+        ),
+        ProxyError::UpstreamTimeout => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "504 gateway timeout: the instance was too slow\n",
+        ),
         ProxyError::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "413 payload too large\n"),
     };
     let mut response = Response::new(full(text));
     *response.status_mut() = status;
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     if status == StatusCode::SERVICE_UNAVAILABLE {
-        headers.insert(header::RETRY_AFTER, header::HeaderValue::from(RETRY_AFTER_S));
+        headers.insert(
+            header::RETRY_AFTER,
+            header::HeaderValue::from(RETRY_AFTER_S),
+        );
     }
     response
 }
 
 pub fn full(text: impl Into<Bytes>) -> ProxyBody {
-    Full::new(text.into()).map_err(|never| match never {}).boxed()
+    Full::new(text.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 #[cfg(test)]
@@ -96,13 +119,18 @@ mod tests {
         for (error, status) in cases {
             let response = error_response(&error);
             assert_eq!(response.status().as_u16(), status, "{error:?}");
-            assert_eq!(response.headers().contains_key(header::RETRY_AFTER), status == 503);
+            assert_eq!(
+                response.headers().contains_key(header::RETRY_AFTER),
+                status == 503
+            );
         }
     }
 
     #[test]
     fn bodies_never_leak_details() {
-        let response = error_response(&ProxyError::WakeFailed("/var/lib/tenement/data/notes/alice: EACCES".into()));
+        let response = error_response(&ProxyError::WakeFailed(
+            "/var/lib/tenement/data/notes/alice: EACCES".into(),
+        ));
         let body = format!("{:?}", response.body());
         assert!(!body.contains("/var/lib"));
     }

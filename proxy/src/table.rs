@@ -102,10 +102,12 @@ impl Entry {
             if gate & PARKED != 0 {
                 return None;
             }
-            match self
-                .gate
-                .compare_exchange_weak(gate, gate + 1, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match self.gate.compare_exchange_weak(
+                gate,
+                gate + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => {
                     self.started.fetch_add(1, Ordering::Relaxed);
                     return Some(InFlight {
@@ -226,8 +228,10 @@ impl Table {
             .map(|e| (e, e.route()))
             .filter(|(_, r)| r.weight > 0 && r.state != InstanceState::Failed)
             .collect();
-        let running: Vec<&(&Arc<Entry>, RouteInfo)> =
-            routed.iter().filter(|(_, r)| r.state == InstanceState::Running).collect();
+        let running: Vec<&(&Arc<Entry>, RouteInfo)> = routed
+            .iter()
+            .filter(|(_, r)| r.state == InstanceState::Running)
+            .collect();
         let pool: Vec<&(&Arc<Entry>, RouteInfo)> = if running.is_empty() {
             routed.iter().collect()
         } else {
@@ -332,7 +336,11 @@ mod tests {
         assert_eq!((report[0].1, report[0].2), (0, 1), "only in flight remains");
         drop(_b);
         let report = table.activity();
-        assert_eq!((report[0].1, report[0].2), (0, 0), "the drop to zero is news");
+        assert_eq!(
+            (report[0].1, report[0].2),
+            (0, 0),
+            "the drop to zero is news"
+        );
         assert!(table.activity().is_empty(), "then nothing is");
     }
 
@@ -349,7 +357,10 @@ mod tests {
             let e = table.pick(&service).expect("some");
             *counts.entry(e.id.id.to_string()).or_insert(0) += 1;
         }
-        assert!(!counts.contains_key("a"), "a stopped instance is not picked while others run");
+        assert!(
+            !counts.contains_key("a"),
+            "a stopped instance is not picked while others run"
+        );
         assert!(!counts.contains_key("d"), "weight 0 is never picked");
         let (b, c) = (counts["b"], counts["c"]);
         assert!(b > 2 * c && b < 4 * c, "about 3:1, got {b}:{c}");
@@ -357,6 +368,8 @@ mod tests {
         table.upsert(&route("web:b", InstanceState::Stopped, 3, 1));
         table.upsert(&route("web:c", InstanceState::Stopped, 1, 1));
         assert!(table.pick(&service).is_some());
-        assert!(table.pick(&ServiceName::new("nope").expect("valid")).is_none());
+        assert!(table
+            .pick(&ServiceName::new("nope").expect("valid"))
+            .is_none());
     }
 }

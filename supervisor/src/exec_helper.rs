@@ -85,9 +85,10 @@ fn run() -> Result<i32, String> {
     ] {
         mask.add(signal);
     }
-    mask.thread_block().map_err(|e| format!("sigprocmask: {e}"))?;
-    let mut signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC)
-        .map_err(|e| format!("signalfd: {e}"))?;
+    mask.thread_block()
+        .map_err(|e| format!("sigprocmask: {e}"))?;
+    let mut signals =
+        SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC).map_err(|e| format!("signalfd: {e}"))?;
 
     let app = app_exec(&spec)?;
     let app_pid = sys::fork_exec_app(&app).map_err(|e| format!("fork: {e}"))?;
@@ -95,7 +96,11 @@ fn run() -> Result<i32, String> {
         // The app has its copy; ours would keep the port open after the app died.
         let _ = nix::unistd::close(3);
     }
-    Ok(supervise(app_pid, &mut signals, Duration::from_millis(spec.stop_grace_ms)))
+    Ok(supervise(
+        app_pid,
+        &mut signals,
+        Duration::from_millis(spec.stop_grace_ms),
+    ))
 }
 
 fn app_exec(spec: &SpawnSpec) -> Result<sys::AppExec, String> {

@@ -128,10 +128,7 @@ mod tests {
         assert_eq!(lines.len(), MAX_LINES);
         assert_eq!(lines[0].line, "line 10");
         assert_eq!(buf.tail(Some(2)).len(), 2);
-        assert_eq!(
-            buf.tail(Some(1))[0].line,
-            format!("line {}", MAX_LINES + 9)
-        );
+        assert_eq!(buf.tail(Some(1))[0].line, format!("line {}", MAX_LINES + 9));
     }
 
     #[test]

@@ -38,7 +38,10 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    if std::env::args_os().nth(1).is_some_and(|a| a == exec_helper::HELPER_ARG) {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == exec_helper::HELPER_ARG)
+    {
         exec_helper::main();
     }
     let args = Args::parse();
@@ -110,12 +113,19 @@ async fn run(config: Arc<Config>, is_root: bool) -> anyhow::Result<()> {
         admin_gid,
     });
 
+    // One supervisor per state directory: a second one must not touch the first one's
+    // processes (opening the registry kills leftovers of a *dead* predecessor).
+    let _lock = lock_state_dir(&settings.state_dir)?;
     let (registry, handle) = registry::Registry::open(config.clone(), helper)?;
     let admin_mode = if admin_gid.is_some() { 0o660 } else { 0o600 };
     let admin = rpc_server::bind_socket(&settings.admin_socket(), admin_mode)?;
     if let Some(gid) = admin_gid {
-        nix::unistd::chown(&settings.admin_socket(), None, Some(nix::unistd::Gid::from_raw(gid)))
-            .context("cannot give the admin socket to admin_group")?;
+        nix::unistd::chown(
+            &settings.admin_socket(),
+            None,
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+        .context("cannot give the admin socket to admin_group")?;
     }
     // Without systemd, root hands proxy.sock to the proxy's group (with systemd the socket
     // unit does, see systemd/).
@@ -129,9 +139,13 @@ async fn run(config: Arc<Config>, is_root: bool) -> anyhow::Result<()> {
         ),
         _ => None,
     };
-    let proxy = rpc_server::bind_socket(&settings.proxy_socket(), if proxy_gid.is_some() { 0o660 } else { 0o600 })?;
+    let proxy = rpc_server::bind_socket(
+        &settings.proxy_socket(),
+        if proxy_gid.is_some() { 0o660 } else { 0o600 },
+    )?;
     if let Some(gid) = proxy_gid {
-        nix::unistd::chown(&settings.proxy_socket(), None, Some(gid)).context("cannot give the proxy socket to proxy_user")?;
+        nix::unistd::chown(&settings.proxy_socket(), None, Some(gid))
+            .context("cannot give the proxy socket to proxy_user")?;
     }
 
     let shutdown = CancellationToken::new();
@@ -166,9 +180,37 @@ async fn run(config: Arc<Config>, is_root: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Holds an exclusive flock(2) on `state_dir/supervisor.lock` for the supervisor's lifetime.
+fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create state_dir {}", dir.display()))?;
+    let path = dir.join("supervisor.lock");
+    let file = std::fs::File::create(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| {
+            if errno == nix::errno::Errno::EWOULDBLOCK {
+                anyhow::anyhow!(
+                    "another supervisor is already using {}; stop it or use another state_dir",
+                    dir.display()
+                )
+            } else {
+                anyhow::anyhow!("cannot lock {}: {errno}", path.display())
+            }
+        },
+    )
+}
+
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         std::future::pending::<()>().await;
         return;
     };

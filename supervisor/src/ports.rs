@@ -95,7 +95,10 @@ mod tests {
         assert_eq!(ports.allocate(|_| true), Ok(101), "wraps to the start");
         assert_eq!(
             ports.allocate(|_| true),
-            Err(PortsExhausted { start: 100, end: 104 })
+            Err(PortsExhausted {
+                start: 100,
+                end: 104
+            })
         );
         ports.release(102);
         assert_eq!(ports.allocate(|_| true), Ok(102));

@@ -66,7 +66,8 @@ pub async fn wait_healthy(address: &Address, path: &str, per_try: Duration) {
     let started = std::time::Instant::now();
     let fine = FineSleep::new();
     loop {
-        if let Ok(Ok(status)) = tokio::time::timeout(per_try, http_get_status(address, path)).await {
+        if let Ok(Ok(status)) = tokio::time::timeout(per_try, http_get_status(address, path)).await
+        {
             if (200..300).contains(&status) {
                 return;
             }
@@ -91,7 +92,9 @@ pub async fn wait_notify(socket: &UnixDatagram) {
 
 /// Whether an sd_notify datagram (newline-separated assignments) contains `READY=1`.
 pub fn notify_says_ready(datagram: &[u8]) -> bool {
-    datagram.split(|&b| b == b'\n').any(|line| line == b"READY=1")
+    datagram
+        .split(|&b| b == b'\n')
+        .any(|line| line == b"READY=1")
 }
 
 /// One health check: the status code, or why there is none.
@@ -100,7 +103,10 @@ pub async fn check_health(address: &Address, path: &str, timeout: Duration) -> R
         Ok(Ok(status)) if (200..300).contains(&status) => Ok(status),
         Ok(Ok(status)) => Err(format!("GET {path} answered {status}")),
         Ok(Err(e)) => Err(format!("GET {path}: {e}")),
-        Err(_) => Err(format!("GET {path}: no answer within {} ms", timeout.as_millis())),
+        Err(_) => Err(format!(
+            "GET {path}: no answer within {} ms",
+            timeout.as_millis()
+        )),
     }
 }
 
@@ -169,9 +175,18 @@ mod tests {
 
     #[test]
     fn status_lines_are_parsed_not_guessed() {
-        assert_eq!(parse_status(b"HTTP/1.1 204 No Content\r\n\r\n").ok(), Some(Some(204)));
-        assert_eq!(parse_status(b"HTTP/1.0 503 Busy\r\nX: y\r\n\r\n").ok(), Some(Some(503)));
-        assert_eq!(parse_status(b"HTTP/1.1 200 OK\r\nContent-").ok(), Some(None));
+        assert_eq!(
+            parse_status(b"HTTP/1.1 204 No Content\r\n\r\n").ok(),
+            Some(Some(204))
+        );
+        assert_eq!(
+            parse_status(b"HTTP/1.0 503 Busy\r\nX: y\r\n\r\n").ok(),
+            Some(Some(503))
+        );
+        assert_eq!(
+            parse_status(b"HTTP/1.1 200 OK\r\nContent-").ok(),
+            Some(None)
+        );
         assert!(parse_status(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
         // "200" appearing in a body-like garbage line is not a status.
         assert!(parse_status(b"hello 200 OK\r\n\r\n").is_err());
@@ -200,7 +215,9 @@ mod tests {
 
     #[tokio::test]
     async fn health_check_reports_status_and_timeouts() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = Address::Tcp(listener.local_addr().expect("addr"));
         tokio::spawn(async move {
             let mut n = 0;
@@ -224,7 +241,9 @@ mod tests {
         assert_eq!(check_health(&addr, "/health", t).await, Ok(200));
         let err = check_health(&addr, "/health", t).await.expect_err("500");
         assert!(err.contains("answered 500"), "{err}");
-        let err = check_health(&addr, "/health", t).await.expect_err("timeout");
+        let err = check_health(&addr, "/health", t)
+            .await
+            .expect_err("timeout");
         assert!(err.contains("no answer within 300 ms"), "{err}");
     }
 }

@@ -51,7 +51,11 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
         .and_then(|text| {
             text.lines()
                 .find_map(|l| l.strip_prefix("Groups:"))
-                .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+                .map(|g| {
+                    g.split_whitespace()
+                        .filter_map(|n| n.parse().ok())
+                        .collect()
+                })
         })
         .unwrap_or_default()
 }
@@ -170,7 +174,12 @@ async fn connection(
     }
 
     // Hello first, with a deadline.
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, frame::read_message_async::<_, Request>(&mut reader)).await {
+    let hello = match tokio::time::timeout(
+        HELLO_TIMEOUT,
+        frame::read_message_async::<_, Request>(&mut reader),
+    )
+    .await
+    {
         Err(_) => return Ok(()),
         Ok(Err(FrameError::Decode(e))) => {
             let reply = error(ErrorCode::BadRequest, format!("undecodable message: {e}"));
@@ -243,7 +252,11 @@ async fn connection(
                 match reply {
                     Err(e) => frame::write_message_async(&mut writer, &from_rpc(e)).await?,
                     Ok(logs) => {
-                        frame::write_message_async(&mut writer, &Response::Logs { lines: logs.lines }).await?;
+                        frame::write_message_async(
+                            &mut writer,
+                            &Response::Logs { lines: logs.lines },
+                        )
+                        .await?;
                         if let Some(feed) = logs.follow {
                             return follow_logs(reader, writer, feed).await;
                         }
@@ -259,7 +272,10 @@ async fn connection(
 }
 
 /// Tells the peer why its frame was refused, then ends the connection.
-async fn reply_to_frame_error(writer: &mut OwnedWriteHalf, e: FrameError) -> Result<(), FrameError> {
+async fn reply_to_frame_error(
+    writer: &mut OwnedWriteHalf,
+    e: FrameError,
+) -> Result<(), FrameError> {
     if let FrameError::TooLarge { .. } = e {
         let reply = error(ErrorCode::FrameTooLarge, e.to_string());
         let _ = frame::write_message_async(writer, &reply).await;
@@ -272,15 +288,25 @@ async fn reply_to_frame_error(writer: &mut OwnedWriteHalf, e: FrameError) -> Res
 async fn answer(request: Request, registry: &RegistryHandle) -> Response {
     let result: Result<Response, RpcError> = async {
         match request {
-            Request::Hello { .. } => Err(RpcError::new(ErrorCode::HelloRequired, "hello was already said")),
-            Request::Wake { instance, timeout_ms } => wake(registry, instance, timeout_ms, false).await,
+            Request::Hello { .. } => Err(RpcError::new(
+                ErrorCode::HelloRequired,
+                "hello was already said",
+            )),
+            Request::Wake {
+                instance,
+                timeout_ms,
+            } => wake(registry, instance, timeout_ms, false).await,
             Request::Spawn { instance } => wake(registry, instance, None, true).await,
             Request::Restart { instance } => {
-                let rx = registry.ask(|reply| Command::Restart { instance, reply }).await?;
+                let rx = registry
+                    .ask(|reply| Command::Restart { instance, reply })
+                    .await?;
                 Ok(woken(rx?))
             }
             Request::Resolve { instance } => {
-                let route = registry.ask(|reply| Command::Resolve { instance, reply }).await??;
+                let route = registry
+                    .ask(|reply| Command::Resolve { instance, reply })
+                    .await??;
                 Ok(Response::Route { route })
             }
             Request::Activity { reports } => {
@@ -292,16 +318,24 @@ async fn answer(request: Request, registry: &RegistryHandle) -> Response {
                 "park_ack is only valid on a subscribed connection",
             )),
             Request::Add { instances } => {
-                let (added, existing) = registry.ask(|reply| Command::Add { instances, reply }).await??;
+                let (added, existing) = registry
+                    .ask(|reply| Command::Add { instances, reply })
+                    .await??;
                 Ok(Response::Added { added, existing })
             }
             Request::Stop { instance } => {
-                registry.ask(|reply| Command::Stop { instance, reply }).await??;
+                registry
+                    .ask(|reply| Command::Stop { instance, reply })
+                    .await??;
                 Ok(Response::Ok)
             }
             Request::Remove { instance, purge } => {
                 registry
-                    .ask(|reply| Command::Remove { instance, purge, reply })
+                    .ask(|reply| Command::Remove {
+                        instance,
+                        purge,
+                        reply,
+                    })
                     .await??;
                 Ok(Response::Ok)
             }
@@ -310,11 +344,15 @@ async fn answer(request: Request, registry: &RegistryHandle) -> Response {
                 Ok(Response::Instances { instances })
             }
             Request::Status { instance } => {
-                let status = registry.ask(|reply| Command::Status { instance, reply }).await??;
+                let status = registry
+                    .ask(|reply| Command::Status { instance, reply })
+                    .await??;
                 Ok(Response::Status { status })
             }
             // Handled by the caller.
-            Request::Subscribe | Request::Logs { .. } => Err(RpcError::new(ErrorCode::Internal, "misrouted request")),
+            Request::Subscribe | Request::Logs { .. } => {
+                Err(RpcError::new(ErrorCode::Internal, "misrouted request"))
+            }
         }
     }
     .await;
@@ -354,14 +392,21 @@ async fn wake(
             ErrorCode::WakeTimeout,
             format!("{name} was not ready within {} ms", wait.as_millis()),
         )),
-        Ok(Err(_)) => Err(RpcError::new(ErrorCode::Unavailable, "the supervisor is shutting down")),
+        Ok(Err(_)) => Err(RpcError::new(
+            ErrorCode::Unavailable,
+            "the supervisor is shutting down",
+        )),
         Ok(Ok(result)) => result.map(woken),
     }
 }
 
 /// The proxy's watch stream: route updates and park requests down, activity and park
 /// answers up.
-async fn watch(mut reader: OwnedReadHalf, mut writer: OwnedWriteHalf, registry: RegistryHandle) -> Result<(), FrameError> {
+async fn watch(
+    mut reader: OwnedReadHalf,
+    mut writer: OwnedWriteHalf,
+    registry: RegistryHandle,
+) -> Result<(), FrameError> {
     let (tx, mut rx) = mpsc::channel::<Response>(4096);
     let watcher = registry.ask(|reply| Command::Subscribe { tx, reply }).await;
     let Ok(watcher) = watcher else {
@@ -372,7 +417,10 @@ async fn watch(mut reader: OwnedReadHalf, mut writer: OwnedWriteHalf, registry: 
     let reader_task = tokio::spawn(async move {
         loop {
             let result = frame::read_message_async::<_, Request>(&mut reader).await;
-            let stop = matches!(result, Err(FrameError::Closed | FrameError::TooLarge { .. } | FrameError::Io(_)));
+            let stop = matches!(
+                result,
+                Err(FrameError::Closed | FrameError::TooLarge { .. } | FrameError::Io(_))
+            );
             if frames_tx.send(result).await.is_err() || stop {
                 return;
             }
@@ -474,7 +522,10 @@ mod tests {
         let listener = bind_socket(&path, 0o600).expect("bind");
         let mode = std::fs::metadata(&path).expect("stat").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert!(matches!(bind_socket(&path, 0o600), Err(BindError::InUse(_))));
+        assert!(matches!(
+            bind_socket(&path, 0o600),
+            Err(BindError::InUse(_))
+        ));
         drop(listener);
         // A stale socket file with nobody behind it is replaced.
         bind_socket(&path, 0o600).expect("rebind over a stale file");

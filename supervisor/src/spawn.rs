@@ -93,7 +93,10 @@ pub fn build_spec(
         env.push(("HOST".to_owned(), "127.0.0.1".to_owned()));
     }
     if let Some(path) = &endpoints.socket_path {
-        env.push(("SOCKET_PATH".to_owned(), path.to_string_lossy().into_owned()));
+        env.push((
+            "SOCKET_PATH".to_owned(),
+            path.to_string_lossy().into_owned(),
+        ));
     }
     let listen_fd = service.listen == ListenMode::Activate;
     if listen_fd {
@@ -101,7 +104,10 @@ pub fn build_spec(
         env.push(("LISTEN_FDNAMES".to_owned(), "http".to_owned()));
     }
     if let (ReadyMode::Notify, Some(path)) = (service.ready, &endpoints.notify_socket) {
-        env.push(("NOTIFY_SOCKET".to_owned(), path.to_string_lossy().into_owned()));
+        env.push((
+            "NOTIFY_SOCKET".to_owned(),
+            path.to_string_lossy().into_owned(),
+        ));
     }
     env.push(("TENEMENT_SERVICE".to_owned(), instance.service.to_string()));
     env.push(("TENEMENT_ID".to_owned(), instance.id.to_string()));
@@ -218,8 +224,12 @@ args = ["--port", "{port}"]
 [service.notes.env]
 DATA_DIR = "{data_dir}/{id}"
 "#;
-        Config::parse(text, Path::new("/etc/tenement/tenement.toml"), &Environment::default())
-            .expect("valid config")
+        Config::parse(
+            text,
+            Path::new("/etc/tenement/tenement.toml"),
+            &Environment::default(),
+        )
+        .expect("valid config")
     }
 
     #[test]
@@ -232,13 +242,17 @@ DATA_DIR = "{data_dir}/{id}"
             socket_path: None,
             notify_socket: None,
         };
-        let spec = build_spec(&config.settings, service, &instance, &endpoints, |name| {
-            match name {
+        let spec = build_spec(
+            &config.settings,
+            service,
+            &instance,
+            &endpoints,
+            |name| match name {
                 "PATH" => Some("/usr/bin:/bin".to_owned()),
                 "LANG" => Some("C.UTF-8".to_owned()),
                 _ => None,
-            }
-        })
+            },
+        )
         .expect("spec");
         let env: std::collections::HashMap<_, _> = spec.env.iter().cloned().collect();
         assert_eq!(env["DATA_DIR"], "/srv/data/notes/alice");
@@ -247,7 +261,10 @@ DATA_DIR = "{data_dir}/{id}"
         assert_eq!(env["HOST"], "127.0.0.1");
         assert_eq!(env["TENEMENT_INSTANCE"], "notes:alice");
         assert_eq!(env["LANG"], "C.UTF-8");
-        assert!(!env.contains_key("HOME"), "only the allow-list passes through");
+        assert!(
+            !env.contains_key("HOME"),
+            "only the allow-list passes through"
+        );
         assert_eq!(spec.argv, vec!["sh", "-c", "echo alice", "--port", "20001"]);
         assert!(spec.program.ends_with("sh"), "{:?}", spec.program);
     }

@@ -44,7 +44,9 @@ pub enum StateError {
         path: PathBuf,
         source: serde_json::Error,
     },
-    #[error("registry {path} has version {version}, this supervisor reads version {STATE_VERSION}")]
+    #[error(
+        "registry {path} has version {version}, this supervisor reads version {STATE_VERSION}"
+    )]
     Version { path: PathBuf, version: u32 },
     #[error("cannot write registry {path}: {source}")]
     Write { path: PathBuf, source: io::Error },
@@ -90,8 +92,11 @@ impl StateStore {
             }
             Err(source) => return Err(StateError::Read { path, source }),
         };
-        let state: StateFile = serde_json::from_slice(&bytes)
-            .map_err(|source| StateError::Corrupt { path: path.clone(), source })?;
+        let state: StateFile =
+            serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
+                path: path.clone(),
+                source,
+            })?;
         if state.version != STATE_VERSION {
             return Err(StateError::Version {
                 path,
@@ -124,7 +129,12 @@ impl StateStore {
 
     /// Remembers the exec helper of a running instance. Not fsynced: after a power cut no
     /// process is left to clean up anyway.
-    pub fn record_process(&self, instance: &InstanceId, pid: i32, start_time: u64) -> io::Result<()> {
+    pub fn record_process(
+        &self,
+        instance: &InstanceId,
+        pid: i32,
+        start_time: u64,
+    ) -> io::Result<()> {
         let path = self.pid_path(instance);
         let tmp = path.with_extension("tmp");
         fs::write(&tmp, format!("{pid} {start_time}\n"))?;

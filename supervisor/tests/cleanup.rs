@@ -32,14 +32,18 @@ const GRACE: Duration = Duration::from_millis(500);
 fn stop_leaves_nothing(sb: &Sandbox, c: &mut Client, instance: &str, extra: &dyn Fn() -> Vec<i32>) {
     let (route, _) = expect_woken(c.spawn(instance));
     let addr = tcp_addr(&route);
-    let helper = c.status(instance).pid.expect("pid") as i32;
+    let app = c.status(instance).pid.expect("pid") as i32;
+    let helper = exec_helper_of(app);
     let server = served_pid(addr);
-    let mut tree = vec![helper, server];
+    let mut tree = vec![helper, app, server];
     tree.extend(descendants(helper));
     tree.extend(extra());
     tree.sort();
     tree.dedup();
-    assert!(tree.len() >= 3, "{instance}: expected a tree, found {tree:?}");
+    assert!(
+        tree.len() >= 3,
+        "{instance}: expected a tree, found {tree:?}"
+    );
 
     let t0 = Instant::now();
     expect_ok(c.stop(instance));
@@ -119,7 +123,45 @@ stop_grace = "500ms"
     assert!(port_bindable(addr.port()));
     let logs = c.logs("stubborn:s");
     assert!(
-        logs.iter().any(|l| l.line.contains("got SIGTERM, ignoring")),
+        logs.iter()
+            .any(|l| l.line.contains("got SIGTERM, ignoring")),
         "the app was asked politely first: {logs:?}"
     );
+}
+
+#[test]
+fn a_killed_exec_helper_takes_its_process_group_along_and_the_port_stays() {
+    let sb = Sandbox::new(TREES);
+    let _sup = sb.start();
+    let mut c = Client::admin(&sb);
+    let (route, _) = expect_woken(c.spawn("parent:orphaned"));
+    let addr = tcp_addr(&route);
+    let app = c.status("parent:orphaned").pid.expect("pid") as i32;
+    let helper = exec_helper_of(app);
+    let server = served_pid(addr);
+    assert_ne!(server, app, "parent-child serves from the child");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(helper),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(1), || !pid_alive(app)
+            && !pid_alive(server)),
+        "orphans of the killed helper survive: app {app} {}, server {server} {}",
+        pid_alive(app),
+        pid_alive(server)
+    );
+    // Restarted after the crash, on its own port (nobody kept it).
+    assert!(
+        wait_until(Duration::from_secs(3), || {
+            let s = c.status("parent:orphaned");
+            s.state == InstanceState::Running && s.restarts == 1
+        }),
+        "{:?}",
+        c.status("parent:orphaned")
+    );
+    let info = c.status("parent:orphaned");
+    assert_eq!(info_port(&info), addr.port(), "{info:?}");
+    assert_ne!(served_pid(addr), server);
 }

@@ -29,11 +29,11 @@ fn spawn_stop_restart_and_rm_drive_real_processes() {
     let addr = tcp_addr(&route);
     let status = c.status("web:alice");
     assert_eq!(status.state, InstanceState::Running);
-    let helper = status.pid.expect("a running instance has a pid") as i32;
-    assert!(pid_alive(helper));
+    let app = status.pid.expect("a running instance has a pid") as i32;
+    let helper = exec_helper_of(app);
     let (code, body) = http_get(addr, "/");
     assert_eq!((code, body.trim()), (200, "hello from web:alice"));
-    let app = served_pid(addr);
+    assert_eq!(served_pid(addr), app, "status shows the app's pid");
 
     // stop: stopped, no pid, the processes gone, the port closed.
     expect_ok(c.stop("web:alice"));
@@ -41,10 +41,15 @@ fn spawn_stop_restart_and_rm_drive_real_processes() {
     assert_eq!(status.state, InstanceState::Stopped);
     assert_eq!(status.pid, None);
     assert!(
-        wait_until(Duration::from_secs(1), || !pid_alive(helper) && !pid_alive(app)),
+        wait_until(Duration::from_secs(1), || !pid_alive(helper)
+            && !pid_alive(app)),
         "helper {helper} or app {app} survived stop"
     );
-    assert!(!port_listening(addr.port()), "port {} still open", addr.port());
+    assert!(
+        !port_listening(addr.port()),
+        "port {} still open",
+        addr.port()
+    );
 
     // restart of a running instance: a new process generation.
     let (route, _) = expect_woken(c.wake("web:alice"));
@@ -95,7 +100,10 @@ backoff_base = "200ms"
 
     let t0 = Instant::now();
     // `/crash` exits with status 3 without answering.
-    assert!(try_http_get(addr, "/crash").is_err(), "/crash must not answer");
+    assert!(
+        try_http_get(addr, "/crash").is_err(),
+        "/crash must not answer"
+    );
     assert!(
         wait_until(Duration::from_secs(1), || c.state("web:crashy")
             != InstanceState::Running),
@@ -164,7 +172,10 @@ FIXTURE_HEALTH_FILE = "{data_dir}/{id}.health"
     assert_eq!(status.restarts, 2, "{status:?}");
     assert_eq!(status.pid, None, "a failed instance has no process");
     assert!(
-        status.reason.as_deref().is_some_and(|r| r.contains("health")),
+        status
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("health")),
         "the reason names the health checks: {status:?}"
     );
     let message = expect_error(c.wake("web:sick"), ErrorCode::InstanceFailed);
@@ -244,7 +255,16 @@ FIXTURE_EXIT_AT_START = "7"
     // Several times: the app's last line and its exit race inside the supervisor.
     for n in 0..5 {
         let id = format!("bad:b{n}");
-        let message = expect_error(c.spawn(&id), ErrorCode::WakeFailed);
+        let response = if n % 2 == 0 {
+            c.spawn(&id)
+        } else {
+            assert!(matches!(
+                c.add(&[id.as_str()]),
+                tenement_proto::rpc::Response::Added { .. }
+            ));
+            c.wake(&id)
+        };
+        let message = expect_error(response, ErrorCode::WakeFailed);
         assert!(message.contains("exit status 7"), "{message}");
         assert!(
             message.contains("starting"),
@@ -266,7 +286,10 @@ backoff_base = "5s"
     let mut c = Client::admin(&sb);
     let message = expect_error(c.spawn("ghost:x"), ErrorCode::WakeFailed);
     assert!(message.contains("not found"), "{message}");
-    assert!(message.contains("no-such-program-tenement-e2e"), "{message}");
+    assert!(
+        message.contains("no-such-program-tenement-e2e"),
+        "{message}"
+    );
     assert_ne!(c.state("ghost:x"), InstanceState::Running);
 }
 
@@ -287,7 +310,10 @@ DATA_DIR = "{data_dir}/{id}"
     let (alice, _) = expect_woken(c.spawn("notes:alice"));
     let (code, _) = http_post(tcp_addr(&alice), "/notes", "buy milk");
     assert_eq!(code, 201);
-    assert!(sb.instance_data_dir("notes:alice").join("notes.db").is_file());
+    assert!(sb
+        .instance_data_dir("notes:alice")
+        .join("notes.db")
+        .is_file());
 
     expect_ok(c.stop("notes:alice"));
     let (alice, started) = expect_woken(c.wake("notes:alice"));

@@ -36,7 +36,10 @@ fn port_is_stable_across_a_supervisor_restart_and_sigterm_stops_instances() {
 
     let status = sup.terminate();
     assert!(status.success(), "supervisor exit: {status}");
-    assert!(!pid_alive(app), "SIGTERM to the supervisor stops its instances first");
+    assert!(
+        !pid_alive(app),
+        "SIGTERM to the supervisor stops its instances first"
+    );
     assert!(port_bindable(port));
 
     let _sup = sb.start();
@@ -59,8 +62,8 @@ fn registry_survives_kill_9_and_the_apps_die_with_the_supervisor() {
         Response::Added { .. }
     ));
     let (route, _) = expect_woken(c.wake("web:b"));
-    let helper = c.status("web:b").pid.unwrap() as i32;
     let app = served_pid(tcp_addr(&route));
+    let helper = exec_helper_of(app);
     let before = ports(&mut c);
     assert_eq!(before.len(), 3);
 
@@ -81,7 +84,11 @@ fn registry_survives_kill_9_and_the_apps_die_with_the_supervisor() {
     let mut c = Client::admin(&sb);
     let list = c.ps();
     let names: Vec<String> = list.iter().map(|i| i.instance.to_string()).collect();
-    assert_eq!(names, ["web:a", "web:b", "web:c"], "each instance exactly once");
+    assert_eq!(
+        names,
+        ["web:a", "web:b", "web:c"],
+        "each instance exactly once"
+    );
     for info in &list {
         assert_eq!(info.state, InstanceState::Stopped, "{info:?}");
         assert_eq!(info.pid, None, "{info:?}");
@@ -116,9 +123,12 @@ fn hand_written_registry_with_a_duplicate_entry_loads_without_duplicates() {
     let _sup = sb.start();
     let mut c = Client::admin(&sb);
     let got = ports(&mut c);
-    let want: BTreeMap<String, u16> = [("web:dup".to_owned(), lo + 10), ("web:other".to_owned(), lo + 11)]
-        .into_iter()
-        .collect();
+    let want: BTreeMap<String, u16> = [
+        ("web:dup".to_owned(), lo + 10),
+        ("web:other".to_owned(), lo + 11),
+    ]
+    .into_iter()
+    .collect();
     assert_eq!(got, want);
     // The file is rewritten without the duplicate.
     let saved: serde_json::Value =
@@ -154,8 +164,10 @@ DATA_DIR = "{data_dir}/{id}"
     let mut ports = Vec::new();
     for id in ["stubborn:s", "daemon:d"] {
         let (route, _) = expect_woken(c.spawn(id));
-        let helper = c.status(id).pid.unwrap() as i32;
+        let app = c.status(id).pid.unwrap() as i32;
+        let helper = exec_helper_of(app);
         tree.push(helper);
+        tree.push(app);
         tree.push(served_pid(tcp_addr(&route)));
         tree.extend(descendants(helper));
         ports.push(tcp_addr(&route).port());
@@ -175,4 +187,117 @@ DATA_DIR = "{data_dir}/{id}"
     for port in ports {
         assert!(port_bindable(port), "port {port} still taken");
     }
+}
+
+#[test]
+fn a_second_supervisor_on_the_same_directories_refuses_and_leaves_the_first_alone() {
+    let sb = Sandbox::new(WEB);
+    let _sup = sb.start();
+    let mut c = Client::admin(&sb);
+    let (route, _) = expect_woken(c.spawn("web:first"));
+    let app = served_pid(tcp_addr(&route));
+
+    let (status, output) = sb.run_to_exit(Duration::from_secs(10));
+    assert!(!status.success(), "a second supervisor started: {output}");
+    assert!(output.contains("already"), "{output}");
+    assert!(
+        pid_alive(app),
+        "starting a second supervisor killed the first one's instance {app}:\n{output}"
+    );
+    assert_eq!(http_get(tcp_addr(&route), "/").0, 200);
+    assert_eq!(c.state("web:first"), InstanceState::Running);
+    // The first supervisor still answers, on sockets that are still its own.
+    let mut fresh = Client::admin(&sb);
+    assert_eq!(fresh.ps().len(), 1);
+}
+
+#[test]
+fn an_invalid_config_exits_2_with_file_line_and_column() {
+    let sb = Sandbox::new(
+        r#"
+[service.web]
+command = "@TINY@"
+idle_timout = "5m"
+"#,
+    );
+    let (status, output) = sb.run_to_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(2), "{output}");
+    let config = sb.config_path.to_string_lossy().into_owned();
+    assert!(
+        output.contains(&format!("{config}:")) && output.contains("idle_timout"),
+        "{output}"
+    );
+    assert!(!output.contains("panicked"), "{output}");
+    assert!(!sb.admin_socket().exists());
+}
+
+#[test]
+fn sigterm_to_the_supervisor_stops_an_app_that_ignores_sigterm_within_its_grace() {
+    let sb = Sandbox::new(
+        r#"
+[service.stubborn]
+command = "python3 @FIXTURES@/forker.py ignore-term"
+stop_grace = "500ms"
+"#,
+    );
+    let sup = sb.start();
+    let mut c = Client::admin(&sb);
+    let (route, _) = expect_woken(c.spawn("stubborn:s"));
+    let app = served_pid(tcp_addr(&route));
+    let t0 = std::time::Instant::now();
+    let status = sup.terminate();
+    let took = t0.elapsed();
+    assert!(status.success(), "{status}");
+    assert!(
+        took < GRACE + Duration::from_secs(2),
+        "shutdown took {took:?}"
+    );
+    assert!(!pid_alive(app), "app {app} outlived the supervisor");
+    assert!(sb.leftover_processes().is_empty());
+    assert!(
+        !sb.admin_socket().exists(),
+        "the admin socket is removed on exit"
+    );
+}
+
+#[test]
+fn a_corrupt_registry_stops_the_start_with_the_fix_instead_of_forgetting_instances() {
+    let sb = Sandbox::new(WEB);
+    fs::create_dir_all(&sb.state_dir).unwrap();
+    fs::write(sb.registry_file(), b"{\"version\":1,\"instan").unwrap();
+    let (status, output) = sb.run_to_exit(Duration::from_secs(10));
+    assert!(!status.success(), "{output}");
+    assert!(output.contains("corrupt"), "{output}");
+    assert!(
+        output.contains(&sb.registry_file().to_string_lossy().into_owned()),
+        "{output}"
+    );
+    assert!(!output.contains("panicked"), "{output}");
+    // The file is left for the operator, not overwritten with an empty registry.
+    assert_eq!(
+        fs::read(sb.registry_file()).unwrap(),
+        b"{\"version\":1,\"instan"
+    );
+}
+
+#[test]
+fn instances_declared_in_the_config_are_registered_once_and_stopped() {
+    let sb = Sandbox::new(&format!("{WEB}\n[instances]\nweb = [\"alice\", \"bob\"]\n"));
+    let sup = sb.start();
+    let mut c = Client::admin(&sb);
+    let before = ports(&mut c);
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        ["web:alice", "web:bob"],
+        "{before:?}"
+    );
+    assert!(c.ps().iter().all(|i| i.state == InstanceState::Stopped));
+    assert!(
+        sb.leftover_processes().is_empty(),
+        "declared is not started"
+    );
+    sup.terminate();
+    let _sup = sb.start();
+    let mut c = Client::admin(&sb);
+    assert_eq!(ports(&mut c), before);
 }

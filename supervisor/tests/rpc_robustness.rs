@@ -101,7 +101,11 @@ fn unsafe_instance_ids_are_refused_before_any_file_or_process_work() {
     let mut c = Client::admin(&sb);
     assert!(c.ps().is_empty(), "a bad id was registered: {:?}", c.ps());
     assert_eq!(tree_listing(&sb.data_dir), data_before, "data_dir changed");
-    assert_eq!(tree_listing(&sb.state_dir), state_before, "state_dir changed");
+    assert_eq!(
+        tree_listing(&sb.state_dir),
+        state_before,
+        "state_dir changed"
+    );
     assert!(sb.leftover_processes().is_empty(), "a process was started");
 }
 
@@ -162,7 +166,10 @@ fn garbage_on(sb: &Sandbox, socket: &Path, role: Role) {
             }) => {}
             other => panic!("{what}: 4 GiB frame answered with {other:?}"),
         }
-        assert!(t0.elapsed() < Duration::from_secs(2), "{what}: waited for the body");
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "{what}: waited for the body"
+        );
     }
 
     // A valid length with non-JSON: before hello the connection ends with bad_request...
@@ -247,7 +254,11 @@ fn garbage_on_both_sockets_gets_errors_and_the_supervisor_keeps_serving() {
     let mut sup = sb.start();
     garbage_on(&sb, &sb.admin_socket(), Role::Admin);
     garbage_on(&sb, &sb.proxy_socket(), Role::Proxy);
-    assert!(sup.is_running(), "the supervisor died:\n{}", sb.supervisor_log());
+    assert!(
+        sup.is_running(),
+        "the supervisor died:\n{}",
+        sb.supervisor_log()
+    );
     let mut c = Client::admin(&sb);
     assert!(c.ps().is_empty());
     let p = Client::proxy(&sb);
@@ -293,4 +304,20 @@ fn admin_calls_on_the_proxy_socket_are_wrong_role_and_the_connection_continues()
     let names: Vec<String> = admin.ps().iter().map(|i| i.instance.to_string()).collect();
     assert_eq!(names, ["notes:bob"], "the proxy changed the registry");
     assert!(!sb.instance_data_dir("notes:mallory").exists());
+}
+
+#[test]
+fn rpc_sockets_are_created_private_to_the_supervisors_user() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let sb = Sandbox::new(NOTES);
+    let _sup = sb.start();
+    for socket in [sb.admin_socket(), sb.proxy_socket()] {
+        let meta = std::fs::metadata(&socket).unwrap();
+        assert!(meta.file_type().is_socket(), "{}", socket.display());
+        let mode = meta.permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} has mode {mode:o}", socket.display());
+    }
+    // No temporary bind directory is left beside them.
+    let names: Vec<String> = tree_listing(&sb.runtime_dir);
+    assert!(names.iter().all(|n| !n.starts_with(".bind")), "{names:?}");
 }

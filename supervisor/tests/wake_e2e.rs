@@ -48,7 +48,11 @@ FIXTURE_START_DELAY_MS = "100"
         generations.insert(route.generation);
         started += usize::from(s);
     }
-    assert_eq!(generations.len(), 1, "more than one process: {generations:?}");
+    assert_eq!(
+        generations.len(),
+        1,
+        "more than one process: {generations:?}"
+    );
     assert!(started >= 1, "the wake that started the process says so");
     let starts: Vec<String> = c
         .events("web:crowd")
@@ -58,7 +62,14 @@ FIXTURE_START_DELAY_MS = "100"
     assert_eq!(starts.len(), 1, "{starts:?}");
     let status = c.status("web:crowd");
     assert_eq!(status.state, InstanceState::Running);
-    assert!(starts[0].contains(&status.pid.unwrap().to_string()), "{starts:?}");
+    let app = status.pid.unwrap() as i32;
+    let helper = exec_helper_of(app);
+    assert!(
+        [app, helper]
+            .iter()
+            .any(|p| starts[0].contains(&format!("pid {p}"))),
+        "{starts:?} names neither app {app} nor helper {helper}"
+    );
 }
 
 #[test]
@@ -120,7 +131,10 @@ GREETING = "hi {id} of {service} on {port}"
         assert_eq!(env.get(key).copied(), Some(want), "{key} in:\n{body}");
     }
     for leaked in ["SECRET_TOKEN", "TENEMENT_SPAWN_SPEC", "RUST_LOG", "HOME"] {
-        assert!(!env.contains_key(leaked), "{leaked} leaked into the app:\n{body}");
+        assert!(
+            !env.contains_key(leaked),
+            "{leaked} leaked into the app:\n{body}"
+        );
     }
     let mode = std::fs::metadata(&data_dir).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "data dir mode {mode:o}");
@@ -199,5 +213,154 @@ ready = "notify"
     assert!(started);
     assert_eq!(http_get(tcp_addr(&route), "/").0, 200);
     let (_, env) = http_get(tcp_addr(&route), "/env");
-    assert!(env.lines().any(|l| l.starts_with("NOTIFY_SOCKET=")), "{env}");
+    assert!(
+        env.lines().any(|l| l.starts_with("NOTIFY_SOCKET=")),
+        "{env}"
+    );
+}
+
+#[test]
+fn wake_with_a_short_deadline_times_out_while_the_start_goes_on() {
+    let sb = Sandbox::new(
+        r#"
+[service.slow]
+command = "@TINY@"
+[service.slow.env]
+FIXTURE_START_DELAY_MS = "800"
+"#,
+    );
+    let _sup = sb.start();
+    let mut c = Client::admin(&sb);
+    assert!(matches!(
+        c.add(&["slow:s"]),
+        tenement_proto::rpc::Response::Added { .. }
+    ));
+    let t0 = Instant::now();
+    let message = expect_error(
+        c.call(tenement_proto::rpc::Request::Wake {
+            instance: iid("slow:s"),
+            timeout_ms: Some(100),
+        }),
+        tenement_proto::rpc::ErrorCode::WakeTimeout,
+    );
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(90) && waited < Duration::from_millis(600),
+        "waited {waited:?} for a 100 ms deadline: {message}"
+    );
+    assert_eq!(c.state("slow:s"), InstanceState::Starting);
+    // The start was not abandoned: the next wake joins it.
+    let (route, _) = expect_woken(c.wake("slow:s"));
+    assert_eq!(http_get(tcp_addr(&route), "/").0, 200);
+    let starts = c
+        .events("slow:s")
+        .into_iter()
+        .filter(|e| e.starts_with("started"))
+        .count();
+    assert_eq!(starts, 1);
+}
+
+#[test]
+fn app_that_never_gets_ready_fails_at_startup_timeout_and_is_killed() {
+    let sb = Sandbox::new(
+        r#"
+[service.stuck]
+command = "@TINY@"
+startup_timeout = "300ms"
+stop_grace = "200ms"
+backoff_base = "30s"
+[service.stuck.env]
+FIXTURE_START_DELAY_MS = "60000"
+"#,
+    );
+    let _sup = sb.start();
+    let mut c = Client::admin(&sb);
+    let t0 = Instant::now();
+    let message = expect_error(
+        c.spawn("stuck:s"),
+        tenement_proto::rpc::ErrorCode::WakeFailed,
+    );
+    let waited = t0.elapsed();
+    assert!(message.contains("startup_timeout"), "{message}");
+    assert!(
+        waited < Duration::from_millis(1500),
+        "failed after {waited:?}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(1), || sb
+            .leftover_processes()
+            .is_empty()),
+        "the stuck app is still running: {:?}",
+        sb.leftover_processes()
+    );
+    let status = c.status("stuck:s");
+    assert_eq!(status.state, InstanceState::Unhealthy, "{status:?}");
+    assert_eq!(status.pid, None, "{status:?}");
+}
+
+#[test]
+fn instance_whose_port_was_taken_by_a_stranger_moves_to_a_new_port() {
+    let sb = Sandbox::new("[service.web]\ncommand = \"@TINY@\"\n");
+    let _sup = sb.start();
+    let mut c = Client::admin(&sb);
+    assert!(matches!(
+        c.add(&["web:moved"]),
+        tenement_proto::rpc::Response::Added { .. }
+    ));
+    let old = info_port(&c.status("web:moved"));
+    let stranger = std::net::TcpListener::bind(("127.0.0.1", old)).unwrap();
+    let (route, _) = expect_woken(c.wake("web:moved"));
+    let new = tcp_addr(&route).port();
+    assert_ne!(new, old, "routed to the stranger's port");
+    let (code, body) = http_get(tcp_addr(&route), "/");
+    assert_eq!((code, body.trim()), (200, "hello from web:moved"));
+    assert_eq!(info_port(&c.status("web:moved")), new);
+    let saved = std::fs::read_to_string(sb.registry_file()).unwrap();
+    assert!(
+        saved.contains(&new.to_string()),
+        "the new port is saved: {saved}"
+    );
+    drop(stranger);
+}
+
+#[test]
+fn unknown_services_and_unregistered_instances_are_refused_without_side_effects() {
+    let sb = Sandbox::new(
+        r#"
+[service.web]
+command = "@TINY@"
+
+[service.auto]
+command = "@TINY@"
+auto_spawn = true
+"#,
+    );
+    let _sup = sb.start();
+    let mut c = Client::admin(&sb);
+    let mut p = Client::proxy(&sb);
+    use tenement_proto::rpc::{ErrorCode, Request, Response};
+    expect_error(c.wake("nope:x"), ErrorCode::UnknownService);
+    expect_error(c.spawn("nope:x"), ErrorCode::UnknownService);
+    expect_error(c.add(&["web:ok", "nope:x"]), ErrorCode::UnknownService);
+    expect_error(p.wake("web:stranger"), ErrorCode::UnknownInstance);
+    expect_error(
+        p.call(Request::Resolve {
+            instance: iid("web:stranger"),
+        }),
+        ErrorCode::UnknownInstance,
+    );
+    assert!(c.ps().is_empty(), "{:?}", c.ps());
+    assert!(tree_listing(&sb.data_dir).is_empty());
+
+    // With auto_spawn the proxy's resolve registers the instance, stopped.
+    match p.call(Request::Resolve {
+        instance: iid("auto:visitor"),
+    }) {
+        Response::Route { route } => assert_eq!(route.state, InstanceState::Stopped),
+        other => panic!("resolve answered {other:?}"),
+    }
+    let names: Vec<String> = c.ps().iter().map(|i| i.instance.to_string()).collect();
+    assert_eq!(names, ["auto:visitor"]);
+    let (route, _) = expect_woken(p.wake("auto:visitor"));
+    assert_eq!(http_get(tcp_addr(&route), "/").0, 200);
 }

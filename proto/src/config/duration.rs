@@ -65,7 +65,17 @@ mod tests {
 
     #[test]
     fn refuses_garbage() {
-        for text in ["", "5 minutes", "-1", "1.5s", "s", "5d", "1m30", "ms5", "99999999999999999999h"] {
+        for text in [
+            "",
+            "5 minutes",
+            "-1",
+            "1.5s",
+            "s",
+            "5d",
+            "1m30",
+            "ms5",
+            "99999999999999999999h",
+        ] {
             assert!(parse_duration(text).is_err(), "{text:?} should be refused");
         }
     }

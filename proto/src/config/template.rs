@@ -186,8 +186,12 @@ mod tests {
         assert!(Template::parse("{home}")
             .expect_err("unknown")
             .contains("unknown placeholder {home}"));
-        assert!(Template::parse("{id").expect_err("unclosed").contains("unclosed"));
-        assert!(Template::parse("id}").expect_err("unmatched").contains("unmatched"));
+        assert!(Template::parse("{id")
+            .expect_err("unclosed")
+            .contains("unclosed"));
+        assert!(Template::parse("id}")
+            .expect_err("unmatched")
+            .contains("unmatched"));
     }
 
     #[test]

@@ -1,7 +1,11 @@
 use super::*;
 
 fn domains() -> Vec<String> {
-    vec!["localhost".to_owned(), "example.com".to_owned(), "eu.example.com".to_owned()]
+    vec![
+        "localhost".to_owned(),
+        "example.com".to_owned(),
+        "eu.example.com".to_owned(),
+    ]
 }
 
 fn inst(service: &str, id: &str) -> Target {
@@ -35,7 +39,10 @@ fn host_table() {
         (Some("notes.eu.example.com"), T(svc("notes"))),
         (Some("bob.notes.eu.example.com"), T(inst("notes", "bob"))),
         // ports
-        (Some("alice.notes.localhost:8080"), T(inst("notes", "alice"))),
+        (
+            Some("alice.notes.localhost:8080"),
+            T(inst("notes", "alice")),
+        ),
         (Some("localhost:80"), T(Target::Home)),
         (Some("alice.notes.localhost:"), Bad),
         (Some("alice.notes.localhost:99999"), Bad),
@@ -46,7 +53,10 @@ fn host_table() {
         (Some("EXAMPLE.COM:443"), T(Target::Home)),
         // trailing dots
         (Some("alice.notes.localhost."), T(inst("notes", "alice"))),
-        (Some("alice.notes.localhost.:8080"), T(inst("notes", "alice"))),
+        (
+            Some("alice.notes.localhost.:8080"),
+            T(inst("notes", "alice")),
+        ),
         (Some("alice.notes.localhost.."), Bad),
         (Some("."), Bad),
         // IPv6 and IPv4 literals are not ours
@@ -62,7 +72,10 @@ fn host_table() {
         (Some("127.0.0.1:8080"), T(Target::NoMatch)),
         // unicode and control characters
         (Some("alicé.notes.localhost"), Bad),
-        (Some("xn--alic-dqa.notes.localhost"), T(inst("notes", "xn--alic-dqa"))),
+        (
+            Some("xn--alic-dqa.notes.localhost"),
+            T(inst("notes", "xn--alic-dqa")),
+        ),
         (Some("alice\u{0}.notes.localhost"), Bad),
         (Some("alice .notes.localhost"), Bad),
         (Some("alice\t.notes.localhost"), Bad),
@@ -70,8 +83,18 @@ fn host_table() {
         (Some(".notes.localhost"), Bad),
         (Some("alice..notes.localhost"), Bad),
         (Some("..localhost"), Bad),
-        (Some(&*Box::leak(format!("{}.notes.localhost", "a".repeat(63)).into_boxed_str())), T(inst("notes", &"a".repeat(63)))),
-        (Some(&*Box::leak(format!("{}.notes.localhost", "a".repeat(64)).into_boxed_str())), Bad),
+        (
+            Some(&*Box::leak(
+                format!("{}.notes.localhost", "a".repeat(63)).into_boxed_str(),
+            )),
+            T(inst("notes", &"a".repeat(63))),
+        ),
+        (
+            Some(&*Box::leak(
+                format!("{}.notes.localhost", "a".repeat(64)).into_boxed_str(),
+            )),
+            Bad,
+        ),
         (Some("-alice.notes.localhost"), Bad),
         (Some("alice-.notes.localhost"), Bad),
         (Some("a_b.notes.localhost"), Bad),

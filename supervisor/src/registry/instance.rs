@@ -62,7 +62,13 @@ pub struct Instance {
 }
 
 impl Instance {
-    pub fn new(id: InstanceId, port: Option<u16>, weight: u32, created_ms: u64, now: Instant) -> Self {
+    pub fn new(
+        id: InstanceId,
+        port: Option<u16>,
+        weight: u32,
+        created_ms: u64,
+        now: Instant,
+    ) -> Self {
         Self {
             id,
             lifecycle: Lifecycle::new(now),
@@ -131,7 +137,9 @@ impl Instance {
                 .process
                 .as_ref()
                 .map(|p| *apps.get(&p.pid).unwrap_or(&p.pid) as u32),
-            address: address.map(|a| a.to_string()).unwrap_or_else(|| "-".to_owned()),
+            address: address
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "-".to_owned()),
             uptime_s: self
                 .lifecycle
                 .running_since()

@@ -15,9 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tenement_proto::config::{Config, Service};
-use tenement_proto::rpc::{
-    ActivityReport, ErrorCode, InstanceInfo, LogLine, Response, Route,
-};
+use tenement_proto::rpc::{ActivityReport, ErrorCode, InstanceInfo, LogLine, Response, Route};
 use tenement_proto::InstanceId;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -153,12 +151,14 @@ pub struct RegistryHandle {
 
 impl RegistryHandle {
     /// Sends a command built around a fresh reply channel and waits for the answer.
-    pub async fn ask<T>(&self, build: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, RpcError> {
+    pub async fn ask<T>(
+        &self,
+        build: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, RpcError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(build(reply))
-            .await
-            .map_err(|_| RpcError::new(ErrorCode::Unavailable, "the supervisor is shutting down"))?;
+        self.tx.send(build(reply)).await.map_err(|_| {
+            RpcError::new(ErrorCode::Unavailable, "the supervisor is shutting down")
+        })?;
         rx.await
             .map_err(|_| RpcError::new(ErrorCode::Unavailable, "the supervisor is shutting down"))
     }
@@ -202,7 +202,10 @@ fn app_pids(instances: &HashMap<InstanceId, Instance>) -> HashMap<i32, i32> {
     }
     let mut children = HashMap::new();
     for p in crate::procfs::all_processes(std::path::Path::new("/proc")) {
-        children.entry(p.ppid).and_modify(|c: &mut i32| *c = (*c).min(p.pid)).or_insert(p.pid);
+        children
+            .entry(p.ppid)
+            .and_modify(|c: &mut i32| *c = (*c).min(p.pid))
+            .or_insert(p.pid);
     }
     children
 }
@@ -224,7 +227,10 @@ pub fn policy(service: &Service) -> Policy {
 impl Registry {
     /// Loads the saved registry, adds the instances declared in the config, kills leftovers of
     /// a previous run, and saves.
-    pub fn open(config: Arc<Config>, helper: PathBuf) -> anyhow::Result<(Registry, RegistryHandle)> {
+    pub fn open(
+        config: Arc<Config>,
+        helper: PathBuf,
+    ) -> anyhow::Result<(Registry, RegistryHandle)> {
         let store = StateStore::open(&config.settings.state_dir)?;
         let killed = store.kill_leftovers(std::path::Path::new("/proc"));
         if !killed.is_empty() {
@@ -254,7 +260,13 @@ impl Registry {
             }
             let port = entry.port.filter(|&p| registry.ports.claim(p));
             changed |= port != entry.port;
-            let instance = Instance::new(entry.instance.clone(), port, entry.weight, entry.created_ms, now);
+            let instance = Instance::new(
+                entry.instance.clone(),
+                port,
+                entry.weight,
+                entry.created_ms,
+                now,
+            );
             registry.instances.insert(entry.instance, instance);
         }
         let declared = registry.config.instances.clone();
@@ -285,7 +297,10 @@ impl Registry {
     }
 
     fn insert_new(&mut self, id: InstanceId, now: Instant) -> Result<(), RpcError> {
-        let port = self.ports.allocate(|_| true).map_err(|e| RpcError::new(ErrorCode::Unavailable, e.to_string()))?;
+        let port = self
+            .ports
+            .allocate(|_| true)
+            .map_err(|e| RpcError::new(ErrorCode::Unavailable, e.to_string()))?;
         let instance = Instance::new(id.clone(), Some(port), 1, now_ms(), now);
         self.instances.insert(id, instance);
         Ok(())
@@ -345,7 +360,11 @@ impl Registry {
                     let _ = reply.send(Err(RpcError::unknown(&instance)));
                     return;
                 }
-                if let Err(e) = self.service_of(&instance) {
+                if let Err(e) = self
+                    .service_of(&instance)
+                    .map(|_| ())
+                    .and_then(|()| self.refuse_if_removing(&instance))
+                {
                     let _ = reply.send(Err(e));
                     return;
                 }
@@ -419,7 +438,11 @@ impl Registry {
         }
     }
 
-    fn add(&mut self, ids: Vec<InstanceId>, now: Instant) -> Result<(Vec<InstanceId>, Vec<InstanceId>), RpcError> {
+    fn add(
+        &mut self,
+        ids: Vec<InstanceId>,
+        now: Instant,
+    ) -> Result<(Vec<InstanceId>, Vec<InstanceId>), RpcError> {
         for id in &ids {
             self.service_of(id)?;
         }
@@ -470,7 +493,14 @@ impl Registry {
         })
     }
 
-    fn wake(&mut self, id: InstanceId, register: bool, reset_failed: bool, reply: WakeReply, now: Instant) {
+    fn wake(
+        &mut self,
+        id: InstanceId,
+        register: bool,
+        reset_failed: bool,
+        reply: WakeReply,
+        now: Instant,
+    ) {
         let auto_spawn = match self.service_of(&id) {
             Ok(service) => service.auto_spawn,
             Err(e) => {
@@ -487,6 +517,10 @@ impl Registry {
                 let _ = reply.send(Err(e));
                 return;
             }
+        }
+        if let Err(e) = self.refuse_if_removing(&id) {
+            let _ = reply.send(Err(e));
+            return;
         }
         let mut event = Event::Wake;
         if let Some(i) = self.instances.get_mut(&id) {
@@ -513,13 +547,22 @@ impl Registry {
         self.settle_stop_waiters(&id);
     }
 
-    fn remove(&mut self, id: InstanceId, purge: bool, reply: oneshot::Sender<Result<(), RpcError>>, now: Instant) {
+    fn remove(
+        &mut self,
+        id: InstanceId,
+        purge: bool,
+        reply: oneshot::Sender<Result<(), RpcError>>,
+        now: Instant,
+    ) {
         let Some(i) = self.instances.get_mut(&id) else {
             let _ = reply.send(Err(RpcError::unknown(&id)));
             return;
         };
         if i.removal.is_some() {
-            let _ = reply.send(Err(RpcError::new(ErrorCode::Unavailable, format!("{id} is already being removed"))));
+            let _ = reply.send(Err(RpcError::new(
+                ErrorCode::Unavailable,
+                format!("{id} is already being removed"),
+            )));
             return;
         }
         i.removal = Some((purge, reply));
@@ -557,7 +600,10 @@ impl Registry {
             self.ports.release(port);
         }
         for waiter in instance.waiters {
-            let _ = waiter.reply.send(Err(RpcError::new(ErrorCode::Unavailable, format!("{id} was removed"))));
+            let _ = waiter.reply.send(Err(RpcError::new(
+                ErrorCode::Unavailable,
+                format!("{id} was removed"),
+            )));
         }
         self.broadcast(Response::Routes {
             routes: Vec::new(),
@@ -582,7 +628,19 @@ impl Registry {
         Ok(())
     }
 
+    /// An instance being removed takes no more wakes: they would bring it back.
+    fn refuse_if_removing(&self, id: &InstanceId) -> Result<(), RpcError> {
+        match self.instances.get(id) {
+            Some(i) if i.removal.is_some() => Err(RpcError::new(
+                ErrorCode::Unavailable,
+                format!("{id} is being removed"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     fn resolve(&mut self, id: &InstanceId, now: Instant) -> Result<Route, RpcError> {
+        self.refuse_if_removing(id)?;
         let service = self.service_of(id)?;
         if !self.instances.contains_key(id) {
             if !service.auto_spawn {
@@ -612,7 +670,10 @@ impl Registry {
             .filter_map(|id| self.route_of(id))
             .collect();
         routes.sort_by(|a, b| a.instance.cmp(&b.instance));
-        let chunks: Vec<Vec<Route>> = routes.chunks(SNAPSHOT_CHUNK).map(<[Route]>::to_vec).collect();
+        let chunks: Vec<Vec<Route>> = routes
+            .chunks(SNAPSHOT_CHUNK)
+            .map(<[Route]>::to_vec)
+            .collect();
         let last = chunks.len().saturating_sub(1);
         let watcher = Watcher { tx };
         let mut ok = true;
@@ -667,7 +728,14 @@ impl Registry {
         }
     }
 
-    fn park_ack(&mut self, watcher: u64, id: InstanceId, park_id: u64, accepted: bool, now: Instant) {
+    fn park_ack(
+        &mut self,
+        watcher: u64,
+        id: InstanceId,
+        park_id: u64,
+        accepted: bool,
+        now: Instant,
+    ) {
         let key = (id, park_id);
         let Some(park) = self.parks.get_mut(&key) else {
             return;
@@ -693,7 +761,10 @@ impl Registry {
             }
         }
         for id in dead {
-            tracing::warn!(watcher = id, "dropping a proxy watch stream that fell behind");
+            tracing::warn!(
+                watcher = id,
+                "dropping a proxy watch stream that fell behind"
+            );
             self.watchers.remove(&id);
         }
     }

@@ -114,7 +114,14 @@ impl Registry {
             Action::SendPark(park_id) => {
                 if self.watchers.is_empty() {
                     // No proxy, so nothing can be in flight.
-                    self.event(id, Event::ParkAnswered { park_id, accepted: true }, now);
+                    self.event(
+                        id,
+                        Event::ParkAnswered {
+                            park_id,
+                            accepted: true,
+                        },
+                        now,
+                    );
                 } else {
                     self.parks.insert(
                         (id.clone(), park_id),
@@ -158,7 +165,8 @@ impl Registry {
             Err(error) => {
                 tracing::warn!(instance = %id, "{error}");
                 if let Some(i) = self.instances.get(id) {
-                    i.logs.push(LogStream::Event, format!("could not start: {error}"));
+                    i.logs
+                        .push(LogStream::Event, format!("could not start: {error}"));
                 }
                 self.event(id, Event::SpawnFailed(error), now);
             }
@@ -186,12 +194,18 @@ impl Registry {
                         self.ports.release(old);
                         tracing::warn!(instance = %id, port = old, "port is taken by another program; moving to a new port");
                     }
-                    let p = self.ports.allocate(ports::bindable).map_err(|e| e.to_string())?;
+                    let p = self
+                        .ports
+                        .allocate(ports::bindable)
+                        .map_err(|e| e.to_string())?;
                     if let Some(i) = self.instances.get_mut(id) {
                         i.port = Some(p);
                     }
                     self.save().map_err(|e| e.to_string())?;
-                    (p, bind_loopback(p).map_err(|e| format!("cannot bind port {p}: {e}"))?)
+                    (
+                        p,
+                        bind_loopback(p).map_err(|e| format!("cannot bind port {p}: {e}"))?,
+                    )
                 }
             };
             port = Some(p);
@@ -200,16 +214,21 @@ impl Registry {
             }
         }
 
-        let socket_path = (service.listen == ListenMode::Unix).then(|| unix_socket_path(settings, id));
+        let socket_path =
+            (service.listen == ListenMode::Unix).then(|| unix_socket_path(settings, id));
         if let Some(path) = &socket_path {
             prepare_socket_dir(path)?;
             let _ = std::fs::remove_file(path);
         }
-        let notify_path = (service.ready == ReadyMode::Notify).then(|| notify_socket_path(settings, id));
+        let notify_path =
+            (service.ready == ReadyMode::Notify).then(|| notify_socket_path(settings, id));
         let notify = match &notify_path {
             Some(path) => {
                 prepare_socket_dir(path)?;
-                Some(probe::bind_notify(path).map_err(|e| format!("cannot bind {}: {e}", path.display()))?)
+                Some(
+                    probe::bind_notify(path)
+                        .map_err(|e| format!("cannot bind {}: {e}", path.display()))?,
+                )
             }
             None => None,
         };
@@ -220,13 +239,19 @@ impl Registry {
             socket_path: socket_path.clone(),
             notify_socket: notify_path,
         };
-        let spec = spawn::build_spec(settings, service, id, &endpoints, |name| std::env::var(name).ok())
-            .map_err(|e| e.to_string())?;
+        let spec = spawn::build_spec(settings, service, id, &endpoints, |name| {
+            std::env::var(name).ok()
+        })
+        .map_err(|e| e.to_string())?;
         let listener_fd: Option<OwnedFd> = listener.map(OwnedFd::from);
-        let mut child = spawn::launch(&self.helper, &spec, listener_fd.as_ref()).map_err(|e| e.to_string())?;
+        let mut child =
+            spawn::launch(&self.helper, &spec, listener_fd.as_ref()).map_err(|e| e.to_string())?;
         // Our copy of the handed-off socket closes here; the helper passes its copy on.
         drop(listener_fd);
-        let pid = child.id().map(|p| p as i32).ok_or("the exec helper exited at once")?;
+        let pid = child
+            .id()
+            .map(|p| p as i32)
+            .ok_or("the exec helper exited at once")?;
 
         let instance = self
             .instances
@@ -235,7 +260,6 @@ impl Registry {
         instance.generation += 1;
         let generation = instance.generation;
         instance.start_began = Some(now);
-        instance.last_exit = None;
         instance.next_health = service
             .health
             .as_ref()
@@ -246,10 +270,26 @@ impl Registry {
 
         let mut tasks = Vec::new();
         if let Some(stdout) = child.stdout.take() {
-            tasks.push(tokio::spawn(read_lines(stdout, logs.clone(), LogStream::Stdout, id.clone())).abort_handle());
+            tasks.push(
+                tokio::spawn(read_lines(
+                    stdout,
+                    logs.clone(),
+                    LogStream::Stdout,
+                    id.clone(),
+                ))
+                .abort_handle(),
+            );
         }
         if let Some(stderr) = child.stderr.take() {
-            tasks.push(tokio::spawn(read_lines(stderr, logs.clone(), LogStream::Stderr, id.clone())).abort_handle());
+            tasks.push(
+                tokio::spawn(read_lines(
+                    stderr,
+                    logs.clone(),
+                    LogStream::Stderr,
+                    id.clone(),
+                ))
+                .abort_handle(),
+            );
         }
 
         let address = instance.address(service.listen, settings);
@@ -272,7 +312,9 @@ impl Registry {
                 if !ready_now {
                     match (ready_mode, notify) {
                         (ReadyMode::Notify, Some(socket)) => probe::wait_notify(&socket).await,
-                        (ReadyMode::Health, _) => probe::wait_healthy(&address, &health_path, per_try).await,
+                        (ReadyMode::Health, _) => {
+                            probe::wait_healthy(&address, &health_path, per_try).await
+                        }
                         _ => probe::wait_accepting(&address).await,
                     }
                 }
@@ -318,7 +360,8 @@ impl Registry {
             ProcessEventKind::Ready => {
                 if let Some(began) = i.start_began {
                     let ms = now.duration_since(began).as_secs_f64() * 1000.0;
-                    i.logs.push(LogStream::Event, format!("ready in {ms:.1} ms"));
+                    i.logs
+                        .push(LogStream::Event, format!("ready in {ms:.1} ms"));
                     tracing::info!(instance = %id, ready_ms = ms, "ready");
                 }
                 self.event(&id, Event::Ready, now);
@@ -335,6 +378,11 @@ impl Registry {
                         task.abort();
                     }
                 }
+                // Whoever waited for this process to stop is answered now, even if the same
+                // exit starts the next process (a wake arrived during the stop).
+                for waiter in i.stop_waiters.drain(..) {
+                    let _ = waiter.send(());
+                }
                 i.logs.push(LogStream::Event, format!("exited ({status})"));
                 i.last_exit = Some(status.clone());
                 i.health_running = false;
@@ -348,7 +396,8 @@ impl Registry {
                 match result {
                     Ok(_) => self.event(&id, Event::HealthPassed, now),
                     Err(detail) => {
-                        i.logs.push(LogStream::Event, format!("health check failed: {detail}"));
+                        i.logs
+                            .push(LogStream::Event, format!("health check failed: {detail}"));
                         self.event(&id, Event::HealthFailed(detail), now);
                     }
                 }
@@ -364,7 +413,11 @@ impl Registry {
         let Some(path) = service.health.clone() else {
             return;
         };
-        let (interval, timeout, listen) = (service.health_interval, service.health_timeout, service.listen);
+        let (interval, timeout, listen) = (
+            service.health_interval,
+            service.health_timeout,
+            service.listen,
+        );
         let settings = self.config.settings.clone();
         let Some(i) = self.instances.get_mut(id) else {
             return;
@@ -432,7 +485,12 @@ pub fn kill_tree(pid: i32) {
     let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
 }
 
-async fn read_lines<R: AsyncRead + Unpin>(reader: R, logs: LogBuffer, stream: LogStream, id: InstanceId) {
+async fn read_lines<R: AsyncRead + Unpin>(
+    reader: R,
+    logs: LogBuffer,
+    stream: LogStream,
+    id: InstanceId,
+) {
     let mut lines = FramedRead::new(reader, LinesCodec::new_with_max_length(MAX_LINE_LEN));
     while let Some(item) = lines.next().await {
         match item {

@@ -1,0 +1,167 @@
+"""Shared pieces of tenement's benchmarks: building, a sandboxed supervisor, the RPC client,
+medians and ratio tables. Standard library only."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RELEASE = os.path.join(ROOT, "target", "release")
+
+
+def build():
+    subprocess.run(
+        ["cargo", "build", "--release", "--quiet", "-p", "tenement-supervisor", "-p", "tenement-proxy",
+         "-p", "tenctl", "-p", "tenement-fixtures"],
+        cwd=ROOT, check=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Sandbox:
+    """A temp dir with a config, a running supervisor and (optionally) a proxy."""
+
+    def __init__(self, services_toml, port_range="24000-25999", listen=None):
+        self.dir = tempfile.mkdtemp(prefix="tenement-bench-")
+        self.listen = listen
+        settings = [
+            "[settings]",
+            f'data_dir = "{self.dir}/data"',
+            f'state_dir = "{self.dir}/state"',
+            f'runtime_dir = "{self.dir}/run"',
+            f'port_range = "{port_range}"',
+            'proxy_user = "nobody"',
+        ]
+        if listen:
+            settings.append(f'listen = "{listen}"')
+        self.config = os.path.join(self.dir, "tenement.toml")
+        with open(self.config, "w") as f:
+            f.write("\n".join(settings) + "\n\n" + services_toml.replace("@ROOT@", ROOT) + "\n")
+        self.procs = []
+
+    def start_supervisor(self):
+        log = open(os.path.join(self.dir, "supervisor.log"), "w")
+        p = subprocess.Popen([os.path.join(RELEASE, "tenement-supervisor"), "--config", self.config],
+                             stdout=log, stderr=log)
+        self.procs.append(p)
+        sock = os.path.join(self.dir, "run", "admin.sock")
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                Rpc(sock).close()
+                self.supervisor = p
+                return p
+            except OSError:
+                time.sleep(0.01)
+        raise RuntimeError("supervisor did not start; see " + log.name)
+
+    def start_proxy(self):
+        log = open(os.path.join(self.dir, "proxy.log"), "w")
+        args = [os.path.join(RELEASE, "tenement-proxy"), "--config", self.config]
+        if os.geteuid() == 0:
+            args += ["--user", "nobody"]
+        p = subprocess.Popen(args, stdout=log, stderr=log)
+        self.procs.append(p)
+        host, port = self.listen.rsplit(":", 1)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+                self.proxy = p
+                return p
+            except OSError:
+                time.sleep(0.01)
+        raise RuntimeError("proxy did not start; see " + log.name)
+
+    def admin(self):
+        return Rpc(os.path.join(self.dir, "run", "admin.sock"))
+
+    def tenctl(self, *args):
+        return subprocess.run([os.path.join(RELEASE, "tenctl"), "--config", self.config, *args],
+                              capture_output=True, text=True)
+
+    def close(self):
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Rpc:
+    """A blocking client of the supervisor's framed JSON RPC."""
+
+    def __init__(self, path):
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.connect(path)
+        self.call({"type": "hello", "version": 1, "client": "bench"})
+
+    def call(self, message):
+        body = json.dumps(message).encode()
+        self.s.sendall(struct.pack(">I", len(body)) + body)
+        head = self._read(4)
+        return json.loads(self._read(struct.unpack(">I", head)[0]))
+
+    def _read(self, n):
+        buf = b""
+        while len(buf) < n:
+            chunk = self.s.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("supervisor closed the connection")
+            buf += chunk
+        return buf
+
+    def close(self):
+        self.s.close()
+
+
+def wait_port(port, started, poll=0.001, timeout=30.0):
+    """Polls a connect every `poll` seconds; returns seconds from `started` to success."""
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return time.perf_counter() - started
+        except OSError:
+            if time.perf_counter() - started > timeout:
+                raise TimeoutError(f"port {port} never accepted")
+            time.sleep(poll)
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def p(xs, q):
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = min(len(xs) - 1, max(0, int(round(q / 100 * (len(xs) - 1)))))
+    return xs[k]
+
+
+def machine():
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cpus, {cpu}, kernel {os.uname().release}, python {sys.version.split()[0]}"
