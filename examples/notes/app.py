@@ -291,8 +291,9 @@ def notify_ready():
         print(f"notes: cannot notify {target}: {err}", file=sys.stderr, flush=True)
 
 
-class Stop(Exception):
-    """Raised in the main thread by the SIGTERM handler to leave serve_forever at once."""
+class Stop(BaseException):
+    """Raised in the main thread by the SIGTERM handler to leave serve_forever at once. A
+    BaseException, so socketserver's per-request `except Exception` cannot swallow it."""
 
 
 def on_term(signum, frame):
