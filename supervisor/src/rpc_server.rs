@@ -160,17 +160,15 @@ async fn connection(
 ) -> Result<(), FrameError> {
     let cred = stream.peer_cred()?;
     let (mut reader, mut writer) = stream.into_split();
-    if role == Role::Admin {
-        if !admin.allows(cred.uid(), cred.gid(), cred.pid()) {
-            let reply = error(
-                ErrorCode::PermissionDenied,
-                format!(
-                    "uid {} may not use the admin socket; run as root or join the admin group",
-                    cred.uid()
-                ),
-            );
-            return frame::write_message_async(&mut writer, &reply).await;
-        }
+    if role == Role::Admin && !admin.allows(cred.uid(), cred.gid(), cred.pid()) {
+        let reply = error(
+            ErrorCode::PermissionDenied,
+            format!(
+                "uid {} may not use the admin socket; run as root or join the admin group",
+                cred.uid()
+            ),
+        );
+        return frame::write_message_async(&mut writer, &reply).await;
     }
 
     // Hello first, with a deadline.
