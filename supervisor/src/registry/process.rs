@@ -10,7 +10,7 @@ use std::time::Instant;
 use futures_util::StreamExt;
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
-use tenement_proto::config::{ListenMode, ReadyMode};
+use tenement_proto::config::{Isolation, ListenMode, ReadyMode};
 use tenement_proto::rpc::{Address, ErrorCode, LogStream, Response};
 use tenement_proto::InstanceId;
 use tokio::io::AsyncRead;
@@ -179,6 +179,18 @@ impl Registry {
         let service = config
             .service(&id.service)
             .ok_or_else(|| format!("no service {}", id.service))?;
+        // Security settings this build cannot honour stop the start rather than being ignored.
+        if let Some(user) = &service.user {
+            return Err(format!(
+                "user = {user:?} is not supported by this build yet; remove it to run as the supervisor's user"
+            ));
+        }
+        if let Some(level @ (Isolation::Namespace | Isolation::Sandbox)) = service.isolation {
+            return Err(format!(
+                "isolation = {:?} is not supported by this build yet; use isolation = \"process\"",
+                format!("{level:?}").to_lowercase()
+            ));
+        }
 
         // The port must be ours right now, or the readiness check could succeed against a
         // stranger. Moving is better than routing a tenant to somebody else's server.
