@@ -68,7 +68,8 @@ pub fn normalize(raw: &str) -> Result<String, HostError> {
         }
     };
     let host = host.strip_suffix('.').unwrap_or(host);
-    if host.is_empty() {
+    // Empty labels anywhere (`a..b`, `.a`, `a..` before the strip) are malformed.
+    if host.is_empty() || host.starts_with('.') || host.ends_with('.') || host.contains("..") {
         return Err(HostError::Malformed);
     }
     if host

@@ -1,0 +1,354 @@
+"""Helpers for the load benchmarks (proxy_throughput, cold_requests, idle_load): installing the
+external tools, a Sandbox with the proxy running, wrk, a throwaway nginx, per-process CPU time
+and a many-requests-at-once HTTP client. Standard library only; everything binds and targets
+127.0.0.1."""
+
+import os
+import re
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+from tenement_bench import RELEASE, ROOT, Sandbox, free_port
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# Debian package that provides each tool we may need.
+PACKAGES = {"wrk": "wrk", "nginx": "nginx-light"}
+
+
+def ensure_tools(*tools):
+    """Installs missing tools with apt-get, once, idempotently (`command -v X || apt-get ...`)."""
+    missing = [t for t in tools if shutil.which(t) is None and not os.path.exists(f"/usr/sbin/{t}")]
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise SystemExit(f"missing {', '.join(missing)}; install with: "
+                         f"apt-get install -y {' '.join(PACKAGES[t] for t in missing)}")
+    pkgs = [PACKAGES[t] for t in missing]
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    # The nginx package's postinst would start a system nginx on :80; forbid service starts
+    # while installing (policy-rc.d exit 101), and restore whatever was there before.
+    policy = "/usr/sbin/policy-rc.d"
+    had_policy = os.path.exists(policy)
+    try:
+        if not had_policy:
+            with open(policy, "w") as f:
+                f.write("#!/bin/sh\nexit 101\n")
+            os.chmod(policy, 0o755)
+        r = subprocess.run(["apt-get", "install", "-y", "-q", *pkgs], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if r.returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], env=env, check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(["apt-get", "install", "-y", "-q", *pkgs], env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+    finally:
+        if not had_policy and os.path.exists(policy):
+            os.remove(policy)
+    still = [t for t in missing if shutil.which(t) is None and not os.path.exists(f"/usr/sbin/{t}")]
+    if still:
+        raise SystemExit(f"could not install {', '.join(still)}")
+
+
+def nginx_binary():
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def proxied_sandbox(services_toml):
+    """A Sandbox with supervisor and proxy running, the proxy listening on a free port.
+
+    Workaround: Sandbox's temp dir is mkdtemp's 0700. As root the proxy drops to `nobody` and
+    then cannot reach `run/proxy.sock` inside it (EACCES), so every proxied request waits for
+    the whole wake deadline (~32 s) and gets a 503. Opening the directory for traversal (0711)
+    fixes that without touching the shared harness."""
+    port = free_port()
+    sb = Sandbox(services_toml, listen=f"127.0.0.1:{port}")
+    os.chmod(sb.dir, 0o711)
+    sb.proxy_port = port
+    try:
+        sb.start_supervisor()
+        sb.start_proxy()
+    except BaseException:
+        sb.close()
+        raise
+    return sb
+
+
+def wait_proxy_synced(sb, host, timeout=10.0):
+    """Waits until a request for `host` through the proxy answers 200 (table synced, woken)."""
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            status, _ = get(sb.proxy_port, host, "/", timeout=5)
+            if status == 200:
+                return
+            last = status
+        except OSError as e:
+            last = e
+        time.sleep(0.05)
+    raise RuntimeError(f"proxy never answered 200 for {host}: {last}; see {sb.dir}/proxy.log")
+
+
+def get(port, host, path="/", timeout=5.0):
+    """One GET on a fresh connection; returns (status, body)."""
+    import http.client
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request("GET", path, headers={"Host": host})
+        r = c.getresponse()
+        return r.status, r.read()
+    finally:
+        c.close()
+
+
+def cpu_ticks(pid):
+    """utime + stime of a whole process (all its threads, live and exited), in clock ticks."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # After the ")" the fields start at number 3 (state); utime is 14, stime 15.
+    return int(fields[11]) + int(fields[12])
+
+
+def children(pid):
+    """Direct children of `pid`."""
+    out = []
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            out = [int(x) for x in f.read().split()]
+    except OSError:
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                            out.append(int(entry))
+                except OSError:
+                    pass
+    return out
+
+
+_UNIT = {"us": 1.0, "ms": 1000.0, "s": 1_000_000.0}
+
+
+def _us(text):
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+def wrk(port, connections, duration, host=None, path="/", threads=1, timeout=None):
+    """Runs wrk once; returns rps, p50_us, p99_us, requests, errors (socket errors + non-2xx)."""
+    args = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency"]
+    if host:
+        args += ["-H", f"Host: {host}"]
+    if timeout:
+        args += ["--timeout", f"{timeout}s"]
+    args.append(f"http://127.0.0.1:{port}{path}")
+    r = subprocess.run(args, capture_output=True, text=True, timeout=duration + 60)
+    out = r.stdout
+    if r.returncode != 0:
+        raise RuntimeError(f"wrk failed ({r.returncode}): {r.stderr.strip()}\n{out}")
+    res = {"raw": out}
+    res["rps"] = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    res["requests"] = int(re.search(r"(\d+) requests in", out).group(1))
+    lat = dict(re.findall(r"^\s+(50|75|90|99)%\s+(\S+)$", out, re.M))
+    res["p50_us"] = _us(lat["50"]) if "50" in lat else float("nan")
+    res["p99_us"] = _us(lat["99"]) if "99" in lat else float("nan")
+    errors = 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        errors += int(m.group(1))
+    res["errors"] = errors
+    return res
+
+
+class Nginx:
+    """nginx in the foreground with a generated config in its own temp dir: 2 workers, an
+    upstream with keepalive 64, HTTP/1.1 to the upstream, Connection "" (so upstream
+    connections are reused). Never daemonizes; stop() ends it."""
+
+    def __init__(self, upstream_port, workers=2, keepalive=64):
+        self.dir = tempfile.mkdtemp(prefix="tenement-bench-nginx-")
+        os.chmod(self.dir, 0o755)
+        self.port = free_port()
+        d = self.dir
+        user = "user nobody nogroup;" if os.geteuid() == 0 else ""
+        conf = f"""
+{user}
+worker_processes {workers};
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    upstream backend {{
+        server 127.0.0.1:{upstream_port};
+        keepalive {keepalive};
+    }}
+    server {{
+        listen 127.0.0.1:{self.port};
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            # The same forwarding headers tenement-proxy sets, for a like-for-like request.
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $http_host;
+            proxy_set_header Forwarded "for=$remote_addr;proto=$scheme;host=\\"$http_host\\"";
+        }}
+    }}
+}}
+"""
+        self.conf = os.path.join(d, "nginx.conf")
+        with open(self.conf, "w") as f:
+            f.write(conf)
+        self.log = open(os.path.join(d, "stderr.log"), "w")
+        self.proc = subprocess.Popen(
+            [nginx_binary(), "-p", d, "-e", os.path.join(d, "error.log"), "-c", self.conf,
+             "-g", "daemon off;"], stdout=self.log, stderr=self.log)
+        deadline = time.time() + 10
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nginx exited: {open(os.path.join(d, 'error.log')).read()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                if len(self.workers()) >= workers:
+                    break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                self.stop()
+                raise RuntimeError("nginx did not start")
+            time.sleep(0.02)
+
+    def workers(self):
+        return children(self.proc.pid)
+
+    def cpu_ticks(self):
+        total = 0
+        for pid in self.workers():
+            try:
+                total += cpu_ticks(pid)
+            except OSError:
+                pass
+        return total
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def start_tiny_http(port=None):
+    port = port or free_port()
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PORT": str(port), "HOST": "127.0.0.1"}
+    p = subprocess.Popen([os.path.join(RELEASE, "tiny-http")], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.time() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return p, port
+        except OSError:
+            if time.time() > deadline or p.poll() is not None:
+                p.kill()
+                raise RuntimeError("tiny-http did not start")
+            time.sleep(0.005)
+
+
+def fire(port, n, host, path="/", timeout=30.0, started=None):
+    """Opens `n` connections to 127.0.0.1:port at once (non-blocking connects), sends one GET on
+    each as soon as it is connected, and waits for every response (Content-Length bodies).
+
+    Returns a list of (seconds from `started` to the end of the response, status or None,
+    error text or None), one per request. `started` defaults to the moment of the call."""
+    t0 = time.perf_counter() if started is None else started
+    request = (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: tenement-bench\r\n"
+               f"Connection: close\r\n\r\n").encode()
+    sel = selectors.DefaultSelector()
+    state = {}
+    results = [None] * n
+    for i in range(n):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.setblocking(False)
+        err = s.connect_ex(("127.0.0.1", port))
+        if err not in (0, 115):  # EINPROGRESS
+            results[i] = (time.perf_counter() - t0, None, f"connect: {os.strerror(err)}")
+            s.close()
+            continue
+        state[s] = {"i": i, "sent": False, "buf": b""}
+        sel.register(s, selectors.EVENT_WRITE)
+    deadline = time.perf_counter() + timeout
+    while state:
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            for s, st in state.items():
+                results[st["i"]] = (time.perf_counter() - t0, None, "timeout")
+                s.close()
+            break
+        for key, ev in sel.select(left):
+            s = key.fileobj
+            st = state[s]
+            now = time.perf_counter()
+            if not st["sent"]:
+                err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    results[st["i"]] = (now - t0, None, f"connect: {os.strerror(err)}")
+                    sel.unregister(s); s.close(); del state[s]
+                    continue
+                s.sendall(request)  # small: fits the socket buffer
+                st["sent"] = True
+                sel.modify(s, selectors.EVENT_READ)
+                continue
+            try:
+                chunk = s.recv(65536)
+            except OSError as e:
+                chunk = None
+                results[st["i"]] = (now - t0, None, f"recv: {e}")
+            if chunk:
+                st["buf"] += chunk
+                done = _complete(st["buf"])
+                if done is None:
+                    continue
+                results[st["i"]] = (now - t0, done, None)
+            elif chunk == b"":
+                status = _complete(st["buf"], eof=True)
+                results[st["i"]] = (now - t0, status,
+                                    None if status else f"closed after {len(st['buf'])} bytes")
+            sel.unregister(s); s.close(); del state[s]
+    sel.close()
+    return results
+
+
+def _complete(buf, eof=False):
+    """The status code if `buf` holds a whole response, else None."""
+    head_end = buf.find(b"\r\n\r\n")
+    if head_end < 0:
+        return None
+    head = buf[:head_end].decode("latin-1")
+    status = int(head.split(" ", 2)[1])
+    m = re.search(r"(?im)^content-length:\s*(\d+)\s*$", head)
+    if m:
+        return status if len(buf) - head_end - 4 >= int(m.group(1)) else None
+    return status if eof else None

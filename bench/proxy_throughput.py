@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Proxy throughput: wrk against the same fast native backend (tiny-http) three ways, side by
+side in one run with interleaved rounds:
+
+  direct    wrk -> tiny-http started directly on a port
+  nginx     wrk -> nginx (2 workers, upstream keepalive 64, HTTP/1.1, Connection "") -> that tiny-http
+  tenement  wrk -> tenement-proxy -> the instance tiny:a (a tiny-http the supervisor runs,
+            woken before the first round), Host: a.tiny.localhost
+
+1 wrk thread; 1, 4 and 32 connections; each run `--duration` seconds. Round r runs, for each
+connection count, the three configs in an order rotated by r. Reports medians of rps and p50,
+medians of per-round ratios, the p50 added over direct, and the proxy's (and nginx workers')
+CPU time per request from /proc/PID/stat utime+stime.
+
+    python3 bench/proxy_throughput.py [--rounds 5] [--duration 5] [--connections 1,4,32]
+"""
+
+import argparse
+import os
+import sys
+
+from loadtools import Nginx, cpu_ticks, CLK_TCK, ensure_tools, proxied_sandbox, start_tiny_http, \
+    wait_proxy_synced, wrk
+from tenement_bench import build, machine, median
+
+HOST = "a.tiny.localhost"
+SERVICES = """
+[service.tiny]
+command = "@ROOT@/target/release/tiny-http"
+idle_timeout = 0
+"""
+CONFIGS = ["direct", "nginx", "tenement"]
+
+GOAL_RPS_VS_NGINX = 1.2     # at 4 connections
+GOAL_CPU_US = 20.0          # proxy CPU per request
+GOAL_ADDED_P50_US = 40.0    # p50 added over direct
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
+    ap.add_argument("--connections", default="1,4,32")
+    ap.add_argument("--no-build", action="store_true")
+    args = ap.parse_args()
+    conns = [int(c) for c in args.connections.split(",")]
+    ensure_tools("wrk", "nginx")
+    if not args.no_build:
+        build()
+
+    tiny, tiny_port = start_tiny_http()
+    nginx = sb = None
+    try:
+        nginx = Nginx(tiny_port)
+        sb = proxied_sandbox(SERVICES)
+        rpc = sb.admin()
+        rpc.call({"type": "add", "instances": ["tiny:a"]})
+        reply = rpc.call({"type": "wake", "instance": "tiny:a"})
+        assert reply["type"] == "woken", reply
+        wait_proxy_synced(sb, HOST)
+        proxy_pid = sb.proxy.pid
+        ports = {"direct": tiny_port, "nginx": nginx.port, "tenement": sb.proxy_port}
+
+        # Warm-up: upstream connection pools, page cache, CPU frequency.
+        for c in conns:
+            for cfg in CONFIGS:
+                wrk(ports[cfg], c, 1, host=HOST)
+
+        rows = {}  # (cfg, c) -> list of per-round dicts
+        for r in range(args.rounds):
+            order = CONFIGS[r % 3:] + CONFIGS[:r % 3]
+            for c in conns:
+                for cfg in order:
+                    before = (cpu_ticks(proxy_pid) if cfg == "tenement"
+                              else nginx.cpu_ticks() if cfg == "nginx" else 0)
+                    res = wrk(ports[cfg], c, args.duration, host=HOST)
+                    after = (cpu_ticks(proxy_pid) if cfg == "tenement"
+                             else nginx.cpu_ticks() if cfg == "nginx" else 0)
+                    res["cpu_us"] = ((after - before) / CLK_TCK * 1e6 / res["requests"]
+                                     if cfg != "direct" and res["requests"] else float("nan"))
+                    rows.setdefault((cfg, c), []).append(res)
+                    print(f"  round {r + 1}/{args.rounds} c={c:<3} {cfg:<9} {res['rps']:>9.0f} rps "
+                          f"p50 {res['p50_us']:>7.0f} us  cpu/req {res['cpu_us']:>6.1f} us"
+                          f"{'  ERRORS ' + str(res['errors']) if res['errors'] else ''}",
+                          file=sys.stderr, flush=True)
+        report(args, conns, rows)
+        errors = sum(x["errors"] for v in rows.values() for x in v)
+        if errors:
+            print(f"\n{errors} wrk errors (socket errors or non-2xx); proxy log: {sb.dir}/proxy.log")
+            with open(os.path.join(sb.dir, "proxy.log")) as f:
+                tail = f.read()[-3000:]
+            print(tail)
+    finally:
+        if sb:
+            sb.close()
+        if nginx:
+            nginx.stop()
+        tiny.terminate()
+        tiny.wait()
+
+
+def report(args, conns, rows):
+    print(f"# proxy throughput: wrk -t1, {args.duration} s per run, {args.rounds} interleaved rounds; "
+          f"{machine()}")
+    print(f"{'conns':>5} {'config':<9}{'rps':>10}{'p50 us':>9}{'p99 us':>9}{'+p50 us':>9}"
+          f"{'cpu us/req':>11}{'errors':>8}")
+    for c in conns:
+        for cfg in CONFIGS:
+            xs = rows[(cfg, c)]
+            added = ("" if cfg == "direct" else
+                     f"{median([x['p50_us'] - d['p50_us'] for x, d in zip(xs, rows[('direct', c)])]):.0f}")
+            cpu = "" if cfg == "direct" else f"{median([x['cpu_us'] for x in xs]):.1f}"
+            print(f"{c:>5} {cfg:<9}{median([x['rps'] for x in xs]):>10.0f}"
+                  f"{median([x['p50_us'] for x in xs]):>9.0f}{median([x['p99_us'] for x in xs]):>9.0f}"
+                  f"{added:>9}{cpu:>11}{sum(x['errors'] for x in xs):>8}")
+    print()
+    print("per-round ratios (median [min..max] over rounds):")
+    print(f"{'conns':>5}{'tenement/nginx rps':>26}{'tenement/direct rps':>26}{'nginx/direct rps':>24}")
+    summary = {}
+    for c in conns:
+        t, n, d = rows[("tenement", c)], rows[("nginx", c)], rows[("direct", c)]
+        tn = [a["rps"] / b["rps"] for a, b in zip(t, n)]
+        td = [a["rps"] / b["rps"] for a, b in zip(t, d)]
+        nd = [a["rps"] / b["rps"] for a, b in zip(n, d)]
+        summary[c] = {
+            "tn": median(tn),
+            "cpu": median([x["cpu_us"] for x in t]),
+            "added": median([a["p50_us"] - b["p50_us"] for a, b in zip(t, d)]),
+        }
+        fmt = lambda xs: f"{median(xs):.3f} [{min(xs):.2f}..{max(xs):.2f}]"
+        print(f"{c:>5}{fmt(tn):>26}{fmt(td):>26}{fmt(nd):>24}")
+    print()
+    print("goals:")
+    if 4 in summary:
+        s = summary[4]
+        print(f"  rps >= {GOAL_RPS_VS_NGINX}x nginx at 4 connections: {s['tn']:.2f}x  "
+              f"{'MET' if s['tn'] >= GOAL_RPS_VS_NGINX else 'MISSED'}")
+    for c, s in summary.items():
+        print(f"  proxy CPU <= {GOAL_CPU_US:.0f} us/request (c={c}): {s['cpu']:.1f} us  "
+              f"{'MET' if s['cpu'] <= GOAL_CPU_US else 'MISSED'}")
+    for c, s in summary.items():
+        print(f"  added p50 <= {GOAL_ADDED_P50_US:.0f} us (c={c}): {s['added']:.0f} us  "
+              f"{'MET' if s['added'] <= GOAL_ADDED_P50_US else 'MISSED'}")
+    print("cpu us/req = utime+stime of the proxy process (nginx: sum of its workers) during the run "
+          f"/ requests completed (clock tick {1e6 / CLK_TCK:.0f} us); "
+          "+p50 = median over rounds of (p50 - direct p50 in the same round)")
+
+
+if __name__ == "__main__":
+    main()
