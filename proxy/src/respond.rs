@@ -126,12 +126,28 @@ mod tests {
         }
     }
 
-    #[test]
-    fn bodies_never_leak_details() {
-        let response = error_response(&ProxyError::WakeFailed(
-            "/var/lib/tenement/data/notes/alice: EACCES".into(),
-        ));
-        let body = format!("{:?}", response.body());
-        assert!(!body.contains("/var/lib"));
+    #[tokio::test]
+    async fn bodies_say_which_error_and_never_leak_details() {
+        let detail = "/var/lib/tenement/data/notes/alice: EACCES";
+        for error in [
+            ProxyError::WakeFailed(detail.into()),
+            ProxyError::InstanceFailed(detail.into()),
+            ProxyError::Upstream(detail.into()),
+        ] {
+            let response = error_response(&error);
+            let status = response.status().as_u16();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes();
+            let text = String::from_utf8_lossy(&body);
+            assert!(text.starts_with(&status.to_string()), "{text}");
+            assert!(
+                !text.contains("/var/lib") && !text.contains("EACCES"),
+                "{text}"
+            );
+        }
     }
 }
