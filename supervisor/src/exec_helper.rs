@@ -1,5 +1,5 @@
-//! The exec helper: a mode of this binary (`tenement-supervisor __exec-helper`) that sits at
-//! the root of every instance's process tree.
+//! The exec helper, `tenement-exec`: a small synchronous program at the root of every
+//! instance's process tree.
 //!
 //! The supervisor starts it in a new process group with the instance's [`SpawnSpec`] in the
 //! environment. It is single-threaded and synchronous: it becomes a child subreaper (so a
@@ -26,8 +26,10 @@ use serde::{Deserialize, Serialize};
 use crate::procfs;
 use crate::sys;
 
-/// The first argument that selects helper mode.
-pub const HELPER_ARG: &str = "__exec-helper";
+/// The helper's file name; it is installed next to `tenement-supervisor`.
+pub const HELPER_NAME: &str = "tenement-exec";
+/// Where packages may put it instead.
+const LIBEXEC: &str = "/usr/libexec/tenement/tenement-exec";
 /// The environment variable carrying the JSON [`SpawnSpec`].
 pub const SPEC_ENV: &str = "TENEMENT_SPAWN_SPEC";
 
@@ -46,6 +48,20 @@ pub struct SpawnSpec {
     /// The supervisor's pid: if the helper's parent is already another process, the
     /// supervisor died before PR_SET_PDEATHSIG took effect and the helper gives up.
     pub supervisor_pid: u32,
+}
+
+/// Finds `tenement-exec`: next to the running supervisor binary, else in libexec.
+pub fn locate() -> Result<PathBuf, String> {
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(HELPER_NAME)));
+    beside
+        .into_iter()
+        .chain(std::iter::once(PathBuf::from(LIBEXEC)))
+        .find(|path| path.is_file())
+        .ok_or_else(|| {
+            format!("cannot find the exec helper {HELPER_NAME} next to this binary or at {LIBEXEC}; reinstall tenement")
+        })
 }
 
 /// Runs the helper; never returns.

@@ -1,21 +1,9 @@
 //! `tenement-supervisor`: runs one process tree per instance behind a Unix-socket RPC.
 //!
-//! `main` is synchronous: it dispatches the exec-helper mode before anything else, parses
-//! arguments, loads the config, sets up logging, and only then builds the tokio runtime, so
-//! nothing that mutates the process (environment, signal masks) runs once threads exist.
-#![deny(unsafe_code)]
-
-mod exec_helper;
-mod lifecycle;
-mod logs;
-mod ports;
-mod probe;
-mod procfs;
-mod registry;
-mod rpc_server;
-mod spawn;
-mod state;
-mod sys;
+//! `main` is synchronous: it parses arguments, loads the config, sets up logging, and only then
+//! builds the tokio runtime, so nothing that mutates the process (environment, signal masks)
+//! runs once threads exist.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +16,8 @@ use tenement_proto::rpc::Role;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use tenement_supervisor::{exec_helper, ports, registry, rpc_server};
+
 /// Runs tenement's instances: one process tree per tenant, woken on demand, stopped when idle.
 #[derive(Debug, Parser)]
 #[command(name = "tenement-supervisor", version)]
@@ -38,12 +28,6 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    if std::env::args_os()
-        .nth(1)
-        .is_some_and(|a| a == exec_helper::HELPER_ARG)
-    {
-        exec_helper::main();
-    }
     let args = Args::parse();
     let is_root = nix::unistd::geteuid().is_root();
     let environment = Environment {
@@ -90,7 +74,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Arc<Config>, is_root: bool) -> anyhow::Result<()> {
-    let helper = std::env::current_exe().context("cannot find this binary for the exec helper")?;
+    let helper = exec_helper::locate().map_err(anyhow::Error::msg)?;
     let settings = &config.settings;
     if !is_root {
         tracing::warn!(

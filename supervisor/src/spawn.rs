@@ -13,7 +13,7 @@ use std::process::Stdio;
 use tenement_proto::config::{ListenMode, ReadyMode, Service, Settings, TemplateVars};
 use tenement_proto::InstanceId;
 
-use crate::exec_helper::{SpawnSpec, HELPER_ARG, SPEC_ENV};
+use crate::exec_helper::{SpawnSpec, SPEC_ENV};
 use crate::sys;
 
 /// Variables passed through from the supervisor's own environment; everything else is
@@ -192,7 +192,6 @@ pub fn launch(
 ) -> Result<tokio::process::Child, SpawnError> {
     let mut command = tokio::process::Command::new(helper);
     command
-        .arg(HELPER_ARG)
         .env_clear()
         .env(SPEC_ENV, serde_json::to_string(spec)?)
         .stdin(Stdio::null())

@@ -34,7 +34,7 @@ pub fn exec_helper_of(app: i32) -> i32 {
     let helper = parent_pid(app).unwrap_or_else(|| panic!("app {app} has no parent"));
     let cmdline = fs::read(format!("/proc/{helper}/cmdline")).unwrap_or_default();
     assert!(
-        String::from_utf8_lossy(&cmdline).contains("__exec-helper"),
+        String::from_utf8_lossy(&cmdline).contains("tenement-exec"),
         "the parent {helper} of app {app} is not an exec helper: {:?}",
         String::from_utf8_lossy(&cmdline)
     );

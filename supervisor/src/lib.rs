@@ -1,0 +1,17 @@
+//! The supervisor's library: everything `tenement-supervisor` and the exec helper
+//! `tenement-exec` are made of. See ARCHITECTURE.md for the map.
+//!
+//! `unsafe` is denied everywhere but in [`sys`].
+#![deny(unsafe_code)]
+
+pub mod exec_helper;
+pub mod lifecycle;
+pub mod logs;
+pub mod ports;
+pub mod probe;
+pub mod procfs;
+pub mod registry;
+pub mod rpc_server;
+pub mod spawn;
+pub mod state;
+pub mod sys;
