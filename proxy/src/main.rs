@@ -54,8 +54,6 @@ struct Args {
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
 /// Largest request head accepted (larger: 431).
 const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// Default per-service request body limit.
-const DEFAULT_MAX_BODY: u64 = 1 << 30;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -114,12 +112,12 @@ fn run(args: Args) -> anyhow::Result<()> {
 async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> anyhow::Result<()> {
     let services: HashMap<_, _> = config
         .services
-        .keys()
-        .map(|name| {
+        .iter()
+        .map(|(name, service)| {
             (
                 name.clone(),
                 ServicePolicy {
-                    max_body: DEFAULT_MAX_BODY,
+                    max_body: service.max_body_size,
                 },
             )
         })
@@ -140,7 +138,7 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
             wake_timeout,
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(60),
-            trusted_proxies: Vec::new(),
+            trusted_proxies: config.settings.trusted_proxies.clone(),
         },
         table: Arc::default(),
         link: link.clone(),

@@ -134,7 +134,7 @@ async fn run(config: Arc<Config>, is_root: bool) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let registered = registry.len();
+    let registered = registry.registered();
     let registry_task = tokio::spawn(registry.run(shutdown.child_token()));
     for (listener, role) in [(admin, Role::Admin), (proxy, Role::Proxy)] {
         tokio::spawn(rpc_server::serve(

@@ -67,6 +67,9 @@ pub struct Settings {
     /// When the supervisor runs as root without systemd, `proxy.sock` is made usable by this
     /// user's group (the user `tenement-proxy --user` drops to).
     pub proxy_user: Option<String>,
+    /// Peers whose X-Forwarded-For/-Proto and Forwarded headers the proxy keeps and extends
+    /// (a load balancer in front of it). Anyone else's are replaced.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 impl Settings {
@@ -155,6 +158,8 @@ pub struct Service {
     /// `None`: the supervisor's default for how it runs.
     pub isolation: Option<Isolation>,
     pub user: Option<String>,
+    /// Largest request body the proxy forwards to this service (larger: 413).
+    pub max_body_size: u64,
 }
 
 /// One problem in a config file, located.

@@ -297,6 +297,28 @@ impl Checker<'_> {
         default
     }
 
+    /// A size in bytes: an integer, or a string such as "512KB", "10MB", "1GB" (powers of 1024).
+    fn size(&mut self, table: &RawTable, key: &str, default: u64) -> u64 {
+        let Some(entry) = table.get(key) else {
+            return default;
+        };
+        let parsed = match &entry.value {
+            RawValue::Integer(n) => u64::try_from(*n).ok(),
+            RawValue::String(text) => parse_size(text),
+            _ => None,
+        };
+        match parsed {
+            Some(n) if n > 0 => n,
+            _ => {
+                let message = format!(
+                    "{key} must be a size in bytes like 1048576 or \"10MB\" (KB, MB, GB are powers of 1024)"
+                );
+                self.error(entry.key.span(), message);
+                default
+            }
+        }
+    }
+
     fn choice<T: Copy>(
         &mut self,
         table: &RawTable,
@@ -400,8 +422,35 @@ fn show(d: Duration) -> String {
     }
 }
 
+/// `"10MB"` -> 10 * 1024 * 1024; `None` for anything else.
+fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let value: u64 = text.get(..digits)?.parse().ok()?;
+    let factor: u64 = match text[digits..].trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        _ => return None,
+    };
+    value.checked_mul(factor)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sizes_accept_bytes_and_binary_units() {
+        use super::parse_size;
+        assert_eq!(parse_size("512"), Some(512));
+        assert_eq!(parse_size("10MB"), Some(10 << 20));
+        assert_eq!(parse_size("1 GiB"), Some(1 << 30));
+        assert_eq!(parse_size("4k"), Some(4096));
+        for bad in ["", "MB", "1.5MB", "10 TB", "-1", "99999999999999999999"] {
+            assert_eq!(parse_size(bad), None, "{bad:?}");
+        }
+    }
+
     use std::net::SocketAddr;
 
     use super::*;

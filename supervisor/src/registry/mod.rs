@@ -323,7 +323,8 @@ impl Registry {
             .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))
     }
 
-    pub fn len(&self) -> usize {
+    /// How many instances are registered.
+    pub fn registered(&self) -> usize {
         self.instances.len()
     }
 

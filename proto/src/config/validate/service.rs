@@ -28,6 +28,7 @@ const SERVICE_KEYS: &[&str] = &[
     "auto_spawn",
     "isolation",
     "user",
+    "max_body_size",
     "env",
 ];
 /// Variables the supervisor sets for every instance; a config value would be overwritten or,
@@ -42,6 +43,8 @@ const RESERVED_ENV: &[&str] = &[
     "SOCKET_PATH",
 ];
 const MAX_HEALTH_PATH: usize = 1024;
+/// 1 GiB: large uploads work out of the box; lower it per service.
+const DEFAULT_MAX_BODY_SIZE: u64 = 1 << 30;
 const LISTEN_MODES: &[(&str, ListenMode)] = &[
     ("tcp", ListenMode::Tcp),
     ("unix", ListenMode::Unix),
@@ -121,6 +124,7 @@ impl Checker<'_> {
             .get("user")
             .and_then(|e| self.string(e))
             .map(str::to_owned);
+        let max_body_size = self.size(body, "max_body_size", DEFAULT_MAX_BODY_SIZE);
 
         // Checks between keys: reported at the first of the keys that is written, else at
         // the service's header.
@@ -183,6 +187,7 @@ impl Checker<'_> {
             auto_spawn,
             isolation,
             user,
+            max_body_size,
         })
     }
 

@@ -17,6 +17,7 @@ const SETTINGS_KEYS: &[&str] = &[
     "port_range",
     "admin_group",
     "proxy_user",
+    "trusted_proxies",
 ];
 
 /// `sizeof(sockaddr_un.sun_path)` on Linux, terminating NUL included (unix(7)).
@@ -71,7 +72,12 @@ impl Checker<'_> {
             .get("proxy_user")
             .and_then(|e| self.string(e))
             .map(str::to_owned);
+        let trusted_proxies = match table.get("trusted_proxies") {
+            Some(e) => self.ip_list(e),
+            None => Vec::new(),
+        };
         Settings {
+            trusted_proxies,
             domains,
             data_dir,
             state_dir,
@@ -103,6 +109,25 @@ impl Checker<'_> {
             }
         }
         domains
+    }
+
+    fn ip_list(&mut self, entry: &RawEntry) -> Vec<std::net::IpAddr> {
+        let Some(items) = self.string_list(entry) else {
+            return Vec::new();
+        };
+        let mut ips = Vec::with_capacity(items.len());
+        for (span, text) in items {
+            match text.parse::<std::net::IpAddr>() {
+                Ok(ip) => ips.push(ip),
+                Err(_) => {
+                    let message = format!(
+                        "trusted_proxies entry {text:?} is not an IP address; write it like \"127.0.0.1\" or \"::1\""
+                    );
+                    self.error(span, message);
+                }
+            }
+        }
+        ips
     }
 
     fn listen_addresses(&mut self, entry: &RawEntry) -> Vec<SocketAddr> {
