@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 
 use tenement_proto::rpc::InstanceState;
 
+/// How long the proxy has to answer a park request before it counts as refused.
+pub const PARK_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The service settings the lifecycle needs; copied from the config.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
@@ -169,6 +172,8 @@ pub struct Lifecycle {
     in_flight: u32,
     last_activity: Instant,
     next_park_id: u64,
+    /// When the pending park request was sent.
+    park_sent_at: Option<Instant>,
     /// The process is alive (spawned and not yet exited).
     process_alive: bool,
     last_failure: Option<String>,
@@ -185,6 +190,7 @@ impl Lifecycle {
             in_flight: 0,
             last_activity: now,
             next_park_id: 1,
+            park_sent_at: None,
             process_alive: false,
             last_failure: None,
         }
@@ -365,6 +371,7 @@ impl Lifecycle {
     }
 
     fn set_parking(&mut self, value: Option<u64>) {
+        self.park_sent_at = None;
         if let Phase::Running {
             ref mut parking, ..
         } = self.phase
@@ -561,6 +568,20 @@ impl Lifecycle {
                 let Some(idle_timeout) = policy.idle_timeout else {
                     return;
                 };
+                if parking.is_some()
+                    && self
+                        .park_sent_at
+                        .is_some_and(|at| now.duration_since(at) >= PARK_ANSWER_TIMEOUT)
+                {
+                    // No answer from the proxy: as safe as a refusal, and the idle clock
+                    // starts again so the next try comes one idle_timeout later.
+                    actions.push(Action::Log(
+                        "the proxy did not answer the park request; idle stop postponed".to_owned(),
+                    ));
+                    self.set_parking(None);
+                    self.last_activity = now;
+                    return;
+                }
                 if parking.is_none()
                     && self.in_flight == 0
                     && now.duration_since(self.last_activity) >= idle_timeout
@@ -568,6 +589,7 @@ impl Lifecycle {
                     let park_id = self.next_park_id;
                     self.next_park_id += 1;
                     self.set_parking(Some(park_id));
+                    self.park_sent_at = Some(now);
                     actions.push(Action::SendPark(park_id));
                 }
             }

@@ -794,6 +794,22 @@ fn park_answer_with_wrong_id_is_ignored() {
 }
 
 #[test]
+fn an_unanswered_park_counts_as_refused_after_the_answer_timeout() {
+    let mut h = running(policy());
+    let timeout = PARK_ANSWER_TIMEOUT.as_millis() as u64;
+    h.script(&[
+        (300_000, Tick, &[SendPark(1)], S::Running),
+        (300_000 + timeout - 1, Tick, &[], S::Running),
+        // Postponed: no stop, and the idle clock starts again.
+        (300_000 + timeout, Tick, &[], S::Running),
+        (600_000 + timeout - 1, Tick, &[], S::Running),
+        (600_000 + timeout, Tick, &[SendPark(2)], S::Running),
+        // A late answer to the first request changes nothing.
+        (600_000 + timeout + 1, park(1, true), &[], S::Running),
+    ]);
+}
+
+#[test]
 fn refused_park_keeps_running_and_restarts_idle_clock() {
     let mut h = running(policy());
     h.script(&[
