@@ -87,15 +87,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     privilege::ensure_unprivileged(args.user.as_deref())?;
 
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+    init_logging();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -204,11 +196,15 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
         }));
     }
 
+    sd_notify_quietly(&[sd_notify::NotifyState::Ready]);
+    tokio::spawn(watchdog(shutdown.clone()));
+
     wait_for_signal().await;
     tracing::info!(
         "stopping: no new connections, {} s for requests in flight",
         grace.as_secs()
     );
+    sd_notify_quietly(&[sd_notify::NotifyState::Stopping]);
     shutdown.cancel();
     for task in accept_tasks {
         let _ = task.await;
@@ -222,6 +218,52 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
         tracing::warn!("grace period over with requests still in flight");
     }
     Ok(())
+}
+
+/// Logs to the journal when started by systemd (JOURNAL_STREAM is set), to stderr otherwise.
+fn init_logging() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(journald) = tracing_journald::layer() {
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(journald.with_syslog_identifier("tenement-proxy".to_owned()))
+                .init();
+            return;
+        }
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+}
+
+/// sd_notify(3); a no-op without systemd.
+fn sd_notify_quietly(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::debug!("sd_notify: {e}");
+    }
+}
+
+/// WATCHDOG=1 at half the interval systemd asked for, from a task on the runtime that serves
+/// requests: if the runtime stalls, the pings stop.
+async fn watchdog(shutdown: CancellationToken) {
+    let mut usec = 0;
+    if !sd_notify::watchdog_enabled(false, &mut usec) {
+        return;
+    }
+    let period = Duration::from_micros(usec / 2);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(period) => sd_notify_quietly(&[sd_notify::NotifyState::Watchdog]),
+        }
+    }
 }
 
 async fn wait_for_signal() {

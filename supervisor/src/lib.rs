@@ -15,3 +15,4 @@ pub mod rpc_server;
 pub mod spawn;
 pub mod state;
 pub mod sys;
+pub mod systemd;

@@ -16,7 +16,11 @@ use tenement_proto::rpc::Role;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use tenement_supervisor::{exec_helper, ports, registry, rpc_server};
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+use tenement_supervisor::{exec_helper, ports, registry, rpc_server, systemd};
+use tokio::net::UnixListener;
 
 /// Runs tenement's instances: one process tree per tenant, woken on demand, stopped when idle.
 #[derive(Debug, Parser)]
@@ -44,15 +48,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+    // Before any thread exists: this consumes LISTEN_*.
+    let inherited = match systemd::take_sockets() {
+        Ok(inherited) => inherited,
+        Err(e) => {
+            eprintln!("tenement-supervisor: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    systemd::init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -64,7 +68,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(Arc::new(config), is_root)) {
+    match runtime.block_on(run(Arc::new(config), is_root, inherited)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tenement-supervisor: {e:#}");
@@ -73,7 +77,11 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Arc<Config>, is_root: bool) -> anyhow::Result<()> {
+async fn run(
+    config: Arc<Config>,
+    is_root: bool,
+    inherited: Option<systemd::InheritedSockets>,
+) -> anyhow::Result<()> {
     let helper = exec_helper::locate().map_err(anyhow::Error::msg)?;
     let settings = &config.settings;
     if !is_root {
@@ -101,36 +109,14 @@ async fn run(config: Arc<Config>, is_root: bool) -> anyhow::Result<()> {
     // processes (opening the registry kills leftovers of a *dead* predecessor).
     let _lock = lock_state_dir(&settings.state_dir)?;
     let (registry, handle) = registry::Registry::open(config.clone(), helper)?;
-    let admin_mode = if admin_gid.is_some() { 0o660 } else { 0o600 };
-    let admin = rpc_server::bind_socket(&settings.admin_socket(), admin_mode)?;
-    if let Some(gid) = admin_gid {
-        nix::unistd::chown(
-            &settings.admin_socket(),
-            None,
-            Some(nix::unistd::Gid::from_raw(gid)),
-        )
-        .context("cannot give the admin socket to admin_group")?;
-    }
-    // Without systemd, root hands proxy.sock to the proxy's group (with systemd the socket
-    // unit does, see systemd/).
-    let proxy_gid = match (&settings.proxy_user, is_root) {
-        (Some(name), true) => Some(
-            nix::unistd::User::from_name(name)
-                .ok()
-                .flatten()
-                .with_context(|| format!("proxy_user {name:?} does not exist"))?
-                .gid,
+    let bound_here = inherited.is_none();
+    let (admin, proxy) = match inherited {
+        Some(sockets) => (
+            UnixListener::from_std(sockets.admin).context("cannot use systemd's admin socket")?,
+            UnixListener::from_std(sockets.proxy).context("cannot use systemd's proxy socket")?,
         ),
-        _ => None,
+        None => bind_sockets(settings, admin_gid, is_root)?,
     };
-    let proxy = rpc_server::bind_socket(
-        &settings.proxy_socket(),
-        if proxy_gid.is_some() { 0o660 } else { 0o600 },
-    )?;
-    if let Some(gid) = proxy_gid {
-        nix::unistd::chown(&settings.proxy_socket(), None, Some(gid))
-            .context("cannot give the proxy socket to proxy_user")?;
-    }
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -152,16 +138,97 @@ async fn run(config: Arc<Config>, is_root: bool) -> anyhow::Result<()> {
         proxy = %settings.proxy_socket().display(),
         "ready"
     );
+    systemd::notify(&[NotifyState::Ready]);
+    tokio::spawn(report_to_systemd(handle.clone(), shutdown.clone()));
 
     wait_for_signal().await;
     tracing::info!("stopping: every instance gets its stop_grace");
+    systemd::notify(&[NotifyState::Stopping]);
     shutdown.cancel();
     tracker.close();
     let _ = registry_task.await;
     tracker.wait().await;
-    let _ = std::fs::remove_file(settings.admin_socket());
-    let _ = std::fs::remove_file(settings.proxy_socket());
+    if bound_here {
+        let _ = std::fs::remove_file(settings.admin_socket());
+        let _ = std::fs::remove_file(settings.proxy_socket());
+    }
     Ok(())
+}
+
+/// Creates the RPC sockets ourselves (no systemd): admin for root, this user and admin_group;
+/// proxy for this user, or proxy_user's group when root.
+fn bind_sockets(
+    settings: &tenement_proto::config::Settings,
+    admin_gid: Option<u32>,
+    is_root: bool,
+) -> anyhow::Result<(UnixListener, UnixListener)> {
+    let admin_mode = if admin_gid.is_some() { 0o660 } else { 0o600 };
+    let admin = rpc_server::bind_socket(&settings.admin_socket(), admin_mode)?;
+    if let Some(gid) = admin_gid {
+        nix::unistd::chown(
+            &settings.admin_socket(),
+            None,
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+        .context("cannot give the admin socket to admin_group")?;
+    }
+    let proxy_gid = match (&settings.proxy_user, is_root) {
+        (Some(name), true) => Some(
+            nix::unistd::User::from_name(name)
+                .ok()
+                .flatten()
+                .with_context(|| format!("proxy_user {name:?} does not exist"))?
+                .gid,
+        ),
+        _ => None,
+    };
+    let proxy_mode = if proxy_gid.is_some() { 0o660 } else { 0o600 };
+    let proxy = rpc_server::bind_socket(&settings.proxy_socket(), proxy_mode)?;
+    if let Some(gid) = proxy_gid {
+        nix::unistd::chown(&settings.proxy_socket(), None, Some(gid))
+            .context("cannot give the proxy socket to proxy_user")?;
+    }
+    Ok((admin, proxy))
+}
+
+/// STATUS= with live counts, and WATCHDOG=1 only when the registry actor answers: a stuck
+/// event loop stops the pings and systemd restarts us.
+async fn report_to_systemd(registry: registry::RegistryHandle, shutdown: CancellationToken) {
+    let watchdog = systemd::watchdog_period();
+    let period = watchdog
+        .unwrap_or(Duration::from_secs(2))
+        .min(Duration::from_secs(2));
+    let mut last = None;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(period) => {}
+        }
+        let answer = tokio::time::timeout(
+            period,
+            registry.ask(|reply| registry::Command::Counts { reply }),
+        )
+        .await;
+        let Ok(Ok(counts)) = answer else {
+            tracing::warn!(
+                "the registry did not answer within {} ms",
+                period.as_millis()
+            );
+            continue;
+        };
+        let status = counts.to_string();
+        let mut states = Vec::new();
+        if last.as_ref() != Some(&status) {
+            states.push(NotifyState::Status(&status));
+        }
+        if watchdog.is_some() {
+            states.push(NotifyState::Watchdog);
+        }
+        if !states.is_empty() {
+            systemd::notify(&states);
+        }
+        last = Some(status.clone());
+    }
 }
 
 /// Holds an exclusive flock(2) on `state_dir/supervisor.lock` for the supervisor's lifetime.

@@ -126,8 +126,31 @@ pub enum Command {
         park_id: u64,
         accepted: bool,
     },
+    /// Counts for systemd's STATUS= line; answering it also proves the actor is alive.
+    Counts {
+        reply: oneshot::Sender<Counts>,
+    },
     /// From the tasks watching a process.
     Process(ProcessEvent),
+}
+
+/// How many instances are in each interesting state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub registered: usize,
+    pub running: usize,
+    pub starting: usize,
+    pub failed: usize,
+}
+
+impl std::fmt::Display for Counts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} running, {} waking, {} failed, {} registered",
+            self.running, self.starting, self.failed, self.registered
+        )
+    }
 }
 
 /// Events about one process generation of an instance.
@@ -323,6 +346,23 @@ impl Registry {
             .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))
     }
 
+    fn counts(&self) -> Counts {
+        use tenement_proto::rpc::InstanceState as S;
+        let mut counts = Counts {
+            registered: self.instances.len(),
+            ..Counts::default()
+        };
+        for i in self.instances.values() {
+            match i.lifecycle.state() {
+                S::Running => counts.running += 1,
+                S::Starting => counts.starting += 1,
+                S::Failed => counts.failed += 1,
+                _ => {}
+            }
+        }
+        counts
+    }
+
     /// How many instances are registered.
     pub fn registered(&self) -> usize {
         self.instances.len()
@@ -435,6 +475,9 @@ impl Registry {
                 park_id,
                 accepted,
             } => self.park_ack(watcher, instance, park_id, accepted, now),
+            Command::Counts { reply } => {
+                let _ = reply.send(self.counts());
+            }
             Command::Process(event) => self.process_event(event, now),
         }
     }
