@@ -70,6 +70,8 @@ pub struct Settings {
     /// Peers whose X-Forwarded-For/-Proto and Forwarded headers the proxy keeps and extends
     /// (a load balancer in front of it). Anyone else's are replaced.
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Uids (and gids) for instances of services with `user = "dynamic"`.
+    pub dynamic_users: RangeInclusive<u32>,
 }
 
 impl Settings {
@@ -160,6 +162,38 @@ pub struct Service {
     pub user: Option<String>,
     /// Largest request body the proxy forwards to this service (larger: 413).
     pub max_body_size: u64,
+    /// `None`: the isolation level's default (`none` for sandbox, `host` otherwise).
+    pub network: Option<Network>,
+    /// Paths that stay writable when the file system is read-only (namespace, sandbox).
+    pub writable: Vec<PathBuf>,
+    pub limits: Limits,
+}
+
+/// Whether an instance shares the host's network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Network {
+    Host,
+    /// Its own network namespace with only loopback.
+    None,
+}
+
+/// Resource limits of one instance: cgroup v2 controls and rlimits. `None`: not limited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// memory.max, bytes.
+    pub memory_max: Option<u64>,
+    /// memory.high, bytes.
+    pub memory_high: Option<u64>,
+    /// cpu.weight, 1-10000.
+    pub cpu_weight: Option<u32>,
+    /// cpu.max as a percentage of one CPU.
+    pub cpu_max_percent: Option<u32>,
+    /// pids.max.
+    pub pids_max: Option<u64>,
+    /// RLIMIT_NOFILE.
+    pub nofile: Option<u64>,
+    /// RLIMIT_NPROC.
+    pub nproc: Option<u64>,
 }
 
 /// One problem in a config file, located.

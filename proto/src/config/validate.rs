@@ -299,22 +299,49 @@ impl Checker<'_> {
 
     /// A size in bytes: an integer, or a string such as "512KB", "10MB", "1GB" (powers of 1024).
     fn size(&mut self, table: &RawTable, key: &str, default: u64) -> u64 {
-        let Some(entry) = table.get(key) else {
-            return default;
-        };
+        self.opt_size(table, key).unwrap_or(default)
+    }
+
+    /// [`Self::size`] without a default: `None` when the key is absent (or wrong).
+    fn opt_size(&mut self, table: &RawTable, key: &str) -> Option<u64> {
+        let entry = table.get(key)?;
         let parsed = match &entry.value {
             RawValue::Integer(n) => u64::try_from(*n).ok(),
             RawValue::String(text) => parse_size(text),
             _ => None,
         };
         match parsed {
-            Some(n) if n > 0 => n,
+            Some(n) if n > 0 => Some(n),
             _ => {
                 let message = format!(
                     "{key} must be a size in bytes like 1048576 or \"10MB\" (KB, MB, GB are powers of 1024)"
                 );
                 self.error(entry.key.span(), message);
-                default
+                None
+            }
+        }
+    }
+
+    /// A positive whole number within `range`, or `None` when absent.
+    fn opt_count(
+        &mut self,
+        table: &RawTable,
+        key: &str,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Option<u64> {
+        let entry = table.get(key)?;
+        match &entry.value {
+            RawValue::Integer(n) if u64::try_from(*n).is_ok_and(|n| range.contains(&n)) => {
+                u64::try_from(*n).ok()
+            }
+            _ => {
+                let message = format!(
+                    "{key} must be a whole number from {} to {}",
+                    range.start(),
+                    range.end()
+                );
+                self.error(entry.key.span(), message);
+                None
             }
         }
     }

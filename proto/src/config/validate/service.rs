@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::{show, toml_key, Checker, RawEntry, RawTable, RawValue, Span};
-use crate::config::{Isolation, ListenMode, ReadyMode, Service, Template};
+use crate::config::{Isolation, Limits, ListenMode, Network, ReadyMode, Service, Template};
 use crate::ids::ServiceName;
 
 const SERVICE_KEYS: &[&str] = &[
@@ -29,8 +29,18 @@ const SERVICE_KEYS: &[&str] = &[
     "isolation",
     "user",
     "max_body_size",
+    "network",
+    "writable",
+    "memory_max",
+    "memory_high",
+    "cpu_weight",
+    "cpu_max",
+    "pids_max",
+    "nofile",
+    "nproc",
     "env",
 ];
+const NETWORKS: &[(&str, Network)] = &[("host", Network::Host), ("none", Network::None)];
 /// Variables the supervisor sets for every instance; a config value would be overwritten or,
 /// worse, confuse socket activation.
 const RESERVED_ENV: &[&str] = &[
@@ -125,6 +135,32 @@ impl Checker<'_> {
             .and_then(|e| self.string(e))
             .map(str::to_owned);
         let max_body_size = self.size(body, "max_body_size", DEFAULT_MAX_BODY_SIZE);
+        let network = body
+            .get("network")
+            .map(|_| self.choice(body, "network", NETWORKS, Network::Host));
+        let writable = match body.get("writable") {
+            Some(e) => self.absolute_paths(e),
+            None => Vec::new(),
+        };
+        let limits = Limits {
+            memory_max: self.opt_size(body, "memory_max"),
+            memory_high: self.opt_size(body, "memory_high"),
+            cpu_weight: self
+                .opt_count(body, "cpu_weight", 1..=10_000)
+                .map(|n| n as u32),
+            cpu_max_percent: body.get("cpu_max").and_then(|e| self.percent(e)),
+            pids_max: self.opt_count(body, "pids_max", 1..=4_194_304),
+            nofile: self.opt_count(body, "nofile", 16..=1_048_576),
+            nproc: self.opt_count(body, "nproc", 1..=4_194_304),
+        };
+        if network == Some(Network::None) && listen == ListenMode::Tcp {
+            let message = "network = \"none\" leaves the app no way to be reached over TCP; use listen = \"activate\" or listen = \"unix\"";
+            self.error(
+                body.get("network")
+                    .map_or_else(|| entry.key.span(), |e| e.key.span()),
+                message.to_owned(),
+            );
+        }
 
         // Checks between keys: reported at the first of the keys that is written, else at
         // the service's header.
@@ -188,7 +224,46 @@ impl Checker<'_> {
             isolation,
             user,
             max_body_size,
+            network,
+            writable,
+            limits,
         })
+    }
+
+    /// `"50%"` of one CPU (up to `"6400%"`), for cpu_max.
+    fn percent(&mut self, entry: &RawEntry) -> Option<u32> {
+        let parsed = match &entry.value {
+            RawValue::String(s) => s
+                .strip_suffix('%')
+                .and_then(|n| n.trim().parse::<u32>().ok())
+                .filter(|n| (1..=6400).contains(n)),
+            _ => None,
+        };
+        if parsed.is_none() {
+            let message =
+                "cpu_max must be a share of one CPU like \"50%\" or \"200%\" (1% to 6400%)";
+            self.error(entry.key.span(), message.to_owned());
+        }
+        parsed
+    }
+
+    fn absolute_paths(&mut self, entry: &RawEntry) -> Vec<std::path::PathBuf> {
+        let Some(items) = self.string_list(entry) else {
+            return Vec::new();
+        };
+        let mut paths = Vec::new();
+        for (span, text) in items {
+            let path = std::path::PathBuf::from(&text);
+            if path.is_absolute() && !text.split('/').any(|part| part == "..") {
+                paths.push(path);
+            } else {
+                let message = format!(
+                    "writable path {text:?} must be absolute without '..', like \"/var/cache/app\""
+                );
+                self.error(span, message);
+            }
+        }
+        paths
     }
 
     /// `command` split into words without a shell, then `args`, each word a template.

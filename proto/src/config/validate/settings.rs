@@ -18,6 +18,7 @@ const SETTINGS_KEYS: &[&str] = &[
     "admin_group",
     "proxy_user",
     "trusted_proxies",
+    "dynamic_users",
 ];
 
 /// `sizeof(sockaddr_un.sun_path)` on Linux, terminating NUL included (unix(7)).
@@ -72,11 +73,13 @@ impl Checker<'_> {
             .get("proxy_user")
             .and_then(|e| self.string(e))
             .map(str::to_owned);
+        let dynamic_users = self.uid_range(table.get("dynamic_users"));
         let trusted_proxies = match table.get("trusted_proxies") {
             Some(e) => self.ip_list(e),
             None => Vec::new(),
         };
         Settings {
+            dynamic_users,
             trusted_proxies,
             domains,
             data_dir,
@@ -109,6 +112,32 @@ impl Checker<'_> {
             }
         }
         domains
+    }
+
+    /// The uids handed to `user = "dynamic"` instances: "LO-HI", default systemd's
+    /// DynamicUser range 61184-65519.
+    fn uid_range(&mut self, entry: Option<&RawEntry>) -> RangeInclusive<u32> {
+        let default = 61184..=65519;
+        let Some(entry) = entry else {
+            return default;
+        };
+        let bounds = match &entry.value {
+            RawValue::String(s) => s.split_once('-').and_then(|(lo, hi)| {
+                Some((
+                    lo.trim().parse::<u32>().ok()?,
+                    hi.trim().parse::<u32>().ok()?,
+                ))
+            }),
+            _ => None,
+        };
+        match bounds {
+            Some((lo, hi)) if lo >= 1000 && lo <= hi && hi < 2_147_483_647 => lo..=hi,
+            _ => {
+                let message = "dynamic_users must be \"LO-HI\" with 1000 <= LO <= HI, like \"61184-65519\"; pick uids no account uses";
+                self.error(entry.key.span(), message.to_owned());
+                default
+            }
+        }
     }
 
     fn ip_list(&mut self, entry: &RawEntry) -> Vec<std::net::IpAddr> {
