@@ -194,6 +194,11 @@ pub enum Response {
     Park {
         instance: InstanceId,
         park_id: u64,
+        /// The supervisor is shutting down: park even if requests are in flight (new ones
+        /// wait for the next supervisor), report activity, then accept; the supervisor waits
+        /// for the in-flight count to reach 0 before stopping the instance.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        drain: bool,
     },
 }
 

@@ -187,6 +187,7 @@ fn responses() -> Vec<(&'static str, Response)> {
             Response::Park {
                 instance: id("notes:alice"),
                 park_id: 4,
+                drain: false,
             },
         ),
         (

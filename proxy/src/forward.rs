@@ -145,7 +145,19 @@ impl Proxy {
                     .get(&name)
                     .ok_or(ProxyError::UnknownService)?;
                 check_body_size(&request, policy.max_body)?;
-                self.table.pick(&name).ok_or(ProxyError::UnknownInstance)?
+                match self.table.pick(&name) {
+                    Some(entry) => entry,
+                    // Right after start (or a supervisor restart) the table may be empty
+                    // only because the snapshot has not arrived yet.
+                    None if self.table.wait_synced(deadline).await => {
+                        self.table.pick(&name).ok_or(ProxyError::UnknownInstance)?
+                    }
+                    None => {
+                        return Err(ProxyError::WakeFailed(
+                            "no route table from the supervisor".to_owned(),
+                        ))
+                    }
+                }
             }
         };
         let max_body = self
@@ -273,44 +285,56 @@ impl Proxy {
         } else {
             Limited::new(body, max_body as usize).boxed()
         };
+        // A bodyless GET or HEAD can be sent again if a kept-alive connection turns out dead
+        // after the request left (the instance stopped or restarted meanwhile): nothing of it
+        // reached an app that answered.
+        let resendable = (parts.method == http::Method::GET || parts.method == http::Method::HEAD)
+            && body.is_end_stream();
+        let saved = resendable.then(|| {
+            (
+                parts.method.clone(),
+                parts.uri.clone(),
+                parts.headers.clone(),
+            )
+        });
         let mut upstream_request = Request::from_parts(parts, body);
 
         let (mut guard, mut route) = self.enter(&entry, deadline).await?;
-        let mut woke_after_refusal = false;
-        let (mut sender, key) = loop {
+        let mut resent = false;
+        let (response, key, sender) = loop {
             let key = PoolKey {
                 address: route.address.clone(),
                 generation: route.generation,
             };
-            if let Some(sender) = self.pool.take(&key) {
-                break (sender, key);
-            }
-            match self.pool.connect(&key, self.settings.connect_timeout).await {
-                Ok(sender) => break (sender, key),
-                Err(e) if !woke_after_refusal => {
-                    // The instance just stopped or crashed: nothing was sent yet, so wake it
-                    // and try once more.
-                    tracing::debug!(instance = %entry.id, "connect failed ({e}); waking and retrying");
-                    woke_after_refusal = true;
-                    drop(guard);
-                    entry.set_route(RouteInfo {
-                        state: InstanceState::Stopped,
-                        ..route
-                    });
-                    (guard, route) = self.enter(&entry, deadline).await?;
-                }
-                Err(e) => {
-                    return Err(ProxyError::Upstream(format!(
-                        "connect to {}: {e}",
-                        entry.id
-                    )))
-                }
-            }
-        };
-
-        // A pooled connection may have been closed by the instance since; the request comes
-        // back untouched in that case and goes out on a fresh connection.
-        let response = loop {
+            let (mut sender, reused) = match self.pool.take(&key) {
+                Some(sender) => (sender, true),
+                None => match self.pool.connect(&key, self.settings.connect_timeout).await {
+                    Ok(sender) => (sender, false),
+                    Err(e) => {
+                        // The instance stopped or crashed and nothing was sent: wake it and try
+                        // again. The supervisor may not have reaped the old process yet and
+                        // answer with the same route; keep trying until the deadline.
+                        if Instant::now() >= deadline {
+                            return Err(ProxyError::Upstream(format!(
+                                "connect to {}: {e}",
+                                entry.id
+                            )));
+                        }
+                        tracing::debug!(instance = %entry.id, "connect failed ({e}); waking and retrying");
+                        drop(guard);
+                        let refused_generation = route.generation;
+                        entry.set_route(RouteInfo {
+                            state: InstanceState::Stopped,
+                            ..route
+                        });
+                        (guard, route) = self.enter(&entry, deadline).await?;
+                        if route.generation == refused_generation {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        continue;
+                    }
+                },
+            };
             let attempt = tokio::time::timeout(
                 self.settings.response_timeout,
                 sender.try_send_request(upstream_request),
@@ -318,24 +342,29 @@ impl Proxy {
             .await;
             match attempt {
                 Err(_) => return Err(ProxyError::UpstreamTimeout),
-                Ok(Ok(response)) => break response,
+                Ok(Ok(response)) => break (response, key, sender),
                 Ok(Err(mut error)) => match error.take_message() {
-                    Some(request) => {
-                        upstream_request = request;
-                        sender = self
-                            .pool
-                            .connect(&key, self.settings.connect_timeout)
-                            .await
-                            .map_err(|e| {
-                                ProxyError::Upstream(format!("reconnect to {}: {e}", entry.id))
-                            })?;
-                    }
+                    // The connection was closed before the request went out: it comes back
+                    // untouched and goes out on another one.
+                    Some(request) => upstream_request = request,
                     None => {
                         let error = error.into_error();
                         if source_is::<http_body_util::LengthLimitError>(&error) {
                             return Err(ProxyError::BodyTooLarge);
                         }
-                        return Err(ProxyError::Upstream(format!("{}: {error}", entry.id)));
+                        match (&saved, reused && !resent) {
+                            (Some((method, uri, headers)), true) => {
+                                resent = true;
+                                let mut again = Request::new(full(Bytes::new()));
+                                *again.method_mut() = method.clone();
+                                *again.uri_mut() = uri.clone();
+                                *again.headers_mut() = headers.clone();
+                                upstream_request = again;
+                            }
+                            _ => {
+                                return Err(ProxyError::Upstream(format!("{}: {error}", entry.id)))
+                            }
+                        }
                     }
                 },
             }

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::respond::ProxyError;
-use crate::table::{Entry, RouteInfo, Table};
+use crate::table::{RouteInfo, Table};
 
 /// How often activity is reported.
 const REPORT_EVERY: Duration = Duration::from_millis(250);
@@ -98,12 +98,23 @@ impl Link {
             instance: id.clone(),
             timeout_ms: Some(timeout_ms),
         };
-        match self.call(request, deadline).await? {
-            Response::Woken { route, .. } => Ok(RouteInfo::from(&route)),
-            Response::Error { code, message } => Err(map_error(code, message)),
-            other => Err(ProxyError::WakeFailed(format!(
-                "unexpected answer {other:?}"
-            ))),
+        loop {
+            match self.call(request.clone(), deadline).await? {
+                Response::Woken { route, .. } => return Ok(RouteInfo::from(&route)),
+                // Shutting down or in the middle of something: ask again shortly.
+                Response::Error {
+                    code: ErrorCode::Unavailable,
+                    ..
+                } if Instant::now() + Duration::from_millis(20) < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Response::Error { code, message } => return Err(map_error(code, message)),
+                other => {
+                    return Err(ProxyError::WakeFailed(format!(
+                        "unexpected answer {other:?}"
+                    )))
+                }
+            }
         }
     }
 
@@ -203,8 +214,17 @@ impl Link {
                             table.set_synced(true);
                         }
                     }
-                    Some(Ok(Response::Park { instance, park_id })) => {
-                        let accepted = table.get(&instance).is_some_and(|e| park(&e));
+                    Some(Ok(Response::Park { instance, park_id, drain: true })) => {
+                        // Shutdown of the supervisor: nothing new enters; tell it what is
+                        // still in flight, then agree.
+                        if let Some(entry) = table.get(&instance) {
+                            entry.park_for_drain();
+                        }
+                        send_activity(table, &out_tx).await;
+                        let _ = out_tx.send(Request::ParkAck { instance, park_id, accepted: true }).await;
+                    }
+                    Some(Ok(Response::Park { instance, park_id, drain: false })) => {
+                        let accepted = table.get(&instance).is_some_and(|e| e.try_park());
                         if !accepted {
                             // Tell the supervisor why: what is in flight right now.
                             send_activity(table, &out_tx).await;
@@ -226,10 +246,6 @@ impl Link {
         writer_task.abort();
         result
     }
-}
-
-fn park(entry: &Entry) -> bool {
-    entry.try_park()
 }
 
 async fn send_activity(table: &Table, out: &tokio::sync::mpsc::Sender<Request>) {

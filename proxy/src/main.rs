@@ -150,7 +150,10 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEADER_BYTES as u32);
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        // Dead HTTP/2 peers are found by pings rather than held forever.
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
     let builder = Arc::new(builder);
 
     let mut accept_tasks = Vec::new();
@@ -181,14 +184,25 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
                 let _ = stream.set_nodelay(true);
                 let peer = Peer { addr, scheme };
                 let proxy = proxy.clone();
-                let service =
-                    hyper::service::service_fn(move |request| proxy.clone().handle(request, peer));
-                let connection = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .into_owned();
-                let connection = graceful.watch(connection);
+                let builder = builder.clone();
+                // Taken now, so the shutdown waits for this connection even while it is still
+                // being sniffed.
+                let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    if let Err(e) = connection.await {
+                    // hyper-util reads the first bytes to tell HTTP/1 from HTTP/2 with no
+                    // deadline of its own; a client that sends nothing must not hold a socket.
+                    let started =
+                        tokio::time::timeout(HEADER_READ_TIMEOUT, first_bytes(&stream)).await;
+                    if !matches!(started, Ok(true)) {
+                        return;
+                    }
+                    let service = hyper::service::service_fn(move |request| {
+                        proxy.clone().handle(request, peer)
+                    });
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    if let Err(e) = watcher.watch(connection).await {
                         tracing::debug!(peer = %addr, "connection ended: {e}");
                     }
                 });
@@ -218,6 +232,25 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
         tracing::warn!("grace period over with requests still in flight");
     }
     Ok(())
+}
+
+/// Waits until the client has sent enough to tell HTTP/1 from the HTTP/2 preface (one byte
+/// that cannot start it, or the whole 24-byte preface). False when the client closed.
+async fn first_bytes(stream: &tokio::net::TcpStream) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut buf = [0u8; 24];
+    loop {
+        if stream.readable().await.is_err() {
+            return false;
+        }
+        match stream.peek(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) if n >= PREFACE.len() || buf[..n] != PREFACE[..n] => return true,
+            // A prefix of the preface, arriving in pieces: peek again shortly (peek does not
+            // consume, so readiness alone would spin).
+            Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
 }
 
 /// Logs to the journal when started by systemd (JOURNAL_STREAM is set), to stderr otherwise.

@@ -6,7 +6,7 @@
 //! request can never slip into an instance between the park check and the stop.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use tenement_proto::rpc::{Address, InstanceState, Route};
@@ -129,6 +129,11 @@ impl Entry {
             .is_ok()
     }
 
+    /// Parks whatever is in flight: requests already inside finish, new ones wait for a wake.
+    pub fn park_for_drain(&self) {
+        self.gate.fetch_or(PARKED, Ordering::AcqRel);
+    }
+
     /// Lifts a park (the wake that follows will bring the instance back).
     pub fn unpark(&self) {
         self.gate.fetch_and(!PARKED, Ordering::AcqRel);
@@ -163,11 +168,19 @@ struct Inner {
 }
 
 /// Every instance the proxy knows of.
-#[derive(Default)]
 pub struct Table {
     inner: RwLock<Inner>,
     /// A complete snapshot has been received on the current watch stream.
-    synced: AtomicBool,
+    synced: watch::Sender<bool>,
+}
+
+impl Default for Table {
+    fn default() -> Self {
+        Self {
+            inner: RwLock::default(),
+            synced: watch::channel(false).0,
+        }
+    }
 }
 
 impl Table {
@@ -176,7 +189,17 @@ impl Table {
     }
 
     pub fn set_synced(&self, synced: bool) {
-        self.synced.store(synced, Ordering::Release);
+        self.synced.send_replace(synced);
+    }
+
+    /// Waits until the table holds a full snapshot (at start, or after the supervisor came
+    /// back), or until `deadline`. Returns whether it is synced.
+    pub async fn wait_synced(&self, deadline: tokio::time::Instant) -> bool {
+        let mut rx = self.synced.subscribe();
+        let synced = tokio::time::timeout_at(deadline, rx.wait_for(|synced| *synced))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        synced
     }
 
     /// Inserts or updates one route; returns its entry.

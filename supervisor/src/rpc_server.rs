@@ -129,13 +129,8 @@ pub async fn serve(
         let admin = admin.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
-            tokio::select! {
-                () = shutdown.cancelled() => {}
-                result = connection(stream, role, registry, &admin) => {
-                    if let Err(e) = result {
-                        tracing::debug!(?role, "connection ended: {e}");
-                    }
-                }
+            if let Err(e) = connection(stream, role, registry, &admin, &shutdown).await {
+                tracing::debug!(?role, "connection ended: {e}");
             }
         });
     }
@@ -152,11 +147,15 @@ fn from_rpc(e: RpcError) -> Response {
     error(e.code, e.message)
 }
 
+/// One connection. Request connections end with `shutdown` (between requests); a watch
+/// stream lives on until the registry lets go of it, so the proxy can drain instances while
+/// the supervisor stops them.
 async fn connection(
     stream: UnixStream,
     role: Role,
     registry: RegistryHandle,
     admin: &AdminPolicy,
+    shutdown: &CancellationToken,
 ) -> Result<(), FrameError> {
     let cred = stream.peer_cred()?;
     let (mut reader, mut writer) = stream.into_split();
@@ -172,12 +171,10 @@ async fn connection(
     }
 
     // Hello first, with a deadline.
-    let hello = match tokio::time::timeout(
-        HELLO_TIMEOUT,
-        frame::read_message_async::<_, Request>(&mut reader),
-    )
-    .await
-    {
+    let hello = match tokio::select! {
+        () = shutdown.cancelled() => return Ok(()),
+        hello = tokio::time::timeout(HELLO_TIMEOUT, frame::read_message_async::<_, Request>(&mut reader)) => hello,
+    } {
         Err(_) => return Ok(()),
         Ok(Err(FrameError::Decode(e))) => {
             let reply = error(ErrorCode::BadRequest, format!("undecodable message: {e}"));
@@ -212,7 +209,11 @@ async fn connection(
     }
 
     loop {
-        let request = match frame::read_message_async::<_, Request>(&mut reader).await {
+        let next = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            next = frame::read_message_async::<_, Request>(&mut reader) => next,
+        };
+        let request = match next {
             Ok(request) => request,
             Err(FrameError::Decode(e)) => {
                 // The frame boundary is intact: answer and carry on.
@@ -256,13 +257,21 @@ async fn connection(
                         )
                         .await?;
                         if let Some(feed) = logs.follow {
-                            return follow_logs(reader, writer, feed).await;
+                            return tokio::select! {
+                                () = shutdown.cancelled() => Ok(()),
+                                result = follow_logs(reader, writer, feed) => result,
+                            };
                         }
                     }
                 }
             }
             other => {
                 let reply = answer(other, &registry).await;
+                if shutdown.is_cancelled() {
+                    // The answer may be "shutting down"; the caller learns more by seeing the
+                    // connection close and asking the next supervisor.
+                    return Ok(());
+                }
                 frame::write_message_async(&mut writer, &reply).await?;
             }
         }

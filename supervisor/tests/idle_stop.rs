@@ -66,7 +66,10 @@ fn idle_stop_waits_for_in_flight_requests_and_the_proxys_park_answer() {
     });
     let busy_until = Instant::now() + Duration::from_millis(2500);
     while Instant::now() < busy_until {
-        if let Some(Response::Park { instance, park_id }) = watch.recv(Duration::from_millis(50)) {
+        if let Some(Response::Park {
+            instance, park_id, ..
+        }) = watch.recv(Duration::from_millis(50))
+        {
             // Refuse, as the proxy must; asking at all is already wrong.
             watch.send(&Request::ParkAck {
                 instance: instance.clone(),
@@ -136,7 +139,10 @@ fn idle_stop_waits_for_in_flight_requests_and_the_proxys_park_answer() {
 fn next_park(watch: &Watch, within: Duration) -> (String, u64) {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
-        if let Some(Response::Park { instance, park_id }) = watch.recv(Duration::from_millis(50)) {
+        if let Some(Response::Park {
+            instance, park_id, ..
+        }) = watch.recv(Duration::from_millis(50))
+        {
             return (instance.to_string(), park_id);
         }
     }

@@ -822,13 +822,82 @@ impl Registry {
         }
     }
 
+    /// Before a shutdown stops them: every proxy parks the running instances (new requests
+    /// wait for the next supervisor instead of reaching a dying process) and the requests
+    /// already inside finish, until `deadline`.
+    async fn drain(&mut self, deadline: tokio::time::Instant) {
+        use tenement_proto::rpc::InstanceState;
+        if self.watchers.is_empty() {
+            return;
+        }
+        let running: Vec<InstanceId> = self
+            .instances
+            .values()
+            .filter(|i| i.lifecycle.state() == InstanceState::Running)
+            .map(|i| i.id.clone())
+            .collect();
+        let mut unacked: HashMap<InstanceId, HashSet<u64>> = HashMap::new();
+        for id in &running {
+            unacked.insert(id.clone(), self.watchers.keys().copied().collect());
+            self.broadcast(Response::Park {
+                instance: id.clone(),
+                park_id: 0,
+                drain: true,
+            });
+        }
+        loop {
+            let drained = running.iter().all(|id| {
+                unacked.get(id).is_none_or(HashSet::is_empty)
+                    && self
+                        .instances
+                        .get(id)
+                        .is_none_or(|i| i.lifecycle.in_flight() == 0)
+            });
+            if drained {
+                return;
+            }
+            let command = tokio::select! {
+                command = self.rx.recv() => command,
+                () = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!("requests still in flight at the end of the stop grace");
+                    return;
+                }
+            };
+            let now = Instant::now();
+            match command {
+                None => return,
+                Some(Command::Activity { reports }) => {
+                    for r in reports {
+                        let event = Event::Activity {
+                            in_flight: r.in_flight,
+                            started: r.started,
+                        };
+                        self.event(&r.instance, event, now);
+                    }
+                }
+                Some(Command::ParkAck {
+                    watcher, instance, ..
+                }) => {
+                    if let Some(set) = unacked.get_mut(&instance) {
+                        set.remove(&watcher);
+                    }
+                }
+                Some(Command::Unsubscribe { watcher }) => {
+                    self.watchers.remove(&watcher);
+                    for set in unacked.values_mut() {
+                        set.remove(&watcher);
+                    }
+                }
+                Some(Command::Process(event)) => self.process_event(event, now),
+                // Anything else waits for the next supervisor: its reply channel is dropped
+                // and the caller retries.
+                Some(_) => {}
+            }
+        }
+    }
+
     /// Stops every instance, waiting at most the longest stop grace plus a margin.
     async fn stop_all(&mut self) {
-        let now = Instant::now();
-        let ids: Vec<InstanceId> = self.active.iter().cloned().collect();
-        for id in &ids {
-            self.event(id, Event::Stop, now);
-        }
         let grace = self
             .config
             .services
@@ -836,6 +905,12 @@ impl Registry {
             .map(|s| s.stop_grace)
             .max()
             .unwrap_or_default();
+        self.drain(tokio::time::Instant::now() + grace).await;
+        let now = Instant::now();
+        let ids: Vec<InstanceId> = self.active.iter().cloned().collect();
+        for id in &ids {
+            self.event(id, Event::Stop, now);
+        }
         let deadline = tokio::time::Instant::now() + grace + Duration::from_secs(2);
         while self.instances.values().any(|i| i.process.is_some()) {
             tokio::select! {

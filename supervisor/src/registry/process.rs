@@ -132,6 +132,7 @@ impl Registry {
                     self.broadcast(Response::Park {
                         instance: id.clone(),
                         park_id,
+                        drain: false,
                     });
                 }
             }
@@ -370,6 +371,19 @@ impl Registry {
         let id = event.instance;
         match event.kind {
             ProcessEventKind::Ready => {
+                if let Some(service) = self.config.service(&id.service) {
+                    if service.listen == ListenMode::Unix {
+                        let path = unix_socket_path(&self.config.settings, &id);
+                        if let Err(e) =
+                            open_to_proxy(&path, self.config.settings.proxy_user.as_deref())
+                        {
+                            tracing::warn!(instance = %id, "cannot open {} to the proxy: {e}", path.display());
+                        }
+                    }
+                }
+                let Some(i) = self.instances.get_mut(&id) else {
+                    return;
+                };
                 if let Some(began) = i.start_began {
                     let ms = now.duration_since(began).as_secs_f64() * 1000.0;
                     i.logs
@@ -456,6 +470,24 @@ impl Registry {
                 }))
                 .await;
         });
+    }
+}
+
+/// The app created its Unix socket with its own umask; the proxy (another user in
+/// production) must be able to connect: 0660 for `proxy_user`'s group when we can chown,
+/// else 0666 (the socket's directory is still ours).
+fn open_to_proxy(path: &Path, proxy_user: Option<&str>) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let group = proxy_user
+        .filter(|_| nix::unistd::geteuid().is_root())
+        .and_then(|name| nix::unistd::User::from_name(name).ok().flatten())
+        .map(|user| user.gid);
+    match group {
+        Some(gid) => {
+            nix::unistd::chown(path, None, Some(gid))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        }
+        None => std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)),
     }
 }
 

@@ -485,7 +485,11 @@ impl Drop for Daemon {
             let log = fs::read_to_string(&self.log_path).unwrap_or_default();
             let lines: Vec<&str> = log.lines().collect();
             let tail = &lines[lines.len().saturating_sub(40)..];
-            eprintln!("---- {} log (last lines) ----\n{}", self.name, tail.join("\n"));
+            eprintln!(
+                "---- {} log (last lines) ----\n{}",
+                self.name,
+                tail.join("\n")
+            );
         }
     }
 }

@@ -1,0 +1,208 @@
+//! The proxy as a front door facing strangers: slow and oversized request heads, no
+//! privilege, and a clean SIGTERM.
+
+use std::io::Write;
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+const WEB: &str = r#"
+[service.web]
+command = "@TINY@"
+
+[instances]
+web = ["alice"]
+"#;
+
+/// The proxy's `HEADER_READ_TIMEOUT` is 15 s; this leaves room for a loaded machine.
+const CUT_WITHIN: Duration = Duration::from_secs(20);
+
+/// Writes `tail` one byte a second after `head`, until the proxy closes the connection; how
+/// long that took, or `None` if it did not within [`CUT_WITHIN`].
+fn trickle_until_closed(sandbox: &Sandbox, head: &[u8], tail: &[u8]) -> Option<Duration> {
+    let mut stream = connect(sandbox.proxy_addr).expect("connect");
+    let started = Instant::now();
+    if !head.is_empty() {
+        stream.write_all(head).expect("send the start of a head");
+    }
+    let mut tail = tail.iter().cycle();
+    while started.elapsed() < CUT_WITHIN {
+        if let Some(byte) = tail.next() {
+            if stream.write_all(&[*byte]).is_err() {
+                return Some(started.elapsed());
+            }
+        }
+        if closed_within(&mut stream, Duration::from_secs(1)) {
+            return Some(started.elapsed());
+        }
+    }
+    None
+}
+
+#[test]
+fn slowloris_client_is_cut() {
+    let sandbox = Sandbox::new(WEB);
+    let (_supervisor, _proxy) = sandbox.start();
+    let cut = trickle_until_closed(
+        &sandbox,
+        b"GET / HTTP/1.1\r\nHost: alice.web.localhost\r\nX-Slow: ",
+        b"a",
+    );
+    let cut = cut
+        .unwrap_or_else(|| panic!("a trickling client was still connected after {CUT_WITHIN:?}"));
+    eprintln!("a trickled head was cut after {cut:?}");
+}
+
+#[test]
+fn silent_client_is_cut() {
+    // A client that connects and never sends a byte, or trickles a prefix of the HTTP/2
+    // preface: the connection must not be held forever (file descriptors are finite).
+    let sandbox = Sandbox::new(WEB);
+    let (_supervisor, _proxy) = sandbox.start();
+    let preface = {
+        let sandbox = &sandbox;
+        thread::scope(|scope| {
+            let preface = scope.spawn(move || {
+                trickle_until_closed(sandbox, b"", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r")
+            });
+            let silent = trickle_until_closed(sandbox, b"", b"");
+            (silent, preface.join().expect("preface client"))
+        })
+    };
+    let (silent, preface) = preface;
+    assert!(
+        silent.is_some() && preface.is_some(),
+        "still connected after {CUT_WITHIN:?}: silent client {}, HTTP/2 preface trickle {}",
+        if silent.is_some() { "cut" } else { "NOT cut" },
+        if preface.is_some() { "cut" } else { "NOT cut" },
+    );
+}
+
+#[test]
+fn oversized_headers_get_431() {
+    let sandbox = Sandbox::new(WEB);
+    let (_supervisor, _proxy) = sandbox.start();
+    let big = "a".repeat(100 * 1024);
+    let request = format!(
+        "GET / HTTP/1.1\r\nHost: alice.web.localhost\r\nX-Big: {big}\r\nConnection: close\r\n\r\n"
+    );
+    let reply = exchange(sandbox.proxy_addr, request.as_bytes()).expect("an answer");
+    assert_eq!(reply.status(), 431, "{}", reply.text());
+    assert_eq!(
+        sandbox.admin().state("web:alice"),
+        tenement_proto::rpc::InstanceState::Stopped,
+        "the instance was woken for a refused request"
+    );
+}
+
+#[test]
+fn proxy_refuses_root_without_user() {
+    assert!(
+        is_root(),
+        "this test needs root (CI runs the suite as root): it checks what the proxy does when started as root"
+    );
+    let sandbox = Sandbox::new(WEB);
+    let mut command = Command::new(proxy_binary());
+    command
+        .arg("--config")
+        .arg(&sandbox.config_path)
+        .env_remove("TENEMENT_CONFIG")
+        .env("TENEMENT_TEST_SANDBOX", &sandbox.root);
+    let (status, output) = run_to_exit(
+        command,
+        &sandbox.root.join("root-proxy.out"),
+        Duration::from_secs(10),
+    );
+    assert!(!status.success(), "exited with {status}: {output}");
+    let lines: Vec<&str> = output.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line expected: {output:?}");
+    assert!(lines[0].contains("refusing to run as root"), "{output:?}");
+}
+
+#[test]
+fn proxy_with_user_holds_no_capability() {
+    assert!(
+        is_root(),
+        "this test needs root (CI runs the suite as root): it checks the drop to --user"
+    );
+    let sandbox = Sandbox::new(WEB);
+    let (_supervisor, proxy) = sandbox.start();
+    // It works after the drop: it reaches the supervisor and an instance.
+    assert_eq!(
+        get_ok(sandbox.proxy_addr, "alice.web.localhost", "/"),
+        "hello from web:alice"
+    );
+    let pid = proxy.pid();
+    for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+        assert_eq!(
+            proc_status_field(pid, set),
+            "0000000000000000",
+            "{set} of the proxy"
+        );
+    }
+    let nobody = nix::unistd::User::from_name(PROXY_USER)
+        .expect("getpwnam")
+        .expect("the user nobody exists");
+    let uid = nobody.uid.to_string();
+    let gid = nobody.gid.to_string();
+    let uids: Vec<String> = proc_status_field(pid, "Uid")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        uids,
+        [uid.clone(), uid.clone(), uid.clone(), uid],
+        "real, effective, saved, fs uid"
+    );
+    let gids: Vec<String> = proc_status_field(pid, "Gid")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        gids,
+        [gid.clone(), gid.clone(), gid.clone(), gid.clone()],
+        "real, effective, saved, fs gid"
+    );
+    assert_eq!(
+        proc_status_field(pid, "Groups"),
+        gid,
+        "supplementary groups"
+    );
+}
+
+#[test]
+fn sigterm_lets_in_flight_requests_finish() {
+    let sandbox = Sandbox::new(
+        r#"
+[service.mirror]
+command = "python3 @FIXTURES@/mirror.py"
+
+[instances]
+mirror = ["a"]
+"#,
+    );
+    let (_supervisor, proxy) = sandbox.start();
+    let addr = sandbox.proxy_addr;
+    get_ok(addr, "a.mirror.localhost", "/health");
+    let slow = thread::spawn(move || try_get(addr, "a.mirror.localhost", "/slow?ms=1000"));
+    let mut admin = sandbox.admin();
+    let in_flight = wait_until(Duration::from_secs(5), || {
+        admin.status("mirror:a").in_flight >= 1
+    });
+    assert!(in_flight, "the slow request never showed as in flight");
+    proxy.signal(nix::sys::signal::Signal::SIGTERM);
+    let reply = slow
+        .join()
+        .expect("client thread")
+        .expect("the in-flight request got an answer");
+    assert_eq!(reply.status(), 200, "{}", reply.text());
+    assert_eq!(reply.text().trim(), "slow");
+    let status = proxy.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "the proxy exited with {status}");
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "the proxy's port still accepts"
+    );
+}

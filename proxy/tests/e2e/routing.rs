@@ -1,0 +1,257 @@
+//! Routing by Host: instance hosts wake their instance, service hosts pick one, the domain is
+//! the status page, and everything else is refused before it reaches the supervisor or the
+//! file system.
+
+use std::collections::HashSet;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::thread;
+use std::time::Duration;
+
+use tenement_proto::rpc::InstanceState;
+
+use crate::support::*;
+
+const WEB: &str = r#"
+[service.web]
+command = "@TINY@"
+
+[instances]
+web = ["alice"]
+"#;
+
+#[test]
+fn wake_on_first_request() {
+    let sandbox = Sandbox::new(WEB);
+    let (_supervisor, _proxy) = sandbox.start();
+    let mut admin = sandbox.admin();
+    assert_eq!(admin.state("web:alice"), InstanceState::Stopped);
+
+    let body = get_ok(sandbox.proxy_addr, "alice.web.localhost", "/");
+    assert_eq!(body, "hello from web:alice");
+
+    let ps = admin.ps();
+    let alice = ps
+        .iter()
+        .find(|i| i.instance.to_string() == "web:alice")
+        .expect("web:alice is listed");
+    assert_eq!(alice.state, InstanceState::Running, "{alice:?}");
+    assert!(alice.pid.is_some(), "{alice:?}");
+    assert_eq!(admin.starts("web:alice"), 1);
+}
+
+#[test]
+fn bad_hosts_are_400_and_unknown_are_404() {
+    let sandbox = Sandbox::new(
+        r#"
+[service.notes]
+command = "@TINY@"
+
+[instances]
+notes = ["alice"]
+"#,
+    );
+    let (_supervisor, _proxy) = sandbox.start();
+    let addr = sandbox.proxy_addr;
+    let cases: [(&str, &[u8], u16); 8] = [
+        (
+            "a path in the id",
+            b"GET / HTTP/1.1\r\nHost: ../x.notes.localhost\r\nConnection: close\r\n\r\n",
+            400,
+        ),
+        (
+            "an id that is not a DNS label",
+            b"GET / HTTP/1.1\r\nHost: a_b.notes.localhost\r\nConnection: close\r\n\r\n",
+            400,
+        ),
+        (
+            "an unregistered instance",
+            b"GET / HTTP/1.1\r\nHost: zed.notes.localhost\r\nConnection: close\r\n\r\n",
+            404,
+        ),
+        (
+            "an unknown service",
+            b"GET / HTTP/1.1\r\nHost: nope.localhost\r\nConnection: close\r\n\r\n",
+            404,
+        ),
+        (
+            "an unknown service with an id",
+            b"GET / HTTP/1.1\r\nHost: x.nope.localhost\r\nConnection: close\r\n\r\n",
+            404,
+        ),
+        ("no Host at all (HTTP/1.0)", b"GET / HTTP/1.0\r\n\r\n", 400),
+        (
+            "another domain",
+            b"GET / HTTP/1.1\r\nHost: evil.com\r\nConnection: close\r\n\r\n",
+            404,
+        ),
+        (
+            "the domain itself: the status page",
+            b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            200,
+        ),
+    ];
+    for (what, request, status) in cases {
+        let reply = exchange(addr, request).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(reply.status(), status, "{what}: {}", reply.text());
+    }
+    let home = get(addr, "localhost", "/");
+    assert!(home.text().starts_with("tenement"), "{}", home.text());
+
+    assert_eq!(
+        sandbox.data_listing(),
+        Vec::<String>::new(),
+        "nothing may be created under data_dir"
+    );
+    let mut admin = sandbox.admin();
+    let registered: Vec<String> = admin.ps().iter().map(|i| i.instance.to_string()).collect();
+    assert_eq!(registered, ["notes:alice"], "nothing was registered");
+    assert_eq!(admin.state("notes:alice"), InstanceState::Stopped);
+}
+
+#[test]
+fn auto_spawn_registers_unknown_instances() {
+    let sandbox = Sandbox::new(
+        r#"
+[service.svc]
+command = "@TINY@"
+auto_spawn = true
+"#,
+    );
+    let (_supervisor, _proxy) = sandbox.start();
+    let body = get_ok(sandbox.proxy_addr, "new.svc.localhost", "/");
+    assert_eq!(body, "hello from svc:new");
+    let mut admin = sandbox.admin();
+    assert_eq!(admin.state("svc:new"), InstanceState::Running);
+}
+
+const TWO_NOTES: &str = r#"
+[service.notes]
+command = "@TINY@"
+
+[instances]
+notes = ["a", "b"]
+"#;
+
+/// The status page's instance count: the proxy has its route table.
+fn wait_for_routes(sandbox: &Sandbox, instances: usize) {
+    let expected = format!("{instances} instances");
+    let synced = wait_until(Duration::from_secs(10), || {
+        try_get(sandbox.proxy_addr, "localhost", "/").is_ok_and(|r| r.text().contains(&expected))
+    });
+    assert!(synced, "the proxy never listed {expected}");
+}
+
+#[test]
+fn service_host_picks_a_running_instance() {
+    let sandbox = Sandbox::new(TWO_NOTES);
+    let (_supervisor, _proxy) = sandbox.start();
+    wait_for_routes(&sandbox, 2);
+    let addr = sandbox.proxy_addr;
+    let mut admin = sandbox.admin();
+
+    // None runs: one is woken.
+    let first: i32 = get_ok(addr, "notes.localhost", "/pid")
+        .parse()
+        .expect("pid");
+    let running: Vec<String> = admin
+        .ps()
+        .iter()
+        .filter(|i| i.state == InstanceState::Running)
+        .map(|i| i.instance.to_string())
+        .collect();
+    assert_eq!(running.len(), 1, "exactly one was woken: {running:?}");
+    // One runs: it gets every request, nothing else is woken.
+    for _ in 0..10 {
+        let pid: i32 = get_ok(addr, "notes.localhost", "/pid")
+            .parse()
+            .expect("pid");
+        assert_eq!(pid, first, "a stopped instance was picked while one runs");
+    }
+    let other = if running[0] == "notes:a" { "b" } else { "a" };
+    assert_eq!(
+        admin.state(&format!("notes:{other}")),
+        InstanceState::Stopped
+    );
+
+    // Both run: both get requests (equal weights).
+    get_ok(addr, &format!("{other}.notes.localhost"), "/");
+    let mut seen = HashSet::new();
+    for _ in 0..60 {
+        seen.insert(get_ok(addr, "notes.localhost", "/pid"));
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 2, "60 requests all went to one instance");
+}
+
+#[test]
+fn service_host_waits_for_the_first_route_snapshot() {
+    // Boot order (or a proxy restart with requests queued in the backlog): the proxy accepts
+    // before it has heard from the supervisor. An instance host waits for the supervisor; a
+    // service host must too, instead of answering 404 from an empty table.
+    let sandbox = Sandbox::new(TWO_NOTES);
+    let _proxy = sandbox.start_proxy();
+    let addr = sandbox.proxy_addr;
+    let instance = thread::spawn(move || get(addr, "a.notes.localhost", "/"));
+    let service = thread::spawn(move || get(addr, "notes.localhost", "/"));
+    thread::sleep(Duration::from_millis(300));
+    let _supervisor = sandbox.start_supervisor();
+    let instance = instance.join().expect("instance request");
+    let service = service.join().expect("service request");
+    assert_eq!(instance.status(), 200, "{}", instance.text());
+    assert_eq!(
+        service.status(),
+        200,
+        "a service-host request that arrives before the proxy's first route snapshot: {}",
+        service.text()
+    );
+}
+
+#[test]
+fn unix_socket_and_activate_instances_are_reachable() {
+    let sandbox = Sandbox::new(
+        r#"
+[service.act]
+command = "@TINY@"
+listen = "activate"
+
+[service.sock]
+command = "@TINY@"
+listen = "unix"
+
+[instances]
+act = ["a"]
+sock = ["a"]
+"#,
+    );
+    let (_supervisor, _proxy) = sandbox.start();
+    let addr = sandbox.proxy_addr;
+    assert_eq!(get_ok(addr, "a.act.localhost", "/"), "hello from act:a");
+    let env = get_ok(addr, "a.act.localhost", "/env");
+    assert!(
+        env.contains("LISTEN_FDNAMES=http"),
+        "not served on a handed-off socket:\n{env}"
+    );
+
+    let reply = get(addr, "a.sock.localhost", "/");
+    let socket = sandbox.runtime_dir.join("instances").join("sock.a.sock");
+    let detail = match std::fs::metadata(&socket) {
+        Ok(m) => format!(
+            "{} is mode {:o}, uid {} gid {}; the proxy runs as {}",
+            socket.display(),
+            m.permissions().mode() & 0o7777,
+            m.uid(),
+            m.gid(),
+            if is_root() { PROXY_USER } else { "this user" },
+        ),
+        Err(e) => format!("{}: {e}", socket.display()),
+    };
+    assert_eq!(
+        reply.status(),
+        200,
+        "listen = \"unix\" through the proxy: {} ({detail})",
+        reply.text().trim()
+    );
+    assert_eq!(reply.text().trim(), "hello from sock:a");
+}
