@@ -43,6 +43,8 @@ class Sandbox:
             f'runtime_dir = "{self.dir}/run"',
             f'port_range = "{port_range}"',
             'proxy_user = "nobody"',
+            'isolation = "process"',
+            'user = "self"',
         ]
         if listen:
             settings.append(f'listen = "{listen}"')

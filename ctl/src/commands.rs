@@ -451,7 +451,7 @@ pub fn status(ctx: &Context, id: &str, json: bool, out: &mut dyn Write) -> anyho
     let config = ctx.load_config()?;
     let mut client = ctx.connect(&config, Some(RPC_TIMEOUT))?;
     let status = match client.call(&Request::Status { instance })? {
-        Response::Status { status } => status,
+        Response::Status { status } => *status,
         other => return Err(unexpected("status", &other)),
     };
     if json {

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args as ClapArgs, Parser, Subcommand};
+use clap::{Args as ClapArgs, CommandFactory, Parser, Subcommand};
 use tenement_proto::config::{parse_duration, DEFAULT_CONFIG_PATH};
 use tenement_proto::rpc::ErrorCode;
 
@@ -140,6 +140,11 @@ enum Command {
         #[command(flatten)]
         output: Json,
     },
+    /// Print a shell completion script (the packages install them).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn parse_timeout(text: &str) -> Result<Duration, String> {
@@ -232,6 +237,12 @@ fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         config: args.config.clone(),
     };
     match args.command {
+        Command::Completions { shell } => {
+            // Into a buffer first: clap_complete panics on a write error (`| head`).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Args::command(), "tenctl", &mut script);
+            out.write_all(&script)?;
+        }
         Command::Validate { file, output } => {
             let path = file.unwrap_or(args.config);
             return commands::validate(&path, output.json, out);
@@ -296,7 +307,6 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn error_codes_map_to_documented_exit_statuses() {
@@ -357,6 +367,19 @@ mod tests {
             help.contains("4  the instance could not be woken"),
             "{help}"
         );
+    }
+
+    #[test]
+    fn completions_name_every_verb() {
+        for shell in ["bash", "zsh", "fish"] {
+            let args = Args::try_parse_from(["tenctl", "completions", shell]).expect("parses");
+            let mut out = Vec::new();
+            assert_eq!(run(args, &mut out).expect("runs"), 0);
+            let script = String::from_utf8(out).expect("utf-8");
+            for verb in ["validate", "wake", "logs", "completions"] {
+                assert!(script.contains(verb), "{shell} completion lacks {verb}");
+            }
+        }
     }
 
     #[test]

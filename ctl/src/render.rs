@@ -161,7 +161,7 @@ pub fn instance_table(instances: &[InstanceInfo]) -> String {
 
 /// The `tenctl status` block: one aligned `key: value` line per field.
 pub fn status_block(info: &InstanceInfo) -> String {
-    let fields: [(&str, String); 14] = [
+    let fields: [(&str, String); 19] = [
         ("instance", info.instance.to_string()),
         ("state", info.state.as_str().to_owned()),
         (
@@ -177,6 +177,23 @@ pub fn status_block(info: &InstanceInfo) -> String {
         ("weight", info.weight.to_string()),
         ("data dir", or_dash(&info.data_dir)),
         ("isolation", or_dash(&info.isolation)),
+        (
+            "uid",
+            info.uid.map_or_else(|| "-".to_owned(), |u| u.to_string()),
+        ),
+        ("cgroup", or_dash(info.cgroup.as_deref().unwrap_or(""))),
+        ("limits", or_dash(info.limits.as_deref().unwrap_or(""))),
+        (
+            "memory",
+            info.memory_bytes.map_or_else(
+                || "-".to_owned(),
+                |b| format!("{:.1} MiB", b as f64 / 1048576.0),
+            ),
+        ),
+        (
+            "pids",
+            info.pids.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+        ),
         (
             "last exit",
             or_dash(info.last_exit.as_deref().unwrap_or("")),
@@ -324,7 +341,15 @@ mod tests {
             in_flight: 1,
             weight: 1,
             data_dir: "/var/lib/tenement/data/notes/alice".into(),
-            isolation: "process-group".into(),
+            isolation: "namespace, cgroup (cpu, memory, pids)".into(),
+            uid: Some(61184),
+            cgroup: Some(
+                "/sys/fs/cgroup/system.slice/tenement-supervisor.service/instances/notes.alice"
+                    .into(),
+            ),
+            limits: Some("memory_max=64MiB pids_max=64".into()),
+            memory_bytes: Some(12 << 20),
+            pids: Some(3),
             last_exit: None,
             reason: None,
         }
@@ -354,11 +379,15 @@ mod tests {
         alice.last_exit = Some("signal 9 (SIGKILL)".into());
         let text = status_block(&alice);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 14);
+        assert_eq!(lines.len(), 19);
         assert_eq!(lines[0], "instance:  notes:alice");
         assert_eq!(lines[8], "in flight: 1");
-        assert_eq!(lines[12], "last exit: signal 9 (SIGKILL)");
-        assert_eq!(lines[13], "reason:    -");
+        assert_eq!(lines[12], "uid:       61184");
+        assert_eq!(lines[14], "limits:    memory_max=64MiB pids_max=64");
+        assert_eq!(lines[15], "memory:    12.0 MiB");
+        assert_eq!(lines[16], "pids:      3");
+        assert_eq!(lines[17], "last exit: signal 9 (SIGKILL)");
+        assert_eq!(lines[18], "reason:    -");
         assert!(lines.iter().all(|l| l.as_bytes().get(10) == Some(&b' ')));
     }
 

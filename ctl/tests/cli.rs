@@ -131,7 +131,12 @@ fn info(instance: &str, state: InstanceState) -> InstanceInfo {
         in_flight: 0,
         weight: 1,
         data_dir: "/data/notes/x".into(),
-        isolation: "process-group".into(),
+        isolation: "process, process-group".into(),
+        uid: None,
+        cgroup: None,
+        limits: None,
+        memory_bytes: None,
+        pids: None,
         last_exit: None,
         reason: None,
     }

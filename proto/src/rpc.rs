@@ -171,7 +171,7 @@ pub enum Response {
         instances: Vec<InstanceInfo>,
     },
     Status {
-        status: InstanceInfo,
+        status: Box<InstanceInfo>,
     },
     Logs {
         lines: Vec<LogLine>,
@@ -327,8 +327,25 @@ pub struct InstanceInfo {
     pub in_flight: u32,
     pub weight: u32,
     pub data_dir: String,
-    /// How the instance is isolated and stopped: `process-group` for now.
+    /// The isolation level and containment, e.g. `namespace, cgroup (cpu, memory, pids)` or
+    /// `process, process-group`.
     pub isolation: String,
+    /// The uid the app runs as, when the supervisor chose one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// The instance's cgroup directory, when cgroups are in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    /// The configured limits, e.g. `memory_max=64MiB pids_max=64`, and any that cannot be
+    /// enforced here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<String>,
+    /// memory.current of the instance's cgroup, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// pids.current of the instance's cgroup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
     /// Last exit, for example `exit status 1` or `signal 9 (SIGKILL)`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_exit: Option<String>,

@@ -67,9 +67,10 @@ pub struct CgroupError {
     pub source: io::Error,
 }
 
-fn err(path: &Path, action: &'static str) -> impl FnOnce(io::Error) -> CgroupError + '_ {
+fn err(path: &Path, action: &'static str) -> impl FnOnce(io::Error) -> CgroupError {
+    let path = path.to_path_buf();
     move |source| CgroupError {
-        path: path.to_path_buf(),
+        path,
         action,
         source,
     }
@@ -79,20 +80,22 @@ fn err(path: &Path, action: &'static str) -> impl FnOnce(io::Error) -> CgroupErr
 /// `/proc/self/mountinfo` (which is `/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid
 /// hosts).
 pub fn own_cgroup_dir() -> Result<PathBuf, String> {
-    let cgroup = fs::read_to_string("/proc/self/cgroup").map_err(|e| format!("/proc/self/cgroup: {e}"))?;
+    let cgroup =
+        fs::read_to_string("/proc/self/cgroup").map_err(|e| format!("/proc/self/cgroup: {e}"))?;
     let relative = cgroup
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
         .ok_or("no cgroup v2 membership in /proc/self/cgroup")?
         .trim()
         .to_owned();
-    let mountinfo =
-        fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
     let mount = mountinfo
         .lines()
         .find_map(|line| {
             let (before, after) = line.split_once(" - ")?;
-            (after.split_whitespace().next()? == "cgroup2").then(|| before.split_whitespace().nth(4).map(str::to_owned))?
+            (after.split_whitespace().next()? == "cgroup2")
+                .then(|| before.split_whitespace().nth(4).map(str::to_owned))?
         })
         .ok_or("no cgroup2 file system is mounted")?;
     Ok(PathBuf::from(mount).join(relative.trim_start_matches('/')))
@@ -105,7 +108,8 @@ impl Cgroups {
         let leaf = base.join("supervisor");
         mkdir(&leaf)?;
         let procs = leaf.join("cgroup.procs");
-        fs::write(&procs, pid.to_string()).map_err(err(&procs, "move the supervisor into its leaf"))?;
+        fs::write(&procs, pid.to_string())
+            .map_err(err(&procs, "move the supervisor into its leaf"))?;
         // Anything else left in the base (a previous supervisor's threads cannot be, but
         // helpers of a crashed one could) goes to the leaf too, or subtree_control fails.
         if let Ok(left) = fs::read_to_string(base.join("cgroup.procs")) {
@@ -155,17 +159,30 @@ impl Cgroups {
         let mut writes: Vec<(&str, String)> = Vec::new();
         if has("memory") {
             writes.push(("memory.oom.group", "1".to_owned()));
-            writes.push(("memory.max", limits.memory_max.map_or("max".to_owned(), |v| v.to_string())));
-            writes.push(("memory.high", limits.memory_high.map_or("max".to_owned(), |v| v.to_string())));
+            writes.push((
+                "memory.max",
+                limits
+                    .memory_max
+                    .map_or("max".to_owned(), |v| v.to_string()),
+            ));
+            writes.push((
+                "memory.high",
+                limits
+                    .memory_high
+                    .map_or("max".to_owned(), |v| v.to_string()),
+            ));
         }
         if has("pids") {
-            writes.push(("pids.max", limits.pids_max.map_or("max".to_owned(), |v| v.to_string())));
+            writes.push((
+                "pids.max",
+                limits.pids_max.map_or("max".to_owned(), |v| v.to_string()),
+            ));
         }
         if has("cpu") {
             writes.push(("cpu.weight", limits.cpu_weight.unwrap_or(100).to_string()));
-            let quota = limits
-                .cpu_max_percent
-                .map_or("max 100000".to_owned(), |p| format!("{} 100000", u64::from(p) * 1000));
+            let quota = limits.cpu_max_percent.map_or("max 100000".to_owned(), |p| {
+                format!("{} 100000", u64::from(p) * 1000)
+            });
             writes.push(("cpu.max", quota));
         }
         for (file, value) in writes {
@@ -198,14 +215,21 @@ impl Cgroups {
             return;
         }
         for pid in self.pids(id) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 
     /// Processes in the instance's cgroup.
     pub fn pids(&self, id: &InstanceId) -> Vec<i32> {
         fs::read_to_string(self.instance_dir(id).join("cgroup.procs"))
-            .map(|t| t.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+            .map(|t| {
+                t.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -257,12 +281,25 @@ fn mkdir(path: &Path) -> Result<(), CgroupError> {
     }
 }
 
-/// Sets up cgroups for the supervisor if it can, else explains why not.
+/// Sets up cgroups for the supervisor if its cgroup was delegated to it, else explains why not.
+///
+/// Delegation is what systemd marks with the `trusted.delegate` (or `user.delegate`) extended
+/// attribute for `Delegate=yes`; without it the cgroup belongs to someone else (the root
+/// cgroup, a login session) and tenement keeps out of it.
 pub fn detect(pid: u32) -> Containment {
     let base = match own_cgroup_dir() {
         Ok(base) => base,
         Err(reason) => return Containment::ProcessGroups(reason),
     };
+    let delegated = ["trusted.delegate", "user.delegate"]
+        .iter()
+        .any(|name| crate::sys::has_xattr(&base, name));
+    if !delegated {
+        return Containment::ProcessGroups(format!(
+            "cgroup {} is not delegated to tenement (run it from systemd with Delegate=yes)",
+            base.display()
+        ));
+    }
     match Cgroups::at(&base, pid) {
         Ok(cgroups) => Containment::Cgroups(cgroups),
         Err(e) => Containment::ProcessGroups(e.to_string()),
@@ -342,6 +379,9 @@ mod tests {
         assert_eq!(cg.unenforced(&limits), vec!["memory", "pids"]);
         let dir = cg.prepare(&id(), &limits).expect("prepare");
         assert!(!dir.join("memory.max").exists());
-        assert_eq!(Containment::Cgroups(cg).describe(), "cgroup (no controllers delegated: limits unavailable)");
+        assert_eq!(
+            Containment::Cgroups(cg).describe(),
+            "cgroup (no controllers delegated: limits unavailable)"
+        );
     }
 }

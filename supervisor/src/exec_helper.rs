@@ -9,8 +9,16 @@
 //! helper exits with the app's status (128+N for a signal), so no orphan keeps a port.
 //! If the supervisor dies, the kernel sends the helper SIGTERM (PR_SET_PDEATHSIG).
 //!
-//! Later isolation work (cgroups, namespaces, users) happens here, between reading the spec
-//! and forking the app, never in the multithreaded supervisor.
+//! Isolation happens here, never in the multithreaded supervisor, in this order: join the
+//! instance's cgroup; for `namespace` and `sandbox`, unshare PID, mount, IPC, UTS (and network)
+//! namespaces and set up the mounts, then fork a PID 1 for the namespace that mounts its /proc,
+//! reaps and forwards signals; the app's own process sets its rlimits, drops to its user and
+//! every capability, sets no_new_privs (and the seccomp filter for `sandbox`) and execs.
+//!
+//! ```text
+//! tenement-exec (host PID ns, subreaper) ─┬─ app                       process
+//!                                          └─ init (PID 1) ── app (2)   namespace, sandbox
+//! ```
 
 use std::ffi::CString;
 use std::os::fd::AsFd;
@@ -48,6 +56,30 @@ pub struct SpawnSpec {
     /// The supervisor's pid: if the helper's parent is already another process, the
     /// supervisor died before PR_SET_PDEATHSIG took effect and the helper gives up.
     pub supervisor_pid: u32,
+    /// The instance's cgroup directory, joined first.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+    #[serde(default)]
+    pub isolation: IsolationSpec,
+}
+
+/// How the app is separated from everything else.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct IsolationSpec {
+    /// PID, mount, IPC and UTS namespaces, read-only file system, private /tmp.
+    pub namespaces: bool,
+    /// Its own network namespace with only loopback.
+    pub network_none: bool,
+    pub seccomp: bool,
+    pub hostname: String,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub nofile: Option<u64>,
+    pub nproc: Option<u64>,
+    /// Covered by empty tmpfs: other tenants' data, the registry, the RPC sockets.
+    pub hide: Vec<PathBuf>,
+    /// Bound back read-write: the instance's own directories and the service's `writable`.
+    pub writable: Vec<PathBuf>,
 }
 
 /// Finds `tenement-exec`: next to the running supervisor binary, else in libexec.
@@ -82,6 +114,12 @@ fn run() -> Result<i32, String> {
     let spec: SpawnSpec =
         serde_json::from_str(&spec_json).map_err(|e| format!("bad spawn spec: {e}"))?;
 
+    // The cgroup first: everything forked from here on is accounted and killable there.
+    if let Some(cgroup) = &spec.cgroup {
+        let procs = cgroup.join("cgroup.procs");
+        std::fs::write(&procs, std::process::id().to_string())
+            .map_err(|e| format!("cannot join {}: {e}", procs.display()))?;
+    }
     sys::set_parent_death_signal(Signal::SIGTERM)
         .map_err(|e| format!("prctl(PR_SET_PDEATHSIG): {e}"))?;
     if nix::unistd::getppid().as_raw() as u32 != spec.supervisor_pid {
@@ -106,17 +144,38 @@ fn run() -> Result<i32, String> {
     let mut signals =
         SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC).map_err(|e| format!("signalfd: {e}"))?;
 
+    let grace = Duration::from_millis(spec.stop_grace_ms);
     let app = app_exec(&spec)?;
-    let app_pid = sys::fork_exec_app(&app).map_err(|e| format!("fork: {e}"))?;
+    let iso = &spec.isolation;
+    let (child, tree) = if iso.namespaces {
+        sys::isolate::enter_namespaces(iso.network_none, &iso.hostname)?;
+        sys::isolate::isolate_mounts(&iso.hide, &iso.writable)?;
+        // The next process is PID 1 of the new namespace: it mounts /proc and stays as the
+        // init that reaps and forwards signals; the app runs under it.
+        let init = sys::fork_child(|| {
+            if let Err(e) = sys::isolate::mount_proc() {
+                eprintln!("tenement exec helper: {e}");
+                return 127;
+            }
+            match sys::fork_exec_app(&app) {
+                Ok(app_pid) => supervise(app_pid, &mut signals, grace, Tree::NamespaceInit),
+                Err(e) => {
+                    eprintln!("tenement exec helper: fork: {e}");
+                    127
+                }
+            }
+        })
+        .map_err(|e| format!("fork: {e}"))?;
+        (init, Tree::Child(init.as_raw()))
+    } else {
+        let app_pid = sys::fork_exec_app(&app).map_err(|e| format!("fork: {e}"))?;
+        (app_pid, Tree::ProcessGroup)
+    };
     if spec.listen_fd {
         // The app has its copy; ours would keep the port open after the app died.
         let _ = nix::unistd::close(3);
     }
-    Ok(supervise(
-        app_pid,
-        &mut signals,
-        Duration::from_millis(spec.stop_grace_ms),
-    ))
+    Ok(supervise(child, &mut signals, grace, tree))
 }
 
 fn app_exec(spec: &SpawnSpec) -> Result<sys::AppExec, String> {
@@ -137,22 +196,63 @@ fn app_exec(spec: &SpawnSpec) -> Result<sys::AppExec, String> {
             .collect::<Result<_, _>>()?,
         workdir: cstring("workdir", &spec.workdir.to_string_lossy())?,
         listen_fd: spec.listen_fd,
+        drop: sys::isolate::Drop {
+            uid: spec.isolation.uid,
+            gid: spec.isolation.gid,
+            nofile: spec.isolation.nofile,
+            nproc: spec.isolation.nproc,
+            seccomp: spec.isolation.seccomp,
+        },
     })
 }
 
-/// Waits for the app, forwarding stop signals to the tree; returns the exit code to use.
-fn supervise(app: Pid, signals: &mut SignalFd, grace: Duration) -> i32 {
+/// Which processes a stop signal is forwarded to.
+#[derive(Debug, Clone, Copy)]
+enum Tree {
+    /// The helper without namespaces: its process group and every descendant (a daemon that
+    /// left the group with setsid is still reparented to us, the subreaper).
+    ProcessGroup,
+    /// PID 1 of an instance's namespace: everyone else in it (kill(-1), see kill(2)).
+    NamespaceInit,
+    /// The helper above a namespace: only its init, which forwards; if the init dies, the
+    /// kernel kills the whole namespace.
+    Child(i32),
+}
+
+impl Tree {
+    fn signal(self, me: i32, signal: Signal) {
+        use nix::sys::signal::{kill, killpg};
+        match self {
+            Tree::ProcessGroup => {
+                // The group first (one syscall reaches the common case), then stragglers.
+                let _ = killpg(Pid::from_raw(me), signal);
+                for pid in procfs::tree_of(&procfs::all_processes(Path::new("/proc")), me) {
+                    let _ = kill(Pid::from_raw(pid), signal);
+                }
+            }
+            Tree::NamespaceInit => {
+                let _ = kill(Pid::from_raw(-1), signal);
+            }
+            Tree::Child(pid) => {
+                let _ = kill(Pid::from_raw(pid), signal);
+            }
+        }
+    }
+}
+
+/// Waits for `child`, forwarding stop signals to `tree`; returns the exit code to use.
+fn supervise(child: Pid, signals: &mut SignalFd, grace: Duration, tree: Tree) -> i32 {
     let me = nix::unistd::getpid().as_raw();
     let mut kill_at: Option<Instant> = None;
     loop {
+        if kill_at.is_some_and(|at| Instant::now() >= at) {
+            kill_descendants(me);
+            kill_at = None;
+        }
         let timeout = match kill_at {
             Some(at) => at.saturating_duration_since(Instant::now()),
             None => Duration::from_secs(3600),
         };
-        if kill_at.is_some_and(|at| Instant::now() >= at) {
-            kill_tree(me);
-            kill_at = None;
-        }
         if wait_readable(signals, timeout) {
             if let Ok(Some(info)) = signals.read_signal() {
                 let signo = info.ssi_signo as i32;
@@ -160,17 +260,17 @@ fn supervise(app: Pid, signals: &mut SignalFd, grace: Duration) -> i32 {
                 let from_self = info.ssi_pid as i32 == me;
                 if signo != libc::SIGCHLD && !from_self {
                     if let Ok(signal) = Signal::try_from(signo) {
-                        signal_tree(me, signal);
+                        tree.signal(me, signal);
                     }
                     kill_at.get_or_insert_with(|| Instant::now() + grace);
                 }
             }
         }
-        // Reap everything that exited; stop when the app itself did.
+        // Reap everything that exited; stop when the child itself did.
         loop {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(pid, code)) if pid == app => return finish(me, code),
-                Ok(WaitStatus::Signaled(pid, signal, _)) if pid == app => {
+                Ok(WaitStatus::Exited(pid, code)) if pid == child => return finish(me, code),
+                Ok(WaitStatus::Signaled(pid, signal, _)) if pid == child => {
                     return finish(me, 128 + signal as i32)
                 }
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
@@ -180,7 +280,7 @@ fn supervise(app: Pid, signals: &mut SignalFd, grace: Duration) -> i32 {
     }
 }
 
-/// The app is gone: nothing else of the instance may outlive it.
+/// The child is gone: nothing else of the instance may outlive it.
 fn finish(me: i32, code: i32) -> i32 {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -201,16 +301,7 @@ fn finish(me: i32, code: i32) -> i32 {
     }
 }
 
-fn signal_tree(me: i32, signal: Signal) {
-    // The process group first (one syscall reaches the common case), then stragglers that
-    // left it.
-    let _ = nix::sys::signal::killpg(Pid::from_raw(me), signal);
-    for pid in procfs::tree_of(&procfs::all_processes(Path::new("/proc")), me) {
-        let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
-    }
-}
-
-fn kill_tree(me: i32) {
+fn kill_descendants(me: i32) {
     for pid in procfs::tree_of(&procfs::all_processes(Path::new("/proc")), me) {
         let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
     }

@@ -4,6 +4,7 @@
 //! `unsafe` is denied everywhere but in [`sys`].
 #![deny(unsafe_code)]
 
+pub mod cgroup;
 pub mod exec_helper;
 pub mod lifecycle;
 pub mod logs;

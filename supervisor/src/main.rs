@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
-use tenement_supervisor::{exec_helper, ports, registry, rpc_server, systemd};
+use tenement_supervisor::{cgroup, exec_helper, ports, registry, rpc_server, systemd};
 use tokio::net::UnixListener;
 
 /// Runs tenement's instances: one process tree per tenant, woken on demand, stopped when idle.
@@ -108,7 +108,18 @@ async fn run(
     // One supervisor per state directory: a second one must not touch the first one's
     // processes (opening the registry kills leftovers of a *dead* predecessor).
     let _lock = lock_state_dir(&settings.state_dir)?;
-    let (registry, handle) = registry::Registry::open(config.clone(), helper)?;
+    let containment = cgroup::detect(std::process::id());
+    match &containment {
+        cgroup::Containment::ProcessGroups(reason) => tracing::warn!(
+            "no cgroups: instances are contained by process groups only, without memory, cpu or pids limits ({reason})"
+        ),
+        cgroup::Containment::Cgroups(c) if c.controllers.is_empty() => tracing::warn!(
+            "cgroups without controllers: instances are contained and killed as a whole, but memory, cpu and pids limits cannot be enforced"
+        ),
+        cgroup::Containment::Cgroups(c) => tracing::info!(controllers = ?c.controllers, "instances get a cgroup each"),
+    }
+    let (registry, handle) =
+        registry::Registry::open(config.clone(), helper, containment, is_root)?;
     let bound_here = inherited.is_none();
     let (admin, proxy) = match inherited {
         Some(sockets) => (

@@ -354,7 +354,9 @@ async fn answer(request: Request, registry: &RegistryHandle) -> Response {
                 let status = registry
                     .ask(|reply| Command::Status { instance, reply })
                     .await??;
-                Ok(Response::Status { status })
+                Ok(Response::Status {
+                    status: Box::new(status),
+                })
             }
             // Handled by the caller.
             Request::Subscribe | Request::Logs { .. } => {

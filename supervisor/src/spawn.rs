@@ -140,6 +140,9 @@ pub fn build_spec(
         listen_fd,
         stop_grace_ms: service.stop_grace.as_millis() as u64,
         supervisor_pid: std::process::id(),
+        // Filled in by the registry, which knows the instance's cgroup and user.
+        cgroup: None,
+        isolation: Default::default(),
     })
 }
 
@@ -169,13 +172,21 @@ fn is_executable(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Creates the instance's data directory (0700) and its service root if missing.
+/// Creates the instance's data directory (0700) and its parents (0711: an instance with its own
+/// uid can pass through to its directory but list nobody else's).
 pub fn ensure_data_dir(path: &Path) -> Result<(), SpawnError> {
     use std::os::unix::fs::DirBuilderExt;
+    let parent = path.parent().unwrap_or(path);
     std::fs::DirBuilder::new()
         .recursive(true)
-        .mode(0o700)
-        .create(path)
+        .mode(0o711)
+        .create(parent)
+        .and_then(|()| {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(path)
+        })
         .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)))
         .map_err(|source| SpawnError::DataDir {
             path: path.to_path_buf(),

@@ -33,6 +33,9 @@ pub struct PersistedInstance {
     pub weight: u32,
     /// Milliseconds since the Unix epoch.
     pub created_ms: u64,
+    /// The uid given to a `user = "dynamic"` instance, kept so it owns its data for good.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -219,6 +222,7 @@ mod tests {
             port: Some(port),
             weight: 1,
             created_ms: 1,
+            uid: None,
         }
     }
 

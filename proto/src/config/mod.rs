@@ -72,6 +72,10 @@ pub struct Settings {
     pub trusted_proxies: Vec<std::net::IpAddr>,
     /// Uids (and gids) for instances of services with `user = "dynamic"`.
     pub dynamic_users: RangeInclusive<u32>,
+    /// The isolation of services that do not set their own.
+    pub isolation: Option<Isolation>,
+    /// The user of services that do not set their own.
+    pub user: Option<String>,
 }
 
 impl Settings {

@@ -43,6 +43,8 @@ pub struct Instance {
     pub id: InstanceId,
     pub lifecycle: Lifecycle,
     pub port: Option<u16>,
+    /// The dynamic uid, once allocated.
+    pub uid: Option<u32>,
     pub weight: u32,
     pub created_ms: u64,
     /// Bumped at each spawn; events from older processes are ignored.
@@ -73,6 +75,7 @@ impl Instance {
             id,
             lifecycle: Lifecycle::new(now),
             port,
+            uid: None,
             weight,
             created_ms,
             generation: 0,
@@ -153,26 +156,35 @@ impl Instance {
                 .instance_data_dir(&self.id)
                 .to_string_lossy()
                 .into_owned(),
-            isolation: "process-group".to_owned(),
+            // The registry fills in isolation, uid, cgroup, limits and usage.
+            isolation: String::new(),
+            uid: self.uid,
+            cgroup: None,
+            limits: None,
+            memory_bytes: None,
+            pids: None,
             last_exit: self.last_exit.clone(),
             reason: self.lifecycle.reason(),
         }
     }
 }
 
-/// The Unix socket an instance with `listen = "unix"` binds.
-pub fn unix_socket_path(settings: &Settings, id: &InstanceId) -> PathBuf {
+/// The instance's own runtime directory, for its sockets; in a namespace it is the only part
+/// of `runtime_dir` the instance sees.
+pub fn instance_runtime_dir(settings: &Settings, id: &InstanceId) -> PathBuf {
     // Both labels are [a-z0-9-], so the name cannot escape the directory.
     settings
         .runtime_dir
         .join("instances")
-        .join(format!("{}.{}.sock", id.service, id.id))
+        .join(format!("{}.{}", id.service, id.id))
+}
+
+/// The Unix socket an instance with `listen = "unix"` binds.
+pub fn unix_socket_path(settings: &Settings, id: &InstanceId) -> PathBuf {
+    instance_runtime_dir(settings, id).join("http.sock")
 }
 
 /// The sd_notify socket of an instance with `ready = "notify"`.
 pub fn notify_socket_path(settings: &Settings, id: &InstanceId) -> PathBuf {
-    settings
-        .runtime_dir
-        .join("notify")
-        .join(format!("{}.{}.sock", id.service, id.id))
+    instance_runtime_dir(settings, id).join("notify.sock")
 }

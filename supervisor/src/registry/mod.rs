@@ -7,6 +7,7 @@
 //! (see `process.rs`) and answers callers.
 
 mod instance;
+mod isolation;
 mod process;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -20,6 +21,7 @@ use tenement_proto::InstanceId;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::cgroup::Containment;
 use crate::lifecycle::{Event, Policy};
 use crate::ports::PortAllocator;
 use crate::state::{PersistedInstance, StateStore};
@@ -211,6 +213,10 @@ pub struct Registry {
     next_watcher: u64,
     parks: HashMap<(InstanceId, u64), PendingPark>,
     helper: PathBuf,
+    /// Cgroups or process groups: how instances are contained and stopped.
+    containment: Containment,
+    /// Whether the supervisor runs as root (namespaces and users need it).
+    is_root: bool,
     tx: mpsc::Sender<Command>,
     rx: mpsc::Receiver<Command>,
 }
@@ -253,11 +259,22 @@ impl Registry {
     pub fn open(
         config: Arc<Config>,
         helper: PathBuf,
+        containment: Containment,
+        is_root: bool,
     ) -> anyhow::Result<(Registry, RegistryHandle)> {
         let store = StateStore::open(&config.settings.state_dir)?;
         let killed = store.kill_leftovers(std::path::Path::new("/proc"));
         if !killed.is_empty() {
             tracing::warn!(pids = ?killed, "killed processes left by a previous supervisor");
+        }
+        if let Some(cgroups) = containment.cgroups() {
+            let cleaned = cgroups.clean_leftovers();
+            if cleaned > 0 {
+                tracing::warn!(
+                    cgroups = cleaned,
+                    "killed instances left by a previous supervisor"
+                );
+            }
         }
         let saved = store.load()?;
         let (tx, rx) = mpsc::channel(1024);
@@ -271,6 +288,8 @@ impl Registry {
             next_watcher: 1,
             parks: HashMap::new(),
             helper,
+            containment,
+            is_root,
             tx: tx.clone(),
             rx,
         };
@@ -283,13 +302,14 @@ impl Registry {
             }
             let port = entry.port.filter(|&p| registry.ports.claim(p));
             changed |= port != entry.port;
-            let instance = Instance::new(
+            let mut instance = Instance::new(
                 entry.instance.clone(),
                 port,
                 entry.weight,
                 entry.created_ms,
                 now,
             );
+            instance.uid = entry.uid;
             registry.instances.insert(entry.instance, instance);
         }
         let declared = registry.config.instances.clone();
@@ -338,6 +358,7 @@ impl Registry {
                 port: i.port,
                 weight: i.weight,
                 created_ms: i.created_ms,
+                uid: i.uid,
             })
             .collect();
         entries.sort_by(|a, b| a.instance.cmp(&b.instance));
@@ -424,7 +445,12 @@ impl Registry {
                 let mut list: Vec<InstanceInfo> = self
                     .instances
                     .values()
-                    .map(|i| i.info(self.address_of(i), &self.config.settings, &apps, now))
+                    .map(|i| {
+                        let mut info =
+                            i.info(self.address_of(i), &self.config.settings, &apps, now);
+                        self.describe_isolation(&mut info);
+                        info
+                    })
                     .collect();
                 list.sort_by(|a, b| a.instance.cmp(&b.instance));
                 let _ = reply.send(list);
@@ -432,7 +458,12 @@ impl Registry {
             Command::Status { instance, reply } => {
                 let apps = app_pids(&self.instances);
                 let result = match self.instances.get(&instance) {
-                    Some(i) => Ok(i.info(self.address_of(i), &self.config.settings, &apps, now)),
+                    Some(i) => {
+                        let mut info =
+                            i.info(self.address_of(i), &self.config.settings, &apps, now);
+                        self.describe_isolation(&mut info);
+                        Ok(info)
+                    }
                     None => Err(RpcError::unknown(&instance)),
                 };
                 let _ = reply.send(result);

@@ -10,7 +10,7 @@ use std::time::Instant;
 use futures_util::StreamExt;
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
-use tenement_proto::config::{Isolation, ListenMode, ReadyMode};
+use tenement_proto::config::{ListenMode, ReadyMode};
 use tenement_proto::rpc::{Address, ErrorCode, LogStream, Response};
 use tenement_proto::InstanceId;
 use tokio::io::AsyncRead;
@@ -22,7 +22,10 @@ use crate::probe;
 use crate::spawn::{self, Endpoints};
 use crate::{ports, procfs};
 
-use super::instance::{notify_socket_path, unix_socket_path, Process, WakeOk};
+use super::instance::{
+    instance_runtime_dir, notify_socket_path, unix_socket_path, Process, WakeOk,
+};
+use super::isolation;
 use super::{policy, Command, ProcessEvent, ProcessEventKind, Registry, RpcError};
 
 impl Registry {
@@ -69,6 +72,9 @@ impl Registry {
             Action::Kill => {
                 if let Some(pid) = self.pid_of(id) {
                     kill_tree(pid);
+                }
+                if let Some(cgroups) = self.containment.cgroups() {
+                    cgroups.kill(id);
                 }
             }
             Action::WakeWaiters => {
@@ -180,18 +186,8 @@ impl Registry {
         let service = config
             .service(&id.service)
             .ok_or_else(|| format!("no service {}", id.service))?;
-        // Security settings this build cannot honour stop the start rather than being ignored.
-        if let Some(user) = &service.user {
-            return Err(format!(
-                "user = {user:?} is not supported by this build yet; remove it to run as the supervisor's user"
-            ));
-        }
-        if let Some(level @ (Isolation::Namespace | Isolation::Sandbox)) = service.isolation {
-            return Err(format!(
-                "isolation = {:?} is not supported by this build yet; use isolation = \"process\"",
-                format!("{level:?}").to_lowercase()
-            ));
-        }
+        let plan = self.plan_isolation(id, service)?;
+        let (uid, gid) = (plan.spec.uid, plan.spec.gid);
 
         // The port must be ours right now, or the readiness check could succeed against a
         // stranger. Moving is better than routing a tenant to somebody else's server.
@@ -246,16 +242,32 @@ impl Registry {
             None => None,
         };
 
-        spawn::ensure_data_dir(&settings.instance_data_dir(id)).map_err(|e| e.to_string())?;
+        let data_dir = settings.instance_data_dir(id);
+        spawn::ensure_data_dir(&data_dir).map_err(|e| e.to_string())?;
+        let runtime_dir = instance_runtime_dir(settings, id);
+        std::fs::create_dir_all(&runtime_dir)
+            .map_err(|e| format!("cannot create {}: {e}", runtime_dir.display()))?;
+        isolation::give_to(&data_dir, uid, gid)?;
+        isolation::give_to(&runtime_dir, uid, gid)?;
+        if let Some(path) = &notify_path {
+            isolation::give_to(path, uid, gid)?;
+        }
         let endpoints = Endpoints {
             port,
             socket_path: socket_path.clone(),
             notify_socket: notify_path,
         };
-        let spec = spawn::build_spec(settings, service, id, &endpoints, |name| {
+        // An app that runs as another user gets the standard PATH, not root's (which may
+        // point into directories it cannot enter, and is root's business anyway).
+        let mut spec = spawn::build_spec(settings, service, id, &endpoints, |name| {
+            if name == "PATH" && uid.is_some() {
+                return None;
+            }
             std::env::var(name).ok()
         })
         .map_err(|e| e.to_string())?;
+        spec.cgroup = plan.cgroup;
+        spec.isolation = plan.spec;
         let listener_fd: Option<OwnedFd> = listener.map(OwnedFd::from);
         let mut child =
             spawn::launch(&self.helper, &spec, listener_fd.as_ref()).map_err(|e| e.to_string())?;
@@ -398,6 +410,10 @@ impl Registry {
                     // killed, whatever is left of its process group goes now, so no orphan
                     // keeps the instance's port.
                     let _ = killpg(Pid::from_raw(process.pid), Signal::SIGKILL);
+                    if let Some(cgroups) = self.containment.cgroups() {
+                        cgroups.kill(&id);
+                        cgroups.remove(&id);
+                    }
                     // Readiness may still be polling; output readers end on EOF by themselves
                     // but are stopped too in case a grandchild kept the pipes open.
                     for task in process.tasks {

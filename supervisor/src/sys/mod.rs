@@ -12,6 +12,8 @@
 //! Every `unsafe` block names the invariant it relies on.
 #![allow(unsafe_code)]
 
+pub mod isolate;
+
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::time::Duration;
@@ -52,6 +54,8 @@ pub struct AppExec {
     pub workdir: CString,
     /// Whether fd 3 is a listening socket to hand over (LISTEN_PID is then set).
     pub listen_fd: bool,
+    /// What the app gives up before exec.
+    pub drop: isolate::Drop,
 }
 
 /// Forks the app from the single-threaded exec helper. Returns the child's pid in the parent;
@@ -82,6 +86,9 @@ fn child_exec(app: &AppExec) -> ! {
             env.push(entry);
         }
     }
+    if let Err(e) = isolate::drop_privileges(&app.drop) {
+        die(&format!("tenement: cannot drop privileges: {e}"));
+    }
     if let Err(e) = nix::unistd::chdir(app.workdir.as_c_str()) {
         die(&format!(
             "tenement: cannot enter workdir {}: {e}",
@@ -94,6 +101,20 @@ fn child_exec(app: &AppExec) -> ! {
         app.program.to_string_lossy(),
         err.map(|e| e.to_string()).unwrap_or_default()
     ));
+}
+
+/// Forks the single-threaded exec helper; the child runs `body` and exits with its code.
+/// Used for the PID 1 of an instance's PID namespace.
+pub fn fork_child(body: impl FnOnce() -> i32) -> nix::Result<Pid> {
+    // SAFETY: as in fork_exec_app: the exec helper is single-threaded.
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Parent { child } => Ok(child),
+        nix::unistd::ForkResult::Child => {
+            let code = body();
+            // SAFETY: _exit(2) is always safe to call; it never returns.
+            unsafe { libc::_exit(code) }
+        }
+    }
 }
 
 fn die(message: &str) -> ! {
@@ -177,4 +198,18 @@ impl FineSleep {
             }
         }
     }
+}
+
+/// Whether `path` carries the extended attribute `name` (getxattr(2)).
+pub fn has_xattr(path: &std::path::Path, name: &str) -> bool {
+    let (Ok(path), Ok(name)) = (
+        CString::new(path.as_os_str().as_encoded_bytes()),
+        CString::new(name),
+    ) else {
+        return false;
+    };
+    // SAFETY: both pointers are NUL-terminated strings that outlive the call; a null buffer
+    // with size 0 asks only for the value's length and writes nothing.
+    let rc = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
+    rc >= 0
 }

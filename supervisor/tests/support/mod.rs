@@ -135,7 +135,9 @@ impl Sandbox {
             dir,
         };
         let text = format!(
-            "[settings]\nruntime_dir = \"{}\"\nstate_dir = \"{}\"\ndata_dir = \"{}\"\nport_range = \"{}-{}\"\n\n{body}\n",
+            // Lifecycle tests run the apps as the supervisor's user in process groups, wherever
+            // the checkout lives; tests/isolation covers namespaces and dynamic users.
+            "[settings]\nruntime_dir = \"{}\"\nstate_dir = \"{}\"\ndata_dir = \"{}\"\nport_range = \"{}-{}\"\nisolation = \"process\"\nuser = \"self\"\n\n{body}\n",
             sandbox.runtime_dir.display(),
             sandbox.state_dir.display(),
             sandbox.data_dir.display(),

@@ -151,7 +151,7 @@ impl Client {
 
     pub fn status(&mut self, instance: &str) -> InstanceInfo {
         match self.try_status(instance) {
-            Response::Status { status } => status,
+            Response::Status { status } => *status,
             other => panic!("status {instance} was answered with {other:?}"),
         }
     }

@@ -65,7 +65,7 @@ const READY_MODES: &[(&str, ReadyMode)] = &[
     ("health", ReadyMode::Health),
     ("notify", ReadyMode::Notify),
 ];
-const ISOLATIONS: &[(&str, Isolation)] = &[
+pub(super) const ISOLATIONS: &[(&str, Isolation)] = &[
     ("process", Isolation::Process),
     ("namespace", Isolation::Namespace),
     ("sandbox", Isolation::Sandbox),

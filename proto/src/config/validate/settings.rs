@@ -19,6 +19,8 @@ const SETTINGS_KEYS: &[&str] = &[
     "proxy_user",
     "trusted_proxies",
     "dynamic_users",
+    "isolation",
+    "user",
 ];
 
 /// `sizeof(sockaddr_un.sun_path)` on Linux, terminating NUL included (unix(7)).
@@ -74,11 +76,25 @@ impl Checker<'_> {
             .and_then(|e| self.string(e))
             .map(str::to_owned);
         let dynamic_users = self.uid_range(table.get("dynamic_users"));
+        let isolation = table.get("isolation").map(|_| {
+            self.choice(
+                table,
+                "isolation",
+                super::service::ISOLATIONS,
+                crate::config::Isolation::Process,
+            )
+        });
+        let user = table
+            .get("user")
+            .and_then(|e| self.string(e))
+            .map(str::to_owned);
         let trusted_proxies = match table.get("trusted_proxies") {
             Some(e) => self.ip_list(e),
             None => Vec::new(),
         };
         Settings {
+            isolation,
+            user,
             dynamic_users,
             trusted_proxies,
             domains,

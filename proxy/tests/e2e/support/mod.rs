@@ -199,7 +199,7 @@ impl Sandbox {
             String::new()
         };
         let text = format!(
-            "[settings]\ndomain = \"localhost\"\nlisten = \"{}\"\nruntime_dir = \"{}\"\nstate_dir = \"{}\"\ndata_dir = \"{}\"\nport_range = \"{}-{}\"\n{proxy_user}\n{body}\n",
+            "[settings]\ndomain = \"localhost\"\nlisten = \"{}\"\nruntime_dir = \"{}\"\nstate_dir = \"{}\"\ndata_dir = \"{}\"\nport_range = \"{}-{}\"\nisolation = \"process\"\nuser = \"self\"\n{proxy_user}\n{body}\n",
             sandbox.proxy_addr,
             sandbox.runtime_dir.display(),
             sandbox.state_dir.display(),

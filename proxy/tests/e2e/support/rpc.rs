@@ -57,7 +57,7 @@ impl Admin {
         match self.call(Request::Status {
             instance: iid(instance),
         }) {
-            Response::Status { status } => status,
+            Response::Status { status } => *status,
             other => panic!("status {instance} was answered with {other:?}"),
         }
     }
