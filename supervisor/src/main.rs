@@ -84,11 +84,6 @@ async fn run(
 ) -> anyhow::Result<()> {
     let helper = exec_helper::locate().map_err(anyhow::Error::msg)?;
     let settings = &config.settings;
-    if !is_root {
-        tracing::warn!(
-            "running without root: instances run as this user in their own process groups (no cgroups, namespaces or per-tenant users)"
-        );
-    }
     let admin_gid = match &settings.admin_group {
         Some(name) => Some(
             nix::unistd::Group::from_name(name)
@@ -110,6 +105,10 @@ async fn run(
     let _lock = lock_state_dir(&settings.state_dir)?;
     let containment = cgroup::detect(std::process::id());
     match &containment {
+        // One warning says it all without root.
+        cgroup::Containment::ProcessGroups(_) if !is_root => tracing::warn!(
+            "running without root: instances run as this user in their own process groups (no namespaces, per-tenant users or cgroup limits)"
+        ),
         cgroup::Containment::ProcessGroups(reason) => tracing::warn!(
             "no cgroups: instances are contained by process groups only, without memory, cpu or pids limits ({reason})"
         ),
