@@ -9,6 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tenement_proto::rpc::{LogLine, LogStream};
+use tenement_proto::InstanceId;
+
+use crate::journal::{self, JournalTarget};
 use tokio::sync::broadcast;
 
 /// Lines kept per instance.
@@ -29,6 +32,8 @@ struct Inner {
 pub struct LogBuffer {
     inner: Arc<Mutex<Inner>>,
     follow: broadcast::Sender<LogLine>,
+    /// Where lines also go when the supervisor logs to the journal.
+    journal: Option<Arc<JournalTarget>>,
 }
 
 impl Default for LogBuffer {
@@ -45,6 +50,23 @@ impl LogBuffer {
                 bytes: 0,
             })),
             follow: broadcast::channel(1024).0,
+            journal: None,
+        }
+    }
+
+    /// The buffer of `id`, also writing to the journal when the supervisor runs under
+    /// systemd.
+    pub fn for_instance(id: &InstanceId) -> Self {
+        Self {
+            journal: journal::enabled().then(|| Arc::new(JournalTarget::new(id))),
+            ..Self::new()
+        }
+    }
+
+    /// The app's pid, for the journal's OBJECT_PID.
+    pub fn set_pid(&self, pid: u32) {
+        if let Some(journal) = &self.journal {
+            journal.set_pid(pid);
         }
     }
 
@@ -56,6 +78,9 @@ impl LogBuffer {
             }
             line.truncate(end);
             line.push_str(" [truncated]");
+        }
+        if let Some(journal) = &self.journal {
+            journal.send(stream, &line);
         }
         let entry = LogLine {
             ts_ms: now_ms(),

@@ -71,6 +71,7 @@ impl Instance {
         created_ms: u64,
         now: Instant,
     ) -> Self {
+        let logs = LogBuffer::for_instance(&id);
         Self {
             id,
             lifecycle: Lifecycle::new(now),
@@ -82,7 +83,7 @@ impl Instance {
             process: None,
             waiters: Vec::new(),
             start_began: None,
-            logs: LogBuffer::new(),
+            logs,
             last_exit: None,
             next_health: None,
             health_running: false,

@@ -396,6 +396,17 @@ impl Registry {
                 let Some(i) = self.instances.get_mut(&id) else {
                     return;
                 };
+                if let (Some(process), true) = (&i.process, crate::journal::enabled()) {
+                    // The app is the helper's child (or its init's); OBJECT_PID names it.
+                    let table = procfs::all_processes(Path::new("/proc"));
+                    let mut pid = process.pid;
+                    while let Some(child) =
+                        table.iter().filter(|p| p.ppid == pid).map(|p| p.pid).min()
+                    {
+                        pid = child;
+                    }
+                    i.logs.set_pid(pid as u32);
+                }
                 if let Some(began) = i.start_began {
                     let ms = now.duration_since(began).as_secs_f64() * 1000.0;
                     i.logs
