@@ -225,6 +225,7 @@ pub fn response_name(response: &Response) -> &'static str {
         Response::Logs { .. } => "logs",
         Response::Routes { .. } => "routes",
         Response::Park { .. } => "park",
+        Response::Reloaded { .. } => "reloaded",
     }
 }
 

@@ -333,6 +333,45 @@ pub fn stop(ctx: &Context, id: &str, out: &mut dyn Write) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// `tenctl reload`.
+pub fn reload(ctx: &Context, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+    let config = ctx.load_config()?;
+    let mut client = ctx.connect(&config, None)?;
+    match client.call(&Request::Reload)? {
+        Response::Reloaded {
+            added,
+            changed,
+            removed,
+        } => {
+            let names = |list: &[tenement_proto::ServiceName]| {
+                list.iter().map(ToString::to_string).collect::<Vec<_>>()
+            };
+            if json {
+                let value = serde_json::json!({
+                    "added": names(&added),
+                    "changed": names(&changed),
+                    "removed": names(&removed),
+                });
+                writeln!(out, "{value}")?;
+            } else if added.is_empty() && changed.is_empty() && removed.is_empty() {
+                writeln!(out, "reloaded: no service changed")?;
+            } else {
+                for (what, list) in [
+                    ("added", &added),
+                    ("changed", &changed),
+                    ("removed", &removed),
+                ] {
+                    if !list.is_empty() {
+                        writeln!(out, "{what}: {}", names(list).join(", "))?;
+                    }
+                }
+            }
+        }
+        other => return Err(unexpected("reload", &other)),
+    }
+    Ok(())
+}
+
 /// `tenctl restart`.
 pub fn restart(ctx: &Context, id: &str, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let instance = parse_instance(id)?;

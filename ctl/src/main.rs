@@ -90,6 +90,12 @@ enum Command {
         #[command(flatten)]
         output: Json,
     },
+    /// Re-read the config: new services appear, running instances of changed services
+    /// restart, those of removed services stop; a bad file is refused and nothing changes.
+    Reload {
+        #[command(flatten)]
+        output: Json,
+    },
     /// Stop an instance (it stays registered).
     Stop {
         /// SERVICE:ID.
@@ -255,6 +261,7 @@ fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
             output,
         } => commands::wake(&ctx, &instance, timeout, output.json, out)?,
         Command::Stop { instance } => commands::stop(&ctx, &instance, out)?,
+        Command::Reload { output } => commands::reload(&ctx, output.json, out)?,
         Command::Restart { instance, output } => {
             commands::restart(&ctx, &instance, output.json, out)?;
         }

@@ -82,6 +82,10 @@ pub enum Request {
     },
     /// Every registered instance.
     List,
+    /// Re-read the config file: add, change and remove services; instances of unchanged
+    /// services are not touched, running instances of changed ones restart, those of removed
+    /// ones stop. A file with errors is refused and the running config stays.
+    Reload,
     Status {
         instance: InstanceId,
     },
@@ -111,6 +115,7 @@ impl Request {
             | Request::Restart { .. }
             | Request::Remove { .. }
             | Request::List
+            | Request::Reload
             | Request::Status { .. }
             | Request::Logs { .. } => role == Role::Admin,
         }
@@ -131,6 +136,7 @@ impl Request {
             Request::Restart { .. } => "restart",
             Request::Remove { .. } => "remove",
             Request::List => "list",
+            Request::Reload => "reload",
             Request::Status { .. } => "status",
             Request::Logs { .. } => "logs",
         }
@@ -155,6 +161,12 @@ pub enum Response {
     Added {
         added: Vec<InstanceId>,
         existing: Vec<InstanceId>,
+    },
+    /// Answer to `reload`: what changed.
+    Reloaded {
+        added: Vec<ServiceName>,
+        changed: Vec<ServiceName>,
+        removed: Vec<ServiceName>,
     },
     /// Answer to `wake` and `spawn`.
     Woken {

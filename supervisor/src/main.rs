@@ -68,7 +68,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(Arc::new(config), is_root, inherited)) {
+    match runtime.block_on(run(Arc::new(config), environment, inherited)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tenement-supervisor: {e:#}");
@@ -79,9 +79,10 @@ fn main() -> ExitCode {
 
 async fn run(
     config: Arc<Config>,
-    is_root: bool,
+    environment: Environment,
     inherited: Option<systemd::InheritedSockets>,
 ) -> anyhow::Result<()> {
+    let is_root = environment.is_root;
     let helper = exec_helper::locate().map_err(anyhow::Error::msg)?;
     let settings = &config.settings;
     let admin_gid = match &settings.admin_group {
@@ -118,7 +119,7 @@ async fn run(
         cgroup::Containment::Cgroups(c) => tracing::info!(controllers = ?c.controllers, "instances get a cgroup each"),
     }
     let (registry, handle) =
-        registry::Registry::open(config.clone(), helper, containment, is_root)?;
+        registry::Registry::open(config.clone(), helper, containment, is_root, environment)?;
     let bound_here = inherited.is_none();
     let (admin, proxy) = match inherited {
         Some(sockets) => (
@@ -151,6 +152,7 @@ async fn run(
     systemd::notify(&[NotifyState::Ready]);
     tokio::spawn(report_to_systemd(handle.clone(), shutdown.clone()));
 
+    tokio::spawn(reload_on_sighup(handle.clone()));
     wait_for_signal().await;
     tracing::info!("stopping: every instance gets its stop_grace");
     systemd::notify(&[NotifyState::Stopping]);
@@ -238,6 +240,25 @@ async fn report_to_systemd(registry: registry::RegistryHandle, shutdown: Cancell
             systemd::notify(&states);
         }
         last = Some(status.clone());
+    }
+}
+
+/// SIGHUP re-reads the config (like `tenctl reload`), telling systemd RELOADING=1 meanwhile.
+async fn reload_on_sighup(registry: registry::RegistryHandle) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        systemd::notify(&[NotifyState::Reloading]);
+        match registry
+            .ask(|reply| registry::Command::Reload { reply })
+            .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) | Err(e) => tracing::error!("{e}; the running config stays"),
+        }
+        systemd::notify(&[NotifyState::Ready]);
     }
 }
 

@@ -346,6 +346,14 @@ async fn answer(request: Request, registry: &RegistryHandle) -> Response {
                     .await??;
                 Ok(Response::Ok)
             }
+            Request::Reload => {
+                let r = registry.ask(|reply| Command::Reload { reply }).await??;
+                Ok(Response::Reloaded {
+                    added: r.added,
+                    changed: r.changed,
+                    removed: r.removed,
+                })
+            }
             Request::List => {
                 let instances = registry.ask(|reply| Command::List { reply }).await?;
                 Ok(Response::Instances { instances })

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tenement_proto::config::{Config, Service};
 use tenement_proto::rpc::{ActivityReport, ErrorCode, InstanceInfo, LogLine, Response, Route};
-use tenement_proto::InstanceId;
+use tenement_proto::{InstanceId, ServiceName};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -128,12 +128,24 @@ pub enum Command {
         park_id: u64,
         accepted: bool,
     },
+    /// Re-read the config file (SIGHUP or `tenctl reload`).
+    Reload {
+        reply: Reply<Reloaded>,
+    },
     /// Counts for systemd's STATUS= line; answering it also proves the actor is alive.
     Counts {
         reply: oneshot::Sender<Counts>,
     },
     /// From the tasks watching a process.
     Process(ProcessEvent),
+}
+
+/// What a reload changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    pub added: Vec<ServiceName>,
+    pub changed: Vec<ServiceName>,
+    pub removed: Vec<ServiceName>,
 }
 
 /// How many instances are in each interesting state.
@@ -217,6 +229,8 @@ pub struct Registry {
     containment: Containment,
     /// Whether the supervisor runs as root (namespaces and users need it).
     is_root: bool,
+    /// What the config was validated against, for reloads.
+    environment: tenement_proto::config::Environment,
     tx: mpsc::Sender<Command>,
     rx: mpsc::Receiver<Command>,
 }
@@ -261,6 +275,7 @@ impl Registry {
         helper: PathBuf,
         containment: Containment,
         is_root: bool,
+        environment: tenement_proto::config::Environment,
     ) -> anyhow::Result<(Registry, RegistryHandle)> {
         let store = StateStore::open(&config.settings.state_dir)?;
         let killed = store.kill_leftovers(std::path::Path::new("/proc"));
@@ -290,6 +305,7 @@ impl Registry {
             helper,
             containment,
             is_root,
+            environment,
             tx: tx.clone(),
             rx,
         };
@@ -506,6 +522,9 @@ impl Registry {
                 park_id,
                 accepted,
             } => self.park_ack(watcher, instance, park_id, accepted, now),
+            Command::Reload { reply } => {
+                let _ = reply.send(self.reload(now));
+            }
             Command::Counts { reply } => {
                 let _ = reply.send(self.counts());
             }
@@ -851,6 +870,92 @@ impl Registry {
             self.event(&id, Event::Tick, now);
             self.maybe_check_health(&id, now);
         }
+    }
+
+    /// Reads the config file again and applies it: new services are available at once,
+    /// running instances of changed services restart, those of removed services stop, and
+    /// everything else is left alone. Settings that decide where things live cannot change
+    /// under a running supervisor.
+    fn reload(&mut self, now: Instant) -> Result<Reloaded, RpcError> {
+        let new = Config::load(&self.config.path, &self.environment).map_err(|e| {
+            let first = e
+                .diagnostics
+                .first()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            let more = e.diagnostics.len().saturating_sub(1);
+            let tail = if more > 0 {
+                format!(" (and {more} more)")
+            } else {
+                String::new()
+            };
+            RpcError::new(
+                ErrorCode::BadRequest,
+                format!("config not reloaded: {first}{tail}"),
+            )
+        })?;
+        let (old_s, new_s) = (&self.config.settings, &new.settings);
+        for (name, changed) in [
+            ("data_dir", old_s.data_dir != new_s.data_dir),
+            ("state_dir", old_s.state_dir != new_s.state_dir),
+            ("runtime_dir", old_s.runtime_dir != new_s.runtime_dir),
+            ("port_range", old_s.port_range != new_s.port_range),
+            ("dynamic_users", old_s.dynamic_users != new_s.dynamic_users),
+        ] {
+            if changed {
+                return Err(RpcError::new(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "config not reloaded: {name} changed; restart the supervisor to apply it"
+                    ),
+                ));
+            }
+        }
+        let mut report = Reloaded::default();
+        for (name, service) in &new.services {
+            match self.config.services.get(name) {
+                None => report.added.push(name.clone()),
+                Some(old) if old != service => report.changed.push(name.clone()),
+                Some(_) => {}
+            }
+        }
+        report.removed = self
+            .config
+            .services
+            .keys()
+            .filter(|name| !new.services.contains_key(*name))
+            .cloned()
+            .collect();
+        self.config = Arc::new(new);
+        let affected: Vec<(InstanceId, Event)> = self
+            .instances
+            .values()
+            .filter(|i| i.process.is_some())
+            .filter_map(|i| {
+                if report.changed.contains(&i.id.service) {
+                    Some((i.id.clone(), Event::Restart))
+                } else if report.removed.contains(&i.id.service) {
+                    Some((i.id.clone(), Event::Stop))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        for (id, event) in affected {
+            self.event(&id, event, now);
+        }
+        let declared: Vec<InstanceId> = self
+            .config
+            .instances
+            .iter()
+            .filter(|id| !self.instances.contains_key(*id))
+            .cloned()
+            .collect();
+        if !declared.is_empty() {
+            self.add(declared, now)?;
+        }
+        tracing::info!(added = ?report.added, changed = ?report.changed, removed = ?report.removed, "config reloaded");
+        Ok(report)
     }
 
     /// Before a shutdown stops them: every proxy parks the running instances (new requests

@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::process::ExitStatus;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use nix::sys::signal::{kill, killpg, Signal};
@@ -31,20 +31,26 @@ use super::{policy, Command, ProcessEvent, ProcessEventKind, Registry, RpcError}
 impl Registry {
     /// Feeds one event to an instance's lifecycle and carries out what it decides.
     pub(super) fn event(&mut self, id: &InstanceId, event: Event, now: Instant) {
-        let Some(service) = self.config.service(&id.service) else {
-            // A service removed from the config: its instances can only be stopped.
-            if let Some(i) = self.instances.get_mut(id) {
-                for waiter in i.waiters.drain(..) {
-                    let _ = waiter.reply.send(Err(RpcError::new(
-                        ErrorCode::UnknownService,
-                        format!("service {} is no longer in the config", id.service),
-                    )));
+        let policy = match self.config.service(&id.service) {
+            Some(service) => policy(service),
+            None => {
+                // A service removed from the config: its instances can still stop (and a
+                // reload stops them), but never start again.
+                if matches!(event, Event::Wake | Event::Restart) {
+                    if let Some(i) = self.instances.get_mut(id) {
+                        for waiter in i.waiters.drain(..) {
+                            let _ = waiter.reply.send(Err(RpcError::new(
+                                ErrorCode::UnknownService,
+                                format!("service {} is no longer in the config", id.service),
+                            )));
+                        }
+                    }
+                    self.settle_stop_waiters(id);
+                    return;
                 }
+                retired_policy()
             }
-            self.settle_stop_waiters(id);
-            return;
         };
-        let policy = policy(service);
         let Some(instance) = self.instances.get_mut(id) else {
             return;
         };
@@ -515,6 +521,20 @@ fn open_to_proxy(path: &Path, proxy_user: Option<&str>) -> std::io::Result<()> {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         }
         None => std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)),
+    }
+}
+
+/// The policy of an instance whose service left the config: enough to stop it.
+fn retired_policy() -> crate::lifecycle::Policy {
+    crate::lifecycle::Policy {
+        startup_timeout: Duration::from_secs(30),
+        stop_grace: Duration::from_secs(10),
+        idle_timeout: None,
+        unhealthy_threshold: 3,
+        max_restarts: 0,
+        restart_window: Duration::from_secs(60),
+        backoff_base: Duration::from_millis(500),
+        backoff_max: Duration::from_secs(30),
     }
 }
 
