@@ -233,9 +233,15 @@ impl Cgroups {
             .unwrap_or_default()
     }
 
-    /// Removes the instance's cgroup once it is empty (rmdir of a cgroup with processes fails).
-    pub fn remove(&self, id: &InstanceId) {
-        let _ = fs::remove_dir(self.instance_dir(id));
+    /// Removes the instance's cgroup once it is empty (rmdir of a cgroup with processes fails),
+    /// waiting up to `within` for cgroup.kill to finish. Blocking: call off the event loop.
+    pub fn remove_when_empty(&self, id: &InstanceId, within: std::time::Duration) {
+        let dir = self.instance_dir(id);
+        let deadline = std::time::Instant::now() + within;
+        while fs::remove_dir(&dir).is_err() && dir.exists() && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     /// Current usage: (memory.current bytes, pids.current).

@@ -232,6 +232,8 @@ impl Lifecycle {
         match &self.phase {
             Phase::Failed { reason } => Some(reason.clone()),
             Phase::Unhealthy { failure, .. } => Some(failure.to_string()),
+            // Serving again: the last exit says what happened before, there is no reason now.
+            Phase::Running { .. } => None,
             _ => self.last_failure.clone(),
         }
     }

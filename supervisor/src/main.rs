@@ -264,11 +264,7 @@ async fn reload_on_sighup(registry: registry::RegistryHandle) {
 
 /// Holds an exclusive flock(2) on `state_dir/supervisor.lock` for the supervisor's lifetime.
 fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
+    tenement_supervisor::state::create_private_dir(dir)
         .with_context(|| format!("cannot create state_dir {}", dir.display()))?;
     let path = dir.join("supervisor.lock");
     let file = std::fs::File::create(&path)

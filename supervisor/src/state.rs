@@ -68,11 +68,7 @@ impl StateStore {
             path: dir.to_path_buf(),
             source,
         };
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir.join("pids"))
-            .map_err(write_err)?;
+        create_private_dir(&dir.join("pids")).map_err(write_err)?;
         Ok(Self {
             dir: dir.to_path_buf(),
         })
@@ -179,6 +175,21 @@ impl StateStore {
         }
         killed
     }
+}
+
+/// Creates `path` 0700, and any missing parents 0755: a shared parent such as
+/// /var/lib/tenement must stay traversable for instances reaching their data directories.
+pub fn create_private_dir(path: &Path) -> io::Result<()> {
+    if let Some(parent) = path.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)?;
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
 }
 
 fn parse_pid_file(text: &str) -> Option<(i32, u64)> {

@@ -45,6 +45,8 @@ pub struct Instance {
     pub port: Option<u16>,
     /// The dynamic uid, once allocated.
     pub uid: Option<u32>,
+    /// The uid the current or last process ran as, whatever chose it.
+    pub run_uid: Option<u32>,
     pub weight: u32,
     pub created_ms: u64,
     /// Bumped at each spawn; events from older processes are ignored.
@@ -77,6 +79,7 @@ impl Instance {
             lifecycle: Lifecycle::new(now),
             port,
             uid: None,
+            run_uid: None,
             weight,
             created_ms,
             generation: 0,
@@ -159,7 +162,7 @@ impl Instance {
                 .into_owned(),
             // The registry fills in isolation, uid, cgroup, limits and usage.
             isolation: String::new(),
-            uid: self.uid,
+            uid: self.run_uid.or(self.uid),
             cgroup: None,
             limits: None,
             memory_bytes: None,

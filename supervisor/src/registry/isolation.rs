@@ -131,35 +131,74 @@ impl Registry {
     }
 
     /// The instance's own uid from `dynamic_users`, allocated once and kept in the registry.
+    /// A uid that still owns the kept data of a removed tenant is never handed to someone
+    /// else; a tenant that comes back gets its old uid (and so its data) again.
     fn dynamic_uid(&mut self, id: &InstanceId) -> Result<u32, String> {
+        use std::os::unix::fs::MetadataExt;
         if let Some(uid) = self.instances.get(id).and_then(|i| i.uid) {
             return Ok(uid);
         }
         let taken: std::collections::HashSet<u32> =
             self.instances.values().filter_map(|i| i.uid).collect();
         let range = self.config.settings.dynamic_users.clone();
-        let uid = range
-            .clone()
-            .find(|uid| {
-                !taken.contains(uid)
-                    && nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(*uid))
-                        .ok()
-                        .flatten()
-                        .is_none()
-            })
-            .ok_or_else(|| {
-                format!(
-                    "no free uid left in dynamic_users {}-{}; widen it",
-                    range.start(),
-                    range.end()
-                )
-            })?;
+        let own_data = std::fs::metadata(self.config.settings.instance_data_dir(id))
+            .ok()
+            .map(|m| m.uid())
+            .filter(|uid| range.contains(uid) && !taken.contains(uid));
+        let uid = match own_data {
+            Some(uid) => uid,
+            None => {
+                let kept = data_owners(&self.config.settings.data_dir, &range);
+                range
+                    .clone()
+                    .find(|uid| {
+                        !taken.contains(uid)
+                            && !kept.contains(uid)
+                            && nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(*uid))
+                                .ok()
+                                .flatten()
+                                .is_none()
+                    })
+                    .ok_or_else(|| {
+                        format!(
+                            "no free uid left in dynamic_users {}-{}; widen it",
+                            range.start(),
+                            range.end()
+                        )
+                    })?
+            }
+        };
         if let Some(i) = self.instances.get_mut(id) {
             i.uid = Some(uid);
         }
         self.save().map_err(|e| e.to_string())?;
         Ok(uid)
     }
+}
+
+/// Uids in `range` owning an instance directory under `data_dir` (`SERVICE/ID`).
+fn data_owners(
+    data_dir: &Path,
+    range: &std::ops::RangeInclusive<u32>,
+) -> std::collections::HashSet<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let mut owners = std::collections::HashSet::new();
+    let Ok(services) = std::fs::read_dir(data_dir) else {
+        return owners;
+    };
+    for service in services.filter_map(Result::ok) {
+        let Ok(instances) = std::fs::read_dir(service.path()) else {
+            continue;
+        };
+        for instance in instances.filter_map(Result::ok) {
+            if let Ok(meta) = instance.metadata() {
+                if range.contains(&meta.uid()) {
+                    owners.insert(meta.uid());
+                }
+            }
+        }
+    }
+    owners
 }
 
 /// Makes `path` (and nothing else) the app user's, mode 0700.

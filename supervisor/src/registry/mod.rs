@@ -718,7 +718,7 @@ impl Registry {
                 }
             }
         }
-        tracing::info!(instance = %id, purge, "removed");
+        tracing::info!(instance = %id, purge, "{id}: removed");
         Ok(())
     }
 

@@ -76,11 +76,12 @@ impl Registry {
                 }
             }
             Action::Kill => {
-                if let Some(pid) = self.pid_of(id) {
-                    kill_tree(pid);
-                }
                 if let Some(cgroups) = self.containment.cgroups() {
                     cgroups.kill(id);
+                } else if let Some(pid) = self.pid_of(id) {
+                    // Everything under the helper, not the helper: it reaps what dies and then
+                    // exits itself, so nothing is left as a zombie of PID 1.
+                    kill_descendants(pid);
                 }
             }
             Action::WakeWaiters => {
@@ -159,7 +160,7 @@ impl Registry {
                 }
             }
             Action::Log(message) => {
-                tracing::info!(instance = %id, "{message}");
+                tracing::info!(instance = %id, "{id}: {message}");
                 if let Some(i) = self.instances.get(id) {
                     i.logs.push(LogStream::Event, message);
                 }
@@ -194,6 +195,9 @@ impl Registry {
             .ok_or_else(|| format!("no service {}", id.service))?;
         let plan = self.plan_isolation(id, service)?;
         let (uid, gid) = (plan.spec.uid, plan.spec.gid);
+        if let Some(i) = self.instances.get_mut(id) {
+            i.run_uid = uid;
+        }
 
         // The port must be ours right now, or the readiness check could succeed against a
         // stranger. Moving is better than routing a tenant to somebody else's server.
@@ -297,7 +301,7 @@ impl Registry {
             .map(|_| now + service.health_interval);
         let logs = instance.logs.clone();
         logs.push(LogStream::Event, format!("started (pid {pid})"));
-        tracing::info!(instance = %id, pid, "started");
+        tracing::info!(instance = %id, pid, "{id}: started (pid {pid})");
 
         let mut tasks = Vec::new();
         if let Some(stdout) = child.stdout.take() {
@@ -417,7 +421,7 @@ impl Registry {
                     let ms = now.duration_since(began).as_secs_f64() * 1000.0;
                     i.logs
                         .push(LogStream::Event, format!("ready in {ms:.1} ms"));
-                    tracing::info!(instance = %id, ready_ms = ms, "ready");
+                    tracing::info!(instance = %id, ready_ms = ms, "{id}: ready in {ms:.1} ms");
                 }
                 self.event(&id, Event::Ready, now);
             }
@@ -428,8 +432,13 @@ impl Registry {
                     // keeps the instance's port.
                     let _ = killpg(Pid::from_raw(process.pid), Signal::SIGKILL);
                     if let Some(cgroups) = self.containment.cgroups() {
+                        // cgroup.kill only starts the kill: wait for the cgroup to empty, off
+                        // the actor, then remove it.
                         cgroups.kill(&id);
-                        cgroups.remove(&id);
+                        let (cgroups, id) = (cgroups.clone(), id.clone());
+                        tokio::task::spawn_blocking(move || {
+                            cgroups.remove_when_empty(&id, Duration::from_secs(5))
+                        });
                     }
                     // Readiness may still be polling; output readers end on EOF by themselves
                     // but are stopped too in case a grandchild kept the pipes open.
@@ -447,7 +456,7 @@ impl Registry {
                 i.health_running = false;
                 i.next_health = None;
                 self.store.forget_process(&id);
-                tracing::info!(instance = %id, "exited ({status})");
+                tracing::info!(instance = %id, "{id}: exited ({status})");
                 self.event(&id, Event::Exited(status), now);
             }
             ProcessEventKind::Health(result) => {
@@ -508,20 +517,42 @@ impl Registry {
 
 /// The app created its Unix socket with its own umask; the proxy (another user in
 /// production) must be able to connect: 0660 for `proxy_user`'s group when we can chown,
-/// else 0666 (the socket's directory is still ours).
+/// else 0666. The app owns the directory, so the path may be anything it likes by now: only a
+/// socket is touched, and never through a symlink.
 fn open_to_proxy(path: &Path, proxy_user: Option<&str>) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
+    use nix::sys::stat::{fchmodat, FchmodatFlags, Mode};
+    use nix::unistd::fchownat;
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::symlink_metadata(path)?;
+    if !meta.file_type().is_socket() {
+        return Err(std::io::Error::other(
+            "not a socket (a symlink or a file); left alone",
+        ));
+    }
     let group = proxy_user
         .filter(|_| nix::unistd::geteuid().is_root())
         .and_then(|name| nix::unistd::User::from_name(name).ok().flatten())
         .map(|user| user.gid);
-    match group {
+    let mode = match group {
         Some(gid) => {
-            nix::unistd::chown(path, None, Some(gid))?;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+            fchownat(
+                None,
+                path,
+                None,
+                Some(gid),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )?;
+            0o660
         }
-        None => std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)),
-    }
+        None => 0o666,
+    };
+    fchmodat(
+        None,
+        path,
+        Mode::from_bits_truncate(mode),
+        FchmodatFlags::NoFollowSymlink,
+    )?;
+    Ok(())
 }
 
 /// The policy of an instance whose service left the config: enough to stop it.
@@ -564,6 +595,13 @@ pub fn describe_exit(status: ExitStatus) -> String {
             format!("signal {signo} ({name})")
         }
         None => "unknown status".to_owned(),
+    }
+}
+
+/// SIGKILL to every descendant of an exec helper and its process group, but not the helper.
+pub fn kill_descendants(pid: i32) {
+    for p in procfs::tree_of(&procfs::all_processes(Path::new("/proc")), pid) {
+        let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
     }
 }
 

@@ -137,7 +137,9 @@ fn tmpfs(path: &Path, options: &str) -> Result<(), String> {
     .map_err(|e| format!("tmpfs on {}: {e}", path.display()))
 }
 
-/// Mounts a fresh /proc for the current PID namespace (called as its PID 1).
+/// Mounts a fresh /proc for the current PID namespace (called as its PID 1), with the
+/// kernel's knobs in it read-only (an app running as root, even without capabilities, could
+/// otherwise write /proc/sys/kernel/core_pattern).
 pub fn mount_proc() -> Result<(), String> {
     mount(
         Some("proc"),
@@ -146,7 +148,29 @@ pub fn mount_proc() -> Result<(), String> {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         None::<&str>,
     )
-    .map_err(|e| format!("mount /proc: {e}"))
+    .map_err(|e| format!("mount /proc: {e}"))?;
+    for path in [
+        "/proc/sys",
+        "/proc/sysrq-trigger",
+        "/proc/irq",
+        "/proc/bus",
+        "/proc/fs",
+    ] {
+        let path = Path::new(path);
+        if !path.exists() {
+            continue;
+        }
+        mount(
+            Some(path),
+            path,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| format!("bind {}: {e}", path.display()))?;
+        set_readonly_recursive(path, true)?;
+    }
+    Ok(())
 }
 
 /// Sets or clears MOUNT_ATTR_RDONLY on `path` and every mount below it, in one call
@@ -277,28 +301,70 @@ pub fn drop_privileges(drop: &Drop) -> Result<(), String> {
     Ok(())
 }
 
+/// The namespace flags of clone(2): creating namespaces from inside a sandbox (a user
+/// namespace above all, which hands out capabilities inside it) is what `unshare` is denied
+/// for, so `clone` with any of them is denied too.
+const CLONE_NEW_FLAGS: &[u64] = &[
+    libc::CLONE_NEWNS as u64,
+    libc::CLONE_NEWCGROUP as u64,
+    libc::CLONE_NEWUTS as u64,
+    libc::CLONE_NEWIPC as u64,
+    libc::CLONE_NEWUSER as u64,
+    libc::CLONE_NEWPID as u64,
+    libc::CLONE_NEWNET as u64,
+    libc::CLONE_NEWTIME as u64,
+];
+
 fn install_seccomp() -> Result<(), String> {
-    use seccompiler::{BpfProgram, SeccompAction, SeccompFilter};
+    use seccompiler::{
+        BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+        SeccompRule,
+    };
     use std::collections::BTreeMap;
-    let mut rules = BTreeMap::new();
+    let arch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|e| format!("seccomp arch: {e:?}"))?;
+    let compile =
+        |rules: BTreeMap<i64, Vec<SeccompRule>>, errno: i32| -> Result<BpfProgram, String> {
+            let filter = SeccompFilter::new(
+                rules,
+                SeccompAction::Allow,
+                SeccompAction::Errno(errno as u32),
+                arch,
+            )
+            .map_err(|e| format!("seccomp filter: {e}"))?;
+            filter
+                .try_into()
+                .map_err(|e| format!("seccomp compile: {e:?}"))
+        };
+    let mut denied = BTreeMap::new();
     for name in DENIED_SYSCALLS {
         if let Some(number) = syscall_number(name) {
-            rules.insert(number, Vec::new());
+            denied.insert(number, Vec::new());
         }
     }
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-        std::env::consts::ARCH
-            .try_into()
-            .map_err(|e| format!("seccomp arch: {e:?}"))?,
-    )
-    .map_err(|e| format!("seccomp filter: {e}"))?;
-    let program: BpfProgram = filter
-        .try_into()
-        .map_err(|e| format!("seccomp compile: {e:?}"))?;
-    seccompiler::apply_filter(&program).map_err(|e| format!("seccomp apply: {e}"))
+    // clone(flags, ...) with a CLONE_NEW* bit: one rule per bit, any of them matches.
+    let clone_rules = CLONE_NEW_FLAGS
+        .iter()
+        .map(|&bit| {
+            let condition =
+                SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(bit), bit)
+                    .map_err(|e| format!("seccomp condition: {e}"))?;
+            SeccompRule::new(vec![condition]).map_err(|e| format!("seccomp rule: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    denied.insert(libc::SYS_clone, clone_rules);
+    // clone3 passes its flags in memory a filter cannot read: deny it with ENOSYS, which makes
+    // the C library fall back to clone (EPERM would break thread creation).
+    let mut no_clone3 = BTreeMap::new();
+    no_clone3.insert(libc::SYS_clone3, Vec::new());
+    for program in [
+        compile(denied, libc::EPERM)?,
+        compile(no_clone3, libc::ENOSYS)?,
+    ] {
+        seccompiler::apply_filter(&program).map_err(|e| format!("seccomp apply: {e}"))?;
+    }
+    Ok(())
 }
 
 fn syscall_number(name: &str) -> Option<i64> {

@@ -86,6 +86,17 @@ fn child_exec(app: &AppExec) -> ! {
             env.push(entry);
         }
     }
+    // Nothing the supervisor or the helper inherited reaches the app: close every descriptor
+    // above stdio (and above the handed-over socket at 3).
+    let first = if app.listen_fd { 4 } else { 3 };
+    // SAFETY: close_range(2) takes integers and only closes descriptors of this process, which
+    // is about to exec; nothing in it uses them afterwards.
+    if unsafe { libc::close_range(first, libc::c_uint::MAX, 0) } == -1 {
+        die(&format!(
+            "tenement: cannot close inherited descriptors: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
     if let Err(e) = isolate::drop_privileges(&app.drop) {
         die(&format!("tenement: cannot drop privileges: {e}"));
     }
