@@ -3,6 +3,7 @@ external tools, a Sandbox with the proxy running, wrk, a throwaway nginx, per-pr
 and a many-requests-at-once HTTP client. Standard library only; everything binds and targets
 127.0.0.1."""
 
+import atexit
 import os
 import re
 import selectors
@@ -13,7 +14,8 @@ import subprocess
 import tempfile
 import time
 
-from tenement_bench import RELEASE, ROOT, Sandbox, free_port
+import tenement_bench
+from tenement_bench import ROOT, Sandbox, free_port
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -54,6 +56,54 @@ def ensure_tools(*tools):
         raise SystemExit(f"could not install {', '.join(still)}")
 
 
+BINARIES = ["tenement-supervisor", "tenement-exec", "tenement-proxy", "tenctl", "tiny-http"]
+BIN = tenement_bench.RELEASE
+
+
+def snapshot_binaries():
+    """Copies the freshly built binaries to a private directory and points the harness at it.
+
+    target/release is shared with whoever else builds in this tree; a rebuild during a run
+    replaced tenement-supervisor under a running supervisor once (its exec helper then failed
+    with "unexpected argument '__exec-helper'" and every wake answered 503). The copy makes a
+    run measure one build from start to end. Services use @BIN@ for this directory."""
+    global BIN
+    snap = tempfile.mkdtemp(prefix="tenement-bench-bin-")
+    os.chmod(snap, 0o755)
+    for name in BINARIES:
+        src = os.path.join(tenement_bench.RELEASE, name)
+        if os.path.exists(src):
+            shutil.copy2(src, snap)
+    atexit.register(shutil.rmtree, snap, True)
+    tenement_bench.RELEASE = snap
+    BIN = snap
+    return snap
+
+
+def build():
+    """Builds what these benchmarks run (not tenctl: they never call it)."""
+    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "tenement-supervisor",
+                    "-p", "tenement-proxy", "-p", "tenement-fixtures"], cwd=ROOT, check=True)
+
+
+def revision():
+    """The git revision benchmarked, with -dirty when the tree had local changes."""
+    r = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
+    return r.stdout.strip() or "?"
+
+
+def listen_overflows():
+    """TcpExt ListenOverflows + ListenDrops (this network namespace): SYNs dropped because an
+    accept queue was full."""
+    with open("/proc/net/netstat") as f:
+        lines = f.read().splitlines()
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            d = dict(zip(names.split()[1:], (int(v) for v in values.split()[1:])))
+            return d.get("ListenOverflows", 0), d.get("ListenDrops", 0)
+    return 0, 0
+
+
 def nginx_binary():
     return shutil.which("nginx") or "/usr/sbin/nginx"
 
@@ -66,7 +116,7 @@ def proxied_sandbox(services_toml):
     the whole wake deadline (~32 s) and gets a 503. Opening the directory for traversal (0711)
     fixes that without touching the shared harness."""
     port = free_port()
-    sb = Sandbox(services_toml, listen=f"127.0.0.1:{port}")
+    sb = Sandbox(services_toml.replace("@BIN@", BIN), listen=f"127.0.0.1:{port}")
     os.chmod(sb.dir, 0o711)
     sb.proxy_port = port
     try:
@@ -262,7 +312,7 @@ http {{
 def start_tiny_http(port=None):
     port = port or free_port()
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PORT": str(port), "HOST": "127.0.0.1"}
-    p = subprocess.Popen([os.path.join(RELEASE, "tiny-http")], env=env, stdout=subprocess.DEVNULL,
+    p = subprocess.Popen([os.path.join(BIN, "tiny-http")], env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     deadline = time.time() + 10
     while True:
@@ -352,3 +402,12 @@ def _complete(buf, eof=False):
     if m:
         return status if len(buf) - head_end - 4 >= int(m.group(1)) else None
     return status if eof else None
+
+
+def keep_logs(sb):
+    """Copies the sandbox's logs (proxy, supervisor) somewhere that survives sb.close()."""
+    kept = tempfile.mkdtemp(prefix="tenement-bench-logs-")
+    for name in os.listdir(sb.dir):
+        if name.endswith(".log") or name.endswith(".toml"):
+            shutil.copy(os.path.join(sb.dir, name), kept)
+    return kept

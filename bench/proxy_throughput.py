@@ -19,14 +19,14 @@ import argparse
 import os
 import sys
 
-from loadtools import Nginx, cpu_ticks, CLK_TCK, ensure_tools, proxied_sandbox, start_tiny_http, \
-    wait_proxy_synced, wrk
-from tenement_bench import build, machine, median
+from loadtools import build, Nginx, cpu_ticks, CLK_TCK, ensure_tools, proxied_sandbox, revision, \
+    snapshot_binaries, start_tiny_http, wait_proxy_synced, wrk
+from tenement_bench import machine, median
 
 HOST = "a.tiny.localhost"
 SERVICES = """
 [service.tiny]
-command = "@ROOT@/target/release/tiny-http"
+command = "@BIN@/tiny-http"
 idle_timeout = 0
 """
 CONFIGS = ["direct", "nginx", "tenement"]
@@ -47,6 +47,7 @@ def main():
     ensure_tools("wrk", "nginx")
     if not args.no_build:
         build()
+    snapshot_binaries()
 
     tiny, tiny_port = start_tiny_http()
     nginx = sb = None
@@ -101,7 +102,7 @@ def main():
 
 def report(args, conns, rows):
     print(f"# proxy throughput: wrk -t1, {args.duration} s per run, {args.rounds} interleaved rounds; "
-          f"{machine()}")
+          f"{machine()}; {revision()}")
     print(f"{'conns':>5} {'config':<9}{'rps':>10}{'p50 us':>9}{'p99 us':>9}{'+p50 us':>9}"
           f"{'cpu us/req':>11}{'errors':>8}")
     for c in conns:
