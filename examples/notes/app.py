@@ -209,6 +209,9 @@ def render_html(notes):
 class NotesServer(ThreadingHTTPServer):
     allow_reuse_address = True
     daemon_threads = True
+    # socketserver's default listen backlog is 5: a burst of new connections beyond it is
+    # dropped by the kernel and retried by clients a second later.
+    request_queue_size = 128
 
     def server_bind(self):
         # HTTPServer.server_bind resolves the host name (getfqdn), which can take seconds
