@@ -144,6 +144,7 @@ impl Link {
     /// Keeps `table` in sync until `shutdown`.
     pub async fn watch(self, table: Arc<Table>, shutdown: CancellationToken) {
         let mut pause = Duration::from_millis(10);
+        let mut last_problem = String::new();
         loop {
             let result = tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -151,7 +152,18 @@ impl Link {
             };
             table.set_synced(false);
             if let Err(e) = result {
-                tracing::debug!("watch stream ended: {e}");
+                // Say it once per kind of trouble: a permission problem (proxy_user, the
+                // socket's group) never fixes itself and must not hide behind a debug line.
+                let problem = e.to_string();
+                if problem != last_problem {
+                    tracing::warn!(
+                        "supervisor at {} unreachable: {problem}; retrying",
+                        self.socket.display()
+                    );
+                    last_problem = problem;
+                }
+            } else {
+                last_problem.clear();
             }
             tokio::select! {
                 () = shutdown.cancelled() => return,
