@@ -223,6 +223,10 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
     for task in accept_tasks {
         let _ = task.await;
     }
+    // Connections accepted a moment ago may not have sent their request yet; a graceful
+    // shutdown now would close them with the request unread (a reset the client sees). Give
+    // them a moment to start it; what is still in the listen queue waits for the next proxy.
+    tokio::time::sleep(Duration::from_millis(250)).await;
     let graceful =
         Arc::try_unwrap(graceful).map_err(|_| anyhow::anyhow!("connections still shared"))?;
     if tokio::time::timeout(grace, graceful.shutdown())

@@ -149,10 +149,13 @@ async fn run(
         proxy = %settings.proxy_socket().display(),
         "ready"
     );
+    // SIGHUP is handled before READY=1, so a reload right after start cannot kill us.
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot handle SIGHUP")?;
+    tokio::spawn(reload_on_sighup(handle.clone(), hangups));
     systemd::notify(&[NotifyState::Ready]);
     tokio::spawn(report_to_systemd(handle.clone(), shutdown.clone()));
 
-    tokio::spawn(reload_on_sighup(handle.clone()));
     wait_for_signal().await;
     tracing::info!("stopping: every instance gets its stop_grace");
     systemd::notify(&[NotifyState::Stopping]);
@@ -244,11 +247,10 @@ async fn report_to_systemd(registry: registry::RegistryHandle, shutdown: Cancell
 }
 
 /// SIGHUP re-reads the config (like `tenctl reload`), telling systemd RELOADING=1 meanwhile.
-async fn reload_on_sighup(registry: registry::RegistryHandle) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        return;
-    };
+async fn reload_on_sighup(
+    registry: registry::RegistryHandle,
+    mut hup: tokio::signal::unix::Signal,
+) {
     while hup.recv().await.is_some() {
         systemd::notify(&[NotifyState::Reloading]);
         match registry
