@@ -508,6 +508,8 @@ pub struct LogsOptions {
     pub follow: bool,
     pub grep: Option<String>,
     pub lines: Option<usize>,
+    /// Only lines newer than this long ago.
+    pub since: Option<Duration>,
     pub json: bool,
 }
 
@@ -526,7 +528,7 @@ fn compile_grep(pattern: &str) -> Result<Regex, UsageError> {
     })
 }
 
-fn write_log_line(out: &mut dyn Write, line: &LogLine, json: bool) -> anyhow::Result<()> {
+pub fn write_log_line(out: &mut dyn Write, line: &LogLine, json: bool) -> anyhow::Result<()> {
     if json {
         serde_json::to_writer(&mut *out, line)?;
         writeln!(out)?;
@@ -547,7 +549,7 @@ fn matching<'a>(
 }
 
 /// The last `last` lines of the backlog that match `grep` (all of them without `last`).
-fn last_matching<'a>(
+pub fn last_matching<'a>(
     lines: &'a [LogLine],
     grep: Option<&'a Regex>,
     last: Option<usize>,
@@ -564,6 +566,18 @@ pub fn logs(ctx: &Context, options: &LogsOptions, out: &mut dyn Write) -> anyhow
     let instance = parse_instance(&options.instance)?;
     let grep = options.grep.as_deref().map(compile_grep).transpose()?;
     let config = ctx.load_config()?;
+    // Under systemd the journal has every line (and what survived restarts of the
+    // supervisor); the supervisor's buffer is the fallback.
+    if crate::journal::has_entries(&instance) {
+        return crate::journal::logs(&instance, grep.as_ref(), options, out);
+    }
+    let since_ms = options.since.map(|d| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|n| n.as_millis() as u64)
+            .unwrap_or(0);
+        now.saturating_sub(d.as_millis() as u64)
+    });
     let timeout = (!options.follow).then_some(RPC_TIMEOUT);
     let mut client = ctx.connect(&config, timeout)?;
     // With --grep, -n counts matching lines, so all buffered lines are needed to find them.
@@ -572,10 +586,13 @@ pub fn logs(ctx: &Context, options: &LogsOptions, out: &mut dyn Write) -> anyhow
         lines: if grep.is_some() { None } else { options.lines },
         follow: options.follow,
     };
-    let backlog = match client.call(&request)? {
+    let mut backlog = match client.call(&request)? {
         Response::Logs { lines } => lines,
         other => return Err(unexpected("logs", &other)),
     };
+    if let Some(since) = since_ms {
+        backlog.retain(|l| l.ts_ms >= since);
+    }
     for line in last_matching(&backlog, grep.as_ref(), options.lines) {
         write_log_line(out, line, options.json)?;
     }

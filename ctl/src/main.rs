@@ -9,6 +9,7 @@
 
 mod client;
 mod commands;
+mod journal;
 mod render;
 
 use std::io::{self, Write};
@@ -143,6 +144,9 @@ enum Command {
         /// Only the last N (matching) lines.
         #[arg(short = 'n', long = "lines", value_name = "N")]
         lines: Option<usize>,
+        /// Only lines from this long ago on, like 10m or 2h.
+        #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
+        since: Option<Duration>,
         #[command(flatten)]
         output: Json,
     },
@@ -277,6 +281,7 @@ fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
             follow,
             grep,
             lines,
+            since,
             output,
         } => {
             let options = LogsOptions {
@@ -284,6 +289,7 @@ fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
                 follow,
                 grep,
                 lines,
+                since,
                 json: output.json,
             };
             commands::logs(&ctx, &options, out)?;

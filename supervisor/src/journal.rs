@@ -123,26 +123,30 @@ impl JournalTarget {
                 Err(poisoned) => poisoned.into_inner().take(Instant::now()),
             };
             if let Some(n) = dropped {
-                self.write(
-                    4,
-                    &format!(
-                        "{n} lines dropped: over {RATE_BURST} lines in {} s",
-                        RATE_WINDOW.as_secs()
-                    ),
+                let notice = format!(
+                    "{n} lines dropped: over {RATE_BURST} lines in {} s",
+                    RATE_WINDOW.as_secs()
                 );
+                self.write(4, &notice, LogStream::Event);
             }
             if !allowed {
                 return;
             }
         }
         let (level, text) = priority_of(stream, line);
-        self.write(level, text);
+        self.write(level, text, stream);
     }
 
-    fn write(&self, level: u8, text: &str) {
+    fn write(&self, level: u8, text: &str, stream: LogStream) {
         let pid = self.pid.load(Ordering::Relaxed);
         let pid_text = pid.to_string();
+        let stream = match stream {
+            LogStream::Stdout => "stdout",
+            LogStream::Stderr => "stderr",
+            LogStream::Event => "event",
+        };
         let mut fields: Vec<(&str, &str)> = vec![
+            ("TENEMENT_STREAM", stream),
             ("SYSLOG_IDENTIFIER", &self.service),
             ("TENEMENT_SERVICE", &self.service),
             ("TENEMENT_ID", &self.id),
