@@ -206,6 +206,18 @@ idle_timeout = "never"
     let helper = parent_pid(app).unwrap();
     // Freeze the supervisor so it cannot clean up after the helper, then kill both.
     kill(Pid::from_raw(sup.pid()), Signal::SIGSTOP).unwrap();
+    // kill(2) returns before the process has stopped: wait until it has, or it could still
+    // reap the helper and clean up, which is not the case under test.
+    let stopped = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().starts_with('T'))
+            })
+            .unwrap_or(false)
+    };
+    assert!(wait_until(Duration::from_secs(2), || stopped(sup.pid())));
     kill(Pid::from_raw(helper), Signal::SIGKILL).unwrap();
     assert!(wait_until(Duration::from_secs(2), || !pid_alive(helper)));
     sup.kill9();
