@@ -290,13 +290,6 @@ impl Proxy {
         // reached an app that answered.
         let resendable = (parts.method == http::Method::GET || parts.method == http::Method::HEAD)
             && body.is_end_stream();
-        let saved = resendable.then(|| {
-            (
-                parts.method.clone(),
-                parts.uri.clone(),
-                parts.headers.clone(),
-            )
-        });
         let mut upstream_request = Request::from_parts(parts, body);
 
         let (mut guard, mut route) = self.enter(&entry, deadline).await?;
@@ -335,6 +328,15 @@ impl Proxy {
                     }
                 },
             };
+            // Only a request on a kept-alive connection may need a second try: copy its head
+            // then, not on every request.
+            let saved = (resendable && reused && !resent).then(|| {
+                (
+                    upstream_request.method().clone(),
+                    upstream_request.uri().clone(),
+                    upstream_request.headers().clone(),
+                )
+            });
             let attempt = tokio::time::timeout(
                 self.settings.response_timeout,
                 sender.try_send_request(upstream_request),
@@ -352,16 +354,16 @@ impl Proxy {
                         if source_is::<http_body_util::LengthLimitError>(&error) {
                             return Err(ProxyError::BodyTooLarge);
                         }
-                        match (&saved, reused && !resent) {
-                            (Some((method, uri, headers)), true) => {
+                        match saved {
+                            Some((method, uri, headers)) => {
                                 resent = true;
                                 let mut again = Request::new(full(Bytes::new()));
-                                *again.method_mut() = method.clone();
-                                *again.uri_mut() = uri.clone();
-                                *again.headers_mut() = headers.clone();
+                                *again.method_mut() = method;
+                                *again.uri_mut() = uri;
+                                *again.headers_mut() = headers;
                                 upstream_request = again;
                             }
-                            _ => {
+                            None => {
                                 return Err(ProxyError::Upstream(format!("{}: {error}", entry.id)))
                             }
                         }
