@@ -8,8 +8,10 @@
 #   DATA_DIR (./data)                     notes live in $DATA_DIR/notes.db (SQLite)
 #   NOTIFY_SOCKET                         gets READY=1 once listening (sd_notify protocol)
 #
-# Routes: GET /health, GET / (HTML, or plain text for curl), POST /notes, GET /notes (JSON).
+# Routes: GET /health, GET /token, GET and POST /notes (Authorization: Bearer <token>), GET /.
+# The whole contract, shared with notes-node and notes-go: examples/README.md.
 # Python 3.11 standard library only; imports are kept to what start-up needs.
+import json
 import os
 import signal
 import socket
@@ -17,11 +19,54 @@ import socketserver
 import sqlite3
 import sys
 import time
-from html import escape
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs
+
+# hmac.compare_digest is this function; importing hmac itself pulls in hashlib and OpenSSL
+# (~11 ms of start-up on the machines tenement is measured on).
+from _operator import _compare_digest as compare_digest
 
 MAX_BODY = 64 * 1024  # bytes; a note is text, not an upload
+RUNTIME = "python"
+HELP = """notes: a single-tenant notes service (examples/README.md)
+GET  /health  status, runtime, service and tenant (JSON)
+GET  /token   this tenant's bearer token
+GET  /notes   the notes (JSON); needs Authorization: Bearer <token>
+POST /notes   add the body as a note; needs Authorization: Bearer <token>
+"""
+# Path -> methods it answers; anything else is 404, or 405 with Allow.
+ROUTES = {
+    "/": ("GET", "HEAD"),
+    "/health": ("GET", "HEAD"),
+    "/token": ("GET", "HEAD"),
+    "/notes": ("GET", "HEAD", "POST"),
+}
+
+
+def to_json(value):
+    """Compact JSON and a newline, the shape notes-node and notes-go send."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def load_token(data_dir):
+    """This tenant's bearer token: made once, kept in $DATA_DIR/token (0600, atomic)."""
+    path = os.path.join(data_dir, "token")
+    try:
+        with open(path, encoding="ascii") as f:
+            token = f.read().strip()
+        if len(token) == 64:
+            return token
+    except FileNotFoundError:
+        pass
+    token = os.urandom(32).hex()
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, token.encode("ascii") + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    return token
 
 
 class NotesStore:
@@ -67,8 +112,13 @@ class NotesStore:
         return [{"id": i, "text": t, "created": c} for (i, t, c) in rows]
 
 
-class BadRequest(Exception):
-    pass
+class HttpError(Exception):
+    """An answer other than success: status, one-line message, extra headers."""
+
+    def __init__(self, status, message, headers=None):
+        super().__init__(message)
+        self.status = status
+        self.headers = headers
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -79,20 +129,29 @@ class Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
 
     def do_GET(self):
-        self._run(self._get)
+        self._run()
 
     def do_HEAD(self):
-        self._run(self._get)
+        self._run()
 
     def do_POST(self):
-        self._run(self._post)
+        self._run()
 
-    def _run(self, route):
+    def do_PUT(self):
+        self._run()
+
+    def do_DELETE(self):
+        self._run()
+
+    def do_PATCH(self):
+        self._run()
+
+    def _run(self):
         # Never let an exception reach the client as a traceback: log it, answer 500.
         try:
-            route(self.path.split("?", 1)[0])
-        except BadRequest as err:
-            self._send(400, f"bad request: {err}\n")
+            self._route(self.path.split("?", 1)[0])
+        except HttpError as err:
+            self._send(err.status, f"{err}\n", extra=err.headers)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception as err:  # noqa: BLE001 - last line of defence
@@ -102,70 +161,77 @@ class Handler(BaseHTTPRequestHandler):
             except OSError:
                 self.close_connection = True
 
-    def _get(self, path):
+    def _route(self, path):
+        methods = ROUTES.get(path)
+        if methods is None or self.command not in methods:
+            if self.headers.get("Content-Length") or self.headers.get("Transfer-Encoding"):
+                self.close_connection = True  # an unread body would be parsed as a request
+            if methods is None:
+                raise HttpError(404, "not found")
+            raise HttpError(405, "method not allowed", {"Allow": ", ".join(methods)})
         if path == "/health":
-            self._send(200, "ok\n")
+            body = {
+                "status": "ok",
+                "runtime": RUNTIME,
+                "service": os.environ.get("TENEMENT_SERVICE"),
+                "tenant": os.environ.get("TENEMENT_ID"),
+            }
+            self._send(200, to_json(body), "application/json")
+        elif path == "/token":
+            self._send(200, self.server.token + "\n")
         elif path == "/":
-            notes = self.server.store.all()
-            if "text/html" in self.headers.get("Accept", ""):
-                self._send(200, render_html(notes), "text/html; charset=utf-8")
-            else:
-                lines = [f"{n['id']}. {n['text']}" for n in notes]
-                lines.append("POST /notes with a body to add one")
-                self._send(200, "\n".join(lines) + "\n")
-        elif path == "/notes":
-            import json  # only this route needs it; keeps start-up lean
-
-            body = json.dumps(self.server.store.all()) + "\n"
-            self._send(200, body, "application/json")
+            self._send(200, HELP)
+        elif self.command == "POST":
+            self._authenticate()
+            self._add_note()
         else:
-            self._send(404, "not found\n")
+            self._authenticate()
+            self._send(200, to_json(self.server.store.all()), "application/json")
 
-    def _post(self, path):
-        if path not in ("/notes", "/notes/"):
-            self._read_body()  # keep the connection in sync before answering
-            self._send(404, "not found\n")
-            return
+    def _authenticate(self):
+        scheme, _, token = self.headers.get("Authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise HttpError(
+                401,
+                "authorization required: Authorization: Bearer <token from /token>",
+                {"WWW-Authenticate": 'Bearer realm="notes"'},
+            )
+        given = token.strip().encode("utf-8", "replace")
+        if not compare_digest(given, self.server.token.encode("ascii")):
+            raise HttpError(403, "this token does not open these notes")
+
+    def _add_note(self):
         raw = self._read_body()
         try:
-            body = raw.decode("utf-8")
+            text = raw.decode("utf-8").strip()
         except UnicodeDecodeError:
-            raise BadRequest("the note must be UTF-8 text") from None
-        is_form = self.headers.get("Content-Type", "").startswith(
-            "application/x-www-form-urlencoded"
-        )
-        text = body
-        if is_form:
-            # curl -d 'buy milk' also sends this content type: use the raw body unless a
-            # 'text' field is really there.
-            fields = parse_qs(body)
-            if "text" in fields:
-                text = fields["text"][0]
-        text = text.strip()
+            raise HttpError(400, "the note must be UTF-8 text") from None
         if not text:
-            raise BadRequest("empty note; send the text as the body or a form field 'text'")
+            raise HttpError(400, "empty note; send the text as the request body")
         note_id = self.server.store.add(text)
-        if is_form and "text/html" in self.headers.get("Accept", ""):
-            self._send(303, f"{note_id}\n", extra={"Location": "/"})
-        else:
-            self._send(201, f"{note_id}\n", extra={"Location": f"/notes#{note_id}"})
+        self._send(
+            201,
+            to_json({"id": note_id}),
+            "application/json",
+            {"Location": f"/notes/{note_id}"},
+        )
 
     def _read_body(self):
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             self.close_connection = True
-            raise BadRequest("chunked bodies are not supported; send Content-Length")
+            raise HttpError(400, "chunked bodies are not supported; send Content-Length")
         value = self.headers.get("Content-Length", "0") or "0"
         try:
             length = int(value)
         except ValueError:
             self.close_connection = True
-            raise BadRequest("bad Content-Length") from None
+            raise HttpError(400, "bad Content-Length") from None
         if length < 0:
             self.close_connection = True
-            raise BadRequest("bad Content-Length")
+            raise HttpError(400, "bad Content-Length")
         if length > MAX_BODY:
             self.close_connection = True  # the unread body would be parsed as a request
-            raise BadRequest(f"body too large (max {MAX_BODY} bytes)")
+            raise HttpError(413, f"note too large (max {MAX_BODY} bytes)")
         return self.rfile.read(length)
 
     def _send(self, status, body, content_type="text/plain; charset=utf-8", extra=None):
@@ -190,20 +256,6 @@ class Handler(BaseHTTPRequestHandler):
         if isinstance(self.client_address, tuple) and self.client_address:
             return str(self.client_address[0])
         return "unix"
-
-
-def render_html(notes):
-    items = "".join(
-        f"<li>{escape(n['text'])} <small>{escape(n['created'])}</small></li>" for n in notes
-    )
-    return (
-        "<!doctype html><html><head><meta charset=utf-8><title>notes</title></head><body>"
-        "<h1>notes</h1>"
-        f"<ul>{items or '<li><em>no notes yet</em></li>'}</ul>"
-        '<form method=post action="/notes">'
-        '<input name=text autofocus placeholder="a new note"> <button>add</button>'
-        "</form></body></html>\n"
-    )
 
 
 class NotesServer(ThreadingHTTPServer):
@@ -307,9 +359,12 @@ def on_term(signum, frame):
 
 def main():
     signal.signal(signal.SIGTERM, on_term)
-    store = NotesStore(os.environ.get("DATA_DIR", "./data"))
+    data_dir = os.environ.get("DATA_DIR", "./data")
+    store = NotesStore(data_dir)
+    token = load_token(data_dir)
     server, where, socket_file = make_server()
     server.store = store
+    server.token = token
     print(f"notes listening on {where} (data in {store.path})", flush=True)
     notify_ready()
     try:

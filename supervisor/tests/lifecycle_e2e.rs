@@ -308,7 +308,11 @@ DATA_DIR = "{data_dir}/{id}"
     let _sup = sb.start();
     let mut c = Client::admin(&sb);
     let (alice, _) = expect_woken(c.spawn("notes:alice"));
-    let (code, _) = http_post(tcp_addr(&alice), "/notes", "buy milk");
+    let (code, token) = http_get(tcp_addr(&alice), "/token");
+    assert_eq!(code, 200);
+    let auth = format!("Bearer {}", token.trim());
+    let auth = [("Authorization", auth.as_str())];
+    let (code, _) = http_request(tcp_addr(&alice), "POST", "/notes", &auth, "buy milk");
     assert_eq!(code, 201);
     assert!(sb
         .instance_data_dir("notes:alice")
@@ -318,12 +322,23 @@ DATA_DIR = "{data_dir}/{id}"
     expect_ok(c.stop("notes:alice"));
     let (alice, started) = expect_woken(c.wake("notes:alice"));
     assert!(started);
-    let (code, body) = http_get(tcp_addr(&alice), "/notes");
+    let (code, body) = http_request(tcp_addr(&alice), "GET", "/notes", &auth, "");
     assert_eq!(code, 200);
     assert!(body.contains("buy milk"), "{body}");
 
     let (bob, _) = expect_woken(c.spawn("notes:bob"));
     assert_ne!(tcp_addr(&bob), tcp_addr(&alice));
-    let (_, body) = http_get(tcp_addr(&bob), "/notes");
+    let (code, body) = http_request(tcp_addr(&bob), "GET", "/notes", &auth, "");
+    assert_eq!(code, 403, "alice's token opens bob's notes: {body}");
+    let (_, bob_token) = http_get(tcp_addr(&bob), "/token");
+    let bob_auth = format!("Bearer {}", bob_token.trim());
+    let (code, body) = http_request(
+        tcp_addr(&bob),
+        "GET",
+        "/notes",
+        &[("Authorization", bob_auth.as_str())],
+        "",
+    );
+    assert_eq!(code, 200);
     assert!(!body.contains("buy milk"), "bob sees alice's notes: {body}");
 }

@@ -311,9 +311,9 @@ tenctl validate && systemctl restart tenement-supervisor.service' >"$work/deb-co
 check deb.wake_by_request sh_in '
     set -e
     test "$(systemctl is-active tenement-proxy.service)" = inactive || { echo "the proxy ran before any request"; exit 1; }
-    curl -sS -f --max-time 30 -H "Host: alice.notes.localhost" -d "hello from e2e" http://127.0.0.1/notes
-    echo
-    curl -sS -f --max-time 10 -H "Host: alice.notes.localhost" http://127.0.0.1/ | grep "hello from e2e"'
+    token=$(curl -sS -f --max-time 30 -H "Host: alice.notes.localhost" http://127.0.0.1/token)
+    curl -sS -f --max-time 10 -H "Host: alice.notes.localhost" -H "Authorization: Bearer $token" -d "hello from e2e" http://127.0.0.1/notes
+    curl -sS -f --max-time 10 -H "Host: alice.notes.localhost" -H "Authorization: Bearer $token" http://127.0.0.1/notes | grep "hello from e2e"'
 check deb.both_daemons_active sh_in 'systemctl is-active tenement-proxy.service tenement-supervisor.service'
 instance_in_cgroup() { # instance_in_cgroup INSTANCE: its processes are in the supervisor unit's subtree
     sh_in "

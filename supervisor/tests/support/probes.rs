@@ -107,11 +107,16 @@ fn http_exchange<S: Read + Write>(
     stream: &mut S,
     method: &str,
     path: &str,
+    extra_headers: &[(&str, &str)],
     body: &str,
 ) -> io::Result<(u16, String)> {
+    let extra: String = extra_headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     write!(
         stream,
-        "{method} {path} HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\nContent-Type: text/plain\r\n{extra}Content-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
     stream.flush()?;
@@ -136,27 +141,33 @@ fn http_exchange<S: Read + Write>(
 pub fn try_http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    http_exchange(&mut stream, "GET", path, "")
+    http_exchange(&mut stream, "GET", path, &[], "")
 }
 
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     try_http_get(addr, path).unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
 }
 
-/// `POST path` with a text body over TCP; the status and the body.
-pub fn http_post(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
+/// `METHOD path` with extra headers and a text body over TCP; the status and the body.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
     let result = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).and_then(|mut s| {
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        http_exchange(&mut s, "POST", path, body)
+        http_exchange(&mut s, method, path, headers, body)
     });
-    result.unwrap_or_else(|e| panic!("POST http://{addr}{path}: {e}"))
+    result.unwrap_or_else(|e| panic!("{method} http://{addr}{path}: {e}"))
 }
 
 /// `GET path` over a Unix stream socket.
 pub fn http_get_unix(socket: &Path, path: &str) -> (u16, String) {
     let result = UnixStream::connect(socket).and_then(|mut stream| {
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        http_exchange(&mut stream, "GET", path, "")
+        http_exchange(&mut stream, "GET", path, &[], "")
     });
     result.unwrap_or_else(|e| panic!("GET unix:{}{path}: {e}", socket.display()))
 }
