@@ -446,10 +446,25 @@ pub fn ps(
         .transpose()?;
     let config = ctx.load_config()?;
     let mut client = ctx.connect(&config, Some(RPC_TIMEOUT))?;
-    let mut instances = match client.call(&Request::List)? {
-        Response::Instances { instances } => instances,
-        other => return Err(unexpected("list", &other)),
-    };
+    let mut instances = Vec::new();
+    let mut reply = client.call(&Request::List)?;
+    loop {
+        match reply {
+            Response::Instances {
+                instances: chunk,
+                more,
+            } => {
+                instances.extend(chunk);
+                if !more {
+                    break;
+                }
+            }
+            other => return Err(unexpected("list", &other)),
+        }
+        reply = client.next_streamed()?.ok_or_else(|| {
+            anyhow::anyhow!("the supervisor closed the connection in the middle of the list")
+        })?;
+    }
     if let Some(service) = &service {
         instances.retain(|i| &i.instance.service == service);
     }

@@ -259,14 +259,23 @@ fn wake_prints_how_long_it_took_and_json_has_the_woken_fields() {
 #[test]
 fn ps_filters_by_service_and_prints_a_table_or_json() {
     let s = setup();
-    let list = || Response::Instances {
-        instances: vec![
-            info("notes:bob", InstanceState::Stopped),
-            info("blog:ann", InstanceState::Running),
-            info("notes:alice", InstanceState::Running),
-        ],
+    // The supervisor answers `list` in several messages; tenctl joins them.
+    let list = || {
+        vec![
+            Response::Instances {
+                instances: vec![
+                    info("notes:bob", InstanceState::Stopped),
+                    info("blog:ann", InstanceState::Running),
+                ],
+                more: true,
+            },
+            Response::Instances {
+                instances: vec![info("notes:alice", InstanceState::Running)],
+                more: false,
+            },
+        ]
     };
-    let _server = s.serve(move |_| vec![list()]);
+    let _server = s.serve(move |_| list());
     let out = s.tenctl(&["ps", "notes"]);
     assert_eq!(
         text(&out.stdout),
@@ -276,7 +285,7 @@ fn ps_filters_by_service_and_prints_a_table_or_json() {
     );
 
     let s = setup();
-    let _server = s.serve(move |_| vec![list()]);
+    let _server = s.serve(move |_| list());
     let out = s.tenctl(&["ps", "--json"]);
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let names: Vec<&str> = doc
@@ -289,14 +298,24 @@ fn ps_filters_by_service_and_prints_a_table_or_json() {
     assert_eq!(doc[2]["pid"], serde_json::Value::Null);
 
     let s = setup();
-    let _server = s.serve(|_| vec![Response::Instances { instances: vec![] }]);
+    let _server = s.serve(|_| {
+        vec![Response::Instances {
+            instances: vec![],
+            more: false,
+        }]
+    });
     let out = s.tenctl(&["ps"]);
     assert_eq!(
         text(&out.stdout),
         "no instances registered; add one with tenctl add SERVICE:ID\n"
     );
     let s = setup();
-    let _server = s.serve(|_| vec![Response::Instances { instances: vec![] }]);
+    let _server = s.serve(|_| {
+        vec![Response::Instances {
+            instances: vec![],
+            more: false,
+        }]
+    });
     assert_eq!(text(&s.tenctl(&["ps", "--json"]).stdout), "[]\n");
 }
 

@@ -179,8 +179,12 @@ pub enum Response {
     Route {
         route: Route,
     },
+    /// Answer to `list`, in as many messages as it takes to keep each frame small: every one
+    /// but the last has `more`.
     Instances {
         instances: Vec<InstanceInfo>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        more: bool,
     },
     Status {
         status: Box<InstanceInfo>,

@@ -158,6 +158,7 @@ fn responses() -> Vec<(&'static str, Response)> {
                     last_exit: Some("exit status 3".to_owned()),
                     reason: None,
                 }],
+                more: false,
             },
         ),
         (

@@ -88,6 +88,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     privilege::ensure_unprivileged(args.user.as_deref())?;
 
     init_logging();
+    raise_nofile_limit();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -99,6 +100,22 @@ fn run(args: Args) -> anyhow::Result<()> {
         listeners,
         Duration::from_secs(args.shutdown_grace),
     ))
+}
+
+/// Every client connection and every pooled upstream connection is a descriptor; systemd
+/// starts services with a soft limit of 1024 and a high hard limit for programs to raise.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let raised = getrlimit(Resource::RLIMIT_NOFILE).and_then(|(soft, hard)| {
+        if soft < hard {
+            setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(e) = raised {
+        tracing::warn!("cannot raise the open-file limit: {e}");
+    }
 }
 
 async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> anyhow::Result<()> {

@@ -75,6 +75,10 @@ pub struct IsolationSpec {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub nofile: Option<u64>,
+    /// Without `nofile`: the open-file soft limit to give the app back (the supervisor raised
+    /// its own).
+    #[serde(default)]
+    pub nofile_soft: Option<u64>,
     pub nproc: Option<u64>,
     /// Covered by empty tmpfs: other tenants' data, the registry, the RPC sockets.
     pub hide: Vec<PathBuf>,
@@ -200,6 +204,7 @@ fn app_exec(spec: &SpawnSpec) -> Result<sys::AppExec, String> {
             uid: spec.isolation.uid,
             gid: spec.isolation.gid,
             nofile: spec.isolation.nofile,
+            nofile_soft: spec.isolation.nofile_soft,
             nproc: spec.isolation.nproc,
             seccomp: spec.isolation.seccomp,
         },

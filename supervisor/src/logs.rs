@@ -21,17 +21,22 @@ pub const MAX_BYTES: usize = 512 * 1024;
 /// Longer lines are cut here (and marked).
 pub const MAX_LINE_LEN: usize = 8 * 1024;
 
+/// Lines a `tenctl logs -f` reader may fall behind by before it is told it missed some.
+const FOLLOW_CAPACITY: usize = 1024;
+
 #[derive(Debug)]
 struct Inner {
     lines: VecDeque<LogLine>,
     bytes: usize,
+    /// Made by the first follower: a broadcast channel allocates all its slots up front
+    /// (~64 KiB at this capacity), which 10,000 registered instances must not pay for.
+    follow: Option<broadcast::Sender<LogLine>>,
 }
 
 /// One instance's buffer. Cloning shares it.
 #[derive(Debug, Clone)]
 pub struct LogBuffer {
     inner: Arc<Mutex<Inner>>,
-    follow: broadcast::Sender<LogLine>,
     /// Where lines also go when the supervisor logs to the journal.
     journal: Option<Arc<JournalTarget>>,
 }
@@ -48,8 +53,8 @@ impl LogBuffer {
             inner: Arc::new(Mutex::new(Inner {
                 lines: VecDeque::new(),
                 bytes: 0,
+                follow: None,
             })),
-            follow: broadcast::channel(1024).0,
             journal: None,
         }
     }
@@ -87,30 +92,31 @@ impl LogBuffer {
             stream,
             line,
         };
-        {
-            let mut inner = match self.inner.lock() {
-                Ok(inner) => inner,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            inner.bytes += entry.line.len();
-            inner.lines.push_back(entry.clone());
-            while inner.lines.len() > MAX_LINES || inner.bytes > MAX_BYTES {
-                match inner.lines.pop_front() {
-                    Some(old) => inner.bytes -= old.line.len(),
-                    None => break,
-                }
+        let mut inner = self.lock();
+        if let Some(follow) = &inner.follow {
+            // Nobody following any more is not an error.
+            let _ = follow.send(entry.clone());
+        }
+        inner.bytes += entry.line.len();
+        inner.lines.push_back(entry);
+        while inner.lines.len() > MAX_LINES || inner.bytes > MAX_BYTES {
+            match inner.lines.pop_front() {
+                Some(old) => inner.bytes -= old.line.len(),
+                None => break,
             }
         }
-        // Nobody following is the common case, not an error.
-        let _ = self.follow.send(entry);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        match self.inner.lock() {
+            Ok(inner) => inner,
+            Err(poisoned) => poisoned.into_inner(),
+        }
     }
 
     /// The last `n` lines (all when `None`).
     pub fn tail(&self, n: Option<usize>) -> Vec<LogLine> {
-        let inner = match self.inner.lock() {
-            Ok(inner) => inner,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let inner = self.lock();
         let skip = n.map_or(0, |n| inner.lines.len().saturating_sub(n));
         inner.lines.iter().skip(skip).cloned().collect()
     }
@@ -128,7 +134,10 @@ impl LogBuffer {
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<LogLine> {
-        self.follow.subscribe()
+        self.lock()
+            .follow
+            .get_or_insert_with(|| broadcast::channel(FOLLOW_CAPACITY).0)
+            .subscribe()
     }
 }
 

@@ -57,6 +57,9 @@ fn main() -> ExitCode {
         }
     };
     systemd::init_logging();
+    if let Err(e) = tenement_supervisor::sys::raise_nofile_limit() {
+        tracing::warn!("cannot raise the open-file limit: {e}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tenement_proto::frame::{self, FrameError};
-use tenement_proto::rpc::{ErrorCode, Request, Response, Role, PROTOCOL_VERSION};
+use tenement_proto::rpc::{ErrorCode, InstanceInfo, Request, Response, Role, PROTOCOL_VERSION};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
@@ -265,6 +265,10 @@ async fn connection(
                     }
                 }
             }
+            Request::List => match registry.ask(|reply| Command::List { reply }).await {
+                Err(e) => frame::write_message_async(&mut writer, &from_rpc(e)).await?,
+                Ok(instances) => send_instances(&mut writer, instances).await?,
+            },
             other => {
                 let reply = answer(other, &registry).await;
                 if shutdown.is_cancelled() {
@@ -275,6 +279,26 @@ async fn connection(
                 frame::write_message_async(&mut writer, &reply).await?;
             }
         }
+    }
+}
+
+/// Instances per `Instances` message: each frame stays far below the 1 MiB cap (an entry is a
+/// few hundred bytes) however many instances are registered.
+const INSTANCES_PER_MESSAGE: usize = 250;
+
+/// The answer to `list`: every instance, in messages of at most [`INSTANCES_PER_MESSAGE`].
+async fn send_instances(
+    writer: &mut OwnedWriteHalf,
+    mut instances: Vec<InstanceInfo>,
+) -> Result<(), FrameError> {
+    loop {
+        let rest = instances.split_off(instances.len().min(INSTANCES_PER_MESSAGE));
+        let more = !rest.is_empty();
+        frame::write_message_async(writer, &Response::Instances { instances, more }).await?;
+        if !more {
+            return Ok(());
+        }
+        instances = rest;
     }
 }
 
@@ -354,10 +378,6 @@ async fn answer(request: Request, registry: &RegistryHandle) -> Response {
                     removed: r.removed,
                 })
             }
-            Request::List => {
-                let instances = registry.ask(|reply| Command::List { reply }).await?;
-                Ok(Response::Instances { instances })
-            }
             Request::Status { instance } => {
                 let status = registry
                     .ask(|reply| Command::Status { instance, reply })
@@ -367,7 +387,7 @@ async fn answer(request: Request, registry: &RegistryHandle) -> Response {
                 })
             }
             // Handled by the caller.
-            Request::Subscribe | Request::Logs { .. } => {
+            Request::Subscribe | Request::Logs { .. } | Request::List => {
                 Err(RpcError::new(ErrorCode::Internal, "misrouted request"))
             }
         }

@@ -8,7 +8,7 @@ use std::fs;
 use std::time::{Duration, Instant};
 
 use support::*;
-use tenement_proto::rpc::{ErrorCode, InstanceState};
+use tenement_proto::rpc::{ErrorCode, InstanceState, Response};
 
 const WEB: &str = r#"
 [service.web]
@@ -341,4 +341,72 @@ DATA_DIR = "{data_dir}/{id}"
     );
     assert_eq!(code, 200);
     assert!(!body.contains("buy milk"), "bob sees alice's notes: {body}");
+}
+
+#[test]
+fn supervisor_raises_its_open_file_limit_and_apps_get_the_inherited_one_back() {
+    let sb = Sandbox::new(
+        r#"
+[service.plain]
+command = "sh"
+args = ["-c", "ulimit -Sn >{data_dir}/{id}.nofile; exec @TINY@"]
+[service.limited]
+command = "sh"
+args = ["-c", "ulimit -Sn >{data_dir}/{id}.nofile; exec @TINY@"]
+nofile = 300
+"#,
+    );
+    let sup = sb.start_with_nofile_soft(512);
+    let limits = fs::read_to_string(format!("/proc/{}/limits", sup.pid())).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(
+        fields[3], fields[4],
+        "soft = hard for the supervisor: {line}"
+    );
+    assert_ne!(fields[3], "512", "{line}");
+
+    let mut c = Client::admin(&sb);
+    expect_woken(c.spawn("plain:a"));
+    expect_woken(c.spawn("limited:a"));
+    let read = |service: &str| {
+        let path = sb
+            .instance_data_dir(&format!("{service}:a"))
+            .with_extension("nofile");
+        fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    };
+    assert_eq!(
+        read("plain").trim(),
+        "512",
+        "apps get the limit systemd gave"
+    );
+    assert_eq!(read("limited").trim(), "300", "nofile in the config wins");
+}
+
+#[test]
+fn list_of_thousands_of_instances_arrives_whole() {
+    let sb = Sandbox::new(
+        r#"
+[service.web]
+command = "@TINY@"
+listen = "unix" # no port each: the sandbox has a few hundred
+"#,
+    );
+    let _sup = sb.start();
+    let mut c = Client::admin(&sb);
+    // One JSON frame for all of them would pass the 1 MiB frame cap.
+    let names: Vec<String> = (0..3000).map(|n| format!("web:tenant-{n:05}")).collect();
+    let ids: Vec<&str> = names.iter().map(String::as_str).collect();
+    match c.add(&ids) {
+        Response::Added { added, existing } => {
+            assert_eq!((added.len(), existing.len()), (3000, 0));
+        }
+        other => panic!("add: {other:?}"),
+    }
+    let mut listed: Vec<String> = c.ps().iter().map(|i| i.instance.to_string()).collect();
+    listed.sort();
+    assert_eq!(listed, names);
 }

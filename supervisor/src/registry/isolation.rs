@@ -74,6 +74,7 @@ impl Registry {
             uid,
             gid,
             nofile: service.limits.nofile,
+            nofile_soft: crate::sys::inherited_nofile_soft(),
             nproc: service.limits.nproc,
             hide: vec![
                 settings.data_dir.clone(),

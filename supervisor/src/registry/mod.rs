@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tenement_proto::config::{Config, Service};
+use tenement_proto::config::{Config, ListenMode, Service};
 use tenement_proto::rpc::{ActivityReport, ErrorCode, InstanceInfo, LogLine, Response, Route};
 use tenement_proto::{InstanceId, ServiceName};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -339,7 +339,7 @@ impl Registry {
         let missing: Vec<InstanceId> = registry
             .instances
             .values()
-            .filter(|i| i.port.is_none())
+            .filter(|i| i.port.is_none() && registry.needs_port(&i.id.service))
             .map(|i| i.id.clone())
             .collect();
         for id in missing {
@@ -355,12 +355,26 @@ impl Registry {
         Ok((registry, RegistryHandle { tx }))
     }
 
+    /// Whether instances of `service` are served on a port of `port_range` (`listen = "unix"`
+    /// ones are not, so they do not use up the range). An instance whose service starts to need
+    /// a port after a reload gets one when it starts.
+    fn needs_port(&self, service: &ServiceName) -> bool {
+        self.config
+            .service(service)
+            .is_some_and(|s| s.listen != ListenMode::Unix)
+    }
+
     fn insert_new(&mut self, id: InstanceId, now: Instant) -> Result<(), RpcError> {
-        let port = self
-            .ports
-            .allocate(|_| true)
-            .map_err(|e| RpcError::new(ErrorCode::Unavailable, e.to_string()))?;
-        let instance = Instance::new(id.clone(), Some(port), 1, now_ms(), now);
+        let port = if self.needs_port(&id.service) {
+            let port = self
+                .ports
+                .allocate(|_| true)
+                .map_err(|e| RpcError::new(ErrorCode::Unavailable, e.to_string()))?;
+            Some(port)
+        } else {
+            None
+        };
+        let instance = Instance::new(id.clone(), port, 1, now_ms(), now);
         self.instances.insert(id, instance);
         Ok(())
     }

@@ -253,6 +253,8 @@ pub struct Drop {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub nofile: Option<u64>,
+    /// Without `nofile`: the soft limit to set back (the hard one stays).
+    pub nofile_soft: Option<u64>,
     pub nproc: Option<u64>,
     pub seccomp: bool,
 }
@@ -261,9 +263,16 @@ pub struct Drop {
 /// order: capabilities go while we may still drop the bounding set; no_new_privs makes the
 /// filter installable without privilege and keeps setuid binaries from giving anything back.
 pub fn drop_privileges(drop: &Drop) -> Result<(), String> {
-    use nix::sys::resource::{setrlimit, Resource};
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
     if let Some(n) = drop.nofile {
         setrlimit(Resource::RLIMIT_NOFILE, n, n).map_err(|e| format!("setrlimit NOFILE: {e}"))?;
+    } else if let Some(soft) = drop.nofile_soft {
+        let (current, hard) =
+            getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| format!("getrlimit NOFILE: {e}"))?;
+        if soft < current {
+            setrlimit(Resource::RLIMIT_NOFILE, soft, hard)
+                .map_err(|e| format!("setrlimit NOFILE: {e}"))?;
+        }
     }
     if let Some(n) = drop.nproc {
         setrlimit(Resource::RLIMIT_NPROC, n, n).map_err(|e| format!("setrlimit NPROC: {e}"))?;

@@ -211,6 +211,30 @@ impl FineSleep {
     }
 }
 
+/// The open-file soft limit the supervisor was started with, before [`raise_nofile_limit`].
+static INHERITED_NOFILE_SOFT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+/// Raises the soft limit on open files to the hard limit: each running instance costs the
+/// supervisor a few descriptors (its output pipes, sockets), and systemd starts services with
+/// a soft limit of 1024 and a high hard limit, expecting programs that need more to raise it
+/// themselves and to give their children the old soft limit back (see [`inherited_nofile_soft`]).
+/// Returns the new soft limit.
+pub fn raise_nofile_limit() -> nix::Result<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    let _ = INHERITED_NOFILE_SOFT.set(soft);
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(hard)
+}
+
+/// The soft limit apps get when their service sets no `nofile`: the one the supervisor was
+/// given (many programs still use select(2), which breaks on descriptors above 1023).
+pub fn inherited_nofile_soft() -> Option<u64> {
+    INHERITED_NOFILE_SOFT.get().copied()
+}
+
 /// Whether `path` carries the extended attribute `name` (getxattr(2)).
 pub fn has_xattr(path: &std::path::Path, name: &str) -> bool {
     let (Ok(path), Ok(name)) = (

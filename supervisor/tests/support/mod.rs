@@ -173,12 +173,32 @@ impl Sandbox {
 
     /// [`Sandbox::start`] with extra variables in the supervisor's own environment.
     pub fn start_with_env(&self, env: &[(&str, &str)]) -> Supervisor {
+        self.start_with(env, None)
+    }
+
+    /// [`Sandbox::start`] as systemd would: with this soft limit on open files (the hard one
+    /// unchanged).
+    pub fn start_with_nofile_soft(&self, soft: u64) -> Supervisor {
+        self.start_with(&[], Some(soft))
+    }
+
+    fn start_with(&self, env: &[(&str, &str)], nofile_soft: Option<u64>) -> Supervisor {
         let log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log_path)
             .expect("open the supervisor log");
-        let mut command = Command::new(supervisor_binary());
+        let mut command = match nofile_soft {
+            None => Command::new(supervisor_binary()),
+            Some(soft) => {
+                // The shell lowers the soft limit and execs, so the pid stays the supervisor's.
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("ulimit -Sn {soft} && exec \"$0\" \"$@\""))
+                    .arg(supervisor_binary());
+                sh
+            }
+        };
         command
             .arg("--config")
             .arg(&self.config_path)

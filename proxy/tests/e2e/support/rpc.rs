@@ -46,10 +46,22 @@ impl Admin {
         frame::read_message(&mut self.stream).unwrap_or_else(|e| panic!("answer to {name}: {e}"))
     }
 
+    /// Every registered instance: `list` is answered in several messages.
     pub fn ps(&mut self) -> Vec<InstanceInfo> {
-        match self.call(Request::List) {
-            Response::Instances { instances } => instances,
-            other => panic!("list was answered with {other:?}"),
+        let mut all = Vec::new();
+        let mut reply = self.call(Request::List);
+        loop {
+            match reply {
+                Response::Instances { instances, more } => {
+                    all.extend(instances);
+                    if !more {
+                        return all;
+                    }
+                }
+                other => panic!("list was answered with {other:?}"),
+            }
+            reply = frame::read_message(&mut self.stream)
+                .unwrap_or_else(|e| panic!("the rest of the list: {e}"));
         }
     }
 
