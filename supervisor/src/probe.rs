@@ -31,10 +31,12 @@ pub async fn connect(address: &Address) -> std::io::Result<Conn> {
     }
 }
 
-/// How often readiness is polled: finely while a fast app may be about to listen, then at
-/// tokio's millisecond granularity.
+/// How often readiness is polled: finely while a fast (native) app may be about to listen,
+/// then at tokio's millisecond granularity. Each try is a socket, a connect and a close: fine
+/// polling through an interpreter's 50 ms start cost the supervisor ~6 ms of CPU per wake,
+/// which on a small machine slowed the very start it was waiting for.
 fn poll_pause(elapsed: Duration) -> Duration {
-    if elapsed < Duration::from_millis(50) {
+    if elapsed < Duration::from_millis(10) {
         Duration::from_micros(200)
     } else {
         Duration::from_millis(1)
