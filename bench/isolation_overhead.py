@@ -41,10 +41,12 @@ LEVELS = ["process", "namespace", "sandbox"]
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--no-build", action="store_true")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("isolation_overhead.py needs root: namespaces are created by a root supervisor")
-    build()
+    if not args.no_build:
+        build()
     sb = Sandbox(SERVICES)
     try:
         sb.start_supervisor()
@@ -68,6 +70,11 @@ def main():
             diff = median([a - b for a, b in zip(times[level], times["process"])]) * 1000
             print(f"{level:<20}{median(times[level]) * 1000:>9.2f}{diff:>16.2f}")
         print("+ms = median of per-round differences to isolation = process")
+        for level, goal in (("namespace", 2.0), ("sandbox", 3.0)):
+            if level in times:
+                diff = median([a - b for a, b in zip(times[level], times["process"])]) * 1000
+                verdict = "met" if diff <= goal else f"MISSED by {diff - goal:.2f} ms"
+                print(f"goal: {level} adds <= {goal:g} ms: +{diff:.2f} ms, {verdict}")
     finally:
         sb.close()
 

@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""The whole benchmark report in one command: builds once, runs every benchmark in turn and
+prints each one's table, then a summary of the goals. The report is also written to
+bench/out/report-REVISION.txt. docs/BENCHMARKS.md quotes a run of exactly this command.
+
+    python3 bench/run_all.py [--quick]
+
+--quick runs fewer rounds and a smaller scale run (1,000 instances, 100 wakes): a smoke test
+of the scripts in a few minutes, not figures to quote. Root is needed for the proxy's user
+drop and for the isolation benchmark; wrk, nginx, node and go are installed with apt-get when
+missing.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+from loadtools import ensure_tools, revision
+from tenement_bench import ROOT
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# (title, script, full arguments, quick arguments)
+BENCHMARKS = [
+    ("cold wake per runtime and listen mode", "cold_wake.py", ["--rounds", "15"], ["--rounds", "3"]),
+    ("10 and 100 simultaneous first requests", "cold_requests.py", ["--rounds", "5"], ["--rounds", "1"]),
+    ("warm throughput: direct, nginx, tenement", "proxy_throughput.py", ["--rounds", "5", "--duration", "5"],
+     ["--rounds", "1", "--duration", "2"]),
+    ("scale and memory", "scale.py", [], ["--instances", "1000", "--wakes", "100", "--idle-timeout", "5"]),
+    ("idle load: no request lost", "idle_load.py", ["--requests", "10000"], ["--requests", "1000"]),
+    ("isolation overhead", "isolation_overhead.py", ["--rounds", "21"], ["--rounds", "3"]),
+]
+
+
+def ensure_runtimes():
+    missing = [pkg for tool, pkg in (("node", "nodejs"), ("go", "golang-go")) if shutil.which(tool) is None]
+    if missing:
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run_all: needs root (the proxy drops to nobody; isolation needs namespaces)")
+    ensure_tools("wrk", "nginx")
+    ensure_runtimes()
+    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "tenement-supervisor", "-p", "tenement-proxy",
+                    "-p", "tenctl", "-p", "tenement-fixtures"], cwd=ROOT, check=True)
+
+    out_dir = os.path.join(HERE, "out")
+    os.makedirs(out_dir, exist_ok=True)
+    rev = revision()
+    report_path = os.path.join(out_dir, f"report-{rev}.txt")
+    report = open(report_path, "w")
+
+    def emit(text=""):
+        print(text, flush=True)
+        report.write(text + "\n")
+
+    emit(f"# tenement benchmark report, {rev}, {time.strftime('%Y-%m-%d %H:%M')}"
+         + (" (--quick: smoke test, not figures)" if args.quick else ""))
+    summary = []
+    for title, script, full, quick in BENCHMARKS:
+        argv = [sys.executable, os.path.join(HERE, script), *(quick if args.quick else full), "--no-build"]
+        emit()
+        emit(f"## {title}: python3 bench/{script} {' '.join(argv[2:])}")
+        started = time.time()
+        proc = subprocess.Popen(argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            lines.append(line)
+            emit(line)
+        code = proc.wait()
+        took = time.time() - started
+        emit(f"({script} exited {code} after {took:.0f} s)")
+        goals = [line for line in lines
+                 if re.search(r"\b(met|missed)\b", line, re.IGNORECASE) or line.startswith("check:")]
+        summary.append((title, code, goals))
+
+    emit()
+    emit("## summary")
+    failed = 0
+    for title, code, goals in summary:
+        emit(f"{title}: {'ok' if code == 0 else f'EXITED {code}'}")
+        for g in goals:
+            emit(f"  {g.strip()}")
+        failed += code != 0
+    emit(f"report written to {os.path.relpath(report_path, ROOT)}")
+    report.close()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
