@@ -146,11 +146,29 @@ class Handler(BaseHTTPRequestHandler):
     def do_PATCH(self):
         self._run()
 
+    def do_OPTIONS(self):
+        self._run()
+
+    def send_error(self, code, message=None, explain=None):
+        # What http.server itself refuses (a bad request line, an unknown method, huge
+        # headers) gets the same one-line text as everything else, not an HTML page.
+        self.close_connection = True
+        short = message or self.responses.get(code, ("error",))[0]
+        self._send(code, f"{short.lower()}\n")
+
     def _run(self):
         # Never let an exception reach the client as a traceback: log it, answer 500.
+        self.body_read = False
         try:
             self._route(self.path.split("?", 1)[0])
         except HttpError as err:
+            if not self.body_read and (
+                self.headers.get("Content-Length", "0") not in ("", "0")
+                or self.headers.get("Transfer-Encoding")
+            ):
+                # A refused request's body was never read: it would be parsed as the next
+                # request on this connection.
+                self.close_connection = True
             self._send(err.status, f"{err}\n", extra=err.headers)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
@@ -164,8 +182,6 @@ class Handler(BaseHTTPRequestHandler):
     def _route(self, path):
         methods = ROUTES.get(path)
         if methods is None or self.command not in methods:
-            if self.headers.get("Content-Length") or self.headers.get("Transfer-Encoding"):
-                self.close_connection = True  # an unread body would be parsed as a request
             if methods is None:
                 raise HttpError(404, "not found")
             raise HttpError(405, "method not allowed", {"Allow": ", ".join(methods)})
@@ -232,6 +248,7 @@ class Handler(BaseHTTPRequestHandler):
         if length > MAX_BODY:
             self.close_connection = True  # the unread body would be parsed as a request
             raise HttpError(413, f"note too large (max {MAX_BODY} bytes)")
+        self.body_read = True
         return self.rfile.read(length)
 
     def _send(self, status, body, content_type="text/plain; charset=utf-8", extra=None):

@@ -299,7 +299,11 @@ impl Proxy {
                 address: route.address.clone(),
                 generation: route.generation,
             };
-            let (mut sender, reused) = match self.pool.take(&key) {
+            // After one kept-alive connection turned out dead, its siblings in the pool are as
+            // suspect (the process behind them is likely gone): the resend uses a new one, which
+            // a dead instance refuses, and that leads to a wake.
+            let pooled = if resent { None } else { self.pool.take(&key) };
+            let (mut sender, reused) = match pooled {
                 Some(sender) => (sender, true),
                 None => match self.pool.connect(&key, self.settings.connect_timeout).await {
                     Ok(sender) => (sender, false),

@@ -1,0 +1,3 @@
+module tenement.example/notes-go
+
+go 1.19
