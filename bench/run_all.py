@@ -76,6 +76,8 @@ def main():
         lines = []
         for line in proc.stdout:
             line = line.rstrip("\n")
+            if re.fullmatch(r"round \d+/\d+ done", line):
+                continue  # progress, not results
             lines.append(line)
             emit(line)
         code = proc.wait()

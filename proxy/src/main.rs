@@ -105,10 +105,19 @@ fn run(args: Args) -> anyhow::Result<()> {
 /// Every client connection and every pooled upstream connection is a descriptor; systemd
 /// starts services with a soft limit of 1024 and a high hard limit for programs to raise.
 fn raise_nofile_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
     let raised = getrlimit(Resource::RLIMIT_NOFILE).and_then(|(soft, hard)| {
-        if soft < hard {
-            setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+        // An unlimited hard limit cannot be passed: the kernel caps descriptors at fs.nr_open.
+        let target = if hard == RLIM_INFINITY {
+            std::fs::read_to_string("/proc/sys/fs/nr_open")
+                .ok()
+                .and_then(|text| text.trim().parse().ok())
+                .unwrap_or(1 << 20)
+        } else {
+            hard
+        };
+        if soft < target {
+            setrlimit(Resource::RLIMIT_NOFILE, target, hard)
         } else {
             Ok(())
         }

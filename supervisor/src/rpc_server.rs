@@ -267,7 +267,11 @@ async fn connection(
             }
             Request::List => match registry.ask(|reply| Command::List { reply }).await {
                 Err(e) => frame::write_message_async(&mut writer, &from_rpc(e)).await?,
-                Ok(instances) => send_instances(&mut writer, instances).await?,
+                // A client that stops reading must not hold up the supervisor's shutdown.
+                Ok(instances) => tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    sent = send_instances(&mut writer, instances) => sent?,
+                },
             },
             other => {
                 let reply = answer(other, &registry).await;
@@ -289,16 +293,16 @@ const INSTANCES_PER_MESSAGE: usize = 250;
 /// The answer to `list`: every instance, in messages of at most [`INSTANCES_PER_MESSAGE`].
 async fn send_instances(
     writer: &mut OwnedWriteHalf,
-    mut instances: Vec<InstanceInfo>,
+    instances: Vec<InstanceInfo>,
 ) -> Result<(), FrameError> {
+    let mut rest = instances.into_iter().peekable();
     loop {
-        let rest = instances.split_off(instances.len().min(INSTANCES_PER_MESSAGE));
-        let more = !rest.is_empty();
+        let instances: Vec<InstanceInfo> = rest.by_ref().take(INSTANCES_PER_MESSAGE).collect();
+        let more = rest.peek().is_some();
         frame::write_message_async(writer, &Response::Instances { instances, more }).await?;
         if !more {
             return Ok(());
         }
-        instances = rest;
     }
 }
 

@@ -203,6 +203,35 @@ class Suite:
             check(status == 200, f"{tenant}.{s} GET /notes: {status}")
             check(text not in body, f"{tenant}.{s} sees alice.{service}'s note")
 
+    def errors(self, service):
+        host = f"alice.{service}.localhost"
+        token = self.tokens[(service, "alice")]
+        status, _, body = self.request(host, "/no-such-page")
+        check(status == 404, f"unknown path: {status}")
+        check(body.endswith("\n") and body.count("\n") == 1, f"404 body is not one line: {body!r}")
+        status, headers, _ = self.request(host, "/notes", "DELETE", token=token)
+        check(status == 405, f"DELETE /notes: {status}")
+        allow = {m.strip() for m in (headers.get("Allow") or "").split(",")}
+        check({"GET", "POST"} <= allow, f"405 Allow: {headers.get('Allow')!r}")
+        status, _, _ = self.request(host, "/notes", "POST", b"   ", token=token)
+        check(status == 400, f"an empty note: {status}")
+        status, _, _ = self.request(host, "/notes", "POST", b"\xff\xfe", token=token)
+        check(status == 400, f"a note that is not UTF-8: {status}")
+        status, _, _ = self.request(host, "/notes", "POST", b"x" * (64 * 1024 + 1), token=token)
+        check(status == 413, f"a note over 64 KiB: {status}")
+        status, _, body = self.request(host, "/health", "HEAD")
+        check(status == 200 and body == "", f"HEAD /health: {status} {body!r}")
+
+    def listen_modes(self):
+        want = {"py": "tcp", "node": "unix", "go": "tcp"}  # activate is tcp on the outside
+        for service, mode in want.items():
+            address = self.status(f"{service}:bob")["address"]
+            is_tcp = re.fullmatch(r"127\.0\.0\.1:\d+", address) is not None
+            check(is_tcp == (mode == "tcp"), f"{service}:bob listens on {address!r}, expected {mode}")
+            if mode == "unix":
+                check(address.endswith(".sock") and os.path.isabs(address.removeprefix("unix:")),
+                      f"{service}:bob address {address!r} is not a socket path")
+
     def ps_lists_six(self):
         out = self.tenctl("ps", "--json")
         check(out.returncode == 0, f"tenctl ps --json: {out.stderr.strip()}")
@@ -211,7 +240,10 @@ class Suite:
         check(listed == want, f"listed {listed}, expected {want}")
 
     def idle_stop_and_wake(self):
-        # Nothing has touched any instance since the checks above: all six idle out.
+        # All six idle out; the alice ones were just used, so they are surely running.
+        for s in SERVICES:
+            status, _, _ = self.request(f"alice.{s}.localhost", "/health")
+            check(status == 200, f"alice.{s} /health: {status}")
         pids = {f"{s}:alice": self.status(f"{s}:alice")["pid"] for s in SERVICES}
         check(all(pids.values()), f"not all running before idling: {pids}")
 
@@ -354,6 +386,9 @@ def main():
             suite.run(f"authorization.{service}", suite.authorization, service)
         for service in SERVICES:
             suite.run(f"notes_private.{service}", suite.notes_are_private, service)
+        for service in SERVICES:
+            suite.run(f"errors.{service}", suite.errors, service)
+        suite.run("listen_modes", suite.listen_modes)
         suite.run("ps_json_lists_six", suite.ps_lists_six)
         suite.run("idle_stop", suite.idle_stop_and_wake)
         for service in SERVICES:

@@ -348,7 +348,8 @@ check deb.default_example_service sh_in '
 # must work inside the unit's own sandbox.
 check deb.sandbox_instance_serves sh_in '
     set -e
-    curl -sS -f --max-time 30 -H "Host: carol.boxed.localhost" -d "boxed note" http://127.0.0.1/notes; echo
+    token=$(curl -sS -f --max-time 30 -H "Host: carol.boxed.localhost" http://127.0.0.1/token)
+    curl -sS -f --max-time 30 -H "Host: carol.boxed.localhost" -H "Authorization: Bearer $token" -d "boxed note" http://127.0.0.1/notes; echo
     tenctl status boxed:carol'
 # `systemctl reload` with a service added: it must be served without restarting alice; a
 # broken file must be refused with the old config left running.

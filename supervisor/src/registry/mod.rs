@@ -316,7 +316,12 @@ impl Registry {
                 changed = true;
                 continue;
             }
-            let port = entry.port.filter(|&p| registry.ports.claim(p));
+            // Instances of unix services give their port back (a port from before the
+            // service switched to unix, or from before unix instances took none).
+            let needs_port = registry.needs_port(&entry.instance.service);
+            let port = entry
+                .port
+                .filter(|&p| needs_port && registry.ports.claim(p));
             changed |= port != entry.port;
             let mut instance = Instance::new(
                 entry.instance.clone(),
@@ -556,17 +561,21 @@ impl Registry {
         }
         let mut added = Vec::new();
         let mut existing = Vec::new();
+        let mut inserted = Ok(());
         for id in ids {
             if self.instances.contains_key(&id) {
                 existing.push(id);
+            } else if let Err(e) = self.insert_new(id.clone(), now) {
+                inserted = Err(e);
+                break;
             } else {
-                self.insert_new(id.clone(), now)?;
                 added.push(id);
             }
         }
         if !added.is_empty() {
-            if let Err(e) = self.save() {
-                // Not saved means not registered: undo, so memory and disk agree.
+            // All or nothing, and not saved means not registered: undo, so that memory and
+            // disk agree.
+            if let Err(e) = inserted.and_then(|()| self.save()) {
                 for id in &added {
                     if let Some(i) = self.instances.remove(id) {
                         if let Some(port) = i.port {

@@ -220,13 +220,23 @@ static INHERITED_NOFILE_SOFT: std::sync::OnceLock<u64> = std::sync::OnceLock::ne
 /// themselves and to give their children the old soft limit back (see [`inherited_nofile_soft`]).
 /// Returns the new soft limit.
 pub fn raise_nofile_limit() -> nix::Result<u64> {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
     let _ = INHERITED_NOFILE_SOFT.set(soft);
-    if soft < hard {
-        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    // An unlimited hard limit still cannot be passed: the kernel caps descriptors at
+    // fs.nr_open and refuses a higher soft limit.
+    let target = if hard == RLIM_INFINITY {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(1 << 20)
+    } else {
+        hard
+    };
+    if soft < target {
+        setrlimit(Resource::RLIMIT_NOFILE, target, hard)?;
     }
-    Ok(hard)
+    Ok(target.max(soft))
 }
 
 /// The soft limit apps get when their service sets no `nofile`: the one the supervisor was
