@@ -116,9 +116,7 @@ impl LogBuffer {
 
     /// The last `n` lines (all when `None`).
     pub fn tail(&self, n: Option<usize>) -> Vec<LogLine> {
-        let inner = self.lock();
-        let skip = n.map_or(0, |n| inner.lines.len().saturating_sub(n));
-        inner.lines.iter().skip(skip).cloned().collect()
+        self.tail_and_follow(n, false).0
     }
 
     /// The last `n` lines of app output as one string, for start-failure errors.
@@ -133,11 +131,23 @@ impl LogBuffer {
         lines[skip..].join(" | ")
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<LogLine> {
-        self.lock()
-            .follow
-            .get_or_insert_with(|| broadcast::channel(FOLLOW_CAPACITY).0)
-            .subscribe()
+    /// The last `n` lines and, when `follow`, a receiver of every later line: taken under one
+    /// lock, so no line falls between the two.
+    pub fn tail_and_follow(
+        &self,
+        n: Option<usize>,
+        follow: bool,
+    ) -> (Vec<LogLine>, Option<broadcast::Receiver<LogLine>>) {
+        let mut inner = self.lock();
+        let skip = n.map_or(0, |n| inner.lines.len().saturating_sub(n));
+        let lines = inner.lines.iter().skip(skip).cloned().collect();
+        let receiver = follow.then(|| {
+            inner
+                .follow
+                .get_or_insert_with(|| broadcast::channel(FOLLOW_CAPACITY).0)
+                .subscribe()
+        });
+        (lines, receiver)
     }
 }
 

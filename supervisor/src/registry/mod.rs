@@ -510,10 +510,10 @@ impl Registry {
                 reply,
             } => {
                 let result = match self.instances.get(&instance) {
-                    Some(i) => Ok(LogsReply {
-                        lines: i.logs.tail(lines),
-                        follow: follow.then(|| i.logs.subscribe()),
-                    }),
+                    Some(i) => {
+                        let (lines, follow) = i.logs.tail_and_follow(lines, follow);
+                        Ok(LogsReply { lines, follow })
+                    }
                     None => Err(RpcError::unknown(&instance)),
                 };
                 let _ = reply.send(result);
