@@ -355,7 +355,11 @@ def wait_for(condition, seconds, what, exc=SystemExit):
 def build(bin_dir):
     if shutil.which("go") is None or shutil.which("node") is None:
         raise SystemExit("acceptance: needs node and go (Debian: apt-get install nodejs golang-go)")
-    subprocess.run(["go", "build", "-o", "notes-go", "."], cwd=os.path.join(EXAMPLES, "notes-go"), check=True)
+    env = dict(os.environ)
+    if not (env.get("GOCACHE") or env.get("XDG_CACHE_HOME") or env.get("HOME")):
+        env["GOCACHE"] = os.path.join(tempfile.gettempdir(), "tenement-go-cache")  # go needs one
+    subprocess.run(["go", "build", "-o", "notes-go", "."], cwd=os.path.join(EXAMPLES, "notes-go"), check=True,
+                   env=env)
     if bin_dir is None:
         subprocess.run(["cargo", "build", "--quiet", "-p", "tenement-supervisor", "-p", "tenement-proxy",
                         "-p", "tenctl"], cwd=ROOT, check=True)
