@@ -410,3 +410,30 @@ listen = "unix" # no port each: the sandbox has a few hundred
     listed.sort();
     assert_eq!(listed, names);
 }
+
+#[test]
+fn add_that_runs_out_of_ports_registers_nothing() {
+    let sb = Sandbox::new(
+        r#"
+[service.web]
+command = "@TINY@"
+"#,
+    );
+    let _sup = sb.start();
+    let mut c = Client::admin(&sb);
+    let range = usize::from(sb.ports.1 - sb.ports.0) + 1;
+    let first: Vec<String> = (0..range - 10).map(|n| format!("web:a{n}")).collect();
+    let first: Vec<&str> = first.iter().map(String::as_str).collect();
+    assert!(matches!(c.add(&first), Response::Added { .. }));
+    // 20 more do not fit in the 10 ports left: none of them is registered.
+    let more: Vec<String> = (0..20).map(|n| format!("web:b{n}")).collect();
+    let more: Vec<&str> = more.iter().map(String::as_str).collect();
+    let message = expect_error(c.add(&more), ErrorCode::Unavailable);
+    assert!(message.contains("port_range"), "{message}");
+    assert_eq!(c.ps().len(), range - 10);
+    // The ports of the refused ones were given back.
+    let fits: Vec<String> = (0..10).map(|n| format!("web:c{n}")).collect();
+    let fits: Vec<&str> = fits.iter().map(String::as_str).collect();
+    assert!(matches!(c.add(&fits), Response::Added { .. }));
+    assert_eq!(c.ps().len(), range);
+}

@@ -572,19 +572,26 @@ impl Registry {
                 added.push(id);
             }
         }
-        if !added.is_empty() {
-            // All or nothing, and not saved means not registered: undo, so that memory and
-            // disk agree.
-            if let Err(e) = inserted.and_then(|()| self.save()) {
-                for id in &added {
-                    if let Some(i) = self.instances.remove(id) {
-                        if let Some(port) = i.port {
-                            self.ports.release(port);
-                        }
+        // All or nothing, and not saved means not registered: undo, so that memory and disk
+        // agree.
+        let saved = inserted.and_then(|()| {
+            if added.is_empty() {
+                Ok(())
+            } else {
+                self.save()
+            }
+        });
+        if let Err(e) = saved {
+            for id in &added {
+                if let Some(i) = self.instances.remove(id) {
+                    if let Some(port) = i.port {
+                        self.ports.release(port);
                     }
                 }
-                return Err(e);
             }
+            return Err(e);
+        }
+        if !added.is_empty() {
             let routes: Vec<Route> = added.iter().filter_map(|id| self.route_of(id)).collect();
             self.broadcast(Response::Routes {
                 routes,
