@@ -35,6 +35,8 @@
 pub mod config;
 pub mod frame;
 pub mod ids;
+#[cfg(feature = "rlimit")]
+pub mod rlimit;
 pub mod rpc;
 
 pub use ids::{IdError, InstanceId, ServiceName, TenantId};

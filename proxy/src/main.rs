@@ -88,7 +88,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     privilege::ensure_unprivileged(args.user.as_deref())?;
 
     init_logging();
-    raise_nofile_limit();
+    if let Err(e) = tenement_proto::rlimit::raise_nofile_limit() {
+        tracing::warn!("cannot raise the open-file limit: {e}");
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -100,31 +102,6 @@ fn run(args: Args) -> anyhow::Result<()> {
         listeners,
         Duration::from_secs(args.shutdown_grace),
     ))
-}
-
-/// Every client connection and every pooled upstream connection is a descriptor; systemd
-/// starts services with a soft limit of 1024 and a high hard limit for programs to raise.
-fn raise_nofile_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
-    let raised = getrlimit(Resource::RLIMIT_NOFILE).and_then(|(soft, hard)| {
-        // An unlimited hard limit cannot be passed: the kernel caps descriptors at fs.nr_open.
-        let target = if hard == RLIM_INFINITY {
-            std::fs::read_to_string("/proc/sys/fs/nr_open")
-                .ok()
-                .and_then(|text| text.trim().parse().ok())
-                .unwrap_or(1 << 20)
-        } else {
-            hard
-        };
-        if soft < target {
-            setrlimit(Resource::RLIMIT_NOFILE, target, hard)
-        } else {
-            Ok(())
-        }
-    });
-    if let Err(e) = raised {
-        tracing::warn!("cannot raise the open-file limit: {e}");
-    }
 }
 
 async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> anyhow::Result<()> {

@@ -214,29 +214,13 @@ impl FineSleep {
 /// The open-file soft limit the supervisor was started with, before [`raise_nofile_limit`].
 static INHERITED_NOFILE_SOFT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
 
-/// Raises the soft limit on open files to the hard limit: each running instance costs the
-/// supervisor a few descriptors (its output pipes, sockets), and systemd starts services with
-/// a soft limit of 1024 and a high hard limit, expecting programs that need more to raise it
-/// themselves and to give their children the old soft limit back (see [`inherited_nofile_soft`]).
-/// Returns the new soft limit.
-pub fn raise_nofile_limit() -> nix::Result<u64> {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+/// Raises the soft limit on open files to the hard limit (each running instance costs the
+/// supervisor a few descriptors) and remembers the old one for the apps (see
+/// [`inherited_nofile_soft`]).
+pub fn raise_nofile_limit() -> nix::Result<()> {
+    let soft = tenement_proto::rlimit::raise_nofile_limit()?;
     let _ = INHERITED_NOFILE_SOFT.set(soft);
-    // An unlimited hard limit still cannot be passed: the kernel caps descriptors at
-    // fs.nr_open and refuses a higher soft limit.
-    let target = if hard == RLIM_INFINITY {
-        std::fs::read_to_string("/proc/sys/fs/nr_open")
-            .ok()
-            .and_then(|text| text.trim().parse().ok())
-            .unwrap_or(1 << 20)
-    } else {
-        hard
-    };
-    if soft < target {
-        setrlimit(Resource::RLIMIT_NOFILE, target, hard)?;
-    }
-    Ok(target.max(soft))
+    Ok(())
 }
 
 /// The soft limit apps get when their service sets no `nofile`: the one the supervisor was
