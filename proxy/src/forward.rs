@@ -4,15 +4,13 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
-use http_body::{Body, Frame, SizeHint};
+use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tenement_proto::rpc::InstanceState;
@@ -21,7 +19,8 @@ use tokio::time::Instant;
 
 use crate::host::{self, Target};
 use crate::link::Link;
-use crate::pool::{Pool, PoolKey, Sender};
+use crate::pool::{Pool, PoolKey};
+use crate::relay::{Progress, RequestBody, ResponseBody};
 use crate::respond::{error_response, full, BoxError, ProxyBody, ProxyError};
 use crate::table::{Entry, InFlight, RouteInfo, Table};
 
@@ -256,30 +255,8 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut parts, body) = request.into_parts();
         let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
-        let upgrade = is_upgrade(&parts.headers)
-            .then(|| parts.headers.get(header::UPGRADE).cloned())
-            .flatten();
-        prepare_headers(
-            &mut parts.headers,
-            peer,
-            &raw_host,
-            &self.settings.trusted_proxies,
-        );
-        if let Some(protocol) = &upgrade {
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            parts.headers.insert(header::UPGRADE, protocol.clone());
-        }
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        parts.uri =
-            Uri::try_from(path).map_err(|_| ProxyError::BadHost(host::HostError::Malformed))?;
-        parts.version = http::Version::HTTP_11;
-        if parts.headers.get(header::HOST).is_none() {
-            if let Ok(value) = HeaderValue::from_str(&raw_host) {
-                parts.headers.insert(header::HOST, value);
-            }
-        }
+        let client_http1 = parts.version < http::Version::HTTP_2;
+        rewrite_head(&mut parts, peer, &raw_host, &self.settings.trusted_proxies)?;
         let body: ProxyBody = if max_body == u64::MAX {
             body.map_err(|e| -> BoxError { Box::new(e) }).boxed()
         } else {
@@ -290,11 +267,13 @@ impl Proxy {
         // reached an app that answered.
         let resendable = (parts.method == http::Method::GET || parts.method == http::Method::HEAD)
             && body.is_end_stream();
+        let progress = Progress::new(client_http1);
+        let body = RequestBody::new(body, progress.clone()).boxed();
         let mut upstream_request = Request::from_parts(parts, body);
 
         let (mut guard, mut route) = self.enter(&entry, deadline).await?;
         let mut resent = false;
-        let (response, key, sender) = loop {
+        let (response, key, connection) = loop {
             let key = PoolKey {
                 address: route.address.clone(),
                 generation: route.generation,
@@ -303,10 +282,10 @@ impl Proxy {
             // suspect (the process behind them is likely gone): the resend uses a new one, which
             // a dead instance refuses, and that leads to a wake.
             let pooled = if resent { None } else { self.pool.take(&key) };
-            let (mut sender, reused) = match pooled {
-                Some(sender) => (sender, true),
+            let (mut connection, reused) = match pooled {
+                Some(connection) => (connection, true),
                 None => match self.pool.connect(&key, self.settings.connect_timeout).await {
-                    Ok(sender) => (sender, false),
+                    Ok(connection) => (connection, false),
                     Err(e) => {
                         // The instance stopped or crashed and nothing was sent: wake it and try
                         // again. The supervisor may not have reaped the old process yet and
@@ -343,12 +322,12 @@ impl Proxy {
             });
             let attempt = tokio::time::timeout(
                 self.settings.response_timeout,
-                sender.try_send_request(upstream_request),
+                connection.send.try_send_request(upstream_request),
             )
             .await;
             match attempt {
                 Err(_) => return Err(ProxyError::UpstreamTimeout),
-                Ok(Ok(response)) => break (response, key, sender),
+                Ok(Ok(response)) => break (response, key, connection),
                 Ok(Err(mut error)) => match error.take_message() {
                     // The connection was closed before the request went out: it comes back
                     // untouched and goes out on another one.
@@ -381,16 +360,54 @@ impl Proxy {
         }
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let body = GuardedBody {
-            inner: body,
-            guard: Some(guard),
-            release: Some((self.pool.clone(), key, sender)),
-        };
+        if progress.answered_early() {
+            // The instance answered before the request body was all out (and may have closed
+            // the connection): relay the answer; this client connection ends after it.
+            tracing::debug!(instance = %entry.id, status = %parts.status, "early answer");
+            if client_http1 {
+                parts
+                    .headers
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+        }
+        let body = ResponseBody::new(body, guard, self.pool.clone(), key, connection, progress);
         Ok(Response::from_parts(parts, body.boxed()))
     }
 }
 
-fn check_body_size<B>(request: &Request<B>, max: u64) -> Result<(), ProxyError> {
+/// Turns a client's request head into the one the instance gets: origin-form target, HTTP/1.1,
+/// hop-by-hop headers out (an upgrade's own two kept), forwarding headers set for this hop and
+/// a Host. Pure, so the fuzz targets check the same code the request path runs.
+pub fn rewrite_head(
+    parts: &mut http::request::Parts,
+    peer: Peer,
+    raw_host: &str,
+    trusted: &[IpAddr],
+) -> Result<(), ProxyError> {
+    let upgrade = is_upgrade(&parts.headers)
+        .then(|| parts.headers.get(header::UPGRADE).cloned())
+        .flatten();
+    prepare_headers(&mut parts.headers, peer, raw_host, trusted);
+    if let Some(protocol) = upgrade {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, protocol);
+    }
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = Uri::try_from(path).map_err(|_| ProxyError::BadHost(host::HostError::Malformed))?;
+    parts.version = http::Version::HTTP_11;
+    if parts.headers.get(header::HOST).is_none() {
+        if let Ok(value) = HeaderValue::from_str(raw_host) {
+            parts.headers.insert(header::HOST, value);
+        }
+    }
+    Ok(())
+}
+
+/// 413 when the declared Content-Length is over the service's `max_body_size` (a body without
+/// one is cut at the limit while it streams).
+pub fn check_body_size<B>(request: &Request<B>, max: u64) -> Result<(), ProxyError> {
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -532,61 +549,6 @@ fn switch_protocols(
         });
     }
     Response::from_parts(parts, full(Bytes::new()))
-}
-
-/// The upstream response body, holding the in-flight count and the connection until it ends.
-struct GuardedBody {
-    inner: Incoming,
-    guard: Option<InFlight>,
-    release: Option<(Arc<Pool>, PoolKey, Sender)>,
-}
-
-impl GuardedBody {
-    fn finish(&mut self, reusable: bool) {
-        if let Some((pool, key, sender)) = self.release.take() {
-            if reusable {
-                pool.put(key, sender);
-            }
-        }
-        self.guard = None;
-    }
-}
-
-impl Body for GuardedBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(None) => {
-                this.finish(true);
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(Err(e))) => {
-                this.finish(false);
-                Poll::Ready(Some(Err(Box::new(e))))
-            }
-            Poll::Ready(Some(Ok(frame))) => {
-                if this.inner.is_end_stream() {
-                    this.finish(true);
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
 }
 
 #[cfg(test)]

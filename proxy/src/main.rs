@@ -6,15 +6,6 @@
 //! then builds the runtime. The proxy never forks and never spawns.
 #![forbid(unsafe_code)]
 
-mod forward;
-mod host;
-mod link;
-mod listeners;
-mod pool;
-mod privilege;
-mod respond;
-mod table;
-
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,13 +14,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use tenement_proto::config::{Config, Environment, DEFAULT_CONFIG_PATH};
 use tokio_util::sync::CancellationToken;
 
-use crate::forward::{Peer, Proxy, ServicePolicy};
-use crate::listeners::Listener;
+use tenement_proxy::forward::{self, Peer, Proxy, ServicePolicy};
+use tenement_proxy::listeners::{self, Listener};
+use tenement_proxy::server::{self, HEADER_READ_TIMEOUT};
+use tenement_proxy::{link, privilege};
 
 /// tenement's front door: routes `{id}.{service}.{domain}` to instances, waking them.
 #[derive(Debug, Parser)]
@@ -49,11 +41,6 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     shutdown_grace: u64,
 }
-
-/// Client header read timeout; also how long an idle keep-alive connection stays open.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
-/// Largest request head accepted (larger: 431).
-const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -144,20 +131,7 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
     tokio::spawn(link.watch(proxy.table.clone(), shutdown.clone()));
 
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEADER_BYTES);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEADER_BYTES as u32)
-        // Dead HTTP/2 peers are found by pings rather than held forever.
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(10));
-    let builder = Arc::new(builder);
+    let builder = Arc::new(server::connection_builder());
 
     let mut accept_tasks = Vec::new();
     for listener in listeners {
@@ -195,7 +169,8 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
                     // hyper-util reads the first bytes to tell HTTP/1 from HTTP/2 with no
                     // deadline of its own; a client that sends nothing must not hold a socket.
                     let started =
-                        tokio::time::timeout(HEADER_READ_TIMEOUT, first_bytes(&stream)).await;
+                        tokio::time::timeout(HEADER_READ_TIMEOUT, server::first_bytes(&stream))
+                            .await;
                     if !matches!(started, Ok(true)) {
                         return;
                     }
@@ -239,25 +214,6 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
         tracing::warn!("grace period over with requests still in flight");
     }
     Ok(())
-}
-
-/// Waits until the client has sent enough to tell HTTP/1 from the HTTP/2 preface (one byte
-/// that cannot start it, or the whole 24-byte preface). False when the client closed.
-async fn first_bytes(stream: &tokio::net::TcpStream) -> bool {
-    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-    let mut buf = [0u8; 24];
-    loop {
-        if stream.readable().await.is_err() {
-            return false;
-        }
-        match stream.peek(&mut buf).await {
-            Ok(0) | Err(_) => return false,
-            Ok(n) if n >= PREFACE.len() || buf[..n] != PREFACE[..n] => return true,
-            // A prefix of the preface, arriving in pieces: peek again shortly (peek does not
-            // consume, so readiness alone would spin).
-            Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-        }
-    }
 }
 
 /// Logs to the journal when started by systemd (JOURNAL_STREAM is set), to stderr otherwise.

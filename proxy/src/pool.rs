@@ -4,22 +4,65 @@
 //! has since been replaced is never reused. A connection is taken out for one request and put
 //! back when the response body has been read to its end (HTTP/1.1 cannot pipeline).
 //!
+//! An instance may answer before it has read the whole request body (a 413 or a 401 on an
+//! upload) and close. Writing the rest of the body then fails with EPIPE or ECONNRESET, which
+//! hyper would report as a connection error, losing the answer that is already in the socket.
+//! [`WriteGuarded`] turns those two errors into a flag on the connection and swallows what is
+//! still written, so hyper goes on to read the answer; such a connection is never reused, and
+//! [`Connection::abandon`] ends it once its answer has been relayed.
+//!
 //! Why not hyper-util's pooled client: the proxy must connect *before* it gives the request
 //! body away (a refused connect means "wake the instance and retry", which needs the request
 //! intact), and it routes to Unix sockets by instance; hyper's `conn` API gives both directly.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tenement_proto::rpc::Address;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
+use tokio_util::sync::CancellationToken;
 
 use crate::respond::ProxyBody;
 
-pub type Sender = http1::SendRequest<ProxyBody>;
+/// One upstream connection: hyper's handle to send a request on it, and what the proxy knows
+/// about its socket.
+pub struct Connection {
+    pub send: http1::SendRequest<ProxyBody>,
+    state: Arc<ConnectionState>,
+}
+
+#[derive(Default)]
+struct ConnectionState {
+    /// The instance stopped reading (EPIPE/ECONNRESET on a write): nothing more can go out.
+    write_broken: AtomicBool,
+    /// Ends the connection's task (and drops the request body it was still sending).
+    abandon: CancellationToken,
+}
+
+impl Connection {
+    /// Whether a write on this connection failed because the instance closed it.
+    pub fn write_broken(&self) -> bool {
+        self.state.write_broken.load(Ordering::Acquire)
+    }
+
+    fn reusable(&self) -> bool {
+        !self.send.is_closed() && !self.write_broken()
+    }
+
+    /// Ends the connection now, whatever it was still doing (an early answer has been relayed
+    /// and the rest of the request body is not going to the instance).
+    pub fn abandon(self) {
+        self.state.abandon.cancel();
+    }
+}
 
 /// Idle connections kept per upstream.
 const MAX_IDLE_PER_UPSTREAM: usize = 64;
@@ -32,43 +75,44 @@ pub struct PoolKey {
 
 #[derive(Default)]
 pub struct Pool {
-    idle: Mutex<HashMap<PoolKey, Vec<Sender>>>,
+    idle: Mutex<HashMap<PoolKey, Vec<Connection>>>,
 }
 
 impl Pool {
     /// An idle connection that is still open, if any.
-    pub fn take(&self, key: &PoolKey) -> Option<Sender> {
+    pub fn take(&self, key: &PoolKey) -> Option<Connection> {
         let mut idle = lock(&self.idle);
         let list = idle.get_mut(key)?;
-        while let Some(sender) = list.pop() {
-            if !sender.is_closed() && sender.is_ready() {
-                return Some(sender);
+        while let Some(connection) = list.pop() {
+            if connection.reusable() && connection.send.is_ready() {
+                return Some(connection);
             }
         }
         None
     }
 
-    /// Returns a connection whose last response was read to the end.
-    pub fn put(&self, key: PoolKey, sender: Sender) {
-        if sender.is_closed() {
+    /// Returns a connection whose last exchange ended cleanly (request sent whole, response
+    /// read to the end).
+    pub fn put(&self, key: PoolKey, connection: Connection) {
+        if !connection.reusable() {
             return;
         }
         let mut idle = lock(&self.idle);
         if idle.len() > 1024 {
             // Forget upstreams whose connections all closed (old generations).
             idle.retain(|_, list| {
-                list.retain(|s| !s.is_closed());
+                list.retain(Connection::reusable);
                 !list.is_empty()
             });
         }
         let list = idle.entry(key).or_default();
         if list.len() < MAX_IDLE_PER_UPSTREAM {
-            list.push(sender);
+            list.push(connection);
         }
     }
 
     /// Opens a new connection within `timeout`.
-    pub async fn connect(&self, key: &PoolKey, timeout: Duration) -> std::io::Result<Sender> {
+    pub async fn connect(&self, key: &PoolKey, timeout: Duration) -> io::Result<Connection> {
         let connect = async {
             match &key.address {
                 Address::Tcp(addr) => {
@@ -81,28 +125,133 @@ impl Pool {
         };
         match tokio::time::timeout(timeout, connect).await {
             Ok(result) => result,
-            Err(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
                 "upstream connect timed out",
             )),
         }
     }
 }
 
-async fn handshake<S>(stream: S) -> std::io::Result<Sender>
+async fn handshake<S>(stream: S) -> io::Result<Connection>
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, connection) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
+    let state = Arc::new(ConnectionState::default());
+    let io = WriteGuarded {
+        inner: stream,
+        state: state.clone(),
+    };
+    let (send, connection) = http1::Builder::new()
+        .handshake(TokioIo::new(io))
         .await
-        .map_err(std::io::Error::other)?;
+        .map_err(io::Error::other)?;
+    let abandon = state.abandon.clone();
     tokio::spawn(async move {
-        if let Err(e) = connection.with_upgrades().await {
-            tracing::debug!("upstream connection ended: {e}");
+        tokio::select! {
+            ended = connection.with_upgrades() => {
+                if let Err(e) = ended {
+                    tracing::debug!("upstream connection ended: {e}");
+                }
+            }
+            () = abandon.cancelled() => tracing::debug!("upstream connection abandoned"),
         }
     });
-    Ok(sender)
+    Ok(Connection { send, state })
+}
+
+/// An upstream socket whose write side may die before its read side: EPIPE or ECONNRESET on
+/// a write (the instance closed the connection, maybe after answering) sets the connection's
+/// `write_broken` and every later write is accepted and dropped, so hyper keeps reading the
+/// answer instead of failing the exchange. Reads are untouched: an instance that closed
+/// without answering still ends in a read error or EOF, which is a 502.
+struct WriteGuarded<S> {
+    inner: S,
+    state: Arc<ConnectionState>,
+}
+
+impl<S> WriteGuarded<S> {
+    fn broken(&self) -> bool {
+        self.state.write_broken.load(Ordering::Acquire)
+    }
+
+    /// `Ok(written)` for what went out, `Ok(len)` (dropped) once the peer is gone.
+    fn absorb(&self, result: io::Result<usize>, len: usize) -> io::Result<usize> {
+        match result {
+            Err(e) if peer_gone(&e) => {
+                tracing::debug!("the instance stopped reading the request: {e}");
+                self.state.write_broken.store(true, Ordering::Release);
+                Ok(len)
+            }
+            other => other,
+        }
+    }
+}
+
+fn peer_gone(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+    )
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WriteGuarded<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteGuarded<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.broken() {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        let result = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, buf));
+        Poll::Ready(self.absorb(result, buf.len()))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let len = bufs.iter().map(|b| b.len()).sum();
+        if self.broken() {
+            return Poll::Ready(Ok(len));
+        }
+        let result = std::task::ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, bufs));
+        Poll::Ready(self.absorb(result, len))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.broken() {
+            return Poll::Ready(Ok(()));
+        }
+        let result = std::task::ready!(Pin::new(&mut self.inner).poll_flush(cx));
+        Poll::Ready(self.absorb(result.map(|()| 0), 0).map(|_| ()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.broken() {
+            return Poll::Ready(Ok(()));
+        }
+        let result = std::task::ready!(Pin::new(&mut self.inner).poll_shutdown(cx));
+        Poll::Ready(self.absorb(result.map(|()| 0), 0).map(|_| ()))
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -7,6 +7,7 @@
 
 mod support;
 
+mod early;
 mod hardening;
 mod routing;
 mod streaming;

@@ -1,0 +1,17 @@
+//! tenement-proxy as a library: the binary (`src/main.rs`) takes its sockets, drops privilege
+//! and runs these modules; the fuzz targets (`fuzz/`) and tests drive the same code.
+//!
+//! Invariants of every module here: no `unsafe`, no fork, no capability, and a warm request
+//! makes no RPC.
+#![forbid(unsafe_code)]
+
+pub mod forward;
+pub mod host;
+pub mod link;
+pub mod listeners;
+pub mod pool;
+pub mod privilege;
+pub mod relay;
+pub mod respond;
+pub mod server;
+pub mod table;
