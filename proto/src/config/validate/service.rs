@@ -55,6 +55,8 @@ const RESERVED_ENV: &[&str] = &[
 const MAX_HEALTH_PATH: usize = 1024;
 /// 1 GiB: large uploads work out of the box; lower it per service.
 const DEFAULT_MAX_BODY_SIZE: u64 = 1 << 30;
+/// `health_timeout` when not written, or half of `health_interval` if that is shorter.
+const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 const LISTEN_MODES: &[(&str, ListenMode)] = &[
     ("tcp", ListenMode::Tcp),
     ("unix", ListenMode::Unix),
@@ -96,7 +98,12 @@ impl Checker<'_> {
             .unwrap_or_default();
         let health = body.get("health").and_then(|e| self.health(e));
         let health_interval = self.duration(body, "health_interval", Duration::from_secs(10));
-        let health_timeout = self.duration(body, "health_timeout", Duration::from_secs(2));
+        // The default timeout follows a short interval the user chose, so that writing only
+        // `health_interval = "1s"` stays valid; a timeout the user wrote is checked as written.
+        let health_timeout = match body.get("health_timeout") {
+            Some(_) => self.duration(body, "health_timeout", DEFAULT_HEALTH_TIMEOUT),
+            None => DEFAULT_HEALTH_TIMEOUT.min(health_interval / 2),
+        };
         let unhealthy_threshold = self.count(body, "unhealthy_threshold", 3);
         let startup_timeout = self.duration(body, "startup_timeout", Duration::from_secs(30));
         let stop_grace = self.duration(body, "stop_grace", Duration::from_secs(10));
@@ -391,4 +398,49 @@ fn is_env_name(name: &str) -> bool {
         .next()
         .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use crate::config::{Config, Environment};
+
+    fn first_service(text: &str) -> Result<crate::config::Service, String> {
+        let text = format!("[settings]\ndomain = \"localhost\"\n\n{text}");
+        Config::parse(
+            &text,
+            Path::new("/t/tenement.toml"),
+            &Environment::default(),
+        )
+        .map(|config| config.services.into_values().next().expect("one service"))
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_short_health_interval_alone_gets_a_timeout_that_fits() {
+        let service = first_service(
+            "[service.web]\ncommand = \"app\"\nhealth = \"/h\"\nhealth_interval = \"1s\"\n",
+        )
+        .expect("only an interval of 1 s is a valid service");
+        assert_eq!(service.health_interval, Duration::from_secs(1));
+        assert_eq!(service.health_timeout, Duration::from_millis(500));
+        let long = first_service("[service.web]\ncommand = \"app\"\nhealth_interval = \"1m\"\n")
+            .expect("valid");
+        assert_eq!(long.health_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_written_timeout_not_shorter_than_the_interval_is_still_refused() {
+        let error = first_service(
+            "[service.web]\ncommand = \"app\"\nhealth_interval = \"1s\"\nhealth_timeout = \"2s\"\n",
+        )
+        .expect_err("a timeout the user wrote is checked");
+        assert!(
+            error.contains("health_timeout 2s must be shorter than health_interval 1s"),
+            "{error}"
+        );
+        assert!(error.contains("tenement.toml:"), "{error}");
+    }
 }
