@@ -76,6 +76,29 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// Headers in which frameworks and proxies look for the client's address or scheme. From a
+/// peer that is not a trusted proxy they are the client's own claims: dropped, so that an app
+/// reading any of them cannot be lied to (docs/CONFIG.md lists them). X-Real-IP is then set to
+/// the peer's address.
+const CLIENT_CLAIMS: [&str; 15] = [
+    "x-real-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "x-client-ip",
+    "x-cluster-client-ip",
+    "fastly-client-ip",
+    "x-original-forwarded-for",
+    "forwarded-for",
+    "x-forwarded",
+    "x-forwarded-port",
+    "x-forwarded-server",
+    "x-forwarded-ssl",
+    "x-forwarded-scheme",
+    "x-url-scheme",
+    "front-end-https",
+];
 
 impl Proxy {
     /// Serves one request; never fails (errors become responses).
@@ -105,17 +128,18 @@ impl Proxy {
         request: Request<Incoming>,
         peer: Peer,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let raw_host = request
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .or_else(|| {
-                request
-                    .headers()
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-            });
+        if request.method() == http::Method::CONNECT {
+            return Err(ProxyError::MethodNotAllowed);
+        }
+        let raw_host = host::authority_of(
+            request.uri().authority().map(|a| a.as_str()),
+            request
+                .headers()
+                .get_all(header::HOST)
+                .iter()
+                .map(HeaderValue::as_bytes),
+        )?
+        .map(str::to_owned);
         let target = host::target_of(raw_host.as_deref(), &self.settings.domains)?;
         let deadline = Instant::now() + self.settings.wake_timeout;
         let entry = match target {
@@ -337,6 +361,9 @@ impl Proxy {
                         if source_is::<http_body_util::LengthLimitError>(&error) {
                             return Err(ProxyError::BodyTooLarge);
                         }
+                        if progress.client_failed() {
+                            return Err(ProxyError::BadBody(error.to_string()));
+                        }
                         match saved {
                             Some((method, uri, headers)) => {
                                 resent = true;
@@ -397,11 +424,11 @@ pub fn rewrite_head(
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     parts.uri = Uri::try_from(path).map_err(|_| ProxyError::BadHost(host::HostError::Malformed))?;
     parts.version = http::Version::HTTP_11;
-    if parts.headers.get(header::HOST).is_none() {
-        if let Ok(value) = HeaderValue::from_str(raw_host) {
-            parts.headers.insert(header::HOST, value);
-        }
-    }
+    // Exactly one Host, the authority that was routed (RFC 9112 §3.2), whatever the client
+    // wrote in its header.
+    let host = HeaderValue::from_str(raw_host)
+        .map_err(|_| ProxyError::BadHost(host::HostError::Malformed))?;
+    parts.headers.insert(header::HOST, host);
     Ok(())
 }
 
@@ -489,6 +516,14 @@ pub fn prepare_headers(headers: &mut HeaderMap, peer: Peer, raw_host: &str, trus
     } else {
         peer.scheme.to_owned()
     };
+    let prior_real_ip = if trusted_peer {
+        headers.get(X_REAL_IP).cloned()
+    } else {
+        for name in CLIENT_CLAIMS {
+            headers.remove(name);
+        }
+        None
+    };
     for name in [
         &X_FORWARDED_FOR,
         &X_FORWARDED_PROTO,
@@ -498,6 +533,16 @@ pub fn prepare_headers(headers: &mut HeaderMap, peer: Peer, raw_host: &str, trus
         headers.remove(name);
     }
     let ip_text = client_ip.to_string();
+    match prior_real_ip {
+        Some(value) => {
+            headers.insert(X_REAL_IP, value);
+        }
+        None => {
+            if let Ok(value) = HeaderValue::from_str(&ip_text) {
+                headers.insert(X_REAL_IP, value);
+            }
+        }
+    }
     let xff = match prior_for {
         Some(prior) => format!("{prior}, {ip_text}"),
         None => ip_text.clone(),
@@ -590,6 +635,52 @@ mod tests {
         assert!(!headers.contains_key("x-drop-me"));
         assert!(!headers.contains_key("keep-alive"));
         assert!(!headers.contains_key(header::CONNECTION));
+    }
+
+    #[test]
+    fn client_address_claims_from_a_stranger_are_dropped_and_x_real_ip_is_the_peer() {
+        let mut headers = HeaderMap::new();
+        for name in CLIENT_CLAIMS {
+            headers.insert(name, HeaderValue::from_static("6.6.6.6"));
+        }
+        headers.insert("x-app-header", HeaderValue::from_static("kept"));
+        prepare_headers(&mut headers, peer("10.1.2.3"), "a.notes.localhost", &[]);
+        for name in CLIENT_CLAIMS.iter().filter(|n| **n != "x-real-ip") {
+            assert!(
+                !headers.contains_key(*name),
+                "{name} passed from a stranger"
+            );
+        }
+        assert_eq!(headers[X_REAL_IP], "10.1.2.3");
+        assert_eq!(headers["x-app-header"], "kept");
+
+        // A trusted proxy in front says who the client is.
+        let mut headers = HeaderMap::new();
+        headers.insert(X_REAL_IP, HeaderValue::from_static("1.1.1.1"));
+        headers.insert("cf-connecting-ip", HeaderValue::from_static("1.1.1.1"));
+        let trusted = ["10.1.2.3".parse().expect("ip")];
+        prepare_headers(
+            &mut headers,
+            peer("10.1.2.3"),
+            "a.notes.localhost",
+            &trusted,
+        );
+        assert_eq!(headers[X_REAL_IP], "1.1.1.1");
+        assert_eq!(headers["cf-connecting-ip"], "1.1.1.1");
+    }
+
+    #[test]
+    fn the_instance_gets_exactly_one_host_the_routed_authority() {
+        let request = Request::get("http://bob.notes.localhost/x?y=1")
+            .header(header::HOST, "bob.notes.localhost")
+            .body(())
+            .expect("request");
+        let (mut parts, ()) = request.into_parts();
+        rewrite_head(&mut parts, peer("10.1.2.3"), "bob.notes.localhost", &[]).expect("rewrite");
+        let hosts: Vec<_> = parts.headers.get_all(header::HOST).iter().collect();
+        assert_eq!(hosts, ["bob.notes.localhost"]);
+        assert_eq!(parts.uri, "/x?y=1");
+        assert_eq!(parts.version, http::Version::HTTP_11);
     }
 
     #[test]

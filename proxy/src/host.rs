@@ -29,6 +29,39 @@ pub enum HostError {
     Malformed,
     #[error("invalid name in Host header: {0}")]
     BadLabel(String),
+    /// Two Host headers (RFC 9112 §3.2: exactly one).
+    #[error("more than one Host header")]
+    Duplicate,
+    /// The request target's authority (absolute-form, or HTTP/2 `:authority`) names another
+    /// host than the Host header (RFC 9113 §8.3.1).
+    #[error("Host header does not match the request target")]
+    Mismatch,
+}
+
+/// The one authority a request names: its target's (absolute-form, HTTP/2 `:authority`) or
+/// else its Host header; refused when there are two Host headers or when the two disagree
+/// about the host. The instance later gets exactly this as its Host.
+pub fn authority_of<'a>(
+    target: Option<&'a str>,
+    mut hosts: impl Iterator<Item = &'a [u8]>,
+) -> Result<Option<&'a str>, HostError> {
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(HostError::Duplicate);
+    }
+    let host = host
+        .map(|h| std::str::from_utf8(h).map_err(|_| HostError::Malformed))
+        .transpose()?;
+    match (target, host) {
+        (Some(target), Some(host)) => {
+            if normalize(target)? != normalize(host)? {
+                return Err(HostError::Mismatch);
+            }
+            Ok(Some(target))
+        }
+        (Some(target), None) => Ok(Some(target)),
+        (None, host) => Ok(host),
+    }
 }
 
 /// Lower-cases `raw`, strips the port and one trailing dot, and unwraps IPv6 literals.

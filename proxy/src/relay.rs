@@ -39,6 +39,9 @@ pub const LINGER_IDLE: Duration = Duration::from_secs(5);
 pub struct Progress {
     /// The whole request body was handed to the upstream connection.
     sent: AtomicBool,
+    /// Reading the client's body failed (bad chunked framing, over the size limit, the client
+    /// went away): whatever the upstream exchange says next, this is the client's fault.
+    client_failed: AtomicBool,
     /// The client speaks HTTP/1: what the instance will not get of its body is read and
     /// dropped rather than left unread (which makes the kernel reset the connection).
     linger: bool,
@@ -54,6 +57,10 @@ impl Progress {
 
     pub fn sent(&self) -> bool {
         self.sent.load(Ordering::Acquire)
+    }
+
+    pub fn client_failed(&self) -> bool {
+        self.client_failed.load(Ordering::Acquire)
     }
 
     /// Asked when the answer's head arrives: true when the request body is not all out.
@@ -96,7 +103,11 @@ impl Body for RequestBody {
         let done = match &polled {
             Poll::Ready(None) => true,
             Poll::Ready(Some(Ok(_))) => inner.is_end_stream(),
-            _ => false,
+            Poll::Ready(Some(Err(_))) => {
+                this.progress.client_failed.store(true, Ordering::Release);
+                false
+            }
+            Poll::Pending => false,
         };
         if done {
             this.progress.sent.store(true, Ordering::Release);

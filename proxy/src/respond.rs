@@ -39,6 +39,12 @@ pub enum ProxyError {
     UpstreamTimeout,
     #[error("request body too large")]
     BodyTooLarge,
+    /// The client's own body was malformed (bad chunked framing) or cut short.
+    #[error("bad request body: {0}")]
+    BadBody(String),
+    /// CONNECT: tenement is not a forward proxy.
+    #[error("method not allowed")]
+    MethodNotAllowed,
 }
 
 /// The one place a [`ProxyError`] becomes a response.
@@ -47,6 +53,14 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
         ProxyError::BadHost(HostError::Missing) => (
             StatusCode::BAD_REQUEST,
             "400 bad request: missing Host header\n",
+        ),
+        ProxyError::BadHost(HostError::Duplicate) => (
+            StatusCode::BAD_REQUEST,
+            "400 bad request: more than one Host header\n",
+        ),
+        ProxyError::BadHost(HostError::Mismatch) => (
+            StatusCode::BAD_REQUEST,
+            "400 bad request: the Host header does not match the request target\n",
         ),
         ProxyError::BadHost(_) => (
             StatusCode::BAD_REQUEST,
@@ -76,6 +90,14 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
             "504 gateway timeout: the instance was too slow\n",
         ),
         ProxyError::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "413 payload too large\n"),
+        ProxyError::BadBody(_) => (
+            StatusCode::BAD_REQUEST,
+            "400 bad request: malformed request body\n",
+        ),
+        ProxyError::MethodNotAllowed => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "405 method not allowed: CONNECT is not served here\n",
+        ),
     };
     let mut response = Response::new(full(text));
     *response.status_mut() = status;
@@ -84,6 +106,12 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        headers.insert(
+            header::ALLOW,
+            header::HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+        );
+    }
     if status == StatusCode::SERVICE_UNAVAILABLE {
         headers.insert(
             header::RETRY_AFTER,
@@ -115,6 +143,10 @@ mod tests {
             (ProxyError::Upstream("x".into()), 502),
             (ProxyError::UpstreamTimeout, 504),
             (ProxyError::BodyTooLarge, 413),
+            (ProxyError::BadHost(HostError::Duplicate), 400),
+            (ProxyError::BadHost(HostError::Mismatch), 400),
+            (ProxyError::BadBody("x".into()), 400),
+            (ProxyError::MethodNotAllowed, 405),
         ];
         for (error, status) in cases {
             let response = error_response(&error);
@@ -133,6 +165,7 @@ mod tests {
             ProxyError::WakeFailed(detail.into()),
             ProxyError::InstanceFailed(detail.into()),
             ProxyError::Upstream(detail.into()),
+            ProxyError::BadBody(detail.into()),
         ] {
             let response = error_response(&error);
             let status = response.status().as_u16();

@@ -132,3 +132,61 @@ fn host_table() {
 fn missing_host_is_its_own_error() {
     assert_eq!(target_of(None, &domains()), Err(HostError::Missing));
 }
+
+#[test]
+fn the_authority_is_the_target_or_the_one_host_and_they_must_agree() {
+    let hosts = |list: &'static [&'static str]| list.iter().map(|h| h.as_bytes());
+    type Case = (
+        Option<&'static str>,
+        &'static [&'static str],
+        Result<Option<&'static str>, HostError>,
+    );
+    let cases: Vec<Case> = vec![
+        (None, &[], Ok(None)),
+        (None, &["a.notes.localhost"], Ok(Some("a.notes.localhost"))),
+        (
+            Some("a.notes.localhost"),
+            &[],
+            Ok(Some("a.notes.localhost")),
+        ),
+        // Same host, other spelling: the target's authority wins.
+        (
+            Some("a.notes.localhost:8080"),
+            &["A.Notes.Localhost."],
+            Ok(Some("a.notes.localhost:8080")),
+        ),
+        // Absolute-form (or :authority) routing one way, Host saying another.
+        (
+            Some("bob.notes.localhost"),
+            &["evil.example<script>"],
+            Err(HostError::Malformed),
+        ),
+        (
+            Some("bob.notes.localhost"),
+            &["alice.notes.localhost"],
+            Err(HostError::Mismatch),
+        ),
+        (
+            None,
+            &["a.notes.localhost", "b.notes.localhost"],
+            Err(HostError::Duplicate),
+        ),
+        (
+            None,
+            &["a.notes.localhost", "a.notes.localhost"],
+            Err(HostError::Duplicate),
+        ),
+    ];
+    for (target, list, want) in cases {
+        assert_eq!(
+            authority_of(target, hosts(list)),
+            want,
+            "target {target:?}, hosts {list:?}"
+        );
+    }
+    let not_utf8: [&[u8]; 1] = [b"a.\xffnotes.localhost"];
+    assert_eq!(
+        authority_of(None, not_utf8.into_iter()),
+        Err(HostError::Malformed)
+    );
+}

@@ -9,6 +9,7 @@ mod support;
 
 mod early;
 mod hardening;
+mod hostile_requests;
 mod routing;
 mod streaming;
 mod wake;
