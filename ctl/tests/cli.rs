@@ -222,6 +222,7 @@ fn wake_prints_how_long_it_took_and_json_has_the_woken_fields() {
             address: Address::Tcp(([127, 0, 0, 1], 20001).into()),
             weight: 1,
             generation: 3,
+            owner_uid: None,
         },
         started: true,
         elapsed_us: 43_210,

@@ -38,5 +38,7 @@ pub mod ids;
 #[cfg(feature = "rlimit")]
 pub mod rlimit;
 pub mod rpc;
+#[cfg(feature = "sockdiag")]
+pub mod sockdiag;
 
 pub use ids::{IdError, InstanceId, ServiceName, TenantId};

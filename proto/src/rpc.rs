@@ -322,6 +322,10 @@ pub struct Route {
     /// Bumped each time a new process serves the instance, so a cached connection pool for an
     /// older generation is never reused.
     pub generation: u64,
+    /// The uid owning the instance's listening TCP socket: the proxy sends nothing over a
+    /// connection accepted by a socket of another uid (a co-tenant on the port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_uid: Option<u32>,
 }
 
 /// One instance as `tenctl ps` and `tenctl status` show it.

@@ -36,6 +36,7 @@ fn route() -> Route {
         address: Address::Tcp(SocketAddr::from(([127, 0, 0, 1], 20001))),
         weight: 1,
         generation: 3,
+        owner_uid: Some(61184),
     }
 }
 
@@ -172,6 +173,7 @@ fn responses() -> Vec<(&'static str, Response)> {
                         address: Address::Unix("/run/tenement/instances/blog.bob.sock".into()),
                         weight: 0,
                         generation: 0,
+                        owner_uid: None,
                     },
                 ],
                 reset: true,

@@ -301,6 +301,7 @@ impl Proxy {
             let key = PoolKey {
                 address: route.address.clone(),
                 generation: route.generation,
+                owner_uid: route.owner_uid,
             };
             // After one kept-alive connection turned out dead, its siblings in the pool are as
             // suspect (the process behind them is likely gone): the resend uses a new one, which
@@ -320,7 +321,16 @@ impl Proxy {
                                 entry.id
                             )));
                         }
-                        tracing::debug!(instance = %entry.id, "connect failed ({e}); waking and retrying");
+                        if e.kind() == std::io::ErrorKind::PermissionDenied {
+                            tracing::warn!(
+                                target: "tenement::security",
+                                instance = %entry.id,
+                                "security: {e}; nothing sent, waking {} again",
+                                entry.id
+                            );
+                        } else {
+                            tracing::debug!(instance = %entry.id, "connect failed ({e}); waking and retrying");
+                        }
                         drop(guard);
                         let refused_generation = route.generation;
                         entry.set_route(RouteInfo {

@@ -71,6 +71,8 @@ const MAX_IDLE_PER_UPSTREAM: usize = 64;
 pub struct PoolKey {
     pub address: Address,
     pub generation: u64,
+    /// The uid whose socket must accept a new connection (see [`Pool::connect`]).
+    pub owner_uid: Option<u32>,
 }
 
 #[derive(Default)]
@@ -111,12 +113,18 @@ impl Pool {
         }
     }
 
-    /// Opens a new connection within `timeout`.
+    /// Opens a new connection within `timeout`. Over TCP, the socket that accepted it must
+    /// belong to `key.owner_uid`: a co-tenant listening on the instance's port (it took the
+    /// port while the instance was not holding it) gets nothing, not even the request head;
+    /// that is an error of kind `PermissionDenied` naming the uid.
     pub async fn connect(&self, key: &PoolKey, timeout: Duration) -> io::Result<Connection> {
         let connect = async {
             match &key.address {
                 Address::Tcp(addr) => {
                     let stream = TcpStream::connect(addr).await?;
+                    if let Some(expected) = key.owner_uid {
+                        check_owner(&stream, expected)?;
+                    }
                     stream.set_nodelay(true)?;
                     handshake(stream).await
                 }
@@ -130,6 +138,26 @@ impl Pool {
                 "upstream connect timed out",
             )),
         }
+    }
+}
+
+/// The socket at the far end of `stream` (the one its listener accepted it on) belongs to
+/// `expected` (sock_diag(7); a query on a local socket, not a round trip to anyone).
+fn check_owner(stream: &TcpStream, expected: u32) -> io::Result<()> {
+    let (local, remote) = (stream.local_addr()?, stream.peer_addr()?);
+    match tenement_proto::sockdiag::tcp_peer(local, remote)? {
+        Some(owner) if owner.uid == expected => Ok(()),
+        Some(owner) => Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "the listener on {remote} belongs to uid {}, not the instance's uid {expected}",
+                owner.uid
+            ),
+        )),
+        None => Err(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            format!("the socket that accepted the connection to {remote} is gone"),
+        )),
     }
 }
 

@@ -22,6 +22,8 @@ pub struct RouteInfo {
     pub address: Address,
     pub weight: u32,
     pub generation: u64,
+    /// The uid that must own the socket accepting a new upstream connection.
+    pub owner_uid: Option<u32>,
 }
 
 impl From<&Route> for RouteInfo {
@@ -31,6 +33,7 @@ impl From<&Route> for RouteInfo {
             address: route.address.clone(),
             weight: route.weight,
             generation: route.generation,
+            owner_uid: route.owner_uid,
         }
     }
 }
@@ -326,6 +329,7 @@ mod tests {
             address: Address::Tcp("127.0.0.1:1".parse().expect("addr")),
             weight,
             generation,
+            owner_uid: None,
         }
     }
 

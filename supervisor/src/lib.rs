@@ -9,6 +9,7 @@ pub mod exec_helper;
 pub mod journal;
 pub mod lifecycle;
 pub mod logs;
+pub mod ownership;
 pub mod ports;
 pub mod probe;
 pub mod procfs;

@@ -83,6 +83,13 @@ pub enum Event {
         in_flight: u32,
         started: u64,
     },
+    /// Something else listens on the instance's port (a co-tenant took it while it was free):
+    /// the instance moves to a new port and starts again at once. Not the app's failure, so
+    /// it counts neither as a crash nor as a restart.
+    PortTaken,
+    /// The instance broke the rules of its tenancy (it listened on another instance's port):
+    /// killed at once and `failed` until an operator restarts it.
+    Ban(String),
     /// The proxy answered a park request.
     ParkAnswered {
         park_id: u64,
@@ -129,6 +136,10 @@ enum StopReason {
     Operator,
     /// Restart requested by an operator: start again at once.
     Restart,
+    /// The port was taken by someone else: start again at once on a new one.
+    Relocate,
+    /// Banned (`Event::Ban`): failed once stopped, whatever the restart policy.
+    Ban(String),
     /// A policy failure: go to unhealthy (backoff) or failed.
     Failure(Failure),
 }
@@ -355,6 +366,19 @@ impl Lifecycle {
                     }
                 }
             }
+            Event::PortTaken => match self.phase {
+                Phase::Starting { .. } | Phase::Running { .. } => {
+                    actions.push(Action::Log(
+                        "another program listens on this instance's port: moving to a new port"
+                            .to_owned(),
+                    ));
+                    self.begin_stop(StopReason::Relocate, now, policy, &mut actions);
+                }
+                // Stopping: it starts again (or not) as it was going to, and the next start
+                // finds the port taken and moves. Otherwise nothing runs on the port.
+                _ => {}
+            },
+            Event::Ban(reason) => self.ban(reason, &mut actions),
             Event::Tick => self.on_tick(now, policy, &mut actions),
         }
         actions
@@ -475,6 +499,12 @@ impl Lifecycle {
                     self.restarts += 1;
                     self.start(now, policy, actions);
                 }
+                StopReason::Relocate => self.start(now, policy, actions),
+                StopReason::Ban(reason) => {
+                    actions.push(Action::FailWaiters(WaitError::Failed(reason.clone())));
+                    self.phase = Phase::Failed { reason };
+                    actions.push(Action::PublishRoute);
+                }
                 StopReason::Idle | StopReason::Operator => {
                     actions.push(Action::Log(format!("stopped ({status})")));
                     if then_start {
@@ -487,6 +517,23 @@ impl Lifecycle {
             // A late exit of an older process: nothing changes.
             other => self.phase = other,
         }
+    }
+
+    /// Kills the process at once (no grace: it is hostile) and ends in `failed`.
+    fn ban(&mut self, reason: String, actions: &mut Vec<Action>) {
+        actions.push(Action::Log(format!("failed: {reason}")));
+        actions.push(Action::FailWaiters(WaitError::Failed(reason.clone())));
+        if self.process_alive {
+            self.phase = Phase::Stopping {
+                reason: StopReason::Ban(reason),
+                kill_at: None,
+                then_start: false,
+            };
+            actions.push(Action::Kill);
+        } else {
+            self.phase = Phase::Failed { reason };
+        }
+        actions.push(Action::PublishRoute);
     }
 
     /// A start failed: its waiters hear of it at once (not after the stop grace), exactly once;
@@ -620,5 +667,7 @@ impl Lifecycle {
     }
 }
 
+#[cfg(test)]
+mod relocation_tests;
 #[cfg(test)]
 mod tests;

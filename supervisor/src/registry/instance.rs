@@ -2,6 +2,7 @@
 //! callers waiting for it, and how it is described to `tenctl` and the proxy.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tenement_proto::config::{ListenMode, Settings};
@@ -37,7 +38,14 @@ pub struct Process {
     pub pid: i32,
     /// Tasks tied to this process (readiness, output readers), aborted when it is gone.
     pub tasks: Vec<AbortHandle>,
+    /// A stranger readiness found listening on the instance's port during this start (its
+    /// uid and pids): set before the event that reports it, so an exit handled first still
+    /// knows the app died of a squat, not of itself.
+    pub squatter: SquatSeen,
 }
+
+/// A stranger seen on an instance's port: its uid and the pids holding the socket.
+pub type SquatSeen = Arc<Mutex<Option<(u32, Vec<i32>)>>>;
 
 pub struct Instance {
     pub id: InstanceId,
@@ -47,6 +55,9 @@ pub struct Instance {
     pub uid: Option<u32>,
     /// The uid the current or last process ran as, whatever chose it.
     pub run_uid: Option<u32>,
+    /// The uid that owns the current process's listening TCP socket (the app's, or the
+    /// supervisor's for a handed-off socket): the proxy checks every connection against it.
+    pub listener_uid: Option<u32>,
     pub weight: u32,
     pub created_ms: u64,
     /// Bumped at each spawn; events from older processes are ignored.
@@ -80,6 +91,7 @@ impl Instance {
             port,
             uid: None,
             run_uid: None,
+            listener_uid: None,
             weight,
             created_ms,
             generation: 0,
@@ -113,6 +125,7 @@ impl Instance {
             address,
             weight: self.weight,
             generation: self.generation,
+            owner_uid: self.listener_uid,
         }
     }
 

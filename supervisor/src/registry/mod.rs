@@ -178,6 +178,12 @@ pub enum ProcessEventKind {
     Ready,
     Exited(String),
     Health(Result<u16, String>),
+    /// A listener on the instance's port is not the instance's own (readiness found it).
+    PortTaken {
+        port: u16,
+        uid: u32,
+        pids: Vec<i32>,
+    },
 }
 
 /// A cheap, cloneable way to talk to the registry.

@@ -5,25 +5,27 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::process::ExitStatus;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use tenement_proto::config::{ListenMode, ReadyMode};
-use tenement_proto::rpc::{Address, ErrorCode, LogStream, Response};
+use tenement_proto::rpc::{Address, ErrorCode, InstanceState, LogStream, Response};
 use tenement_proto::InstanceId;
 use tokio::io::AsyncRead;
 use tokio_util::codec::{FramedRead, LinesCodec};
 
 use crate::lifecycle::{Action, Event, WaitError};
 use crate::logs::{LogBuffer, MAX_LINE_LEN};
+use crate::ownership::{self, Holder};
 use crate::probe;
 use crate::spawn::{self, Endpoints};
 use crate::{ports, procfs};
 
 use super::instance::{
-    instance_runtime_dir, notify_socket_path, unix_socket_path, Process, WakeOk,
+    instance_runtime_dir, notify_socket_path, unix_socket_path, Process, SquatSeen, WakeOk,
 };
 use super::isolation;
 use super::{policy, Command, ProcessEvent, ProcessEventKind, Registry, RpcError};
@@ -195,8 +197,17 @@ impl Registry {
             .ok_or_else(|| format!("no service {}", id.service))?;
         let plan = self.plan_isolation(id, service)?;
         let (uid, gid) = (plan.spec.uid, plan.spec.gid);
+        // Who will own the listening socket: the app (as its uid), or this supervisor, which
+        // binds a handed-off socket itself.
+        let own_uid = nix::unistd::geteuid().as_raw();
+        let listener_uid = match service.listen {
+            ListenMode::Tcp => Some(uid.unwrap_or(own_uid)),
+            ListenMode::Activate => Some(own_uid),
+            ListenMode::Unix => None,
+        };
         if let Some(i) = self.instances.get_mut(id) {
             i.run_uid = uid;
+            i.listener_uid = listener_uid;
         }
 
         // The port must be ours right now, or the readiness check could succeed against a
@@ -211,20 +222,41 @@ impl Registry {
                 None => {
                     if let Some(old) = current {
                         self.ports.release(old);
-                        tracing::warn!(instance = %id, port = old, "port is taken by another program; moving to a new port");
+                        match ownership::port_holder(Path::new("/proc"), old, None) {
+                            Ok(Holder::Stranger { uid, pids }) => {
+                                if let Some(squatter) = self.report_squat(id, old, uid, &pids) {
+                                    let reason =
+                                        format!("security: listened on port {old} of {id}");
+                                    self.event(&squatter, Event::Ban(reason), now);
+                                }
+                            }
+                            _ => {
+                                tracing::warn!(instance = %id, port = old, "port {old} is taken by another program; moving to a new port")
+                            }
+                        }
                     }
-                    let p = self
-                        .ports
-                        .allocate(ports::bindable)
-                        .map_err(|e| e.to_string())?;
+                    // A port that was free a moment ago may be taken before we bind it (a
+                    // squatter racing): then the next one.
+                    let mut attempt = 0;
+                    let (p, l) = loop {
+                        let p = self
+                            .ports
+                            .allocate(ports::bindable)
+                            .map_err(|e| e.to_string())?;
+                        match bind_loopback(p) {
+                            Ok(l) => break (p, l),
+                            Err(e) if attempt < 16 => {
+                                attempt += 1;
+                                tracing::warn!(instance = %id, port = p, "port {p} was taken before it could be bound ({e}); trying another");
+                            }
+                            Err(e) => return Err(format!("cannot bind port {p}: {e}")),
+                        }
+                    };
                     if let Some(i) = self.instances.get_mut(id) {
                         i.port = Some(p);
                     }
                     self.save().map_err(|e| e.to_string())?;
-                    (
-                        p,
-                        bind_loopback(p).map_err(|e| format!("cannot bind port {p}: {e}"))?,
-                    )
+                    (p, l)
                 }
             };
             port = Some(p);
@@ -330,9 +362,10 @@ impl Registry {
         let address = instance.address(service.listen, settings);
         let ready_now = service.listen == ListenMode::Activate && service.ready == ReadyMode::Tcp;
         let tx = self.tx.clone();
+        let event_id = id.clone();
         let event = move |kind| {
             Command::Process(ProcessEvent {
-                instance: id.clone(),
+                instance: event_id.clone(),
                 generation,
                 kind,
             })
@@ -342,6 +375,13 @@ impl Registry {
         let per_try = service.health_timeout;
         let ready_mode = service.ready;
         let ready_tx = tx.clone();
+        // The app binds its port itself: before it counts as ready, the listener must be its.
+        let check_port = (service.listen == ListenMode::Tcp)
+            .then_some(port)
+            .flatten();
+        let taken_event = event.clone();
+        let squatter = SquatSeen::default();
+        let seen = squatter.clone();
         tasks.push(
             tokio::spawn(async move {
                 if !ready_now {
@@ -351,6 +391,15 @@ impl Registry {
                             probe::wait_healthy(&address, &health_path, per_try).await
                         }
                         _ => probe::wait_accepting(&address).await,
+                    }
+                }
+                if let Some(port) = check_port {
+                    if let Some((uid, pids)) = wait_own_listener(port, pid).await {
+                        *lock(&seen) = Some((uid, pids.clone()));
+                        let _ = ready_tx
+                            .send(taken_event(ProcessEventKind::PortTaken { port, uid, pids }))
+                            .await;
+                        return;
                     }
                 }
                 let _ = ready_tx.send(ready_event).await;
@@ -378,7 +427,11 @@ impl Registry {
             }
         }
         if let Some(i) = self.instances.get_mut(id) {
-            i.process = Some(Process { pid, tasks });
+            i.process = Some(Process {
+                pid,
+                tasks,
+                squatter,
+            });
         }
         Ok(())
     }
@@ -426,7 +479,9 @@ impl Registry {
                 self.event(&id, Event::Ready, now);
             }
             ProcessEventKind::Exited(status) => {
+                let mut squatter = None;
                 if let Some(process) = i.process.take() {
+                    squatter = lock(&process.squatter).take();
                     // Normally the helper took its tree down with it; if the helper itself was
                     // killed, whatever is left of its process group goes now, so no orphan
                     // keeps the instance's port.
@@ -455,9 +510,32 @@ impl Registry {
                 i.last_exit = Some(status.clone());
                 i.health_running = false;
                 i.next_health = None;
+                let unexpected = matches!(
+                    i.lifecycle.state(),
+                    InstanceState::Starting | InstanceState::Running
+                );
+                let port = i.port;
                 self.store.forget_process(&id);
                 tracing::info!(instance = %id, "{id}: exited ({status})");
+                // An app that died starting or running may have lost its port to a co-tenant
+                // (EADDRINUSE): that is a squat to report and move away from, not a crash.
+                let tcp = self
+                    .config
+                    .service(&id.service)
+                    .is_some_and(|s| s.listen == ListenMode::Tcp);
+                if let (true, true, Some(port)) = (unexpected, tcp, port) {
+                    let now_held = match ownership::port_holder(Path::new("/proc"), port, None) {
+                        Ok(Holder::Stranger { uid, pids }) => Some((uid, pids)),
+                        _ => None,
+                    };
+                    if let Some((uid, pids)) = now_held.or(squatter) {
+                        self.port_taken(&id, port, uid, &pids, now);
+                    }
+                }
                 self.event(&id, Event::Exited(status), now);
+            }
+            ProcessEventKind::PortTaken { port, uid, pids } => {
+                self.port_taken(&id, port, uid, &pids, now);
             }
             ProcessEventKind::Health(result) => {
                 i.health_running = false;
@@ -471,6 +549,73 @@ impl Registry {
                 }
             }
         }
+    }
+
+    /// A stranger listens on `id`'s port while it starts or runs: a security event naming it,
+    /// and the instance moves to a new port and starts again at once (`Event::PortTaken`).
+    fn port_taken(&mut self, id: &InstanceId, port: u16, uid: u32, pids: &[i32], now: Instant) {
+        if let Some(squatter) = self.report_squat(id, port, uid, pids) {
+            // A tenant listening on another tenant's port broke the one rule of its network:
+            // it is killed and stays failed until an operator restarts it.
+            let reason = format!("security: listened on port {port} of {id}");
+            self.event(&squatter, Event::Ban(reason), now);
+        }
+        if let Some(i) = self.instances.get_mut(id) {
+            if i.port == Some(port) {
+                i.port = None;
+                self.ports.release(port);
+            }
+        }
+        if let Err(e) = self.save() {
+            tracing::warn!(instance = %id, "cannot save the registry: {e}");
+        }
+        self.event(id, Event::PortTaken, now);
+    }
+
+    /// The security event of a squat: who (uid, the instance running as it, pids) listens on
+    /// `port`, which belongs to `id`. Nothing is routed to it; `id` moves to a new port.
+    /// Returns the squatting instance when the uid is a tenant's own (a dynamic or named user
+    /// no other instance shares, never the supervisor's).
+    fn report_squat(
+        &self,
+        id: &InstanceId,
+        port: u16,
+        uid: u32,
+        pids: &[i32],
+    ) -> Option<InstanceId> {
+        let own_uid = nix::unistd::geteuid().as_raw();
+        let mut running_as = self
+            .instances
+            .values()
+            .filter(|other| {
+                other.id != *id && other.run_uid == Some(uid) && other.process.is_some()
+            })
+            .map(|other| other.id.clone());
+        let squatter = running_as.next();
+        // A uid several instances run as (a shared named user) says nothing about which one.
+        let squatter = squatter.filter(|_| running_as.next().is_none() && uid != own_uid);
+        let who = match &squatter {
+            Some(other) => format!("uid {uid} ({other})"),
+            None => format!("uid {uid}"),
+        };
+        let squatter_name = squatter.as_ref().map(ToString::to_string);
+        tracing::warn!(
+            target: "tenement::security",
+            instance = %id,
+            port,
+            squatter_uid = uid,
+            squatter_instance = squatter_name.as_deref().unwrap_or("-"),
+            squatter_pids = ?pids,
+            "security: {who} listens on port {port} of {id} (pids {pids:?}); nothing is routed \
+             to it, {id} moves to a new port"
+        );
+        if let Some(i) = self.instances.get(id) {
+            i.logs.push(
+                LogStream::Event,
+                format!("security: {who} took port {port}; moving to a new port"),
+            );
+        }
+        squatter
     }
 
     /// Starts a health probe when one is due; each runs in its own task.
@@ -512,6 +657,39 @@ impl Registry {
                 }))
                 .await;
         });
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// Waits until every listener on `port` is a socket of the tree under `helper` (then `None`),
+/// or a stranger's is found (its uid and pids). Readiness saw something accept on the port,
+/// so an empty answer is a listener closing or not yet visible: asked again shortly. A failed
+/// sock_diag query is retried too: an instance that cannot be checked is not called ready
+/// (its startup_timeout ends the wait).
+async fn wait_own_listener(port: u16, helper: i32) -> Option<(u32, Vec<i32>)> {
+    let mut said = false;
+    loop {
+        let holder = tokio::task::spawn_blocking(move || {
+            ownership::port_holder(Path::new("/proc"), port, Some(helper))
+        })
+        .await;
+        match holder {
+            Ok(Ok(Holder::Own)) => return None,
+            Ok(Ok(Holder::Stranger { uid, pids })) => return Some((uid, pids)),
+            Ok(Ok(Holder::Nobody)) => {}
+            Ok(Err(e)) if !said => {
+                said = true;
+                tracing::warn!(port, "cannot tell who listens on port {port}: {e}");
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 

@@ -1,0 +1,197 @@
+//! Who owns a TCP socket, asked of the kernel through sock_diag(7) (feature `sockdiag`).
+//!
+//! Both daemons use it to make sure a request never reaches a listener that is not the
+//! instance's own: the supervisor before it calls an instance ready (the listener on the
+//! instance's port must be one of the instance's own sockets), the proxy on every new upstream
+//! connection (the socket that accepted it must belong to the instance's uid). A co-tenant
+//! that binds another tenant's port in the moment it is free is then found, not trusted.
+//!
+//! Unprivileged processes may ask sock_diag about every socket of their network namespace, so
+//! this works in the proxy, which holds no capability.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+};
+use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
+use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
+use netlink_packet_sock_diag::SockDiagMessage;
+use netlink_sys::protocols::NETLINK_SOCK_DIAG;
+use netlink_sys::{Socket, SocketAddr as NetlinkAddr};
+
+/// A socket as sock_diag reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketOwner {
+    /// Its local address.
+    pub local: SocketAddr,
+    /// The uid that created it (an accepted socket inherits its listener's).
+    pub uid: u32,
+    /// Its inode: `socket:[inode]` in `/proc/PID/fd` of every process holding it.
+    pub inode: u32,
+}
+
+/// Every TCP socket listening on `port`, on any address, IPv4 and IPv6.
+pub fn tcp_listeners(port: u16) -> io::Result<Vec<SocketOwner>> {
+    let mut found = Vec::new();
+    for family in [AF_INET, AF_INET6] {
+        let id = if family == AF_INET {
+            SocketId::new_v4()
+        } else {
+            SocketId::new_v6()
+        };
+        let request = InetRequest {
+            family,
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::LISTEN,
+            socket_id: id,
+        };
+        for owner in ask(request, NLM_F_REQUEST | NLM_F_DUMP)? {
+            if owner.local.port() == port {
+                found.push(owner);
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The owner of the socket at `remote` that is connected to our `local` socket: for a
+/// connection we opened, the socket the server accepted it on. `None` when the kernel knows
+/// no such socket (it closed meanwhile).
+pub fn tcp_peer(local: SocketAddr, remote: SocketAddr) -> io::Result<Option<SocketOwner>> {
+    let family = match remote.ip() {
+        IpAddr::V4(_) => AF_INET,
+        IpAddr::V6(_) => AF_INET6,
+    };
+    let request = InetRequest {
+        family,
+        protocol: IPPROTO_TCP,
+        extensions: ExtensionFlags::empty(),
+        states: StateFlags::all(),
+        socket_id: SocketId {
+            // Seen from the far socket: its own address is the source.
+            source_port: remote.port(),
+            destination_port: local.port(),
+            source_address: remote.ip(),
+            destination_address: local.ip(),
+            interface_id: 0,
+            // INET_DIAG_NOCOOKIE: find the socket by its addresses alone.
+            cookie: [0xff; 8],
+        },
+    };
+    match ask(request, NLM_F_REQUEST) {
+        Ok(mut owners) => Ok(owners.pop()),
+        // ENOENT: no such socket.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Sends one request and collects the sockets in the answer (one, or a dump).
+fn ask(request: InetRequest, flags: u16) -> io::Result<Vec<SocketOwner>> {
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&NetlinkAddr::new(0, 0))?;
+    let mut header = NetlinkHeader::default();
+    header.flags = flags;
+    let mut packet = NetlinkMessage::new(header, SockDiagMessage::InetRequest(request).into());
+    packet.finalize();
+    let mut out = vec![0; packet.buffer_len()];
+    packet.serialize(&mut out[..]);
+    socket.send(&out[..], 0)?;
+
+    let mut owners = Vec::new();
+    let mut buffer = vec![0; 64 * 1024];
+    loop {
+        let size = socket.recv(&mut &mut buffer[..], 0)?;
+        let mut offset = 0;
+        while offset < size {
+            let message = NetlinkMessage::<SockDiagMessage>::deserialize(&buffer[offset..size])
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            let length = message.header.length as usize;
+            match message.payload {
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+                    let id = &response.header.socket_id;
+                    owners.push(SocketOwner {
+                        local: SocketAddr::new(id.source_address, id.source_port),
+                        uid: response.header.uid,
+                        inode: response.header.inode,
+                    });
+                    if flags & NLM_F_DUMP == 0 {
+                        return Ok(owners);
+                    }
+                }
+                NetlinkPayload::Done(_) => return Ok(owners),
+                NetlinkPayload::Error(error) => {
+                    let code = error.code.map_or(0, |c| -c.get());
+                    if code == 0 {
+                        return Ok(owners);
+                    }
+                    return Err(io::Error::from_raw_os_error(code));
+                }
+                _ => {}
+            }
+            if length == 0 {
+                break;
+            }
+            offset += length;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+
+    fn my_uid() -> u32 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("Uid:"))
+                    .and_then(|l| l.split_whitespace().nth(2))
+                    .and_then(|u| u.parse().ok())
+            })
+            .expect("/proc/self/status has an effective uid")
+    }
+
+    #[test]
+    fn a_listener_and_an_accepted_socket_are_found_with_their_owner() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let listeners = tcp_listeners(addr.port()).expect("sock_diag");
+        assert_eq!(listeners.len(), 1, "{listeners:?}");
+        assert_eq!(listeners[0].local, addr);
+        assert_eq!(listeners[0].uid, my_uid());
+        let inode = listeners[0].inode;
+        let fd_link = std::fs::read_dir("/proc/self/fd")
+            .expect("fds")
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .any(|target| target.to_string_lossy() == format!("socket:[{inode}]"));
+        assert!(fd_link, "the listener's inode {inode} is one of our fds");
+
+        let client = TcpStream::connect(addr).expect("connect");
+        let peer = tcp_peer(client.local_addr().expect("local"), addr)
+            .expect("sock_diag")
+            .expect("the accepted socket exists before accept()");
+        assert_eq!(peer.local, addr);
+        assert_eq!(peer.uid, my_uid());
+    }
+
+    #[test]
+    fn nothing_is_found_where_nothing_listens() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        drop(listener);
+        assert_eq!(tcp_listeners(port).expect("sock_diag"), Vec::new());
+        let gone = tcp_peer(
+            "127.0.0.1:1".parse().expect("addr"),
+            SocketAddr::from(([127, 0, 0, 1], port)),
+        )
+        .expect("sock_diag");
+        assert_eq!(gone, None);
+    }
+}

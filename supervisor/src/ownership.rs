@@ -1,0 +1,128 @@
+//! Whose listener is on an instance's port: the instance's own, nobody's, or a stranger's.
+//!
+//! With `listen = "tcp"` the app binds its port itself, a moment after the supervisor made
+//! sure the port was free; any co-tenant could bind it in between (or after the app died) and
+//! answer the instance's requests. So before an instance counts as ready, every listener on its
+//! port must be one of the instance's own sockets: its inode (sock_diag(7)) must be among the
+//! open files of a process of the instance's tree (`/proc/PID/fd`). That holds whatever uid
+//! the instance runs as. A stranger's listener is named by its uid and the processes that
+//! hold it, so the supervisor can log who it was.
+
+use std::collections::HashSet;
+use std::io;
+use std::path::Path;
+
+use tenement_proto::sockdiag;
+
+use crate::procfs;
+
+/// Who listens on a port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    /// Only sockets of the instance's own processes.
+    Own,
+    /// Nothing listens.
+    Nobody,
+    /// At least one listener belongs to someone else.
+    Stranger { uid: u32, pids: Vec<i32> },
+}
+
+/// Who listens on `port`, judged against the processes under `root` (the instance's exec
+/// helper; `None` when it has none, so every listener is a stranger's).
+pub fn port_holder(proc_root: &Path, port: u16, root: Option<i32>) -> io::Result<Holder> {
+    let listeners = sockdiag::tcp_listeners(port)?;
+    if listeners.is_empty() {
+        return Ok(Holder::Nobody);
+    }
+    let own: HashSet<u32> = match root {
+        Some(root) => {
+            let mut pids = procfs::tree_of(&procfs::all_processes(proc_root), root);
+            pids.push(root);
+            pids.iter()
+                .flat_map(|&pid| socket_inodes(proc_root, pid))
+                .collect()
+        }
+        None => HashSet::new(),
+    };
+    match listeners.iter().find(|l| !own.contains(&l.inode)) {
+        None => Ok(Holder::Own),
+        Some(stranger) => Ok(Holder::Stranger {
+            uid: stranger.uid,
+            pids: holders_of(proc_root, stranger.inode),
+        }),
+    }
+}
+
+/// The inodes of the sockets `pid` has open (`socket:[N]` links in `/proc/PID/fd`).
+fn socket_inodes(proc_root: &Path, pid: i32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir(proc_root.join(pid.to_string()).join("fd")) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|target| parse_socket_link(&target.to_string_lossy()))
+        .collect()
+}
+
+fn parse_socket_link(target: &str) -> Option<u32> {
+    target
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// Every process holding socket `inode` (a scan of all of /proc: only done for a stranger).
+fn holders_of(proc_root: &Path, inode: u32) -> Vec<i32> {
+    procfs::all_processes(proc_root)
+        .iter()
+        .map(|p| p.pid)
+        .filter(|&pid| socket_inodes(proc_root, pid).contains(&inode))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::process::{Command, Stdio};
+
+    #[test]
+    fn socket_links_are_parsed() {
+        assert_eq!(parse_socket_link("socket:[12345]"), Some(12345));
+        assert_eq!(parse_socket_link("pipe:[12345]"), None);
+        assert_eq!(parse_socket_link("/dev/null"), None);
+        assert_eq!(parse_socket_link("socket:[x]"), None);
+    }
+
+    #[test]
+    fn a_listener_of_our_tree_is_own_and_of_another_process_a_strangers() {
+        let proc_root = Path::new("/proc");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let me = std::process::id() as i32;
+        assert_eq!(
+            port_holder(proc_root, port, Some(me)).expect("sock_diag"),
+            Holder::Own
+        );
+
+        // The same listener judged against another tree (a child of ours that holds nothing).
+        let mut child = Command::new("sleep")
+            .arg("30")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("sleep");
+        let holder = port_holder(proc_root, port, Some(child.id() as i32)).expect("sock_diag");
+        let _ = child.kill();
+        let _ = child.wait();
+        match holder {
+            Holder::Stranger { pids, .. } => assert!(pids.contains(&me), "{pids:?}"),
+            other => panic!("expected a stranger, got {other:?}"),
+        }
+        drop(listener);
+        assert_eq!(
+            port_holder(proc_root, port, Some(me)).expect("sock_diag"),
+            Holder::Nobody
+        );
+    }
+}
