@@ -6,6 +6,7 @@
 
 pub mod cgroup;
 pub mod exec_helper;
+pub mod firewall;
 pub mod journal;
 pub mod lifecycle;
 pub mod logs;

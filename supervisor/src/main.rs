@@ -121,8 +121,19 @@ async fn run(
         ),
         cgroup::Containment::Cgroups(c) => tracing::info!(controllers = ?c.controllers, "instances get a cgroup each"),
     }
-    let (registry, handle) =
-        registry::Registry::open(config.clone(), helper, containment, is_root, environment)?;
+    let firewall = if is_root {
+        start_firewall(settings).await
+    } else {
+        None
+    };
+    let (registry, handle) = registry::Registry::open(
+        config.clone(),
+        helper,
+        containment,
+        is_root,
+        environment,
+        firewall.clone(),
+    )?;
     let bound_here = inherited.is_none();
     let (admin, proxy) = match inherited {
         Some(sockets) => (
@@ -142,6 +153,7 @@ async fn run(
             role,
             handle.clone(),
             admin_policy.clone(),
+            firewall.clone(),
             shutdown.clone(),
             tracker.clone(),
         ));
@@ -166,11 +178,47 @@ async fn run(
     tracker.close();
     let _ = registry_task.await;
     tracker.wait().await;
+    if let Some(firewall) = &firewall {
+        firewall.remove().await;
+    }
     if bound_here {
         let _ = std::fs::remove_file(settings.admin_socket());
         let _ = std::fs::remove_file(settings.proxy_socket());
     }
     Ok(())
+}
+
+/// The nftables table that keeps tenants off each other's ports (`firewall.rs`): root, this
+/// supervisor and `proxy_user` always pass; a proxy that connects is added then. Without nft
+/// the supervisor runs on and says what that costs.
+async fn start_firewall(
+    settings: &tenement_proto::config::Settings,
+) -> Option<tenement_supervisor::firewall::Firewall> {
+    use tenement_supervisor::firewall::{table_name, Firewall, Rules};
+    let mut trusted: std::collections::BTreeSet<u32> =
+        [0, nix::unistd::geteuid().as_raw()].into_iter().collect();
+    if let Some(name) = &settings.proxy_user {
+        if let Ok(Some(user)) = nix::unistd::User::from_name(name) {
+            trusted.insert(user.uid.as_raw());
+        }
+    }
+    let rules = Rules {
+        table: table_name(&settings.runtime_dir),
+        range: (*settings.port_range.start(), *settings.port_range.end()),
+        trusted,
+        owners: Default::default(),
+    };
+    let table = rules.table.clone();
+    match Firewall::start(rules).await {
+        Ok(firewall) => {
+            tracing::info!(table = %table, "tenants are kept off each other's ports (nftables table inet {table})");
+            Some(firewall)
+        }
+        Err(e) => {
+            tracing::warn!("{e}: tenants can connect straight to each other's ports");
+            None
+        }
+    }
 }
 
 /// Creates the RPC sockets ourselves (no systemd): admin for root, this user and admin_group;

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::firewall::Firewall;
 use crate::registry::{Command, RegistryHandle, RpcError, MAX_WAKE_WAIT};
 
 /// How long a client has to say hello.
@@ -110,6 +111,7 @@ pub async fn serve(
     role: Role,
     registry: RegistryHandle,
     admin: Arc<AdminPolicy>,
+    firewall: Option<Firewall>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -128,8 +130,10 @@ pub async fn serve(
         let registry = registry.clone();
         let admin = admin.clone();
         let shutdown = shutdown.clone();
+        let firewall = firewall.clone();
         tracker.spawn(async move {
-            if let Err(e) = connection(stream, role, registry, &admin, &shutdown).await {
+            let firewall = firewall.as_ref();
+            if let Err(e) = connection(stream, role, registry, &admin, firewall, &shutdown).await {
                 tracing::debug!(?role, "connection ended: {e}");
             }
         });
@@ -155,6 +159,7 @@ async fn connection(
     role: Role,
     registry: RegistryHandle,
     admin: &AdminPolicy,
+    firewall: Option<&Firewall>,
     shutdown: &CancellationToken,
 ) -> Result<(), FrameError> {
     let cred = stream.peer_cred()?;
@@ -185,6 +190,11 @@ async fn connection(
     };
     match hello {
         Request::Hello { version, .. } if version == PROTOCOL_VERSION => {
+            // Only the proxy may open proxy.sock (its mode says so): whatever uid it runs as
+            // may reach every instance, before it is told of the first route.
+            if let (Role::Proxy, Some(firewall)) = (role, firewall) {
+                firewall.trust(cred.uid()).await;
+            }
             let reply = Response::Hello {
                 version: PROTOCOL_VERSION,
                 server: format!("tenement-supervisor {}", env!("CARGO_PKG_VERSION")),

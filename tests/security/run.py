@@ -277,9 +277,35 @@ lurker = ["l"]
                 f"moved away from without a failure counted")
 
 
+    def f2_no_direct_connections(self):
+        """F2: a tenant connects straight to another tenant's port, skipping the proxy."""
+        self.ok("spawn", "victim:v")
+        self.ok("spawn", "hostile:h")
+        victim_port = int(self.status("victim:v")["address"].rsplit(":", 1)[1])
+        own_port = int(self.status("hostile:h")["address"].rsplit(":", 1)[1])
+        probe = ("python3 -c \"import socket,sys\n"
+                 "try:\n"
+                 " s=socket.create_connection(('{host}', {port}), timeout=3)\n"
+                 " s.sendall(b'GET / HTTP/1.1\\r\\nHost: v\\r\\nX-Forwarded-For: 1.2.3.4\\r\\n\\r\\n')\n"
+                 " print('CONNECTED', s.recv(100))\n"
+                 "except OSError as e: print('REFUSED', e)\"")
+        seen = {}
+        for host in ("127.0.0.1", "127.0.0.2", "::1"):
+            out = self.shell("hostile:h", probe.format(host=host, port=victim_port))
+            seen[host] = (out["out"] + out["err"]).strip()
+            check("CONNECTED" not in seen[host], f"hostile:h reached victim:v at {host}:{victim_port}: {seen[host]}")
+        own = self.shell("hostile:h", probe.format(host="127.0.0.1", port=own_port))
+        check("CONNECTED" in own["out"], f"an app cannot reach its own port: {own}")
+        status, body = self.request("v.victim.localhost", "/")
+        check((status, body.strip()) == (200, "hello from victim:v"), f"the proxy cannot reach the victim: {status} {body}")
+        return (f"hostile:h -> victim:v port {victim_port}: {seen['127.0.0.1']}; "
+                "its own port and the proxy still connect")
+
+
 CHECKS = [
     ("F1 a squatting tenant is caught and banned", Suite.f1_tenant_squatter_is_banned),
     ("F1 a local racer captures nothing", Suite.f1_local_racer_gets_nothing),
+    ("F2 no direct connection between tenants", Suite.f2_no_direct_connections),
 ]
 
 

@@ -9,9 +9,13 @@
 CACHE_DIR=${TENEMENT_TEST_CACHE:-/var/cache/tenement-test}
 # What the test root needs; the cached tarball is keyed by this list.
 # rpm: the .rpm's scriptlets are also run inside the booted root (upgrade, erase).
-ROOTFS_PACKAGES=systemd,systemd-sysv,dbus,curl,python3,iproute2,procps,rpm
+ROOTFS_PACKAGES=systemd,systemd-sysv,dbus,curl,python3,iproute2,procps,rpm,nftables
 CONTAINERS=()       # "leader_pid:nspawn_pid:log" of each booted container
 CGROUP_NAME=tenement-e2e-$$
+# Seconds to wait for a container's systemd to appear, then to be up, and to power off: they
+# only bound a hang, and are generous because a loaded 2-core machine boots slowly.
+BOOT_DEADLINE=120
+POWEROFF_DEADLINE=60
 
 log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
 
@@ -67,7 +71,8 @@ enter_own_cgroup() {
 remove_own_cgroup() {
     local hierarchy
     for hierarchy in /sys/fs/cgroup/unified /sys/fs/cgroup/systemd; do
-        for _ in $(seq 1 50); do
+        local end=$((SECONDS + 30))
+        while [ $SECONDS -lt $end ]; do
             [ -d "$hierarchy/$CGROUP_NAME" ] || break
             find "$hierarchy/$CGROUP_NAME" -depth -type d -exec rmdir {} + 2>/dev/null
             sleep 0.1
@@ -96,7 +101,8 @@ boot() {
     LEADER=""
     # nspawn forks helpers before the payload: the leader is the child that has become
     # systemd (comm "systemd"), not the first child seen.
-    for _ in $(seq 1 300); do
+    local end=$((SECONDS + BOOT_DEADLINE))
+    while [ $SECONDS -lt $end ]; do
         leader=$(cat /proc/$nspawn/task/*/children 2>/dev/null | awk '{print $1; exit}')
         if [ -n "$leader" ] && [ "$(cat /proc/$leader/comm 2>/dev/null)" = systemd ]; then
             break
@@ -107,11 +113,12 @@ boot() {
     done
     CONTAINERS+=("${leader:-0}:$nspawn:$boot_log")
     if [ -z "$leader" ]; then
-        log "no systemd in the container within 15 s (nspawn's log: $boot_log)"
+        log "no systemd in the container within $BOOT_DEADLINE s (nspawn's log: $boot_log)"
         return 1
     fi
     local state=""
-    for _ in $(seq 1 300); do
+    end=$((SECONDS + BOOT_DEADLINE))
+    while [ $SECONDS -lt $end ]; do
         state=$(nsenter -t "$leader" -a systemctl is-system-running 2>/dev/null)
         case "$state" in running | degraded) break ;; esac
         sleep 0.1
@@ -134,17 +141,19 @@ inside() {
     nsenter -t "$leader" -a env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"
 }
 
-# stop_container ENTRY: SIGTERM to nspawn (a clean poweroff, ~2 s), SIGKILL after 10 s.
+# stop_container ENTRY: SIGTERM to nspawn (a clean poweroff, ~2 s), SIGKILL after
+# POWEROFF_DEADLINE.
 stop_container() {
     local leader=${1%%:*} rest=${1#*:}
     local nspawn=${rest%%:*}
     kill -0 "$nspawn" 2>/dev/null || return 0
     kill -TERM "$nspawn" 2>/dev/null
-    for _ in $(seq 1 100); do
+    local end=$((SECONDS + POWEROFF_DEADLINE))
+    while [ $SECONDS -lt $end ]; do
         kill -0 "$nspawn" 2>/dev/null || return 0
         sleep 0.1
     done
-    log "container $leader did not power off in 10 s; killing it"
+    log "container $leader did not power off in $POWEROFF_DEADLINE s; killing it"
     [ "$leader" != 0 ] && kill -KILL "$leader" 2>/dev/null
     kill -KILL "$nspawn" 2>/dev/null
     wait "$nspawn" 2>/dev/null

@@ -13,16 +13,17 @@
 # is downloaded and unpacked into the cache, never installed on the host.
 #
 # Environment: TENEMENT_VM_CACHE (default /var/cache/tenement-test/vm), TENEMENT_VM_TIMEOUT
-# (seconds qemu may run, default 240), TENEMENT_VM_KEEP=1 keeps the work directory.
+# (seconds qemu may run, default 1200: it only bounds a hang, above the guest's own
+# TimeoutStartSec of 900), TENEMENT_VM_KEEP=1 keeps the work directory.
 set -uo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 CACHE=${TENEMENT_VM_CACHE:-/var/cache/tenement-test/vm}
-TIMEOUT=${TENEMENT_VM_TIMEOUT:-240}
+TIMEOUT=${TENEMENT_VM_TIMEOUT:-1200}
 SUITE=bookworm
 # What the guest needs; the cached root tarball is keyed by this list.
-PACKAGES=systemd,systemd-sysv,dbus,udev,kmod,python3,procps,iproute2,curl
+PACKAGES=systemd,systemd-sysv,dbus,udev,kmod,python3,procps,iproute2,curl,nftables
 KERNEL_META=linux-image-cloud-amd64
 
 passed=0

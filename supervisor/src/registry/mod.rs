@@ -237,6 +237,8 @@ pub struct Registry {
     is_root: bool,
     /// What the config was validated against, for reloads.
     environment: tenement_proto::config::Environment,
+    /// The nftables rules that keep tenants off each other's ports (root only).
+    firewall: Option<crate::firewall::Firewall>,
     tx: mpsc::Sender<Command>,
     rx: mpsc::Receiver<Command>,
 }
@@ -282,6 +284,7 @@ impl Registry {
         containment: Containment,
         is_root: bool,
         environment: tenement_proto::config::Environment,
+        firewall: Option<crate::firewall::Firewall>,
     ) -> anyhow::Result<(Registry, RegistryHandle)> {
         let store = StateStore::open(&config.settings.state_dir)?;
         let killed = store.kill_leftovers(std::path::Path::new("/proc"));
@@ -312,6 +315,7 @@ impl Registry {
             containment,
             is_root,
             environment,
+            firewall,
             tx: tx.clone(),
             rx,
         };
@@ -434,6 +438,7 @@ impl Registry {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.sync_firewall();
         loop {
             tokio::select! {
                 biased;
@@ -729,6 +734,7 @@ impl Registry {
         if let Some(port) = instance.port {
             self.ports.release(port);
         }
+        self.sync_firewall();
         for waiter in instance.waiters {
             let _ = waiter.reply.send(Err(RpcError::new(
                 ErrorCode::Unavailable,
@@ -784,6 +790,20 @@ impl Registry {
     fn address_of(&self, i: &Instance) -> Option<tenement_proto::rpc::Address> {
         let service = self.config.service(&i.id.service)?;
         Some(i.address(service.listen, &self.config.settings))
+    }
+
+    /// Tells the firewall which uid owns which port: every instance that has run as a uid of
+    /// its own and has a port. Cheap when nothing changed (the firewall compares).
+    pub(super) fn sync_firewall(&self) {
+        let Some(firewall) = &self.firewall else {
+            return;
+        };
+        let owners = self
+            .instances
+            .values()
+            .filter_map(|i| Some((i.run_uid.or(i.uid)?, i.port?)))
+            .collect();
+        firewall.set_owners(owners);
     }
 
     fn route_of(&self, id: &InstanceId) -> Option<Route> {

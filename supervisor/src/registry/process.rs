@@ -260,6 +260,7 @@ impl Registry {
                 }
             };
             port = Some(p);
+            self.sync_firewall();
             if service.listen == ListenMode::Activate {
                 listener = Some(l);
             }
@@ -569,6 +570,7 @@ impl Registry {
         if let Err(e) = self.save() {
             tracing::warn!(instance = %id, "cannot save the registry: {e}");
         }
+        self.sync_firewall();
         self.event(id, Event::PortTaken, now);
     }
 
