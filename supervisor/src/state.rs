@@ -145,7 +145,12 @@ impl StateStore {
     }
 
     /// Kills process trees left by a previous supervisor that died without stopping them.
-    /// A pid file only counts if the process with that pid has the recorded start time.
+    ///
+    /// A pid file is trusted only as far as the process it names proves it: a regular file
+    /// (not a symlink) in our own `pids/`, naming a process that still has the recorded start
+    /// time, leads its own process group, and runs the exec helper (`tenement-exec`, also
+    /// when an upgrade replaced the binary). Anything else is deleted and nothing is killed,
+    /// so a planted file can never make the supervisor kill a process it did not start.
     /// Returns the pids killed.
     pub fn kill_leftovers(&self, proc_root: &Path) -> Vec<i32> {
         let mut killed = Vec::new();
@@ -154,11 +159,13 @@ impl StateStore {
         };
         for entry in entries.filter_map(|e| e.ok()) {
             let path = entry.path();
-            if let Some((pid, start_time)) = fs::read_to_string(&path)
-                .ok()
-                .and_then(|text| parse_pid_file(&text))
-            {
-                if procfs::read_stat(proc_root, pid).is_some_and(|s| s.start_time == start_time) {
+            let regular = fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_file());
+            let recorded = regular
+                .then(|| fs::read_to_string(&path).ok())
+                .flatten()
+                .and_then(|text| parse_pid_file(&text));
+            if let Some((pid, start_time)) = recorded {
+                if is_our_helper(proc_root, pid, start_time) {
                     let processes = procfs::all_processes(proc_root);
                     let mut tree = procfs::tree_of(&processes, pid);
                     tree.push(pid);
@@ -169,12 +176,35 @@ impl StateStore {
                         );
                     }
                     killed.extend(tree);
+                } else if procfs::read_stat(proc_root, pid).is_some() {
+                    tracing::warn!(
+                        pid,
+                        file = %path.display(),
+                        "a pid file names a process that is not an exec helper this supervisor started; left alone"
+                    );
                 }
             }
             let _ = fs::remove_file(&path);
         }
         killed
     }
+}
+
+/// Whether `pid` is an exec helper started at `start_time`: same start time, leader of its
+/// own process group (the supervisor starts each helper in a new group), and its executable is
+/// `tenement-exec` (" (deleted)" after an upgrade replaced it).
+fn is_our_helper(proc_root: &Path, pid: i32, start_time: u64) -> bool {
+    let Some(stat) = procfs::read_stat(proc_root, pid) else {
+        return false;
+    };
+    if stat.start_time != start_time || stat.pgid != pid {
+        return false;
+    }
+    fs::read_link(proc_root.join(pid.to_string()).join("exe")).is_ok_and(|exe| {
+        exe.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|name| name.starts_with(crate::exec_helper::HELPER_NAME))
+    })
 }
 
 /// Creates `path` 0700, and any missing parents 0755: a shared parent such as
@@ -280,5 +310,39 @@ mod tests {
             .expect("list")
             .next()
             .is_none());
+    }
+
+    #[test]
+    fn a_planted_pid_file_naming_another_process_kills_nothing() {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::open(dir.path()).expect("open");
+        // A process with the right start time, leading its own group, but not an exec helper:
+        // what a tenant could name if it could write into pids/.
+        let mut victim = std::process::Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .expect("sleep");
+        let pid = victim.id() as i32;
+        let stat = procfs::read_stat(Path::new("/proc"), pid).expect("stat");
+        store
+            .record_process(
+                &InstanceId::parse("state:pids").expect("valid"),
+                pid,
+                stat.start_time,
+            )
+            .expect("record");
+        let killed = store.kill_leftovers(Path::new("/proc"));
+        let alive = victim.try_wait().expect("wait").is_none();
+        let _ = victim.kill();
+        let _ = victim.wait();
+        assert!(killed.is_empty(), "killed {killed:?}");
+        assert!(alive, "the planted pid's process was killed");
+
+        // A symlink in pids/ is never followed.
+        fs::create_dir_all(dir.path().join("pids")).expect("pids");
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("pids/evil.link")).expect("ln");
+        assert!(store.kill_leftovers(Path::new("/proc")).is_empty());
     }
 }

@@ -302,10 +302,26 @@ lurker = ["l"]
                 "its own port and the proxy still connect")
 
 
+    def f4_overlapping_dirs_refused(self):
+        """F4: a state_dir inside the data root would hand tenement's pid files to a tenant."""
+        bad = os.path.join(self.dir, "overlap.toml")
+        with open(bad, "w") as f:
+            f.write(f'[settings]\ndata_dir = "{self.dir}/d"\nstate_dir = "{self.dir}/d/state"\n'
+                    f'runtime_dir = "{self.dir}/r"\n')
+        out = subprocess.run([os.path.join(self.bin, "tenctl"), "validate", bad],
+                             capture_output=True, text=True, timeout=60)
+        check(out.returncode != 0 and "overlap" in out.stderr, f"validate: {out.returncode} {out.stderr}")
+        sup = subprocess.run([os.path.join(self.bin, "tenement-supervisor"), "--config", bad],
+                             capture_output=True, text=True, timeout=60)
+        check(sup.returncode != 0 and "overlap" in sup.stderr, f"supervisor: {sup.returncode} {sup.stderr}")
+        return "tenctl validate and the supervisor refuse it: " + out.stderr.strip().splitlines()[0][:160]
+
+
 CHECKS = [
     ("F1 a squatting tenant is caught and banned", Suite.f1_tenant_squatter_is_banned),
     ("F1 a local racer captures nothing", Suite.f1_local_racer_gets_nothing),
     ("F2 no direct connection between tenants", Suite.f2_no_direct_connections),
+    ("F4 overlapping directories are refused", Suite.f4_overlapping_dirs_refused),
 ]
 
 

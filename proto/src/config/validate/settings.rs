@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
-use std::path::Path;
+use std::path::{Component, Path, PathBuf};
 
 use super::{normalise, Checker, RawEntry, RawTable, RawValue, Span};
 use crate::config::Settings;
@@ -28,7 +28,46 @@ const UNIX_PATH_MAX: usize = 108;
 /// RFC 1035, 2.3.4, without the trailing dot.
 const MAX_DOMAIN_LEN: usize = 253;
 
+/// `path` with `.` and `..` resolved by their names alone (no symlink is read).
+fn lexical(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 impl Checker<'_> {
+    /// data_dir, state_dir and runtime_dir must not be one another or inside one another:
+    /// tenants own directories under data_dir, and tenement's registry, pid files and sockets
+    /// must never be among them (nor theirs among tenement's).
+    fn disjoint_dirs(&mut self, table: &RawTable, dirs: [(&str, &PathBuf); 3]) {
+        for (i, (a_key, a)) in dirs.iter().enumerate() {
+            for (b_key, b) in &dirs[i + 1..] {
+                let (la, lb) = (lexical(a), lexical(b));
+                if !(la.starts_with(&lb) || lb.starts_with(&la)) {
+                    continue;
+                }
+                let message = format!(
+                    "{a_key} {} and {b_key} {} overlap: tenants' data and tenement's own files must live apart; give each its own directory (for example /var/lib/tenement/data, /var/lib/tenement/state, /run/tenement)",
+                    a.display(),
+                    b.display()
+                );
+                let written = table.get(a_key).or_else(|| table.get(b_key));
+                match written {
+                    Some(e) => self.error(e.key.span(), message),
+                    None => self.report.unplaced(message),
+                }
+            }
+        }
+    }
+
     pub(super) fn settings(&mut self, table: &RawTable) -> Settings {
         self.check_keys(table, "[settings]", SETTINGS_KEYS);
         let dir = &self.config_dir;
@@ -45,6 +84,14 @@ impl Checker<'_> {
         let data_dir = self.dir(table, "data_dir", normalise(&data));
         let state_dir = self.dir(table, "state_dir", normalise(&state));
         let runtime_dir = self.dir(table, "runtime_dir", normalise(&runtime));
+        self.disjoint_dirs(
+            table,
+            [
+                ("data_dir", &data_dir),
+                ("state_dir", &state_dir),
+                ("runtime_dir", &runtime_dir),
+            ],
+        );
         let socket = runtime_dir.join("admin.sock");
         let len = socket.as_os_str().len();
         if len >= UNIX_PATH_MAX {
