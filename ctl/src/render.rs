@@ -79,21 +79,39 @@ pub fn days_to_civil(days: i64) -> (i64, u32, u32) {
     (year, month as u32, day as u32)
 }
 
-/// Replaces control characters (other than tab) with visible escapes, so text from an
-/// instance cannot move the cursor, retitle the terminal or break a line.
+/// Replaces control characters (other than tab) and the invisible characters that change how
+/// a line reads with visible escapes, so text from an instance cannot move the cursor,
+/// retitle the terminal, break a line, reverse the rest of it (U+202E) or hide in it (U+200B).
 pub fn sanitize(text: &str) -> String {
-    if !text.chars().any(|c| c.is_control() && c != '\t') {
+    if !text.chars().any(needs_escape) {
         return text.to_owned();
     }
     let mut out = String::with_capacity(text.len() + 8);
     for c in text.chars() {
-        if c.is_control() && c != '\t' {
+        if needs_escape(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);
         }
     }
     out
+}
+
+/// C0 and C1 controls but tab; bidirectional embeddings, overrides, isolates and marks;
+/// zero-width spaces and joiners, word joiner, invisible operators, the BOM; the line and
+/// paragraph separators.
+fn needs_escape(c: char) -> bool {
+    (c.is_control() && c != '\t')
+        || matches!(
+            c,
+            '\u{061C}'
+                | '\u{180E}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{FEFF}'
+        )
 }
 
 /// Left-aligned columns separated by two spaces; the last column is not padded, so no line
@@ -306,6 +324,20 @@ mod tests {
         assert_eq!(sanitize("plain\ttext"), "plain\ttext");
         assert_eq!(sanitize("\x1b[31mred\n"), "\\u{1b}[31mred\\n");
         assert_eq!(sanitize("é ✓"), "é ✓");
+        assert_eq!(sanitize("\u{85}next"), "\\u{85}next");
+    }
+
+    #[test]
+    fn text_that_reorders_or_hides_itself_is_escaped() {
+        assert_eq!(sanitize("ok \u{202E}gnp.exe"), "ok \\u{202e}gnp.exe");
+        assert_eq!(sanitize("admin\u{200B}"), "admin\\u{200b}");
+        assert_eq!(sanitize("\u{2066}x\u{2069}"), "\\u{2066}x\\u{2069}");
+        assert_eq!(sanitize("\u{FEFF}bom"), "\\u{feff}bom");
+        assert_eq!(
+            sanitize("שלום عربي"),
+            "שלום عربي",
+            "right-to-left text itself is fine"
+        );
     }
 
     #[test]

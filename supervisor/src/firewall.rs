@@ -13,17 +13,24 @@
 //! `user = "self"`), and tenants running as root. Listeners an app opens outside `port_range`
 //! are not covered either (isolation = "sandbox" gives an app a network of its own).
 //!
-//! The rules are text built by [`ruleset`] and [`owners_update`] from numbers only (uids and
+//! The table is owned by the `nft -i` process the supervisor keeps running for its whole
+//! life (`flags owner`, nft(8)): no other process may change it, and when that process ends
+//! (the supervisor stopped, or died and its pipe closed) the kernel deletes the table. A
+//! crashed supervisor therefore never leaves rules behind that would refuse a later one's
+//! proxy.
+//!
+//! The rules are text built by [`ruleset`] and [`sets_update`] from numbers only (uids and
 //! ports), so nothing a tenant controls reaches nft.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::hash::{Hash, Hasher};
-use std::io::Write as _;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
-use tokio::sync::watch;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::sync::{mpsc, oneshot};
 
 /// The whole desired state of the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,173 +51,221 @@ pub fn table_name(runtime_dir: &Path) -> String {
     format!("tenement_{:016x}", hasher.finish())
 }
 
-fn elements<T>(items: impl IntoIterator<Item = T>, show: impl Fn(T) -> String) -> String {
-    let list: Vec<String> = items.into_iter().map(show).collect();
-    if list.is_empty() {
-        String::new()
-    } else {
-        format!(" elements = {{ {} }};", list.join(", "))
-    }
+fn element_list<T>(items: impl IntoIterator<Item = T>, show: impl Fn(T) -> String) -> String {
+    items.into_iter().map(show).collect::<Vec<_>>().join(", ")
 }
 
-/// The table, created or replaced as a whole (one nft transaction).
+/// The table, created owned by the nft process that runs this (one line: one transaction).
 pub fn ruleset(rules: &Rules) -> String {
     let (lo, hi) = rules.range;
     let table = &rules.table;
-    let mut text = String::new();
-    // `table` first so that `flush` finds it; the definition then fills it again.
-    let _ = writeln!(text, "table inet {table}");
-    let _ = writeln!(text, "flush table inet {table}");
-    let _ = writeln!(text, "table inet {table} {{");
-    let _ = writeln!(
-        text,
-        "  set trusted {{ type uid;{} }}",
-        elements(rules.trusted.iter(), |u| u.to_string())
+    let mut text = format!(
+        "add table inet {table} {{ flags owner; }}; \
+         add set inet {table} trusted {{ type uid; }}; \
+         add set inet {table} owners {{ type uid . inet_service; }}; \
+         add chain inet {table} output {{ type filter hook output priority filter; policy accept; }}; \
+         add rule inet {table} output oifname \"lo\" meta l4proto {{ tcp, udp }} th dport {lo}-{hi} \
+         meta skuid != @trusted meta skuid . th dport != @owners reject with icmpx port-unreachable"
     );
-    let _ = writeln!(
-        text,
-        "  set owners {{ type uid . inet_service;{} }}",
-        elements(rules.owners.iter(), |(u, p)| format!("{u} . {p}"))
-    );
-    let _ = writeln!(text, "  chain output {{");
-    let _ = writeln!(
-        text,
-        "    type filter hook output priority filter; policy accept;"
-    );
-    let _ = writeln!(
-        text,
-        "    oifname \"lo\" meta l4proto {{ tcp, udp }} th dport {lo}-{hi} meta skuid != @trusted meta skuid . th dport != @owners reject with icmpx port-unreachable"
-    );
-    let _ = writeln!(text, "  }}");
-    let _ = writeln!(text, "}}");
+    text.push_str(&elements(rules));
     text
 }
 
-/// Replaces the two sets' contents in one transaction.
-pub fn sets_update(rules: &Rules) -> String {
+/// `; add element ...` for both sets' contents (nothing for an empty set).
+fn elements(rules: &Rules) -> String {
     let table = &rules.table;
     let mut text = String::new();
-    let _ = writeln!(text, "flush set inet {table} trusted");
-    let _ = writeln!(text, "flush set inet {table} owners");
     if !rules.trusted.is_empty() {
-        let list: Vec<String> = rules.trusted.iter().map(u32::to_string).collect();
-        let _ = writeln!(
+        let _ = write!(
             text,
-            "add element inet {table} trusted {{ {} }}",
-            list.join(", ")
+            "; add element inet {table} trusted {{ {} }}",
+            element_list(rules.trusted.iter(), |u| u.to_string())
         );
     }
     if !rules.owners.is_empty() {
-        let list: Vec<String> = rules
-            .owners
-            .iter()
-            .map(|(u, p)| format!("{u} . {p}"))
-            .collect();
-        let _ = writeln!(
+        let _ = write!(
             text,
-            "add element inet {table} owners {{ {} }}",
-            list.join(", ")
+            "; add element inet {table} owners {{ {} }}",
+            element_list(rules.owners.iter(), |(u, p)| format!("{u} . {p}"))
         );
     }
     text
 }
 
-/// Runs `nft -f -` with `script`; the error is nft's own message.
-fn nft(script: &str) -> Result<(), String> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run nft: {e} (install nftables)"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(|e| format!("cannot write to nft: {e}"))?;
+/// Replaces both sets' contents in one transaction (one line).
+pub fn sets_update(rules: &Rules) -> String {
+    let table = &rules.table;
+    format!(
+        "flush set inet {table} trusted; flush set inet {table} owners{}",
+        elements(rules)
+    )
+}
+
+/// How long nft may take to apply one line.
+const NFT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The `nft -i` process that owns the table, its standard error merged into its output.
+struct Nft {
+    child: Child,
+    stdin: ChildStdin,
+    output: Lines<BufReader<ChildStdout>>,
+    table: String,
+}
+
+impl Nft {
+    async fn spawn(table: &str) -> Result<Nft, String> {
+        // stdbuf: nft buffers its output when it is not a terminal, and each answer must be
+        // read as soon as it is written.
+        let mut child = Command::new("sh")
+            .args(["-c", "exec stdbuf -oL nft -i 2>&1"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot run nft: {e}"))?;
+        let stdin = child.stdin.take().ok_or("nft has no stdin")?;
+        let stdout = child.stdout.take().ok_or("nft has no stdout")?;
+        Ok(Nft {
+            child,
+            stdin,
+            output: BufReader::new(stdout).lines(),
+            table: table.to_owned(),
+        })
     }
-    let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        let message = String::from_utf8_lossy(&out.stderr);
-        Err(format!("nft: {}", message.trim()))
+
+    /// Ends nft: its standard input closes, it exits, and the kernel deletes the table it owns.
+    async fn close(self) {
+        let Nft {
+            mut child, stdin, ..
+        } = self;
+        drop(stdin);
+        if tokio::time::timeout(NFT_DEADLINE, child.wait())
+            .await
+            .is_err()
+        {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Runs one line of commands (one transaction), then lists the trusted set: its output
+    /// ends with a lone `}`, which tells that everything before was done. Any `Error:` line
+    /// in between is the line's failure.
+    async fn run(&mut self, commands: &str) -> Result<(), String> {
+        tokio::time::timeout(NFT_DEADLINE, self.run_inner(commands))
+            .await
+            .unwrap_or_else(|_| Err(format!("nft did not answer within {NFT_DEADLINE:?}")))
+    }
+
+    async fn run_inner(&mut self, commands: &str) -> Result<(), String> {
+        let script = format!("{commands}\nlist set inet {} trusted\n", self.table);
+        self.stdin
+            .write_all(script.as_bytes())
+            .await
+            .map_err(|e| format!("nft: {e}"))?;
+        let mut errors = Vec::new();
+        loop {
+            match self.output.next_line().await {
+                Ok(Some(line)) if line == "}" => break,
+                Ok(Some(line)) => {
+                    if line.starts_with("Error") || !errors.is_empty() && !line.starts_with("table")
+                    {
+                        errors.push(line);
+                    }
+                }
+                Ok(None) => {
+                    errors.push("nft exited (is nftables installed?)".to_owned());
+                    break;
+                }
+                Err(e) => {
+                    errors.push(e.to_string());
+                    break;
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("nft: {}", errors.join(" ")))
+        }
     }
 }
 
-/// The running table: changes are coalesced and applied by one task, in order.
+enum Request {
+    Owners(BTreeSet<(u32, u16)>),
+    Trust(u32, oneshot::Sender<()>),
+    Remove(oneshot::Sender<()>),
+}
+
+/// The running table: changes are applied by one task, in order.
 #[derive(Clone)]
 pub struct Firewall {
-    desired: watch::Sender<(Rules, u64)>,
-    applied: watch::Receiver<u64>,
+    tx: mpsc::UnboundedSender<Request>,
 }
 
 impl Firewall {
     /// Installs the table (an error when nft is missing or refuses) and starts the task that
     /// keeps it as desired.
-    pub async fn start(rules: Rules) -> Result<Firewall, String> {
-        let script = ruleset(&rules);
-        tokio::task::spawn_blocking(move || nft(&script))
-            .await
-            .map_err(|e| e.to_string())??;
-        let (desired, mut wanted) = watch::channel((rules, 0u64));
-        let (applied_tx, applied) = watch::channel(0u64);
+    pub async fn start(mut rules: Rules) -> Result<Firewall, String> {
+        // A table of the same name that an older tenement made without an owner: gone first.
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &rules.table])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await;
+        let mut nft = Nft::spawn(&rules.table).await?;
+        nft.run(&ruleset(&rules)).await?;
+        let (tx, mut rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
-            while wanted.changed().await.is_ok() {
-                let (rules, version) = wanted.borrow_and_update().clone();
-                let script = sets_update(&rules);
-                match tokio::task::spawn_blocking(move || nft(&script)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::error!(
-                        "cannot update the firewall ({e}): tenants may reach other tenants' ports"
-                    ),
-                    Err(e) => tracing::error!("firewall update task: {e}"),
+            while let Some(request) = rx.recv().await {
+                let (changed, done) = match request {
+                    Request::Owners(owners) => {
+                        let changed = rules.owners != owners;
+                        rules.owners = owners;
+                        (changed, None)
+                    }
+                    Request::Trust(uid, done) => (rules.trusted.insert(uid), Some(done)),
+                    Request::Remove(done) => {
+                        nft.close().await;
+                        let _ = done.send(());
+                        return;
+                    }
+                };
+                if changed {
+                    if let Err(e) = nft.run(&sets_update(&rules)).await {
+                        tracing::error!(
+                            "cannot update the firewall ({e}): tenants may reach other tenants' ports"
+                        );
+                    }
                 }
-                let _ = applied_tx.send(version);
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
             }
         });
-        Ok(Firewall { desired, applied })
+        Ok(Firewall { tx })
     }
 
     /// The (uid, port) pairs of every instance that has both.
     pub fn set_owners(&self, owners: BTreeSet<(u32, u16)>) {
-        self.desired.send_if_modified(|(rules, version)| {
-            if rules.owners == owners {
-                return false;
-            }
-            rules.owners = owners;
-            *version += 1;
-            true
-        });
+        let _ = self.tx.send(Request::Owners(owners));
     }
 
     /// Lets `uid` reach every instance (a proxy that just connected); returns once the rule is
     /// in place, so its first request already passes.
     pub async fn trust(&self, uid: u32) {
-        let mut target = None;
-        self.desired.send_if_modified(|(rules, version)| {
-            if rules.trusted.insert(uid) {
-                *version += 1;
-                target = Some(*version);
-                true
-            } else {
-                false
-            }
-        });
-        if let Some(target) = target {
-            let mut applied = self.applied.clone();
-            let _ = applied.wait_for(|v| *v >= target).await;
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Request::Trust(uid, done)).is_ok() {
+            let _ = wait.await;
         }
     }
 
-    /// Removes the table (at a clean shutdown).
+    /// Removes the table (at a clean shutdown; the kernel would when nft exits anyway).
     pub async fn remove(&self) {
-        let table = self.desired.borrow().0.table.clone();
-        let script = format!("delete table inet {table}\n");
-        match tokio::task::spawn_blocking(move || nft(&script)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!("cannot remove the firewall table: {e}"),
-            Err(e) => tracing::warn!("cannot remove the firewall table: {e}"),
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Request::Remove(done)).is_ok() {
+            let _ = wait.await;
         }
     }
 }
@@ -229,41 +284,25 @@ mod tests {
     }
 
     #[test]
-    fn the_ruleset_rejects_strangers_on_the_range_and_lists_who_may_pass() {
+    fn the_ruleset_is_one_owned_table_that_rejects_strangers_on_the_range() {
         let text = ruleset(&rules());
-        assert!(text.starts_with(
-            "table inet tenement_0123456789abcdef\nflush table inet tenement_0123456789abcdef\n"
-        ));
-        assert!(
-            text.contains("set trusted { type uid; elements = { 0, 65534 }; }"),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                "set owners { type uid . inet_service; elements = { 61184 . 20001, 61185 . 20002 }; }"
-            ),
-            "{text}"
-        );
+        assert!(!text.contains('\n'), "one line, one transaction: {text}");
+        assert!(text.starts_with("add table inet tenement_0123456789abcdef { flags owner; }; "));
         assert!(text.contains("th dport 20000-29999 meta skuid != @trusted meta skuid . th dport != @owners reject"), "{text}");
+        assert!(text.ends_with("; add element inet tenement_0123456789abcdef trusted { 0, 65534 }; add element inet tenement_0123456789abcdef owners { 61184 . 20001, 61185 . 20002 }"), "{text}");
         let empty = Rules {
+            trusted: BTreeSet::new(),
             owners: BTreeSet::new(),
             ..rules()
         };
-        assert!(ruleset(&empty).contains("set owners { type uid . inet_service; }"));
+        assert!(!ruleset(&empty).contains("add element"));
     }
 
     #[test]
-    fn an_update_replaces_both_sets_in_one_script() {
-        let text = sets_update(&rules());
-        let lines: Vec<&str> = text.lines().collect();
+    fn an_update_replaces_both_sets_in_one_line() {
         assert_eq!(
-            lines,
-            [
-                "flush set inet tenement_0123456789abcdef trusted",
-                "flush set inet tenement_0123456789abcdef owners",
-                "add element inet tenement_0123456789abcdef trusted { 0, 65534 }",
-                "add element inet tenement_0123456789abcdef owners { 61184 . 20001, 61185 . 20002 }",
-            ]
+            sets_update(&rules()),
+            "flush set inet tenement_0123456789abcdef trusted; flush set inet tenement_0123456789abcdef owners; add element inet tenement_0123456789abcdef trusted { 0, 65534 }; add element inet tenement_0123456789abcdef owners { 61184 . 20001, 61185 . 20002 }"
         );
     }
 
@@ -274,5 +313,41 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a, table_name(Path::new("/run/tenement")));
         assert!(a.len() <= 32 && a.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_'));
+    }
+
+    /// Against the real nft, as root (CI): the table lives exactly as long as its owner.
+    #[tokio::test]
+    async fn the_table_goes_with_its_owner_and_takes_updates() {
+        if !nix::unistd::geteuid().is_root() {
+            panic!("needs root for nftables (CI runs the tests as root)");
+        }
+        let rules = Rules {
+            table: format!("tenement_test_{}", std::process::id()),
+            range: (20000, 20009),
+            ..rules()
+        };
+        let listed = |table: String| async move {
+            let out = Command::new("nft")
+                .args(["list", "table", "inet", &table])
+                .output()
+                .await
+                .expect("nft");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let firewall = Firewall::start(rules.clone())
+            .await
+            .expect("nft works here");
+        assert!(listed(rules.table.clone()).await.contains("61184 . 20001"));
+        firewall.trust(4242).await;
+        firewall.set_owners([(61190, 20005)].into_iter().collect());
+        firewall.trust(4243).await; // ordered after the owners update
+        let now = listed(rules.table.clone()).await;
+        assert!(now.contains("4242") && now.contains("4243"), "{now}");
+        assert!(
+            now.contains("61190 . 20005") && !now.contains("61184 . 20001"),
+            "{now}"
+        );
+        firewall.remove().await;
+        assert_eq!(listed(rules.table.clone()).await, "");
     }
 }

@@ -68,12 +68,17 @@ impl Budget {
     }
 }
 
-/// The journal priority of a line and its text without a syslog `<N>` prefix.
+/// The most urgent priority a tenant may log at: err (3). Above it are crit, alert and
+/// emerg, which journald may broadcast to every terminal (wall); an app that says `<0>` gets 3.
+pub const TENANT_MAX_PRIORITY: u8 = 3;
+
+/// The journal priority of a line and its text without a syslog `<N>` prefix, never more
+/// urgent than [`TENANT_MAX_PRIORITY`].
 pub fn priority_of(stream: LogStream, line: &str) -> (u8, &str) {
     let bytes = line.as_bytes();
     if bytes.len() >= 3 && bytes[0] == b'<' && bytes[2] == b'>' && (b'0'..=b'7').contains(&bytes[1])
     {
-        return (bytes[1] - b'0', &line[3..]);
+        return ((bytes[1] - b'0').max(TENANT_MAX_PRIORITY), &line[3..]);
     }
     let default = match stream {
         LogStream::Stdout => 6,
@@ -169,6 +174,9 @@ mod tests {
         assert_eq!(priority_of(LogStream::Stdout, "hello"), (6, "hello"));
         assert_eq!(priority_of(LogStream::Stderr, "oops"), (3, "oops"));
         assert_eq!(priority_of(LogStream::Stdout, "<4>careful"), (4, "careful"));
+        // A tenant cannot page the host: emerg, alert and crit become err.
+        assert_eq!(priority_of(LogStream::Stdout, "<0>wall"), (3, "wall"));
+        assert_eq!(priority_of(LogStream::Stderr, "<2>crit"), (3, "crit"));
         assert_eq!(priority_of(LogStream::Stderr, "<7>debug"), (7, "debug"));
         assert_eq!(
             priority_of(LogStream::Stdout, "<9>not syslog"),

@@ -317,11 +317,33 @@ lurker = ["l"]
         return "tenctl validate and the supervisor refuse it: " + out.stderr.strip().splitlines()[0][:160]
 
 
+    def f10_f11_hostile_output(self):
+        """F10, F11: output that is not UTF-8, and output that lies to the operator's terminal."""
+        self.ok("spawn", "hostile:h")
+        for line in (b"bad \xff\xfe byte\n", b"after the bad byte\n",
+                     "<0>EMERG ok \u202egnp.exe zero\u200bwidth\n".encode()):
+            status, body = self.request("h.hostile.localhost", "/say", "POST", line)
+            check((status, body.strip()) == (200, "said"), f"the app could not write: {status} {body}")
+        wait_for(lambda: "after the bad byte" in self.ok("logs", "hostile:h", "-n", "50"), EVENT_DEADLINE,
+                 "the line after the bad byte in tenctl logs")
+        logs = self.ok("logs", "hostile:h", "-n", "50")
+        check("bad \ufffd\ufffd byte" in logs, f"the bad bytes are not shown lossily: {logs!r}")
+        check("\u202e" not in logs and "\u200b" not in logs, f"bidi/zero-width characters reached the terminal: {logs!r}")
+        check("\\u{202e}gnp.exe" in logs and "\\u{200b}width" in logs, f"not escaped visibly: {logs!r}")
+        # The app still writes and is still captured (no EPIPE after the bad byte).
+        status, body = self.request("h.hostile.localhost", "/say", "POST", b"still-captured\n")
+        check(status == 200, f"the app could not write after the bad byte: {status} {body}")
+        wait_for(lambda: "still-captured" in self.ok("logs", "hostile:h", "-n", "50"), EVENT_DEADLINE,
+                 "a later line")
+        return "capture goes on after invalid UTF-8 (shown as U+FFFD); U+202E and U+200B shown as escapes"
+
+
 CHECKS = [
     ("F1 a squatting tenant is caught and banned", Suite.f1_tenant_squatter_is_banned),
     ("F1 a local racer captures nothing", Suite.f1_local_racer_gets_nothing),
     ("F2 no direct connection between tenants", Suite.f2_no_direct_connections),
     ("F4 overlapping directories are refused", Suite.f4_overlapping_dirs_refused),
+    ("F10 F11 hostile output", Suite.f10_f11_hostile_output),
 ]
 
 

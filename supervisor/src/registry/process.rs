@@ -15,7 +15,7 @@ use tenement_proto::config::{ListenMode, ReadyMode};
 use tenement_proto::rpc::{Address, ErrorCode, InstanceState, LogStream, Response};
 use tenement_proto::InstanceId;
 use tokio::io::AsyncRead;
-use tokio_util::codec::{FramedRead, LinesCodec};
+use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead};
 
 use crate::lifecycle::{Action, Event, WaitError};
 use crate::logs::{LogBuffer, MAX_LINE_LEN};
@@ -794,23 +794,77 @@ pub fn kill_tree(pid: i32) {
     let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
 }
 
+/// Reads an instance's output line by line as bytes and decodes each lossily: an app's output
+/// is not necessarily UTF-8, and a stray byte must neither stop the capture nor leave the
+/// pipe unread (the app's next write would get EPIPE).
 async fn read_lines<R: AsyncRead + Unpin>(
     reader: R,
     logs: LogBuffer,
     stream: LogStream,
     id: InstanceId,
 ) {
-    let mut lines = FramedRead::new(reader, LinesCodec::new_with_max_length(MAX_LINE_LEN));
-    while let Some(item) = lines.next().await {
-        match item {
-            Ok(line) => {
-                tracing::debug!(target: "instance", instance = %id, "{line}");
-                logs.push(stream, line);
+    capture_lines(reader, |line| {
+        tracing::debug!(target: "instance", instance = %id, "{line}");
+        logs.push(stream, line);
+    })
+    .await;
+}
+
+/// Calls `sink` with every line `reader` gives until it ends: `\n`-terminated (a `\r` before
+/// it dropped), decoded lossily, one over [`MAX_LINE_LEN`] bytes replaced by a note.
+pub async fn capture_lines<R: AsyncRead + Unpin>(reader: R, mut sink: impl FnMut(String)) {
+    let codec = AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), MAX_LINE_LEN);
+    let mut lines = FramedRead::new(reader, codec);
+    let mut after_error = false;
+    loop {
+        match lines.next().await {
+            Some(Ok(bytes)) => {
+                after_error = false;
+                let bytes = bytes.strip_suffix(b"\r").unwrap_or(&bytes);
+                sink(String::from_utf8_lossy(bytes).into_owned());
             }
-            Err(tokio_util::codec::LinesCodecError::MaxLineLengthExceeded) => {
-                logs.push(stream, "[line over 8 KiB dropped]".to_owned());
+            Some(Err(AnyDelimiterCodecError::MaxChunkLengthExceeded)) => {
+                after_error = true;
+                sink("[line over 8 KiB dropped]".to_owned());
             }
-            Err(_) => break,
+            Some(Err(AnyDelimiterCodecError::Io(_))) => return,
+            // After a decoder error the stream yields one `None` and then goes on reading
+            // (tokio-util's FramedRead); a second `None` in a row is the end.
+            None if after_error => after_error = false,
+            None => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod capture_tests {
+    use super::*;
+
+    async fn captured(input: &[u8]) -> Vec<String> {
+        let mut lines = Vec::new();
+        capture_lines(input, |line| lines.push(line)).await;
+        lines
+    }
+
+    #[tokio::test]
+    async fn bytes_that_are_not_utf8_are_kept_lossily_and_capture_goes_on() {
+        let lines = captured(b"before\nbad \xff\xfe byte\r\nafter\nlast without newline").await;
+        assert_eq!(
+            lines,
+            [
+                "before",
+                "bad \u{fffd}\u{fffd} byte",
+                "after",
+                "last without newline"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_line_over_the_limit_is_noted_and_capture_goes_on() {
+        let mut input = vec![b'x'; MAX_LINE_LEN + 100];
+        input.extend_from_slice(b"\nnext\n");
+        let lines = captured(&input).await;
+        assert_eq!(lines, ["[line over 8 KiB dropped]", "next"]);
     }
 }
