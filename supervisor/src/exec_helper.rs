@@ -71,6 +71,10 @@ pub struct IsolationSpec {
     /// Its own network namespace with only loopback.
     pub network_none: bool,
     pub seccomp: bool,
+    /// No new user namespaces (clone/unshare with CLONE_NEWUSER: EPERM; clone3: ENOSYS), for
+    /// every level above `process` (the sandbox filter includes it).
+    #[serde(default)]
+    pub no_user_namespaces: bool,
     pub hostname: String,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
@@ -84,6 +88,9 @@ pub struct IsolationSpec {
     pub hide: Vec<PathBuf>,
     /// Bound back read-write: the instance's own directories and the service's `writable`.
     pub writable: Vec<PathBuf>,
+    /// Files covered by an empty read-only file: the config file and every `env_file`.
+    #[serde(default)]
+    pub mask: Vec<PathBuf>,
 }
 
 /// Finds `tenement-exec`: next to the running supervisor binary, else in libexec.
@@ -153,7 +160,12 @@ fn run() -> Result<i32, String> {
     let iso = &spec.isolation;
     let (child, tree) = if iso.namespaces {
         sys::isolate::enter_namespaces(iso.network_none, &iso.hostname)?;
-        sys::isolate::isolate_mounts(&iso.hide, &iso.writable)?;
+        sys::isolate::isolate_mounts(&sys::isolate::MountPlan {
+            hide: &iso.hide,
+            writable: &iso.writable,
+            mask: &iso.mask,
+            workdir: &spec.workdir,
+        })?;
         // The next process is PID 1 of the new namespace: it mounts /proc and stays as the
         // init that reaps and forwards signals; the app runs under it.
         let init = sys::fork_child(|| {
@@ -207,6 +219,7 @@ fn app_exec(spec: &SpawnSpec) -> Result<sys::AppExec, String> {
             nofile_soft: spec.isolation.nofile_soft,
             nproc: spec.isolation.nproc,
             seccomp: spec.isolation.seccomp,
+            no_user_namespaces: spec.isolation.no_user_namespaces,
         },
     })
 }

@@ -5,6 +5,7 @@
 #![deny(unsafe_code)]
 
 pub mod cgroup;
+pub mod env_file;
 pub mod exec_helper;
 pub mod firewall;
 pub mod journal;

@@ -33,6 +33,7 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures", "py")
 # How long anything that must happen may take: generous, it only bounds a hang.
 EVENT_DEADLINE = 30
 SQUAT_ROUNDS = 200
+SANDBOX_PARENT = "/var/lib/tenement-security-test"
 
 
 class Failed(Exception):
@@ -84,7 +85,10 @@ class Suite:
         self.passed = 0
         self.failed = 0
         self.procs = []
-        self.dir = tempfile.mkdtemp(prefix="tenement-security-")
+        # Not under /tmp: instances get a private /tmp, which would hide the config file from
+        # them whatever tenement does, and F15 checks that tenement hides it.
+        os.makedirs(SANDBOX_PARENT, exist_ok=True)
+        self.dir = tempfile.mkdtemp(prefix="run-", dir=SANDBOX_PARENT)
         os.chmod(self.dir, 0o711)
         self.port = free_port()
         self.range = port_block()
@@ -131,6 +135,9 @@ FIXTURE_START_DELAY_MS = "30"
 [service.hostile]
 command = "python3 {FIXTURES}/hostile.py"
 idle_timeout = "never"
+env_file = "{self.dir}/hostile.env"
+[service.hostile.env]
+VISIBLE = "in the config"
 
 [service.lurker]
 command = "python3 {FIXTURES}/hostile.py"
@@ -145,6 +152,9 @@ lurker = ["l"]
 """
         with open(self.config, "w") as f:
             f.write(text)
+        env_file = os.path.join(self.dir, "hostile.env")
+        with open(os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write("# the hostile tenant's own secret\nSECRET_TOKEN=s3cr3t-value\n")
 
     def start(self):
         log = open(os.path.join(self.dir, "supervisor.log"), "w")
@@ -338,12 +348,75 @@ lurker = ["l"]
         return "capture goes on after invalid UTF-8 (shown as U+FFFD); U+202E and U+200B shown as escapes"
 
 
+    def f12_host_sockets_hidden(self):
+        """F12: host Unix sockets under /run (journald's, D-Bus's) reached from a tenant."""
+        probe = "/run/tenement-security-probe.sock"
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            os.unlink(probe)
+        except FileNotFoundError:
+            pass
+        server.bind(probe)
+        os.chmod(probe, 0o777)
+        server.listen(1)
+        try:
+            self.ok("spawn", "hostile:h")
+            out = self.shell("hostile:h",
+                             f"ls -A /run; python3 -c \"import socket; s=socket.socket(socket.AF_UNIX); "
+                             f"s.connect('{probe}'); print('CONNECTED')\"")
+        finally:
+            server.close()
+            os.unlink(probe)
+        check("CONNECTED" not in out["out"], f"a tenant reached a host socket in /run: {out}")
+        check("tenement-security-probe" not in out["out"], f"/run is visible: {out['out']!r}")
+        journal = self.shell("hostile:h", "ls /run/systemd/journal/socket /dev/log 2>&1; echo done")
+        check("No such file" in journal["out"] or journal["out"].strip() == "done",
+              f"journald's socket is visible: {journal}")
+        return f"/run inside a tenant holds only {out['out'].split()[:3]}; a host socket there is out of reach"
+
+    def f15_config_and_secrets_hidden(self):
+        """F15: the config file (every service's env) and secrets read from inside a tenant."""
+        self.ok("spawn", "hostile:h")
+        out = self.shell("hostile:h", f"cat {self.config} 2>/dev/null | wc -c; cat {self.dir}/hostile.env 2>&1; "
+                                      "echo \"secret=$SECRET_TOKEN visible=$VISIBLE\"")
+        lines = out["out"].splitlines()
+        check(lines and lines[0].strip() == "0", f"the config file is readable in the tenant: {out}")
+        check("s3cr3t-value" not in "\n".join(lines[1:-1]) and "SECRET_TOKEN=" not in out["out"],
+              f"the env_file is readable in the tenant: {out}")
+        check(lines[-1] == "secret=s3cr3t-value visible=in the config",
+              f"the app did not get its env_file: {lines[-1]!r}")
+        # A secrets file others can read is refused, with the fix.
+        env_file = os.path.join(self.dir, "hostile.env")
+        os.chmod(env_file, 0o644)
+        try:
+            self.ok("stop", "hostile:h")
+            out = self.tenctl("wake", "hostile:h")
+            check(out.returncode != 0 and "chmod 600" in out.stderr, f"a world-readable env_file was used: {out.stderr}")
+        finally:
+            os.chmod(env_file, 0o600)
+        return "the config file reads as empty, the env_file is covered, the app has SECRET_TOKEN; mode 0644 refused"
+
+    def f16_no_user_namespaces(self):
+        """F16: a `namespace` tenant makes itself root of a user namespace of its own."""
+        self.ok("spawn", "hostile:h")
+        out = self.shell("hostile:h", "unshare -Ur id 2>&1; python3 -c \"import ctypes, os\n"
+                                      "libc = ctypes.CDLL(None, use_errno=True)\n"
+                                      "if libc.unshare(0x10000000) == 0: print('UNSHARED')\n"
+                                      "else: print('REFUSED', os.strerror(ctypes.get_errno()))\"")
+        check("uid=0" not in out["out"] and "UNSHARED" not in out["out"], f"a user namespace was created: {out}")
+        check("REFUSED" in out["out"], f"{out}")
+        return out["out"].strip().splitlines()[-1]
+
+
 CHECKS = [
     ("F1 a squatting tenant is caught and banned", Suite.f1_tenant_squatter_is_banned),
     ("F1 a local racer captures nothing", Suite.f1_local_racer_gets_nothing),
     ("F2 no direct connection between tenants", Suite.f2_no_direct_connections),
     ("F4 overlapping directories are refused", Suite.f4_overlapping_dirs_refused),
     ("F10 F11 hostile output", Suite.f10_f11_hostile_output),
+    ("F12 host sockets are out of reach", Suite.f12_host_sockets_hidden),
+    ("F15 config and secrets are hidden", Suite.f15_config_and_secrets_hidden),
+    ("F16 no user namespaces", Suite.f16_no_user_namespaces),
 ]
 
 

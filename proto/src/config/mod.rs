@@ -170,6 +170,9 @@ pub struct Service {
     pub network: Option<Network>,
     /// Paths that stay writable when the file system is read-only (namespace, sandbox).
     pub writable: Vec<PathBuf>,
+    /// `KEY=VALUE` lines the supervisor reads at each start and adds to the environment after
+    /// `env`: where secrets go, since the config file is readable by the proxy and tenctl.
+    pub env_file: Option<PathBuf>,
     pub limits: Limits,
 }
 

@@ -70,6 +70,7 @@ impl Registry {
             namespaces: level != Isolation::Process,
             network_none: network == Network::None,
             seccomp: level == Isolation::Sandbox,
+            no_user_namespaces: level != Isolation::Process,
             hostname: format!("{}.{}", id.id, id.service),
             uid,
             gid,
@@ -82,6 +83,14 @@ impl Registry {
                 settings.runtime_dir.clone(),
             ],
             writable,
+            mask: std::iter::once(self.config.path.clone())
+                .chain(
+                    self.config
+                        .services
+                        .values()
+                        .filter_map(|s| s.env_file.clone()),
+                )
+                .collect(),
         };
         let cgroup = match self.containment.cgroups() {
             Some(cgroups) => {

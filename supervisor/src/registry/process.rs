@@ -222,8 +222,9 @@ impl Registry {
                 None => {
                     if let Some(old) = current {
                         self.ports.release(old);
+                        let own = self.instances.get(id).and_then(|i| i.listener_uid);
                         match ownership::port_holder(Path::new("/proc"), old, None) {
-                            Ok(Holder::Stranger { uid, pids }) => {
+                            Ok(Holder::Stranger { uid, pids }) if Some(uid) != own => {
                                 if let Some(squatter) = self.report_squat(id, old, uid, &pids) {
                                     let reason =
                                         format!("security: listened on port {old} of {id}");
@@ -309,6 +310,14 @@ impl Registry {
             std::env::var(name).ok()
         })
         .map_err(|e| e.to_string())?;
+        if let Some(path) = &service.env_file {
+            // Secrets, read now (a changed file is picked up at the next start), added after
+            // `env`: a name in both takes the file's value.
+            let vars = crate::env_file::load(path, own_uid)?;
+            spec.env
+                .retain(|(k, _)| !vars.iter().any(|(name, _)| name == k));
+            spec.env.extend(vars);
+        }
         spec.cgroup = plan.cgroup;
         spec.isolation = plan.spec;
         let listener_fd: Option<OwnedFd> = listener.map(OwnedFd::from);
@@ -516,6 +525,7 @@ impl Registry {
                     InstanceState::Starting | InstanceState::Running
                 );
                 let port = i.port;
+                let own_uid = i.listener_uid;
                 self.store.forget_process(&id);
                 tracing::info!(instance = %id, "{id}: exited ({status})");
                 // An app that died starting or running may have lost its port to a co-tenant
@@ -525,8 +535,12 @@ impl Registry {
                     .service(&id.service)
                     .is_some_and(|s| s.listen == ListenMode::Tcp);
                 if let (true, true, Some(port)) = (unexpected, tcp, port) {
+                    // A listener of the instance's own uid is its own tree dying (a daemon
+                    // that held the socket a moment longer), not a stranger.
                     let now_held = match ownership::port_holder(Path::new("/proc"), port, None) {
-                        Ok(Holder::Stranger { uid, pids }) => Some((uid, pids)),
+                        Ok(Holder::Stranger { uid, pids }) if Some(uid) != own_uid => {
+                            Some((uid, pids))
+                        }
                         _ => None,
                     };
                     if let Some((uid, pids)) = now_held.or(squatter) {

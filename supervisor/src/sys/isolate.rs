@@ -80,21 +80,50 @@ pub fn enter_namespaces(network_none: bool, hostname: &str) -> Result<(), String
     Ok(())
 }
 
-/// The mount namespace's view: everything read-only, private /tmp, /var/tmp and /dev/shm,
-/// `hide` covered by empty tmpfs, then `writable` bound back read-write (they may live under a
-/// hidden directory: the instance's own data directory does).
-pub fn isolate_mounts(hide: &[PathBuf], writable: &[PathBuf]) -> Result<(), String> {
+/// What an instance sees of the file system (see [`isolate_mounts`]).
+pub struct MountPlan<'a> {
+    /// Covered by empty tmpfs: the data root, the registry, the RPC sockets.
+    pub hide: &'a [PathBuf],
+    /// Bound back read-write: the instance's own directories and `writable`.
+    pub writable: &'a [PathBuf],
+    /// Files covered by an empty read-only file: the config file, env files.
+    pub mask: &'a [PathBuf],
+    /// The app's working directory: stays visible (read-only) even under `/run`.
+    pub workdir: &'a Path,
+}
+
+/// The mount namespace's view, in this order:
+/// 1. everything read-only; private /tmp, /var/tmp and /dev/shm;
+/// 2. `/run`, where the host keeps its sockets (journald, D-Bus, databases), covered by an
+///    empty tmpfs, and what an app needs from it bound back read-only: its working directory
+///    if it lives there, and the resolver's configuration (systemd-resolved keeps
+///    /etc/resolv.conf's target in /run);
+/// 3. `hide` covered (after 2, so a working directory bound back cannot show them again);
+/// 4. `writable` bound back read-write (they may live under a hidden directory: the
+///    instance's own data directory does);
+/// 5. every `mask` file covered by an empty read-only file.
+pub fn isolate_mounts(plan: &MountPlan<'_>) -> Result<(), String> {
     let none: Option<&str> = None;
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
         .map_err(|e| format!("make / private: {e}"))?;
-    // Handles on what stays writable, taken before anything covers them.
-    let mut keep: Vec<(PathBuf, OwnedFd)> = Vec::new();
-    for path in writable {
-        match open(path, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty()) {
-            // SAFETY: `fd` was just returned by open(2) and is owned by nothing else.
-            Ok(fd) => keep.push((path.clone(), unsafe { OwnedFd::from_raw_fd(fd) })),
-            Err(nix::errno::Errno::ENOENT) => {}
-            Err(e) => return Err(format!("open {}: {e}", path.display())),
+    let run = Path::new("/run");
+    let cover_run = run.is_dir() && !run.is_symlink();
+    // Handles on what stays visible, taken before anything covers them.
+    let mut readable = Vec::new();
+    if cover_run {
+        let resolver = std::fs::canonicalize("/etc/resolv.conf").ok();
+        for path in resolver.iter().map(PathBuf::as_path).chain([plan.workdir]) {
+            if path.starts_with(run) {
+                if let Some(fd) = open_path(path)? {
+                    readable.push((path.to_path_buf(), fd));
+                }
+            }
+        }
+    }
+    let mut writable = Vec::new();
+    for path in plan.writable {
+        if let Some(fd) = open_path(path)? {
+            writable.push((path.clone(), fd));
         }
     }
     set_readonly_recursive(Path::new("/"), true)?;
@@ -103,27 +132,79 @@ pub fn isolate_mounts(hide: &[PathBuf], writable: &[PathBuf]) -> Result<(), Stri
             tmpfs(Path::new(dir), "mode=1777")?;
         }
     }
-    for path in hide {
+    if cover_run {
+        tmpfs(run, "mode=0755")?;
+    }
+    for (path, fd) in readable {
+        bind_back(&path, &fd, false)?;
+    }
+    for path in plan.hide {
         if path.is_dir() {
             tmpfs(path, "mode=0755")?;
         }
     }
-    for (path, fd) in keep {
-        if !path.exists() {
-            std::fs::create_dir_all(&path).map_err(|e| format!("mkdir {}: {e}", path.display()))?;
-        }
-        let source = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    for (path, fd) in writable {
+        bind_back(&path, &fd, true)?;
+    }
+    if cover_run {
+        // Nothing of the app's own goes there: the empty /run becomes read-only itself (this
+        // mount only, so what was bound back under it keeps its own flags).
         mount(
-            Some(source.as_str()),
-            &path,
             none,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
+            run,
+            none,
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
             none,
         )
-        .map_err(|e| format!("bind {}: {e}", path.display()))?;
-        set_readonly_recursive(&path, false)?;
+        .map_err(|e| format!("read-only /run: {e}"))?;
+    }
+    for path in plan.mask {
+        // Only what is still visible: a file under a hidden directory is gone already.
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
+            mount(Some("/dev/null"), path, none, MsFlags::MS_BIND, none)
+                .map_err(|e| format!("cover {}: {e}", path.display()))?;
+            set_readonly_recursive(path, true)?;
+        }
     }
     Ok(())
+}
+
+/// An O_PATH handle on `path`, or None if it does not exist.
+fn open_path(path: &Path) -> Result<Option<OwnedFd>, String> {
+    match open(path, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty()) {
+        // SAFETY: `fd` was just returned by open(2) and is owned by nothing else.
+        Ok(fd) => Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) })),
+        Err(nix::errno::Errno::ENOENT) => Ok(None),
+        Err(e) => Err(format!("open {}: {e}", path.display())),
+    }
+}
+
+/// Binds what `fd` (taken before it was covered) refers to at `path` again, creating the
+/// mount point on the covering tmpfs, read-write or read-only.
+fn bind_back(path: &Path, fd: &OwnedFd, writable: bool) -> Result<(), String> {
+    let none: Option<&str> = None;
+    let source = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    if !path.exists() {
+        let is_dir = std::fs::metadata(&source).is_ok_and(|m| m.is_dir());
+        if is_dir {
+            std::fs::create_dir_all(path).map_err(|e| format!("mkdir {}: {e}", path.display()))?;
+        } else {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| format!("mkdir {}: {e}", parent.display()))?;
+            }
+            std::fs::File::create(path).map_err(|e| format!("create {}: {e}", path.display()))?;
+        }
+    }
+    mount(
+        Some(source.as_str()),
+        path,
+        none,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        none,
+    )
+    .map_err(|e| format!("bind {}: {e}", path.display()))?;
+    set_readonly_recursive(path, !writable)
 }
 
 fn tmpfs(path: &Path, options: &str) -> Result<(), String> {
@@ -257,6 +338,7 @@ pub struct Drop {
     pub nofile_soft: Option<u64>,
     pub nproc: Option<u64>,
     pub seccomp: bool,
+    pub no_user_namespaces: bool,
 }
 
 /// Limits, user, capabilities, no_new_privs and (for sandbox) the seccomp filter, in that
@@ -306,8 +388,63 @@ pub fn drop_privileges(drop: &Drop) -> Result<(), String> {
     }
     if drop.seccomp {
         install_seccomp()?;
+    } else if drop.no_user_namespaces {
+        install_user_namespace_filter()?;
     }
     Ok(())
+}
+
+/// The `namespace` level's one filter: no new user namespace (in which an unprivileged app
+/// becomes root of its own namespace and reaches kernel code meant for root). clone(2) and
+/// unshare(2) with CLONE_NEWUSER get EPERM; clone3(2), whose flags a filter cannot read,
+/// gets ENOSYS so the C library falls back to clone.
+fn install_user_namespace_filter() -> Result<(), String> {
+    use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
+    use std::collections::BTreeMap;
+    let newuser = libc::CLONE_NEWUSER as u64;
+    let rule = || -> Result<SeccompRule, String> {
+        let condition = SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Qword,
+            SeccompCmpOp::MaskedEq(newuser),
+            newuser,
+        )
+        .map_err(|e| format!("seccomp condition: {e}"))?;
+        SeccompRule::new(vec![condition]).map_err(|e| format!("seccomp rule: {e}"))
+    };
+    let mut denied = BTreeMap::new();
+    denied.insert(libc::SYS_clone, vec![rule()?]);
+    denied.insert(libc::SYS_unshare, vec![rule()?]);
+    let mut no_clone3 = BTreeMap::new();
+    no_clone3.insert(libc::SYS_clone3, Vec::new());
+    for program in [
+        compile_filter(denied, libc::EPERM)?,
+        compile_filter(no_clone3, libc::ENOSYS)?,
+    ] {
+        seccompiler::apply_filter(&program).map_err(|e| format!("seccomp apply: {e}"))?;
+    }
+    Ok(())
+}
+
+/// A filter that answers `errno` to the calls matching `rules` and allows everything else.
+fn compile_filter(
+    rules: std::collections::BTreeMap<i64, Vec<seccompiler::SeccompRule>>,
+    errno: i32,
+) -> Result<seccompiler::BpfProgram, String> {
+    use seccompiler::{SeccompAction, SeccompFilter};
+    let arch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|e| format!("seccomp arch: {e:?}"))?;
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(errno as u32),
+        arch,
+    )
+    .map_err(|e| format!("seccomp filter: {e}"))?;
+    filter
+        .try_into()
+        .map_err(|e| format!("seccomp compile: {e:?}"))
 }
 
 /// The namespace flags of clone(2): creating namespaces from inside a sandbox (a user
@@ -325,27 +462,9 @@ const CLONE_NEW_FLAGS: &[u64] = &[
 ];
 
 fn install_seccomp() -> Result<(), String> {
-    use seccompiler::{
-        BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-        SeccompRule,
-    };
+    use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
     use std::collections::BTreeMap;
-    let arch = std::env::consts::ARCH
-        .try_into()
-        .map_err(|e| format!("seccomp arch: {e:?}"))?;
-    let compile =
-        |rules: BTreeMap<i64, Vec<SeccompRule>>, errno: i32| -> Result<BpfProgram, String> {
-            let filter = SeccompFilter::new(
-                rules,
-                SeccompAction::Allow,
-                SeccompAction::Errno(errno as u32),
-                arch,
-            )
-            .map_err(|e| format!("seccomp filter: {e}"))?;
-            filter
-                .try_into()
-                .map_err(|e| format!("seccomp compile: {e:?}"))
-        };
+    let compile = compile_filter;
     let mut denied = BTreeMap::new();
     for name in DENIED_SYSCALLS {
         if let Some(number) = syscall_number(name) {

@@ -22,14 +22,15 @@ use serde_json::Value;
 use tenement_proto::rpc::InstanceInfo;
 
 use crate::support::{
-    self, expect_woken, http_get, port_bindable, processes_mentioning, tcp_addr, wait_until, Client,
+    self, expect_woken, http_get, port_bindable, processes_mentioning, tcp_addr, wait_until,
+    Client, EVENT_DEADLINE,
 };
 
 /// Where sandboxes are made: not under /tmp, /var/tmp or /dev/shm (see the module docs).
 pub const BASE: &str = "/run/tenement-isolation-tests";
 /// The interpreter the probe runs on: a system path every uid can execute.
 pub const PYTHON: &str = "/usr/bin/python3";
-const START_DEADLINE: Duration = Duration::from_secs(10);
+const START_DEADLINE: Duration = EVENT_DEADLINE;
 const PORT_FIRST: u32 = 20000;
 const PORT_LAST: u32 = 32000;
 const PORT_BLOCK: u32 = 100;
@@ -337,7 +338,7 @@ impl IsoSupervisor {
         let mut child = self.child.take().expect("running");
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + EVENT_DEADLINE;
         loop {
             if let Some(status) = child.try_wait().expect("waitpid") {
                 return status;
@@ -345,7 +346,7 @@ impl IsoSupervisor {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("tenement-supervisor did not exit within 10 s of SIGTERM");
+                panic!("tenement-supervisor did not exit within {EVENT_DEADLINE:?} of SIGTERM");
             }
             thread::sleep(Duration::from_millis(10));
         }
@@ -549,7 +550,7 @@ impl Drop for TestCgroup {
             return;
         }
         let _ = fs::write(self.dir.join("cgroup.kill"), "1");
-        if !wait_until(Duration::from_secs(5), || !self.populated()) {
+        if !wait_until(EVENT_DEADLINE, || !self.populated()) {
             eprintln!(
                 "{} still has processes after cgroup.kill",
                 self.dir.display()

@@ -436,14 +436,16 @@ nproc = 200
         "the root default is namespace: {}",
         t.a_status.isolation
     );
-    assert_namespace_view(&sb, &t, "0", std::slice::from_ref(&shared));
+    // Seccomp mode 2: the namespace level's one filter refuses new user namespaces.
+    assert_namespace_view(&sb, &t, "2", std::slice::from_ref(&shared));
     assert_eq!(entry(a, "write", &shared), "ok", "a `writable` path");
-    // No seccomp filter at this level: ptrace of its own child works; the neighbour is not in
-    // its PID namespace at all.
+    // Only the user-namespace filter at this level: ptrace of its own child works; the
+    // neighbour is not in its PID namespace at all.
     assert_eq!(field(a, "own_child_ptrace"), "ok");
     assert_eq!(field(a, "neighbour_ptrace"), "ESRCH");
-    // The host's network (network = "host" is the default below sandbox).
-    assert_eq!(field(a, "neighbour_port_connect"), "ok");
+    // The host's network (network = "host" is the default below sandbox), but not the
+    // neighbour's port: tenants do not connect to each other (nftables, docs/SECURITY.md).
+    assert_eq!(field(a, "neighbour_port_connect"), "ECONNREFUSED");
     assert_eq!(field(a, "served_via"), "tcp");
     assert_eq!(a["rlimits"]["nofile"], serde_json::json!([512, 512]));
     assert_eq!(a["rlimits"]["nproc"], serde_json::json!([200, 200]));
@@ -567,9 +569,10 @@ idle_timeout = "never"
         "ECONNREFUSED"
     );
     let from_open = probe(open, &[("neighbour_port", closed.port().to_string())]);
-    // The sandboxed app's socket was bound outside, on the host's loopback: reachable from
-    // there (that is how the proxy serves it).
-    assert_eq!(field(&from_open, "neighbour_port_connect"), "ok");
+    // The sandboxed app's socket was bound outside, on the host's loopback, where the proxy
+    // reaches it; a tenant does not: the supervisor's nftables rules refuse one tenant's
+    // connection to another's port (docs/SECURITY.md).
+    assert_eq!(field(&from_open, "neighbour_port_connect"), "ECONNREFUSED");
 }
 
 /// Whatever the supervisor's parent left open (a shell, a process manager), an app gets only

@@ -243,7 +243,7 @@ idle_timeout = "never"
     assert_eq!(report["uid"], serde_json::json!([uid, uid, uid]));
     assert_eq!(report["gid"], serde_json::json!([gid, gid, gid]));
     assert_eq!(report["groups"], serde_json::json!([]));
-    assert_unprivileged(&report, "0");
+    assert_unprivileged(&report, "2"); // namespace level: no user namespaces
     assert_eq!(
         owner_and_mode(&sb.instance_data_dir("notes:a")),
         (uid, 0o700)
@@ -271,7 +271,7 @@ idle_timeout = "never"
     let _sup = sb.start();
     let report = probe(sb.spawn("admin:a"), &[]);
     assert_eq!(report["uid"], serde_json::json!([0, 0, 0]));
-    assert_unprivileged(&report, "0");
+    assert_unprivileged(&report, "2"); // namespace level: no user namespaces
     assert_eq!(entry(&report, "write", Path::new("/")), "EROFS");
     assert_eq!(entry(&report, "write", Path::new("/usr")), "EROFS");
     let proc_sys = field(&report, "proc_sys_open");

@@ -31,6 +31,7 @@ const SERVICE_KEYS: &[&str] = &[
     "max_body_size",
     "network",
     "writable",
+    "env_file",
     "memory_max",
     "memory_high",
     "cpu_weight",
@@ -149,6 +150,11 @@ impl Checker<'_> {
             Some(e) => self.absolute_paths(e),
             None => Vec::new(),
         };
+        // Relative to the config file, like workdir; read by the supervisor only, at each start.
+        let env_file = body
+            .get("env_file")
+            .and_then(|e| self.string(e))
+            .map(|s| crate::config::absolute_path(&self.config_dir.join(s)));
         let limits = Limits {
             memory_max: self.opt_size(body, "memory_max"),
             memory_high: self.opt_size(body, "memory_high"),
@@ -233,6 +239,7 @@ impl Checker<'_> {
             max_body_size,
             network,
             writable,
+            env_file,
             limits,
         })
     }
