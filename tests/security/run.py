@@ -408,6 +408,35 @@ lurker = ["l"]
         return out["out"].strip().splitlines()[-1]
 
 
+    def f17_removal_leaves_nothing_owned(self):
+        """F17: `rm --purge` left the runtime directory, owned by a uid the next tenant gets."""
+        self.ok("add", "hostile:gone")
+        self.ok("wake", "hostile:gone")
+        uid = self.status("hostile:gone")["uid"]
+        run_dir = os.path.join(self.dir, "run", "instances", "hostile.gone")
+        data_dir = os.path.join(self.dir, "data", "hostile", "gone")
+        check(os.path.isdir(run_dir) and os.stat(run_dir).st_uid == uid, f"{run_dir} is not the tenant's")
+        self.ok("rm", "--purge", "hostile:gone")
+        check(not os.path.exists(run_dir), f"rm --purge left {run_dir}")
+        check(not os.path.exists(data_dir), f"rm --purge left {data_dir}")
+        owned = [os.path.join(root, n) for top in ("data", "run")
+                 for root, dirs, files in os.walk(os.path.join(self.dir, top))
+                 for n in dirs + files if os.lstat(os.path.join(root, n)).st_uid == uid]
+        check(not owned, f"files of the removed tenant's uid {uid} remain: {owned[:5]}")
+        # Without --purge the data stays, and so its uid stays reserved.
+        self.ok("add", "hostile:kept")
+        self.ok("wake", "hostile:kept")
+        kept_uid = self.status("hostile:kept")["uid"]
+        self.ok("rm", "hostile:kept")
+        check(not os.path.exists(os.path.join(self.dir, "run", "instances", "hostile.kept")),
+              "rm left the runtime directory")
+        self.ok("add", "hostile:next")
+        self.ok("wake", "hostile:next")
+        next_uid = self.status("hostile:next")["uid"]
+        check(next_uid != kept_uid, f"uid {kept_uid} still owns hostile:kept's data and was given to hostile:next")
+        return f"rm --purge leaves nothing of uid {uid}; uid {kept_uid} stays reserved for kept data"
+
+
 CHECKS = [
     ("F1 a squatting tenant is caught and banned", Suite.f1_tenant_squatter_is_banned),
     ("F1 a local racer captures nothing", Suite.f1_local_racer_gets_nothing),
@@ -417,6 +446,7 @@ CHECKS = [
     ("F12 host sockets are out of reach", Suite.f12_host_sockets_hidden),
     ("F15 config and secrets are hidden", Suite.f15_config_and_secrets_hidden),
     ("F16 no user namespaces", Suite.f16_no_user_namespaces),
+    ("F17 removal leaves nothing owned", Suite.f17_removal_leaves_nothing_owned),
 ]
 
 

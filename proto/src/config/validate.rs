@@ -136,6 +136,7 @@ impl Checker<'_> {
             for entry in &table.entries {
                 declared.insert(entry.key.get_ref().as_str());
                 if let Some(service) = self.service(entry) {
+                    self.not_the_proxys_user(&settings, &service, entry);
                     services.insert(service.name.clone(), service);
                 }
             }
@@ -151,6 +152,33 @@ impl Checker<'_> {
             services,
             instances,
         })
+    }
+
+    /// A service must not run as `proxy_user`: `proxy.sock` is given to that user's group, so
+    /// the tenant would hold the proxy's role (and the firewall lets that uid reach every
+    /// tenant).
+    fn not_the_proxys_user(
+        &mut self,
+        settings: &crate::config::Settings,
+        service: &Service,
+        entry: &RawEntry,
+    ) {
+        let Some(proxy_user) = &settings.proxy_user else {
+            return;
+        };
+        let user = service.user.as_ref().or(settings.user.as_ref());
+        if user != Some(proxy_user) {
+            return;
+        }
+        let message = format!(
+            "service {} runs as {proxy_user:?}, the proxy_user: it would hold the proxy's socket; give it another user (user = \"dynamic\")",
+            service.name
+        );
+        let span = match &entry.value {
+            RawValue::Table(body) => body.get("user").map_or(entry.key.span(), |e| e.key.span()),
+            _ => entry.key.span(),
+        };
+        self.error(span, message);
     }
 
     /// Reports every key of `table` not in `known`; whether there was none.

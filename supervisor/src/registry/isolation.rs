@@ -71,7 +71,7 @@ impl Registry {
             network_none: network == Network::None,
             seccomp: level == Isolation::Sandbox,
             no_user_namespaces: level != Isolation::Process,
-            hostname: format!("{}.{}", id.id, id.service),
+            hostname: hostname_of(id),
             uid,
             gid,
             nofile: service.limits.nofile,
@@ -158,7 +158,9 @@ impl Registry {
         let uid = match own_data {
             Some(uid) => uid,
             None => {
-                let kept = data_owners(&self.config.settings.data_dir, &range);
+                let settings = &self.config.settings;
+                let mut kept = data_owners(&settings.data_dir, &range);
+                kept.extend(data_owners(&settings.runtime_dir, &range));
                 range
                     .clone()
                     .find(|uid| {
@@ -186,7 +188,20 @@ impl Registry {
     }
 }
 
-/// Uids in `range` owning an instance directory under `data_dir` (`SERVICE/ID`).
+/// The UTS hostname of an instance: `ID.SERVICE`, or `ID` alone when that would pass the
+/// kernel's 64 bytes (two DNS labels can reach 127).
+pub fn hostname_of(id: &InstanceId) -> String {
+    let full = format!("{}.{}", id.id, id.service);
+    if full.len() <= 64 {
+        full
+    } else {
+        id.id.to_string()
+    }
+}
+
+/// Uids in `range` owning an entry two levels down: an instance directory under `data_dir`
+/// (`SERVICE/ID`) or under `runtime_dir` (`instances/SERVICE.ID`). Such a uid is not handed to
+/// another tenant: it would own what the old one left.
 fn data_owners(
     data_dir: &Path,
     range: &std::ops::RangeInclusive<u32>,
@@ -298,5 +313,21 @@ pub fn level_name(level: Isolation) -> &'static str {
         Isolation::Process => "process",
         Isolation::Namespace => "namespace",
         Isolation::Sandbox => "sandbox",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hostname_never_passes_64_bytes() {
+        let short = InstanceId::parse("notes:alice").expect("valid");
+        assert_eq!(hostname_of(&short), "alice.notes");
+        let long_id = "a".repeat(63);
+        let long = InstanceId::parse(&format!("{}:{long_id}", "s".repeat(63))).expect("valid");
+        assert_eq!(hostname_of(&long), long_id);
+        let edge = InstanceId::parse(&format!("ab:{}", "c".repeat(61))).expect("valid");
+        assert_eq!(hostname_of(&edge).len(), 64);
     }
 }

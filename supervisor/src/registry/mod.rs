@@ -747,15 +747,21 @@ impl Registry {
             complete: false,
             removed: vec![id.clone()],
         });
+        // The runtime directory (sockets) never outlives its instance; the data directory
+        // only goes with --purge. Neither is left owned by a uid the next tenant could get.
+        let runtime = instance::instance_runtime_dir(&self.config.settings, id);
+        let mut dirs = vec![runtime];
         if purge {
-            let dir = self.config.settings.instance_data_dir(id);
+            dirs.push(self.config.settings.instance_data_dir(id));
+        }
+        for dir in dirs {
             match std::fs::remove_dir_all(&dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
                     return Err(RpcError::new(
                         ErrorCode::Internal,
-                        format!("{id} removed, but purging {} failed: {e}", dir.display()),
+                        format!("{id} removed, but removing {} failed: {e}", dir.display()),
                     ))
                 }
             }
