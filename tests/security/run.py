@@ -145,6 +145,19 @@ idle_timeout = "never"
 [service.lurker.env]
 SQUAT_RANGE = "{lo}-{hi}"
 
+[service.uvictim]
+command = "{tiny}"
+listen = "unix"
+idle_timeout = "never"
+
+[service.usurper]
+command = "python3 {FIXTURES}/hostile.py"
+listen = "unix"
+idle_timeout = "never"
+startup_timeout = "10s"
+[service.usurper.env]
+SYMLINK_TO = "{self.dir}/run/sockets/uvictim.v.sock"
+
 [instances]
 victim = ["v"]
 hostile = ["h"]
@@ -437,11 +450,33 @@ lurker = ["l"]
         return f"rm --purge leaves nothing of uid {uid}; uid {kept_uid} stays reserved for kept data"
 
 
+    def f9_unix_socket_symlink(self):
+        """F9: a `listen = "unix"` tenant puts a symlink to another tenant's socket at its own."""
+        self.ok("spawn", "uvictim:v")
+        status, body = self.request("v.uvictim.localhost", "/")
+        check((status, body.strip()) == (200, "hello from uvictim:v"), f"the unix victim: {status} {body}")
+        self.ok("add", "usurper:u")
+        woke = self.tenctl("wake", "usurper:u")
+        u_status, u_body = self.request("u.usurper.localhost", "/")
+        usurper = self.status("usurper:u")
+        check("uvictim" not in u_body, f"the usurper's host served the victim: {u_status} {u_body}")
+        check(woke.returncode != 0 and usurper["state"] == "failed"
+              and "security" in (usurper.get("reason") or ""),
+              f"the usurper is {usurper['state']} ({usurper.get('reason')}), wake said {woke.stderr.strip()}")
+        served = self.status("uvictim:v")["address"]
+        check("/sockets/" in served, f"the proxy is given the app's own path: {served}")
+        status, body = self.request("v.uvictim.localhost", "/")
+        check((status, body.strip()) == (200, "hello from uvictim:v"), f"the unix victim after: {status} {body}")
+        return (f"a request for the usurper got {u_status} {u_body.strip()[:30]!r}; it is failed: "
+                f"{usurper['reason'][:90]}")
+
+
 CHECKS = [
     ("F1 a squatting tenant is caught and banned", Suite.f1_tenant_squatter_is_banned),
     ("F1 a local racer captures nothing", Suite.f1_local_racer_gets_nothing),
     ("F2 no direct connection between tenants", Suite.f2_no_direct_connections),
     ("F4 overlapping directories are refused", Suite.f4_overlapping_dirs_refused),
+    ("F9 a socket symlink leads nowhere", Suite.f9_unix_socket_symlink),
     ("F10 F11 hostile output", Suite.f10_f11_hostile_output),
     ("F12 host sockets are out of reach", Suite.f12_host_sockets_hidden),
     ("F15 config and secrets are hidden", Suite.f15_config_and_secrets_hidden),

@@ -110,7 +110,7 @@ impl Instance {
     /// Where the instance is served under `listen`.
     pub fn address(&self, listen: ListenMode, settings: &Settings) -> Address {
         match listen {
-            ListenMode::Unix => Address::Unix(unix_socket_path(settings, &self.id)),
+            ListenMode::Unix => Address::Unix(served_socket_path(settings, &self.id)),
             ListenMode::Tcp | ListenMode::Activate => Address::Tcp(std::net::SocketAddr::from((
                 std::net::Ipv4Addr::LOCALHOST,
                 self.port.unwrap_or(0),
@@ -196,9 +196,20 @@ pub fn instance_runtime_dir(settings: &Settings, id: &InstanceId) -> PathBuf {
         .join(format!("{}.{}", id.service, id.id))
 }
 
-/// The Unix socket an instance with `listen = "unix"` binds.
-pub fn unix_socket_path(settings: &Settings, id: &InstanceId) -> PathBuf {
+/// The Unix socket an instance with `listen = "unix"` binds (`SOCKET_PATH`), in its own
+/// runtime directory, which it owns.
+pub fn app_socket_path(settings: &Settings, id: &InstanceId) -> PathBuf {
     instance_runtime_dir(settings, id).join("http.sock")
+}
+
+/// Where the proxy connects to that socket: once the app is ready the supervisor moves it
+/// into `runtime_dir/sockets/`, a directory only it can change, so the tenant can no longer
+/// swap it for a symlink to somebody else's socket.
+pub fn served_socket_path(settings: &Settings, id: &InstanceId) -> PathBuf {
+    settings
+        .runtime_dir
+        .join("sockets")
+        .join(format!("{}.{}.sock", id.service, id.id))
 }
 
 /// The sd_notify socket of an instance with `ready = "notify"`.

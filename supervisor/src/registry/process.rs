@@ -3,6 +3,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::process::ExitStatus;
 use std::sync::Mutex;
@@ -25,7 +26,8 @@ use crate::spawn::{self, Endpoints};
 use crate::{ports, procfs};
 
 use super::instance::{
-    instance_runtime_dir, notify_socket_path, unix_socket_path, Process, SquatSeen, WakeOk,
+    app_socket_path, instance_runtime_dir, notify_socket_path, served_socket_path, Process,
+    SquatSeen, WakeOk,
 };
 use super::isolation;
 use super::{policy, Command, ProcessEvent, ProcessEventKind, Registry, RpcError};
@@ -268,10 +270,11 @@ impl Registry {
         }
 
         let socket_path =
-            (service.listen == ListenMode::Unix).then(|| unix_socket_path(settings, id));
+            (service.listen == ListenMode::Unix).then(|| app_socket_path(settings, id));
         if let Some(path) = &socket_path {
             prepare_socket_dir(path)?;
             let _ = std::fs::remove_file(path);
+            let _ = std::fs::remove_file(served_socket_path(settings, id));
         }
         let notify_path =
             (service.ready == ReadyMode::Notify).then(|| notify_socket_path(settings, id));
@@ -369,7 +372,11 @@ impl Registry {
             );
         }
 
-        let address = instance.address(service.listen, settings);
+        // Readiness looks where the app binds; the proxy is given the moved socket once ready.
+        let address = match &socket_path {
+            Some(path) => Address::Unix(path.clone()),
+            None => instance.address(service.listen, settings),
+        };
         let ready_now = service.listen == ListenMode::Activate && service.ready == ReadyMode::Tcp;
         let tx = self.tx.clone();
         let event_id = id.clone();
@@ -456,13 +463,29 @@ impl Registry {
         let id = event.instance;
         match event.kind {
             ProcessEventKind::Ready => {
-                if let Some(service) = self.config.service(&id.service) {
-                    if service.listen == ListenMode::Unix {
-                        let path = unix_socket_path(&self.config.settings, &id);
-                        if let Err(e) =
-                            open_to_proxy(&path, self.config.settings.proxy_user.as_deref())
-                        {
-                            tracing::warn!(instance = %id, "cannot open {} to the proxy: {e}", path.display());
+                let unix = self
+                    .config
+                    .service(&id.service)
+                    .is_some_and(|s| s.listen == ListenMode::Unix);
+                if unix {
+                    let settings = &self.config.settings;
+                    let (app, served) = (
+                        app_socket_path(settings, &id),
+                        served_socket_path(settings, &id),
+                    );
+                    let owner = i.run_uid.unwrap_or_else(|| nix::unistd::geteuid().as_raw());
+                    match publish_socket(&app, &served, owner) {
+                        Ok(()) => {
+                            if let Err(e) = open_to_proxy(&served, settings.proxy_user.as_deref()) {
+                                tracing::warn!(instance = %id, "cannot open {} to the proxy: {e}", served.display());
+                            }
+                        }
+                        Err(e) => {
+                            // Not its own socket at its path (a symlink to someone else's, a
+                            // file of another uid): hostile, and nothing is routed to it.
+                            tracing::warn!(target: "tenement::security", instance = %id, "security: {id}: {e}");
+                            self.event(&id, Event::Ban(format!("security: {e}")), now);
+                            return;
                         }
                     }
                 }
@@ -707,6 +730,40 @@ async fn wait_own_listener(port: u16, helper: i32) -> Option<(u32, Vec<i32>)> {
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// Moves the app's Unix socket from its own directory to `served`, in a directory only the
+/// supervisor can change, after checking it is a socket (not a symlink) owned by `owner`; and
+/// checks again after the move, since the app could swap the file in between (rename moves
+/// whatever is there, never what a symlink points to).
+fn publish_socket(app: &Path, served: &Path, owner: u32) -> Result<(), String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let is_own_socket = |path: &Path| {
+        std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket() && m.uid() == owner)
+    };
+    if !is_own_socket(app) {
+        return Err(format!(
+            "{} is not a socket owned by uid {owner} (a symlink or someone else's file)",
+            app.display()
+        ));
+    }
+    if let Some(dir) = served.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    std::fs::rename(app, served)
+        .map_err(|e| format!("cannot move {} to {}: {e}", app.display(), served.display()))?;
+    if !is_own_socket(served) {
+        let _ = std::fs::remove_file(served);
+        return Err(format!(
+            "{} was swapped for something that is not its socket while it was moved",
+            app.display()
+        ));
+    }
+    Ok(())
 }
 
 /// The app created its Unix socket with its own umask; the proxy (another user in

@@ -8,9 +8,10 @@ use std::os::unix::fs::PermissionsExt;
 use crate::harness::*;
 use crate::support::expect_woken;
 
-/// With `listen = "unix"` the supervisor opens the app's socket to the proxy (chmod, and chown
-/// with `proxy_user`) once the app is ready. The app owns the directory the socket is in, so
-/// it can put a symlink there instead: the supervisor must not follow it. `ready = "notify"`
+/// With `listen = "unix"` the supervisor moves the app's socket out of the app's directory and
+/// opens it to the proxy (chmod, and chown with `proxy_user`) once the app is ready. The app
+/// owns the directory the socket is in, so it can put a symlink there instead: the supervisor
+/// must neither follow it nor serve it, and the instance is failed for it. `ready = "notify"`
 /// makes the timing deterministic (no connect through the path first).
 #[test]
 fn a_symlink_at_the_apps_socket_path_never_makes_the_supervisor_chmod_its_target() {
@@ -30,7 +31,17 @@ PROBE_SOCKET_LINK = "@ROOT@/victim"
     fs::write(&victim, "root's only\n").unwrap();
     fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).unwrap();
     let _sup = sb.start();
-    expect_woken(sb.admin().spawn("notes:a"));
+    match sb.admin().spawn("notes:a") {
+        tenement_proto::rpc::Response::Error { code, message } => assert!(
+            code == tenement_proto::rpc::ErrorCode::InstanceFailed && message.contains("security"),
+            "{code:?}: {message}"
+        ),
+        other => panic!("a symlink was served as the app's socket: {other:?}"),
+    }
+    assert!(
+        !sb.runtime_dir.join("sockets/notes.a.sock").exists(),
+        "something was published for the proxy"
+    );
     let link = sb.runtime_dir.join("instances/notes.a/http.sock");
     assert!(
         link.symlink_metadata().unwrap().file_type().is_symlink(),
