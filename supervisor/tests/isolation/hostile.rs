@@ -6,7 +6,6 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 
 use crate::harness::*;
-use crate::support::expect_woken;
 
 /// With `listen = "unix"` the supervisor moves the app's socket out of the app's directory and
 /// opens it to the proxy (chmod, and chown with `proxy_user`) once the app is ready. The app
