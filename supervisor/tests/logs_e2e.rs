@@ -4,8 +4,6 @@
 
 mod support;
 
-use std::time::Duration;
-
 use support::*;
 use tenement_proto::frame;
 use tenement_proto::rpc::{LogStream, Request, Response};
@@ -30,7 +28,7 @@ command = "@TINY@"
     let (route, _) = expect_woken(c.spawn("noisy:n"));
     assert_eq!(http_get(tcp_addr(&route), "/health").0, 200);
     let mut lines = Vec::new();
-    let done = wait_until(Duration::from_secs(5), || {
+    let done = wait_until(EVENT_DEADLINE, || {
         lines = c.logs("noisy:n");
         lines
             .iter()
@@ -85,7 +83,7 @@ fn logs_follow_streams_new_lines_until_the_client_leaves() {
     assert!(matches!(first, Response::Logs { .. }), "{first:?}");
     expect_ok(c.stop("web:f"));
     let mut seen = Vec::new();
-    let got_stop = wait_until(Duration::from_secs(3), || {
+    let got_stop = wait_until(EVENT_DEADLINE, || {
         match follower.read() {
             Ok(Response::Logs { lines }) => seen.extend(lines.into_iter().map(|l| l.line)),
             other => panic!("follow stream gave {other:?}"),

@@ -4,8 +4,6 @@
 
 mod support;
 
-use std::time::Duration;
-
 use support::*;
 use tenement_proto::rpc::{InstanceState, Request, Response};
 
@@ -71,13 +69,11 @@ drop = ["a"]
         }
         other => panic!("reload answered {other:?}"),
     }
-    assert!(wait_until(Duration::from_secs(5), || {
+    assert!(wait_until(EVENT_DEADLINE, || {
         let s = c.status("change:a");
         s.state == InstanceState::Running && s.pid.is_some() && s.pid != change_pid
     }));
-    assert!(wait_until(Duration::from_secs(5), || c
-        .status("drop:a")
-        .state
+    assert!(wait_until(EVENT_DEADLINE, || c.status("drop:a").state
         == InstanceState::Stopped));
     assert_eq!(
         c.status("keep:a").pid,

@@ -70,13 +70,13 @@ fn registry_survives_kill_9_and_the_apps_die_with_the_supervisor() {
     sup.kill9();
     // The exec helper gets SIGTERM from PR_SET_PDEATHSIG and takes its tree down.
     assert!(
-        wait_until(GRACE + Duration::from_secs(1), || !pid_alive(app)
+        wait_until(GRACE + EVENT_DEADLINE, || !pid_alive(app)
             && !pid_alive(helper)),
         "app {app} (alive: {}) or helper {helper} (alive: {}) outlived the supervisor",
         pid_alive(app),
         pid_alive(helper)
     );
-    assert!(wait_until(Duration::from_millis(500), || port_bindable(
+    assert!(wait_until(EVENT_DEADLINE, || port_bindable(
         tcp_addr(&route).port()
     )));
 
@@ -144,7 +144,7 @@ fn hand_written_registry_with_a_duplicate_entry_loads_without_duplicates() {
 }
 
 #[test]
-fn awkward_trees_die_within_stop_grace_after_kill_9_of_the_supervisor() {
+fn awkward_trees_die_after_kill_9_of_the_supervisor() {
     let sb = Sandbox::new(
         r#"
 [service.stubborn]
@@ -174,12 +174,13 @@ DATA_DIR = "{data_dir}/{id}"
     }
     let daemon_pid = read_when_written(
         &sb.instance_data_dir("daemon:d").join("daemon.pid"),
-        Duration::from_secs(5),
+        EVENT_DEADLINE,
     );
     tree.push(daemon_pid.trim().parse().unwrap());
 
     sup.kill9();
-    let gone = wait_until(GRACE + Duration::from_secs(1), || {
+    // The stubborn app outlives its SIGTERM by stop_grace; the deadline only bounds a hang.
+    let gone = wait_until(GRACE + EVENT_DEADLINE, || {
         tree.iter().all(|&p| !pid_alive(p))
     });
     let alive: Vec<i32> = tree.iter().copied().filter(|&p| pid_alive(p)).collect();
@@ -232,7 +233,7 @@ idle_timout = "5m"
 }
 
 #[test]
-fn sigterm_to_the_supervisor_stops_an_app_that_ignores_sigterm_within_its_grace() {
+fn sigterm_to_the_supervisor_stops_an_app_that_ignores_sigterm_after_its_grace() {
     let sb = Sandbox::new(
         r#"
 [service.stubborn]
@@ -248,9 +249,11 @@ stop_grace = "500ms"
     let status = sup.terminate();
     let took = t0.elapsed();
     assert!(status.success(), "{status}");
+    // The app ignores SIGTERM: the supervisor must give it its grace before the SIGKILL, and
+    // `terminate` bounds the whole shutdown with a generous deadline.
     assert!(
-        took < GRACE + Duration::from_secs(2),
-        "shutdown took {took:?}"
+        took >= GRACE - Duration::from_millis(50),
+        "shutdown took {took:?}: the app that ignores SIGTERM was not given its stop_grace"
     );
     assert!(!pid_alive(app), "app {app} outlived the supervisor");
     assert!(sb.leftover_processes().is_empty());

@@ -11,7 +11,7 @@ use tenement_proto::rpc::{InstanceState, Response, Route};
 
 /// Route updates for `instance` until one matches `done`.
 fn updates_until(watch: &Watch, done: impl Fn(&Route) -> bool) -> Vec<Route> {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + EVENT_DEADLINE;
     let mut seen = Vec::new();
     while Instant::now() < deadline {
         if let Some(Response::Routes { routes, .. }) = watch.recv(Duration::from_millis(50)) {
@@ -62,7 +62,7 @@ fn watchers_get_a_snapshot_then_every_route_change() {
     assert_eq!(seen.last().unwrap().generation, again.generation);
 
     expect_ok(c.remove("web:r", false));
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + EVENT_DEADLINE;
     loop {
         assert!(Instant::now() < deadline, "no removal on the watch stream");
         if let Some(Response::Routes { removed, .. }) = watch.recv(Duration::from_millis(50)) {

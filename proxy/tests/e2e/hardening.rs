@@ -16,8 +16,14 @@ command = "@TINY@"
 web = ["alice"]
 "#;
 
-/// The proxy's `HEADER_READ_TIMEOUT` is 15 s; this leaves room for a loaded machine.
-const CUT_WITHIN: Duration = Duration::from_secs(20);
+/// The proxy's `HEADER_READ_TIMEOUT` (15 s) plus a generous margin for a loaded machine: a
+/// deadline for "never cut", not a measure of the timeout.
+const CUT_WITHIN: Duration = Duration::from_secs(15 + 30);
+/// The proxy's default `--shutdown-grace`: how long it waits for requests in flight.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long `/slow` takes: long enough that the request is surely still in flight when the
+/// test has seen it counted, even on a loaded machine, and shorter than [`SHUTDOWN_GRACE`].
+const SLOW_MS: u64 = 5000;
 
 /// Writes `tail` one byte a second after `head`, until the proxy closes the connection; how
 /// long that took, or `None` if it did not within [`CUT_WITHIN`].
@@ -186,11 +192,10 @@ mirror = ["a"]
     let (_supervisor, proxy) = sandbox.start();
     let addr = sandbox.proxy_addr;
     get_ok(addr, "a.mirror.localhost", "/health");
-    let slow = thread::spawn(move || try_get(addr, "a.mirror.localhost", "/slow?ms=1000"));
+    let slow =
+        thread::spawn(move || try_get(addr, "a.mirror.localhost", &format!("/slow?ms={SLOW_MS}")));
     let mut admin = sandbox.admin();
-    let in_flight = wait_until(Duration::from_secs(5), || {
-        admin.status("mirror:a").in_flight >= 1
-    });
+    let in_flight = wait_until(EVENT_DEADLINE, || admin.status("mirror:a").in_flight >= 1);
     assert!(in_flight, "the slow request never showed as in flight");
     proxy.signal(nix::sys::signal::Signal::SIGTERM);
     let reply = slow
@@ -199,7 +204,7 @@ mirror = ["a"]
         .expect("the in-flight request got an answer");
     assert_eq!(reply.status(), 200, "{}", reply.text());
     assert_eq!(reply.text().trim(), "slow");
-    let status = proxy.wait_exit(Duration::from_secs(15));
+    let status = proxy.wait_exit(SHUTDOWN_GRACE + EVENT_DEADLINE);
     assert!(status.success(), "the proxy exited with {status}");
     assert!(
         std::net::TcpStream::connect(addr).is_err(),

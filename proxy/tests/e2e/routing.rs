@@ -135,7 +135,7 @@ notes = ["a", "b"]
 /// The status page's instance count: the proxy has its route table.
 fn wait_for_routes(sandbox: &Sandbox, instances: usize) {
     let expected = format!("{instances} instances");
-    let synced = wait_until(Duration::from_secs(10), || {
+    let synced = wait_until(EVENT_DEADLINE, || {
         try_get(sandbox.proxy_addr, "localhost", "/").is_ok_and(|r| r.text().contains(&expected))
     });
     assert!(synced, "the proxy never listed {expected}");

@@ -23,8 +23,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// How long the supervisor may take to accept on its admin socket after a start.
-const START_DEADLINE: Duration = Duration::from_secs(10);
+/// How long the supervisor may take to accept on its admin socket after a start: a deadline
+/// for a hang, generous for a loaded machine (see [`EVENT_DEADLINE`]).
+const START_DEADLINE: Duration = EVENT_DEADLINE;
 /// Instance ports: blocks of this many ports between these bounds (below the kernel's default
 /// ephemeral range, 32768-60999, which the config refuses to overlap).
 const PORT_BLOCK: u32 = 200;

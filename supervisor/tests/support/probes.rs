@@ -89,6 +89,17 @@ pub fn port_bindable(port: u16) -> bool {
     TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).is_ok()
 }
 
+/// How long a test waits for something that must happen (a process dying, a state change, a
+/// line in the logs): generous, because on a shared 2-core machine under load "promptly" can
+/// take seconds. The deadline only bounds a hang; it proves nothing about speed. A test that
+/// must show something is prompt compares with a configured interval much longer than this
+/// instead, and one that must show something is not early keeps its lower bound.
+pub const EVENT_DEADLINE: Duration = Duration::from_secs(20);
+
+/// How long an HTTP exchange with an app may take before the probe gives up (an app may be
+/// made to start slowly: see `wake_e2e.rs`).
+const HTTP_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Polls `condition` every 10 ms until it holds (true) or `within` passed (false).
 pub fn wait_until(within: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + within;
@@ -139,8 +150,8 @@ fn http_exchange<S: Read + Write>(
 
 /// `GET path` over TCP; the status and the body.
 pub fn try_http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut stream = TcpStream::connect_timeout(&addr, EVENT_DEADLINE)?;
+    stream.set_read_timeout(Some(HTTP_READ_TIMEOUT))?;
     http_exchange(&mut stream, "GET", path, &[], "")
 }
 
@@ -156,8 +167,8 @@ pub fn http_request(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, String) {
-    let result = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).and_then(|mut s| {
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let result = TcpStream::connect_timeout(&addr, EVENT_DEADLINE).and_then(|mut s| {
+        s.set_read_timeout(Some(HTTP_READ_TIMEOUT))?;
         http_exchange(&mut s, method, path, headers, body)
     });
     result.unwrap_or_else(|e| panic!("{method} http://{addr}{path}: {e}"))
@@ -166,7 +177,7 @@ pub fn http_request(
 /// `GET path` over a Unix stream socket.
 pub fn http_get_unix(socket: &Path, path: &str) -> (u16, String) {
     let result = UnixStream::connect(socket).and_then(|mut stream| {
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.set_read_timeout(Some(HTTP_READ_TIMEOUT))?;
         http_exchange(&mut stream, "GET", path, &[], "")
     });
     result.unwrap_or_else(|e| panic!("GET unix:{}{path}: {e}", socket.display()))

@@ -16,7 +16,7 @@ use tenement_proto::rpc::{
 };
 use tenement_proto::InstanceId;
 
-use super::Sandbox;
+use super::{Sandbox, EVENT_DEADLINE};
 
 /// The read timeout of RPC clients: longer than any wake a test makes.
 const RPC_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -237,7 +237,7 @@ pub fn raw_connect(path: &Path) -> UnixStream {
     let stream =
         UnixStream::connect(path).unwrap_or_else(|e| panic!("connect to {}: {e}", path.display()));
     stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
+        .set_read_timeout(Some(EVENT_DEADLINE))
         .expect("set a read timeout");
     stream
 }
@@ -308,7 +308,7 @@ impl Watch {
         let watch = Watch { writer, rx };
         let mut routes = Vec::new();
         loop {
-            match watch.recv(Duration::from_secs(10)) {
+            match watch.recv(EVENT_DEADLINE) {
                 Some(Response::Routes {
                     routes: chunk,
                     complete,

@@ -21,6 +21,13 @@ SHARE = "/share"
 OUT = os.path.join(SHARE, "out")
 TENCTL = "/usr/local/bin/tenctl"
 CGROUP_ROOT = "/sys/fs/cgroup"
+# Seconds to wait for something that must happen (a process gone, a restart, an answer): they
+# only bound a hang. The VM is emulated (TCG) on a host that may be busy, so "promptly" can take
+# seconds; no check here measures speed (timing figures belong in bench/).
+EVENT_DEADLINE = 60
+# How many answers of the neighbour each phase wants before it ends, so that "served 200
+# throughout" rests on enough requests however slow the VM is.
+NEIGHBOUR_ANSWERS = 11
 results = []
 
 
@@ -90,7 +97,8 @@ def supervisor_main_pid():
 
 
 class Poller(threading.Thread):
-    """GETs the neighbour every 0.2 s and records every answer."""
+    """GETs the neighbour every 0.2 s and records every answer; a slow answer is not a failure,
+    only an error or a status other than 200 is."""
 
     def __init__(self, address):
         super().__init__(daemon=True)
@@ -103,13 +111,18 @@ class Poller(threading.Thread):
         while not self.done.is_set():
             t0 = time.monotonic()
             try:
-                with urllib.request.urlopen(self.url, timeout=5) as r:
+                with urllib.request.urlopen(self.url, timeout=EVENT_DEADLINE) as r:
                     r.read()
                     outcome = r.status
             except Exception as e:  # any failure is a failed answer
                 outcome = f"{type(e).__name__}: {e}"
             self.answers.append((round(t0 - start, 2), outcome, time.monotonic() - t0))
             self.done.wait(0.2)
+
+    def wait_answers(self, count, deadline):
+        """Waits until `count` answers are recorded in all, or until `deadline` (monotonic)."""
+        while len(self.answers) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 def wait_for_supervisor():
@@ -145,7 +158,7 @@ def check_status_doc(name, doc, want_limit):
     check(name, not problems, "; ".join(problems) or describe_status(doc))
 
 
-def bomb_phase():
+def bomb_phase(poller):
     log("bomb: spawning")
     doc = spawn("bomb:one")
     cgroup = doc["cgroup"]
@@ -156,7 +169,15 @@ def bomb_phase():
     probes = []
     start = time.monotonic()
     next_probe = start + 1
-    while time.monotonic() - start < 12:
+    neighbour_before = len(poller.answers)
+
+    def seen_enough():
+        # 12 s of the bomb at least, and enough samples, probes and neighbour answers however
+        # slow the VM is; a deadline bounds it should the VM be hung.
+        return (time.monotonic() - start >= 12 and samples > 50 and len(probes) >= 5
+                and len(poller.answers) >= neighbour_before + NEIGHBOUR_ANSWERS)
+
+    while not seen_enough() and time.monotonic() - start < 12 + 2 * EVENT_DEADLINE:
         current = read(f"{cgroup}/pids.current")
         if current is not None and current.isdigit():
             samples += 1
@@ -165,7 +186,7 @@ def bomb_phase():
         if now >= next_probe:
             # Is the machine usable while the bomb runs? A fork+exec and an RPC round trip.
             t0 = time.monotonic()
-            ok_true = run("/bin/true", timeout=20)[0] == 0
+            ok_true = run("/bin/true", timeout=EVENT_DEADLINE)[0] == 0
             t1 = time.monotonic()
             try:
                 status_doc = status("bomb:one")
@@ -183,14 +204,17 @@ def bomb_phase():
     save("bomb.log", bomb_log)
     reports = re.findall(r"bomb: (\{.*\})", bomb_log)
     report = json.loads(reports[-1]) if reports else {"reports": 0}
+    bomb_seconds = time.monotonic() - start
     check("fork bomb: pids.current never exceeded pids_max = 32", samples > 50 and worst <= 32,
-          f"max {worst} over {samples} samples in 12 s")
+          f"max {worst} over {samples} samples in {bomb_seconds:.1f} s")
     check("fork bomb: forks were refused at the limit",
           events.get("max", 0) > 0 and report.get("forks_failed", 0) > 0
           and 0 < report.get("visible_processes", 0) <= 32,
           f"pids.events max={events.get('max')}, bomb reports {json.dumps(report)}")
+    # Responsive means every fork+exec and every RPC worked (each within a generous deadline):
+    # without pids_max they would fail for want of pids, not merely be slow.
     check("fork bomb: the VM stayed responsive",
-          len(probes) >= 5 and all(p[0] and p[2] for p in probes) and slowest < 5,
+          len(probes) >= 5 and all(p[0] and p[2] for p in probes),
           f"{len(probes)} probes (fork+exec /bin/true, tenctl status), slowest {slowest:.2f} s")
     if status_doc is not None:
         save("status-bomb.json", json.dumps(status_doc, indent=2))
@@ -202,7 +226,7 @@ def bomb_phase():
     log("bomb: stopping")
     code, out, err = tenctl("stop", "bomb:one", timeout=60)
     left = None
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + EVENT_DEADLINE
     while time.monotonic() < deadline:
         procs = read(f"{cgroup}/cgroup.procs")
         left = [] if procs is None else procs.split()
@@ -221,7 +245,7 @@ def stat_line(path):
         return f"{path}: {e.strerror}"
 
 
-def hog_phase(calm_cgroup):
+def hog_phase(calm_cgroup, poller):
     instances = os.path.dirname(calm_cgroup)
     parent_before = keyed(f"{instances}/memory.events").get("oom_kill", 0)
     dmesg_before = len(run("dmesg")[1].splitlines())
@@ -230,6 +254,7 @@ def hog_phase(calm_cgroup):
     trigger = "/etc/tenement-vm/hog-eat"
     with open(trigger, "w") as f:
         f.write("eat\n")
+    neighbour_before = len(poller.answers)
     first = spawn("hog:one")
     cgroup = first["cgroup"]
     check("memory hog: memory.max is 64 MiB and memory.oom.group 1 in its cgroup",
@@ -247,7 +272,7 @@ def hog_phase(calm_cgroup):
     log(f"hog: OOM kill seen after {time.monotonic() - t0:.1f} s" if own_oom or parent_delta
         else "hog: no OOM kill in 60 s")
     doc = first
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + EVENT_DEADLINE
     while time.monotonic() < deadline:
         try:
             doc = status("hog:one")
@@ -258,6 +283,7 @@ def hog_phase(calm_cgroup):
             break
         time.sleep(0.1)
     time.sleep(1.5)  # the restarted hog must stay up, not be killed again
+    poller.wait_answers(neighbour_before + NEIGHBOUR_ANSWERS, time.monotonic() + EVENT_DEADLINE)
     doc = status("hog:one")
     save("status-hog.json", json.dumps(doc, indent=2))
     parent_delta = keyed(f"{instances}/memory.events").get("oom_kill", 0) - parent_before
@@ -326,16 +352,16 @@ def run_checks():
     poller = Poller(calm["address"])
     poller.start()
     try:
-        bomb_phase()
+        bomb_phase(poller)
     except Exception:
         check("fork bomb phase ran to the end", False, traceback.format_exc().replace("\n", " | "))
     during_bomb = list(poller.answers)
     try:
-        hog_phase(calm["cgroup"])
+        hog_phase(calm["cgroup"], poller)
     except Exception:
         check("memory hog phase ran to the end", False, traceback.format_exc().replace("\n", " | "))
     poller.done.set()
-    poller.join(10)
+    poller.join(EVENT_DEADLINE)
     during_hog = poller.answers[len(during_bomb):]
     after = status("calm:one")
     same = (after.get("pid") == calm.get("pid") and after.get("restarts") == 0
@@ -344,7 +370,7 @@ def run_checks():
         bad = [a for a in answers if a[1] != 200]
         slowest = max((a[2] for a in answers), default=0)
         check(f"neighbour calm served HTTP 200 throughout {phase}, same process",
-              len(answers) > 10 and not bad and same,
+              len(answers) >= NEIGHBOUR_ANSWERS and not bad and same,
               f"{len(answers)} requests, {len(bad)} not 200 {bad[:3]}, slowest {slowest:.2f} s; "
               f"pid {calm.get('pid')} -> {after.get('pid')}, restarts {after.get('restarts')}, "
               f"state {after.get('state')}")
