@@ -22,8 +22,8 @@ use serde_json::Value;
 use tenement_proto::rpc::InstanceInfo;
 
 use crate::support::{
-    self, expect_woken, http_get, port_bindable, processes_mentioning, tcp_addr, wait_until,
-    Client, EVENT_DEADLINE,
+    self, expect_woken, http_get, processes_mentioning, tcp_addr, wait_until, Client,
+    EVENT_DEADLINE,
 };
 
 /// Where sandboxes are made: not under /tmp, /var/tmp or /dev/shm (see the module docs).
@@ -31,15 +31,7 @@ pub const BASE: &str = "/run/tenement-isolation-tests";
 /// The interpreter the probe runs on: a system path every uid can execute.
 pub const PYTHON: &str = "/usr/bin/python3";
 const START_DEADLINE: Duration = EVENT_DEADLINE;
-const PORT_FIRST: u32 = 20000;
-const PORT_LAST: u32 = 32000;
-const PORT_BLOCK: u32 = 100;
-/// Each sandbox hands out its own block of uids from the systemd dynamic range, so tenants of
-/// tests running side by side never share a uid either.
-const UID_FIRST: u32 = 61184;
-const UID_BLOCK: u32 = 64;
-const UID_BLOCKS: u32 = 60;
-
+/// Numbers the test cgroups within a process.
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// These tests need root; without it they fail, loudly, rather than pass having checked nothing.
@@ -64,26 +56,6 @@ pub fn sibling_binary(name: &str) -> PathBuf {
     path
 }
 
-/// A unique number per sandbox of this test process, offset by the pid so that two test
-/// processes probably start apart.
-fn next_index() -> u32 {
-    std::process::id()
-        .wrapping_mul(7)
-        .wrapping_add(NEXT.fetch_add(1, Ordering::SeqCst))
-}
-
-fn port_block(mut index: u32) -> (u16, u16) {
-    let blocks = (PORT_LAST - PORT_FIRST) / PORT_BLOCK;
-    for _ in 0..blocks {
-        let lo = PORT_FIRST + (index % blocks) * PORT_BLOCK;
-        if (lo..lo + 10).all(|p| port_bindable(p as u16)) {
-            return (lo as u16, (lo + PORT_BLOCK - 1) as u16);
-        }
-        index = next_index();
-    }
-    panic!("no free block of {PORT_BLOCK} ports between {PORT_FIRST} and {PORT_LAST}");
-}
-
 /// A directory with a config, state, data and sockets of one root supervisor, and the probe.
 pub struct IsoSandbox {
     dir: tempfile::TempDir,
@@ -95,6 +67,12 @@ pub struct IsoSandbox {
     pub log_path: PathBuf,
     /// The sandbox's `dynamic_users` (unless made [`IsoSandbox::with_default_uids`]).
     pub uids: (u32, u32),
+    /// Ports and uids held while the sandbox lives, across test processes
+    /// (`tenement_fixtures::claim`): each sandbox's tenants have uids and ports of their own.
+    _claims: (
+        tenement_fixtures::claim::PortBlock,
+        tenement_fixtures::claim::UidBlock,
+    ),
 }
 
 impl IsoSandbox {
@@ -128,10 +106,10 @@ impl IsoSandbox {
         fs::copy(support::fixtures_dir().join("probe.py"), &probe).expect("copy probe.py");
         fs::set_permissions(&probe, fs::Permissions::from_mode(0o644)).expect("chmod probe.py");
 
-        let index = next_index();
-        let ports = port_block(index);
-        let uid_lo = UID_FIRST + (index % UID_BLOCKS) * UID_BLOCK;
-        let uids = (uid_lo, uid_lo + UID_BLOCK - 1);
+        let port_claim = tenement_fixtures::claim::ports();
+        let uid_claim = tenement_fixtures::claim::uids();
+        let ports = (port_claim.lo, port_claim.hi);
+        let uids = (uid_claim.lo, uid_claim.hi);
         let sandbox = IsoSandbox {
             config_path: root.join("tenement.toml"),
             data_dir: root.join("data"),
@@ -140,6 +118,7 @@ impl IsoSandbox {
             log_path: root.join("supervisor.log"),
             root,
             uids,
+            _claims: (port_claim, uid_claim),
             dir,
         };
         let own_uids = if own_uids {

@@ -2,7 +2,8 @@
 //! `tenement.toml`, the real `tenement-supervisor` binary started on it, a blocking RPC client,
 //! and small probes of processes, ports and HTTP.
 //!
-//! Every sandbox gets its own directories and its own block of instance ports, so tests run in
+//! Every sandbox gets its own directories and its own block of instance ports (claimed across
+//! processes: `tenement_fixtures::claim`, since nextest runs each test in a process), so tests run in
 //! parallel. Nothing a test starts may outlive it: dropping a [`Supervisor`] SIGKILLs it, and
 //! dropping the [`Sandbox`] SIGKILLs every process whose environment mentions the sandbox
 //! (exec helpers carry it in their spawn spec, apps in `TENEMENT_DATA_DIR`), including
@@ -26,12 +27,7 @@ use std::time::{Duration, Instant};
 /// How long the supervisor may take to accept on its admin socket after a start: a deadline
 /// for a hang, generous for a loaded machine (see [`EVENT_DEADLINE`]).
 const START_DEADLINE: Duration = EVENT_DEADLINE;
-/// Instance ports: blocks of this many ports between these bounds (below the kernel's default
-/// ephemeral range, 32768-60999, which the config refuses to overlap).
-const PORT_BLOCK: u32 = 200;
-const PORT_FIRST: u32 = 20000;
-const PORT_LAST: u32 = 32000;
-
+/// Numbers the output files of `run_to_exit` within a process.
 static NEXT_SANDBOX: AtomicU32 = AtomicU32::new(0);
 
 /// The `tenement-supervisor` binary under test.
@@ -72,23 +68,6 @@ pub fn notes_dir() -> PathBuf {
     repo_dir("examples/notes")
 }
 
-/// A port block no other sandbox of this test process uses, and probably none of another
-/// test process running at the same time: the first block depends on the pid, and a block
-/// whose first ports something else already listens on is skipped.
-fn port_block() -> (u16, u16) {
-    let blocks = (PORT_LAST - PORT_FIRST) / PORT_BLOCK;
-    let pid = std::process::id().wrapping_mul(7);
-    let mut n = NEXT_SANDBOX.fetch_add(1, Ordering::SeqCst);
-    for _ in 0..blocks {
-        let lo = PORT_FIRST + (pid.wrapping_add(n) % blocks) * PORT_BLOCK;
-        if (lo..lo + 20).all(|p| port_bindable(p as u16)) {
-            return (lo as u16, (lo + PORT_BLOCK - 1) as u16);
-        }
-        n = NEXT_SANDBOX.fetch_add(1, Ordering::SeqCst);
-    }
-    panic!("no free block of {PORT_BLOCK} ports between {PORT_FIRST} and {PORT_LAST}");
-}
-
 /// A directory with a config, state, data and sockets of one supervisor.
 pub struct Sandbox {
     dir: tempfile::TempDir,
@@ -99,6 +78,8 @@ pub struct Sandbox {
     pub runtime_dir: PathBuf,
     pub log_path: PathBuf,
     pub ports: (u16, u16),
+    /// Held while the sandbox lives: no other test process gets these ports.
+    _port_claim: tenement_fixtures::claim::PortBlock,
 }
 
 impl Sandbox {
@@ -117,7 +98,8 @@ impl Sandbox {
             .tempdir_in(base)
             .expect("create a sandbox directory");
         let root = dir.path().to_path_buf();
-        let ports = port_block();
+        let port_claim = tenement_fixtures::claim::ports();
+        let ports = (port_claim.lo, port_claim.hi);
         let mut body = body.to_owned();
         if body.contains("@TINY@") {
             body = body.replace("@TINY@", &tiny_http().to_string_lossy());
@@ -133,6 +115,7 @@ impl Sandbox {
             log_path: root.join("supervisor.log"),
             root,
             ports,
+            _port_claim: port_claim,
             dir,
         };
         let text = format!(

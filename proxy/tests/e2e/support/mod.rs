@@ -25,7 +25,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -38,19 +37,12 @@ use nix::unistd::Pid;
 pub const EVENT_DEADLINE: Duration = Duration::from_secs(20);
 /// How long a daemon may take to accept after a start.
 const START_DEADLINE: Duration = EVENT_DEADLINE;
-/// Ports: blocks of this many between these bounds (below the kernel's default ephemeral
-/// range, 32768-60999, which the config refuses to overlap). The first `INSTANCE_PORTS` of a
-/// block are the instances' `port_range`, the rest candidates for the proxy's `listen`.
-const PORT_BLOCK: u32 = 200;
-const INSTANCE_PORTS: u32 = 180;
-/// Offset from the supervisor harness's first block, so both suites running at once rarely
-/// meet (and a block in use is skipped anyway).
-const PORT_FIRST: u32 = 20100;
-const PORT_LAST: u32 = 32000;
+/// Of a claimed block of ports (`tenement_fixtures::claim`, shared with every suite and held
+/// across processes), the first `INSTANCE_PORTS` are the instances' `port_range`, the rest
+/// candidates for the proxy's `listen`.
+const INSTANCE_PORTS: u16 = 180;
 /// The user the proxy drops to when the tests run as root.
 pub const PROXY_USER: &str = "nobody";
-
-static NEXT_SANDBOX: AtomicU32 = AtomicU32::new(0);
 
 /// Whether the tests run as root (then the proxy needs `--user`).
 pub fn is_root() -> bool {
@@ -112,23 +104,6 @@ pub fn port_bindable(port: u16) -> bool {
     TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).is_ok()
 }
 
-/// A port block no other sandbox of this test process uses, and probably none of another
-/// test process running at the same time: the first block depends on the pid, and a block
-/// whose first ports something already listens on is skipped.
-fn port_block() -> u16 {
-    let blocks = (PORT_LAST - PORT_FIRST) / PORT_BLOCK;
-    let pid = std::process::id().wrapping_mul(7);
-    for _ in 0..blocks {
-        let n = NEXT_SANDBOX.fetch_add(1, Ordering::SeqCst);
-        let lo = PORT_FIRST + (pid.wrapping_add(n) % blocks) * PORT_BLOCK;
-        let probe = (lo..lo + 10).chain(lo + INSTANCE_PORTS..lo + PORT_BLOCK);
-        if probe.into_iter().all(|p| port_bindable(p as u16)) {
-            return lo as u16;
-        }
-    }
-    panic!("no free block of {PORT_BLOCK} ports between {PORT_FIRST} and {PORT_LAST}");
-}
-
 /// Polls `condition` every 10 ms until it holds (true) or `within` passed (false).
 pub fn wait_until(within: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + within;
@@ -154,6 +129,8 @@ pub struct Sandbox {
     /// Where the proxy listens (`127.0.0.1:PORT`).
     pub proxy_addr: SocketAddr,
     pub ports: (u16, u16),
+    /// Held while the sandbox lives: no other test process gets these ports.
+    _port_claim: tenement_fixtures::claim::PortBlock,
 }
 
 impl Sandbox {
@@ -175,9 +152,10 @@ impl Sandbox {
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))
             .expect("chmod the sandbox");
         let root = dir.path().to_path_buf();
-        let lo = port_block();
-        let ports = (lo, lo + INSTANCE_PORTS as u16 - 1);
-        let listen_port = (lo + INSTANCE_PORTS as u16..lo + PORT_BLOCK as u16)
+        let port_claim = tenement_fixtures::claim::ports();
+        let lo = port_claim.lo;
+        let ports = (lo, lo + INSTANCE_PORTS - 1);
+        let listen_port = (lo + INSTANCE_PORTS..=port_claim.hi)
             .find(|&p| port_bindable(p))
             .expect("a free proxy port in the block");
         let mut body = body.to_owned();
@@ -195,6 +173,7 @@ impl Sandbox {
             proxy_addr: SocketAddr::from(([127, 0, 0, 1], listen_port)),
             root,
             ports,
+            _port_claim: port_claim,
             dir,
         };
         let proxy_user = if is_root() {
