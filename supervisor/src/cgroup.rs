@@ -12,9 +12,11 @@
 //! taken relative to a root given to [`Cgroups::at`], so tests run against a temp dir.
 //! See <https://docs.kernel.org/admin-guide/cgroup-v2.html>.
 
+use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use tenement_proto::config::Limits;
 use tenement_proto::InstanceId;
@@ -29,6 +31,11 @@ pub struct Cgroups {
     base: PathBuf,
     /// Controllers enabled for instances.
     pub controllers: Vec<String>,
+    /// Instance cgroups waiting to be removed once empty. A start of the same instance takes
+    /// its name out (under this lock) before it prepares the directory, and a removal only
+    /// happens under the lock while the name is still in: a removal can never delete the
+    /// directory a new start just prepared.
+    removals: Arc<Mutex<HashSet<String>>>,
 }
 
 /// How instances are contained: what `tenctl status` reports.
@@ -73,6 +80,13 @@ fn err(path: &Path, action: &'static str) -> impl FnOnce(io::Error) -> CgroupErr
         path,
         action,
         source,
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
     }
 }
 
@@ -135,6 +149,7 @@ impl Cgroups {
         Ok(Cgroups {
             base: base.to_path_buf(),
             controllers,
+            removals: Arc::default(),
         })
     }
 
@@ -149,6 +164,8 @@ impl Cgroups {
     /// Creates (or empties and reuses) the instance's cgroup and writes its limits. Limits for a
     /// controller that was not delegated are skipped; [`Self::unenforced`] names them.
     pub fn prepare(&self, id: &InstanceId, limits: &Limits) -> Result<PathBuf, CgroupError> {
+        let mut removals = lock(&self.removals);
+        removals.remove(&id.to_string());
         let dir = self.instance_dir(id);
         if dir.exists() {
             self.kill(id);
@@ -233,13 +250,36 @@ impl Cgroups {
             .unwrap_or_default()
     }
 
+    /// Marks `id`'s cgroup for removal; [`Cgroups::remove_when_empty`] then removes it unless
+    /// a start of the same instance prepares it first. Called before the removal is handed to
+    /// another thread, so a start that comes after it always wins.
+    pub fn begin_removal(&self, id: &InstanceId) {
+        lock(&self.removals).insert(id.to_string());
+    }
+
     /// Removes the instance's cgroup once it is empty (rmdir of a cgroup with processes fails),
-    /// waiting up to `within` for cgroup.kill to finish. Blocking: call off the event loop.
+    /// waiting up to `within` for cgroup.kill to finish, unless a start took it over meanwhile
+    /// (see [`Cgroups::begin_removal`]). Blocking: call off the event loop.
     pub fn remove_when_empty(&self, id: &InstanceId, within: std::time::Duration) {
+        let name = id.to_string();
         let dir = self.instance_dir(id);
         let deadline = std::time::Instant::now() + within;
-        while fs::remove_dir(&dir).is_err() && dir.exists() && std::time::Instant::now() < deadline
-        {
+        loop {
+            {
+                let mut removals = lock(&self.removals);
+                // A new start took it over: leave it.
+                if !removals.contains(&name) {
+                    return;
+                }
+                if fs::remove_dir(&dir).is_ok() || !dir.exists() {
+                    removals.remove(&name);
+                    return;
+                }
+                if std::time::Instant::now() >= deadline {
+                    removals.remove(&name);
+                    return;
+                }
+            }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
     }

@@ -3,10 +3,11 @@
 //! With `listen = "tcp"` the app binds its port itself, a moment after the supervisor made
 //! sure the port was free; any co-tenant could bind it in between (or after the app died) and
 //! answer the instance's requests. So before an instance counts as ready, every listener on its
-//! port must be one of the instance's own sockets: its inode (sock_diag(7)) must be among the
-//! open files of a process of the instance's tree (`/proc/PID/fd`). That holds whatever uid
-//! the instance runs as. A stranger's listener is named by its uid and the processes that
-//! hold it, so the supervisor can log who it was.
+//! port must be one of the instance's own sockets: owned by the instance's uid (sock_diag(7)
+//! reports a socket's uid), or with its inode among the open files of a process of the
+//! instance's tree (`/proc/PID/fd`; under systemd the supervisor cannot read those of other
+//! uids, it holds no CAP_SYS_PTRACE, so the uid is what is known there). A stranger's listener
+//! is named by its uid and the processes that hold it, so the supervisor can log who it was.
 
 use std::collections::HashSet;
 use std::io;
@@ -27,9 +28,14 @@ pub enum Holder {
     Stranger { uid: u32, pids: Vec<i32> },
 }
 
-/// Who listens on `port`, judged against the processes under `root` (the instance's exec
-/// helper; `None` when it has none, so every listener is a stranger's).
-pub fn port_holder(proc_root: &Path, port: u16, root: Option<i32>) -> io::Result<Holder> {
+/// Who listens on `port`, judged against the instance's uid `own_uid` and the processes under
+/// `root` (the instance's exec helper; `None` when it has none).
+pub fn port_holder(
+    proc_root: &Path,
+    port: u16,
+    own_uid: Option<u32>,
+    root: Option<i32>,
+) -> io::Result<Holder> {
     let listeners = sockdiag::tcp_listeners(port)?;
     if listeners.is_empty() {
         return Ok(Holder::Nobody);
@@ -44,7 +50,8 @@ pub fn port_holder(proc_root: &Path, port: u16, root: Option<i32>) -> io::Result
         }
         None => HashSet::new(),
     };
-    match listeners.iter().find(|l| !own.contains(&l.inode)) {
+    let is_own = |l: &sockdiag::SocketOwner| Some(l.uid) == own_uid || own.contains(&l.inode);
+    match listeners.iter().find(|l| !is_own(l)) {
         None => Ok(Holder::Own),
         Some(stranger) => Ok(Holder::Stranger {
             uid: stranger.uid,
@@ -101,8 +108,16 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let me = std::process::id() as i32;
+        let uid = nix::unistd::geteuid().as_raw();
+        let other_uid = Some(uid.wrapping_add(1));
+        // Of our tree, judged with another uid: own by its inode.
         assert_eq!(
-            port_holder(proc_root, port, Some(me)).expect("sock_diag"),
+            port_holder(proc_root, port, other_uid, Some(me)).expect("sock_diag"),
+            Holder::Own
+        );
+        // Our uid is the instance's: own, whatever the tree.
+        assert_eq!(
+            port_holder(proc_root, port, Some(uid), None).expect("sock_diag"),
             Holder::Own
         );
 
@@ -112,7 +127,8 @@ mod tests {
             .stdin(Stdio::null())
             .spawn()
             .expect("sleep");
-        let holder = port_holder(proc_root, port, Some(child.id() as i32)).expect("sock_diag");
+        let holder =
+            port_holder(proc_root, port, other_uid, Some(child.id() as i32)).expect("sock_diag");
         let _ = child.kill();
         let _ = child.wait();
         match holder {
@@ -121,7 +137,7 @@ mod tests {
         }
         drop(listener);
         assert_eq!(
-            port_holder(proc_root, port, Some(me)).expect("sock_diag"),
+            port_holder(proc_root, port, None, Some(me)).expect("sock_diag"),
             Holder::Nobody
         );
     }

@@ -127,6 +127,12 @@ check() {
         failures+=("$name")
         echo "FAIL  $name"
         printf '%s\n' "$out" | tail -40 | sed 's/^/      /'
+        # What the daemons said around the failure, so a CI log is enough to see why.
+        if [ -n "${LEADER:-}" ]; then
+            echo "      --- journal (tenement units, last 25 lines)"
+            inside "$LEADER" journalctl -u tenement-proxy -u tenement-supervisor -n 25 --no-pager \
+                2>/dev/null | cut -c1-240 | sed 's/^/      /'
+        fi
         FAILED_IN_CONTAINER=1
     fi
     return 0

@@ -225,8 +225,8 @@ impl Registry {
                     if let Some(old) = current {
                         self.ports.release(old);
                         let own = self.instances.get(id).and_then(|i| i.listener_uid);
-                        match ownership::port_holder(Path::new("/proc"), old, None) {
-                            Ok(Holder::Stranger { uid, pids }) if Some(uid) != own => {
+                        match ownership::port_holder(Path::new("/proc"), old, own, None) {
+                            Ok(Holder::Stranger { uid, pids }) => {
                                 if let Some(squatter) = self.report_squat(id, old, uid, &pids) {
                                     let reason =
                                         format!("security: listened on port {old} of {id}");
@@ -411,7 +411,7 @@ impl Registry {
                     }
                 }
                 if let Some(port) = check_port {
-                    if let Some((uid, pids)) = wait_own_listener(port, pid).await {
+                    if let Some((uid, pids)) = wait_own_listener(port, listener_uid, pid).await {
                         *lock(&seen) = Some((uid, pids.clone()));
                         let _ = ready_tx
                             .send(taken_event(ProcessEventKind::PortTaken { port, uid, pids }))
@@ -523,6 +523,7 @@ impl Registry {
                         // cgroup.kill only starts the kill: wait for the cgroup to empty, off
                         // the actor, then remove it.
                         cgroups.kill(&id);
+                        cgroups.begin_removal(&id);
                         let (cgroups, id) = (cgroups.clone(), id.clone());
                         tokio::task::spawn_blocking(move || {
                             cgroups.remove_when_empty(&id, Duration::from_secs(5))
@@ -560,12 +561,11 @@ impl Registry {
                 if let (true, true, Some(port)) = (unexpected, tcp, port) {
                     // A listener of the instance's own uid is its own tree dying (a daemon
                     // that held the socket a moment longer), not a stranger.
-                    let now_held = match ownership::port_holder(Path::new("/proc"), port, None) {
-                        Ok(Holder::Stranger { uid, pids }) if Some(uid) != own_uid => {
-                            Some((uid, pids))
-                        }
-                        _ => None,
-                    };
+                    let now_held =
+                        match ownership::port_holder(Path::new("/proc"), port, own_uid, None) {
+                            Ok(Holder::Stranger { uid, pids }) => Some((uid, pids)),
+                            _ => None,
+                        };
                     if let Some((uid, pids)) = now_held.or(squatter) {
                         self.port_taken(&id, port, uid, &pids, now);
                     }
@@ -706,16 +706,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     }
 }
 
-/// Waits until every listener on `port` is a socket of the tree under `helper` (then `None`),
+/// Waits until every listener on `port` is the instance's (its uid `own_uid`, or a socket of
+/// the tree under `helper`; then `None`),
 /// or a stranger's is found (its uid and pids). Readiness saw something accept on the port,
 /// so an empty answer is a listener closing or not yet visible: asked again shortly. A failed
 /// sock_diag query is retried too: an instance that cannot be checked is not called ready
 /// (its startup_timeout ends the wait).
-async fn wait_own_listener(port: u16, helper: i32) -> Option<(u32, Vec<i32>)> {
+async fn wait_own_listener(
+    port: u16,
+    own_uid: Option<u32>,
+    helper: i32,
+) -> Option<(u32, Vec<i32>)> {
     let mut said = false;
     loop {
         let holder = tokio::task::spawn_blocking(move || {
-            ownership::port_holder(Path::new("/proc"), port, Some(helper))
+            ownership::port_holder(Path::new("/proc"), port, own_uid, Some(helper))
         })
         .await;
         match holder {
