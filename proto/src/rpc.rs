@@ -382,6 +382,14 @@ pub struct ActivityReport {
     pub in_flight: u32,
     /// Requests started since the previous report.
     pub started: u64,
+    /// Of those that ended since the previous report, how many the instance answered with a
+    /// 2xx or 3xx status (an `auto_spawn` instance that never does is removed after a while).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub succeeded: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One line of an instance's output.

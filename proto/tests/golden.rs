@@ -86,6 +86,7 @@ fn requests() -> Vec<(&'static str, Request)> {
                     instance: id("notes:alice"),
                     in_flight: 2,
                     started: 7,
+                    succeeded: 5,
                 }],
             },
         ),

@@ -28,6 +28,10 @@ use crate::table::{Entry, InFlight, RouteInfo, Table};
 #[derive(Debug, Clone)]
 pub struct ServicePolicy {
     pub max_body: u64,
+    /// Connections to one instance at once (`max_upstream_connections`).
+    pub max_upstream: u32,
+    /// A request for an unknown tenant creates it (`auto_spawn`).
+    pub auto_spawn: bool,
 }
 
 /// Everything the request path is configured with.
@@ -49,6 +53,8 @@ pub struct Proxy {
     pub table: Arc<Table>,
     pub link: Link,
     pub pool: Arc<Pool>,
+    /// Requests that would create an instance, per client address.
+    pub new_tenants: crate::admission::NewTenantLimit,
 }
 
 /// How a request reached the proxy.
@@ -113,6 +119,7 @@ impl Proxy {
                 match &error {
                     ProxyError::WakeFailed(detail)
                     | ProxyError::InstanceFailed(detail)
+                    | ProxyError::Busy(detail)
                     | ProxyError::Upstream(detail) => {
                         tracing::warn!(peer = %peer.addr, "{error}: {detail}")
                     }
@@ -155,7 +162,15 @@ impl Proxy {
                 match self.table.get(&id) {
                     Some(entry) => entry,
                     None => {
-                        // Not in the cache: ask (the supervisor registers it for auto_spawn).
+                        // Not in the cache: ask (the supervisor registers it for auto_spawn,
+                        // which a client may only make happen so often).
+                        if policy.auto_spawn
+                            && !self
+                                .new_tenants
+                                .allow(peer.addr.ip(), std::time::Instant::now())
+                        {
+                            return Err(ProxyError::TooManyNewTenants);
+                        }
                         let route = self.link.resolve(&id, deadline).await?;
                         self.table.upsert(&route)
                     }
@@ -292,6 +307,11 @@ impl Proxy {
         let resendable = (parts.method == http::Method::GET || parts.method == http::Method::HEAD)
             && body.is_end_stream();
         let progress = Progress::new(client_http1);
+        let max_upstream = self
+            .settings
+            .services
+            .get(&entry.id.service)
+            .map_or(256, |p| p.max_upstream);
         let body = RequestBody::new(body, progress.clone()).boxed();
         let mut upstream_request = Request::from_parts(parts, body);
 
@@ -306,44 +326,53 @@ impl Proxy {
             // After one kept-alive connection turned out dead, its siblings in the pool are as
             // suspect (the process behind them is likely gone): the resend uses a new one, which
             // a dead instance refuses, and that leads to a wake.
-            let pooled = if resent { None } else { self.pool.take(&key) };
-            let (mut connection, reused) = match pooled {
-                Some(connection) => (connection, true),
-                None => match self.pool.connect(&key, self.settings.connect_timeout).await {
-                    Ok(connection) => (connection, false),
-                    Err(e) => {
-                        // The instance stopped or crashed and nothing was sent: wake it and try
-                        // again. The supervisor may not have reaped the old process yet and
-                        // answer with the same route; keep trying until the deadline.
-                        if Instant::now() >= deadline {
-                            return Err(ProxyError::Upstream(format!(
-                                "connect to {}: {e}",
-                                entry.id
-                            )));
-                        }
-                        if e.kind() == std::io::ErrorKind::PermissionDenied {
-                            tracing::warn!(
-                                target: "tenement::security",
-                                instance = %entry.id,
-                                "security: {e}; nothing sent, waking {} again",
-                                entry.id
-                            );
-                        } else {
-                            tracing::debug!(instance = %entry.id, "connect failed ({e}); waking and retrying");
-                        }
-                        drop(guard);
-                        let refused_generation = route.generation;
-                        entry.set_route(RouteInfo {
-                            state: InstanceState::Stopped,
-                            ..route
-                        });
-                        (guard, route) = self.enter(&entry, deadline).await?;
-                        if route.generation == refused_generation {
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                        }
-                        continue;
+            let checkout = self
+                .pool
+                .checkout(
+                    &key,
+                    max_upstream,
+                    resent,
+                    deadline,
+                    self.settings.connect_timeout,
+                )
+                .await;
+            let (mut connection, reused) = match checkout {
+                Ok(found) => found,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Err(ProxyError::Busy(format!("{}: {e}", entry.id)));
+                }
+                Err(e) => {
+                    // The instance stopped or crashed and nothing was sent: wake it and try
+                    // again. The supervisor may not have reaped the old process yet and
+                    // answer with the same route; keep trying until the deadline.
+                    if Instant::now() >= deadline {
+                        return Err(ProxyError::Upstream(format!(
+                            "connect to {}: {e}",
+                            entry.id
+                        )));
                     }
-                },
+                    if e.kind() == std::io::ErrorKind::PermissionDenied {
+                        tracing::warn!(
+                            target: "tenement::security",
+                            instance = %entry.id,
+                            "security: {e}; nothing sent, waking {} again",
+                            entry.id
+                        );
+                    } else {
+                        tracing::debug!(instance = %entry.id, "connect failed ({e}); waking and retrying");
+                    }
+                    drop(guard);
+                    let refused_generation = route.generation;
+                    entry.set_route(RouteInfo {
+                        state: InstanceState::Stopped,
+                        ..route
+                    });
+                    (guard, route) = self.enter(&entry, deadline).await?;
+                    if route.generation == refused_generation {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    continue;
+                }
             };
             // Only a request on a kept-alive connection may need a second try: copy its head
             // then, not on every request.
@@ -397,6 +426,9 @@ impl Proxy {
         }
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        if parts.status.is_success() || parts.status.is_redirection() {
+            entry.note_success();
+        }
         if progress.answered_early() {
             // The instance answered before the request body was all out (and may have closed
             // the connection): relay the answer; this client connection ends after it.

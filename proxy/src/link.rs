@@ -264,10 +264,11 @@ async fn send_activity(table: &Table, out: &tokio::sync::mpsc::Sender<Request>) 
     let reports: Vec<ActivityReport> = table
         .activity()
         .into_iter()
-        .map(|(instance, started, in_flight)| ActivityReport {
+        .map(|(instance, started, in_flight, succeeded)| ActivityReport {
             instance,
             in_flight,
             started,
+            succeeded,
         })
         .collect();
     if !reports.is_empty() {

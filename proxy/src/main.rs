@@ -18,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use tenement_proto::config::{Config, Environment, DEFAULT_CONFIG_PATH};
 use tokio_util::sync::CancellationToken;
 
+use tenement_proxy::admission::Admission;
 use tenement_proxy::forward::{self, Peer, Proxy, ServicePolicy};
 use tenement_proxy::listeners::{self, Listener};
 use tenement_proxy::server::{self, HEADER_READ_TIMEOUT};
@@ -100,6 +101,8 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
                 name.clone(),
                 ServicePolicy {
                     max_body: service.max_body_size,
+                    max_upstream: service.max_upstream_connections,
+                    auto_spawn: service.auto_spawn,
                 },
             )
         })
@@ -125,6 +128,7 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
         table: Arc::default(),
         link: link.clone(),
         pool: Arc::default(),
+        new_tenants: Default::default(),
     });
 
     let shutdown = CancellationToken::new();
@@ -132,6 +136,10 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
 
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let builder = Arc::new(server::connection_builder());
+    let admission = Admission::new(
+        connection_cap(config.settings.max_connections),
+        config.settings.max_connections_per_client,
+    );
 
     let mut accept_tasks = Vec::new();
     for listener in listeners {
@@ -140,11 +148,17 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
         let builder = builder.clone();
         let graceful = graceful.clone();
         let shutdown = shutdown.clone();
+        let admission = admission.clone();
         let scheme = listener.scheme;
         let socket = tokio::net::TcpListener::from_std(listener.socket)
             .context("cannot register a listening socket")?;
         accept_tasks.push(tokio::spawn(async move {
             loop {
+                // A slot first: past max_connections, connections wait in the kernel.
+                let slot = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    slot = admission.slot() => slot,
+                };
                 let accepted = tokio::select! {
                     () = shutdown.cancelled() => return,
                     accepted = socket.accept() => accepted,
@@ -158,6 +172,10 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
                         continue;
                     }
                 };
+                let Some(ticket) = admission.admit(slot, addr.ip()) else {
+                    tracing::debug!(peer = %addr, "closed: the client holds max_connections_per_client already");
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let peer = Peer { addr, scheme };
                 let proxy = proxy.clone();
@@ -166,6 +184,7 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
                 // being sniffed.
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
+                    let _ticket = ticket;
                     // hyper-util reads the first bytes to tell HTTP/1 from HTTP/2 with no
                     // deadline of its own; a client that sends nothing must not hold a socket.
                     let started =
@@ -214,6 +233,20 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
         tracing::warn!("grace period over with requests still in flight");
     }
     Ok(())
+}
+
+/// `max_connections`, lowered to what the open-file limit allows: each client connection may
+/// come with an upstream one, and some descriptors are the proxy's own.
+fn connection_cap(configured: u32) -> u32 {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft);
+    let allowed = (soft.saturating_sub(64) / 2).clamp(16, u64::from(u32::MAX)) as u32;
+    if allowed < configured {
+        tracing::warn!(
+            "max_connections {configured} lowered to {allowed}: the open-file limit is {soft} (two descriptors per connection); raise LimitNOFILE to allow more"
+        );
+    }
+    configured.min(allowed)
 }
 
 /// Logs to the journal when started by systemd (JOURNAL_STREAM is set), to stderr otherwise.

@@ -28,6 +28,7 @@ use hyper_util::rt::TokioIo;
 use tenement_proto::rpc::Address;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::respond::ProxyBody;
@@ -45,6 +46,9 @@ struct ConnectionState {
     write_broken: AtomicBool,
     /// Ends the connection's task (and drops the request body it was still sending).
     abandon: CancellationToken,
+    /// Its place among the instance's `max_upstream_connections`, given back when both the
+    /// handle and the connection's task are gone.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Connection {
@@ -78,11 +82,18 @@ pub struct PoolKey {
 #[derive(Default)]
 pub struct Pool {
     idle: Mutex<HashMap<PoolKey, Vec<Connection>>>,
+    /// Per upstream address: how many connections may be open to it at once, and a wake-up
+    /// for requests waiting because all of them are in use (an idle one came back).
+    slots: Mutex<HashMap<Address, Slots>>,
 }
+
+/// The connections allowed to one upstream address, and the wake-up of requests waiting for
+/// one (an idle connection came back to the pool).
+type Slots = (Arc<Semaphore>, Arc<Notify>);
 
 impl Pool {
     /// An idle connection that is still open, if any.
-    pub fn take(&self, key: &PoolKey) -> Option<Connection> {
+    fn take(&self, key: &PoolKey) -> Option<Connection> {
         let mut idle = lock(&self.idle);
         let list = idle.get_mut(key)?;
         while let Some(connection) = list.pop() {
@@ -107,17 +118,69 @@ impl Pool {
                 !list.is_empty()
             });
         }
+        let address = key.address.clone();
         let list = idle.entry(key).or_default();
         if list.len() < MAX_IDLE_PER_UPSTREAM {
             list.push(connection);
+            drop(idle);
+            if let Some((_, returned)) = lock(&self.slots).get(&address) {
+                returned.notify_one();
+            }
         }
     }
 
-    /// Opens a new connection within `timeout`. Over TCP, the socket that accepted it must
-    /// belong to `key.owner_uid`: a co-tenant listening on the instance's port (it took the
-    /// port while the instance was not holding it) gets nothing, not even the request head;
-    /// that is an error of kind `PermissionDenied` naming the uid.
-    pub async fn connect(&self, key: &PoolKey, timeout: Duration) -> io::Result<Connection> {
+    /// A connection to `key`: an idle one (unless `fresh`), else a new one once fewer than
+    /// `cap` connections are open to the address, waiting until `queue_until` for either (an
+    /// error of kind `WouldBlock` then). The second value says whether it was kept alive.
+    pub async fn checkout(
+        &self,
+        key: &PoolKey,
+        cap: u32,
+        fresh: bool,
+        queue_until: tokio::time::Instant,
+        timeout: Duration,
+    ) -> io::Result<(Connection, bool)> {
+        let (slots, returned) = lock(&self.slots)
+            .entry(key.address.clone())
+            .or_insert_with(|| (Arc::new(Semaphore::new(cap as usize)), Arc::default()))
+            .clone();
+        loop {
+            let idle_back = returned.notified();
+            tokio::pin!(idle_back);
+            // Registered before looking, so an idle connection put back meanwhile is not missed.
+            idle_back.as_mut().enable();
+            if !fresh {
+                if let Some(connection) = self.take(key) {
+                    return Ok((connection, true));
+                }
+            }
+            let slot = tokio::select! {
+                slot = slots.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => return Err(io::Error::other("connection slots closed")),
+                },
+                () = &mut idle_back, if !fresh => continue,
+                () = tokio::time::sleep_until(queue_until) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WouldBlock,
+                        format!("all {cap} connections to the instance stayed busy"),
+                    ))
+                }
+            };
+            return self.connect(key, slot, timeout).await.map(|c| (c, false));
+        }
+    }
+
+    /// Opens a new connection on `slot` within `timeout`. Over TCP, the socket that accepted
+    /// it must belong to `key.owner_uid`: a co-tenant listening on the instance's port (it took
+    /// the port while the instance was not holding it) gets nothing, not even the request
+    /// head; that is an error of kind `PermissionDenied` naming the uid.
+    async fn connect(
+        &self,
+        key: &PoolKey,
+        slot: OwnedSemaphorePermit,
+        timeout: Duration,
+    ) -> io::Result<Connection> {
         let connect = async {
             match &key.address {
                 Address::Tcp(addr) => {
@@ -126,9 +189,9 @@ impl Pool {
                         check_owner(&stream, expected)?;
                     }
                     stream.set_nodelay(true)?;
-                    handshake(stream).await
+                    handshake(stream, slot).await
                 }
-                Address::Unix(path) => handshake(UnixStream::connect(path).await?).await,
+                Address::Unix(path) => handshake(UnixStream::connect(path).await?, slot).await,
             }
         };
         match tokio::time::timeout(timeout, connect).await {
@@ -161,11 +224,14 @@ fn check_owner(stream: &TcpStream, expected: u32) -> io::Result<()> {
     }
 }
 
-async fn handshake<S>(stream: S) -> io::Result<Connection>
+async fn handshake<S>(stream: S, slot: OwnedSemaphorePermit) -> io::Result<Connection>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let state = Arc::new(ConnectionState::default());
+    let state = Arc::new(ConnectionState {
+        _slot: Some(slot),
+        ..ConnectionState::default()
+    });
     let io = WriteGuarded {
         inner: stream,
         state: state.clone(),

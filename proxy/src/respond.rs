@@ -42,6 +42,13 @@ pub enum ProxyError {
     /// The client's own body was malformed (bad chunked framing) or cut short.
     #[error("bad request body: {0}")]
     BadBody(String),
+    /// Every connection the instance may have (`max_upstream_connections`) stayed busy until
+    /// the request's deadline.
+    #[error("instance busy: {0}")]
+    Busy(String),
+    /// The client asked for too many unknown tenants of `auto_spawn` services too fast.
+    #[error("too many new tenants from this client")]
+    TooManyNewTenants,
     /// CONNECT: tenement is not a forward proxy.
     #[error("method not allowed")]
     MethodNotAllowed,
@@ -94,6 +101,14 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
             StatusCode::BAD_REQUEST,
             "400 bad request: malformed request body\n",
         ),
+        ProxyError::Busy(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "503 service unavailable: the instance is busy, try again shortly\n",
+        ),
+        ProxyError::TooManyNewTenants => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "429 too many requests: slow down\n",
+        ),
         ProxyError::MethodNotAllowed => (
             StatusCode::METHOD_NOT_ALLOWED,
             "405 method not allowed: CONNECT is not served here\n",
@@ -112,7 +127,7 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
             header::HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
         );
     }
-    if status == StatusCode::SERVICE_UNAVAILABLE {
+    if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
         headers.insert(
             header::RETRY_AFTER,
             header::HeaderValue::from(RETRY_AFTER_S),
@@ -147,13 +162,15 @@ mod tests {
             (ProxyError::BadHost(HostError::Mismatch), 400),
             (ProxyError::BadBody("x".into()), 400),
             (ProxyError::MethodNotAllowed, 405),
+            (ProxyError::Busy("x".into()), 503),
+            (ProxyError::TooManyNewTenants, 429),
         ];
         for (error, status) in cases {
             let response = error_response(&error);
             assert_eq!(response.status().as_u16(), status, "{error:?}");
             assert_eq!(
                 response.headers().contains_key(header::RETRY_AFTER),
-                status == 503
+                status == 503 || status == 429
             );
         }
     }

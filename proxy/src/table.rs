@@ -49,6 +49,8 @@ pub struct Entry {
     /// Requests started, ever; and as of the last activity report.
     started: AtomicU64,
     reported: AtomicU64,
+    /// Answers with a 2xx or 3xx status since the last activity report.
+    succeeded: AtomicU64,
     /// The in-flight count as of the last report, so its drop to 0 is reported too.
     reported_in_flight: AtomicU32,
     /// The wake in progress, shared by every request that needs it.
@@ -74,6 +76,7 @@ impl Entry {
             gate: AtomicU64::new(0),
             started: AtomicU64::new(0),
             reported: AtomicU64::new(0),
+            succeeded: AtomicU64::new(0),
             reported_in_flight: AtomicU32::new(0),
             wake: Mutex::new(None),
         }
@@ -146,14 +149,22 @@ impl Entry {
         (self.gate.load(Ordering::Acquire) & !PARKED) as u32
     }
 
-    /// Requests started since the last call and the in-flight count, when either is news.
-    pub fn take_activity(&self) -> Option<(u64, u32)> {
+    /// The instance answered a request with a 2xx or 3xx status.
+    pub fn note_success(&self) {
+        self.succeeded.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests started and answers that succeeded since the last call, and the in-flight
+    /// count, when any of them is news.
+    pub fn take_activity(&self) -> Option<(u64, u32, u64)> {
         let started = self.started.load(Ordering::Acquire);
         let before = self.reported.swap(started, Ordering::AcqRel);
         let in_flight = self.in_flight();
         let previous = self.reported_in_flight.swap(in_flight, Ordering::AcqRel);
+        let succeeded = self.succeeded.swap(0, Ordering::AcqRel);
         let started = started.wrapping_sub(before);
-        (started > 0 || in_flight > 0 || previous != in_flight).then_some((started, in_flight))
+        (started > 0 || in_flight > 0 || previous != in_flight || succeeded > 0)
+            .then_some((started, in_flight, succeeded))
     }
 }
 
@@ -291,14 +302,14 @@ impl Table {
 
     /// Entries with activity to report: something started since the last report or still in
     /// flight.
-    pub fn activity(&self) -> Vec<(InstanceId, u64, u32)> {
+    pub fn activity(&self) -> Vec<(InstanceId, u64, u32, u64)> {
         let inner = read(&self.inner);
         inner
             .entries
             .values()
             .filter_map(|e| {
-                let (started, in_flight) = e.take_activity()?;
-                Some((e.id.clone(), started, in_flight))
+                let (started, in_flight, succeeded) = e.take_activity()?;
+                Some((e.id.clone(), started, in_flight, succeeded))
             })
             .collect()
     }

@@ -36,6 +36,12 @@ pub struct PersistedInstance {
     /// The uid given to a `user = "dynamic"` instance, kept so it owns its data for good.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
+    /// Created by `auto_spawn` (a request for an unknown tenant), not by an operator.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto: bool,
+    /// Has answered a request with a 2xx or 3xx status at least once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub proven: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -264,6 +270,8 @@ mod tests {
             weight: 1,
             created_ms: 1,
             uid: None,
+            auto: false,
+            proven: false,
         }
     }
 

@@ -61,6 +61,7 @@ fn idle_stop_waits_for_in_flight_requests_and_the_proxys_park_answer() {
             instance: iid("web:busy"),
             in_flight: 1,
             started: 1,
+            succeeded: 0,
         }],
     });
     let app = served_pid(tcp_addr(&route));
@@ -92,6 +93,7 @@ fn idle_stop_waits_for_in_flight_requests_and_the_proxys_park_answer() {
             instance: iid("web:busy"),
             in_flight: 0,
             started: 0,
+            succeeded: 0,
         }],
     });
     let ended = Instant::now();

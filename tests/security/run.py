@@ -120,6 +120,8 @@ runtime_dir = "{self.dir}/run"
 port_range = "{lo}-{hi}"
 dynamic_users = "63000-63099"
 proxy_user = "nobody"
+max_connections = 100
+max_connections_per_client = 40
 
 [service.victim]
 command = "{tiny}"
@@ -157,6 +159,23 @@ idle_timeout = "never"
 startup_timeout = "10s"
 [service.usurper.env]
 SYMLINK_TO = "{self.dir}/run/sockets/uvictim.v.sock"
+
+[service.open]
+command = "{tiny}"
+auto_spawn = true
+auto_spawn_max = 5
+auto_spawn_expire = "3s"
+idle_timeout = "1s"
+
+[service.open2]
+command = "{tiny}"
+auto_spawn = true
+idle_timeout = "1s"
+
+[service.busy]
+command = "python3 {FIXTURES}/mirror.py"
+idle_timeout = "never"
+max_upstream_connections = 4
 
 [instances]
 victim = ["v"]
@@ -471,11 +490,134 @@ lurker = ["l"]
                 f"{usurper['reason'][:90]}")
 
 
+    def get_from(self, source, host, path="/"):
+        """GET through the proxy from 127.0.0.x `source`: (status, body)."""
+        c = socket.create_connection(("127.0.0.1", self.port), timeout=EVENT_DEADLINE,
+                                     source_address=(source, 0))
+        try:
+            c.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while True:
+                chunk = c.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        finally:
+            c.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        status = int(head.split()[1]) if head else 0
+        return status, body.decode(errors="replace")
+
+    def f5_auto_spawn_bounds(self):
+        """F5: strangers creating instances of an auto_spawn service at will."""
+        # The cap: five per service, then "no such tenant".
+        statuses = [self.get_from("127.0.0.7", f"x{n}.open.localhost")[0] for n in range(1, 8)]
+        check(statuses == [200] * 5 + [404] * 2, f"auto_spawn_max = 5: {statuses}")
+        # The rate per client: a burst of ten, then 429; another client still gets in.
+        burst = [self.get_from("127.0.0.8", f"y{n}.open2.localhost")[0] for n in range(1, 13)]
+        check(burst[:10] == [200] * 10 and burst[10:] == [429, 429], f"one client's new tenants: {burst}")
+        other = self.get_from("127.0.0.9", "z1.open2.localhost")[0]
+        check(other == 200, f"another client: {other}")
+        # One that never answered with success goes (auto_spawn_expire = 3s); one that did
+        # stays. The service is at its cap: make room for the newcomer first.
+        self.ok("rm", "--purge", "open:x5")
+        status, _ = self.get_from("127.0.0.10", "w1.open.localhost", "/crash")
+        check(status != 200 and self.tenctl("status", "open:w1").returncode == 0,
+              f"w1 was not auto-spawned: {status}")
+        wait_for(lambda: self.tenctl("status", "open:w1").returncode != 0, EVENT_DEADLINE,
+                 "the never-successful open:w1 to be removed")
+        check(self.tenctl("status", "open:x1").returncode == 0, "open:x1 answered 200 and was removed anyway")
+        return (f"cap: {statuses}; one client's burst: {burst}; an instance that never answered "
+                "with success was removed after auto_spawn_expire, one that did stays")
+
+    def open_idle(self, source, count):
+        """`count` connections to the proxy from 127.0.0.x `source`, sending nothing."""
+        conns = []
+        for _ in range(count):
+            c = socket.socket()
+            c.bind((source, 0))
+            c.connect(("127.0.0.1", self.port))
+            conns.append(c)
+        return conns
+
+    def closed_by_proxy(self, conns, within=2.0):
+        """How many of `conns` the proxy closed (EOF or reset) within `within` seconds."""
+        closed = 0
+        for c in conns:
+            c.settimeout(max(0.05, within / len(conns)))
+            try:
+                if c.recv(1) == b"":
+                    closed += 1
+            except (ConnectionResetError, BrokenPipeError):
+                closed += 1
+            except socket.timeout:
+                pass
+        return closed
+
+    def f7_connection_caps(self):
+        """F7: one client holding every connection; HTTP/2 fanning out to one app."""
+        held = []
+        try:
+            mine = self.open_idle("127.0.0.2", 60)
+            held += mine
+            closed = self.closed_by_proxy(mine)
+            check(closed == 20, f"max_connections_per_client = 40, but {closed} of 60 were closed")
+            held += self.open_idle("127.0.0.3", 40)
+            held += self.open_idle("127.0.0.4", 40)  # 20 of these wait in the kernel: cap 100
+            late = socket.socket()
+            late.bind(("127.0.0.5", 0))
+            late.connect(("127.0.0.1", self.port))
+            late.sendall(b"GET /health HTTP/1.1\r\nHost: v.victim.localhost\r\nConnection: close\r\n\r\n")
+            late.settimeout(2)
+            try:
+                early = late.recv(100)
+            except socket.timeout:
+                early = b""
+            check(early == b"", f"answered past max_connections: {early!r}")
+            for c in mine:
+                c.close()
+            late.settimeout(EVENT_DEADLINE)
+            answer = late.recv(100)
+            check(answer.startswith(b"HTTP/1.1 "), f"the waiting connection was not served once slots freed: {answer!r}")
+        finally:
+            for c in held:
+                c.close()
+
+        # max_upstream_connections = 4: twelve slow requests at once, never more than four
+        # connections to the app, and all twelve answered.
+        self.ok("spawn", "busy:b")
+        port = int(self.status("busy:b")["address"].rsplit(":", 1)[1])
+        import threading
+        results = []
+        def slow():
+            try:
+                results.append(self.request("b.busy.localhost", "/slow?ms=1500")[0])
+            except Exception as e:  # noqa: BLE001
+                results.append(repr(e))
+        threads = [threading.Thread(target=slow) for _ in range(12)]
+        for t in threads:
+            t.start()
+        most = 0
+        while any(t.is_alive() for t in threads):
+            out = subprocess.run(["ss", "-Htn", "state", "established", f"dport = :{port}"],
+                                 capture_output=True, text=True).stdout
+            most = max(most, len(out.splitlines()))
+            time.sleep(0.05)
+        for t in threads:
+            t.join()
+        check(results.count(200) == 12, f"answers: {results}")
+        check(0 < most <= 4, f"{most} connections to the app at once, max_upstream_connections = 4")
+        return (f"a client's 41st-60th connections closed; past 100 a connection waits and is "
+                f"served once one closes; 12 requests met at most {most} connections to the app")
+
+
 CHECKS = [
     ("F1 a squatting tenant is caught and banned", Suite.f1_tenant_squatter_is_banned),
     ("F1 a local racer captures nothing", Suite.f1_local_racer_gets_nothing),
     ("F2 no direct connection between tenants", Suite.f2_no_direct_connections),
     ("F4 overlapping directories are refused", Suite.f4_overlapping_dirs_refused),
+    ("F5 auto_spawn is bounded", Suite.f5_auto_spawn_bounds),
+    ("F7 connection caps", Suite.f7_connection_caps),
     ("F9 a socket symlink leads nowhere", Suite.f9_unix_socket_symlink),
     ("F10 F11 hostile output", Suite.f10_f11_hostile_output),
     ("F12 host sockets are out of reach", Suite.f12_host_sockets_hidden),

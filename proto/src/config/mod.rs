@@ -72,6 +72,10 @@ pub struct Settings {
     pub trusted_proxies: Vec<std::net::IpAddr>,
     /// Uids (and gids) for instances of services with `user = "dynamic"`.
     pub dynamic_users: RangeInclusive<u32>,
+    /// Client connections the proxy holds at once (more wait in the kernel's backlog).
+    pub max_connections: u32,
+    /// Client connections one address may hold at once (more are closed at once).
+    pub max_connections_per_client: u32,
     /// The isolation of services that do not set their own.
     pub isolation: Option<Isolation>,
     /// The user of services that do not set their own.
@@ -161,6 +165,12 @@ pub struct Service {
     pub backoff_base: Duration,
     pub backoff_max: Duration,
     pub auto_spawn: bool,
+    /// The most instances `auto_spawn` may create for this service.
+    pub auto_spawn_max: u32,
+    /// How long an auto-spawned instance that never answered with success stays registered.
+    pub auto_spawn_expire: Duration,
+    /// Connections the proxy opens to one instance at once; more requests wait for one.
+    pub max_upstream_connections: u32,
     /// `None`: the supervisor's default for how it runs.
     pub isolation: Option<Isolation>,
     pub user: Option<String>,

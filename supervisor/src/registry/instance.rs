@@ -60,6 +60,10 @@ pub struct Instance {
     pub listener_uid: Option<u32>,
     pub weight: u32,
     pub created_ms: u64,
+    /// Created by `auto_spawn` rather than by an operator (see `auto_spawn.rs`).
+    pub auto: bool,
+    /// Has answered a request with a 2xx or 3xx status at least once.
+    pub proven: bool,
     /// Bumped at each spawn; events from older processes are ignored.
     pub generation: u64,
     pub process: Option<Process>,
@@ -94,6 +98,8 @@ impl Instance {
             listener_uid: None,
             weight,
             created_ms,
+            auto: false,
+            proven: false,
             generation: 0,
             process: None,
             waiters: Vec::new(),

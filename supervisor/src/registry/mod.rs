@@ -6,6 +6,7 @@
 //! [`Lifecycle`](crate::lifecycle::Lifecycle); this module carries out its actions
 //! (see `process.rs`) and answers callers.
 
+mod auto_spawn;
 mod instance;
 mod isolation;
 mod process;
@@ -239,6 +240,8 @@ pub struct Registry {
     environment: tenement_proto::config::Environment,
     /// The nftables rules that keep tenants off each other's ports (root only).
     firewall: Option<crate::firewall::Firewall>,
+    /// When `auto_spawn.rs` next looks for expired auto-spawned instances.
+    next_sweep: Option<Instant>,
     tx: mpsc::Sender<Command>,
     rx: mpsc::Receiver<Command>,
 }
@@ -316,6 +319,7 @@ impl Registry {
             is_root,
             environment,
             firewall,
+            next_sweep: None,
             tx: tx.clone(),
             rx,
         };
@@ -341,6 +345,8 @@ impl Registry {
                 now,
             );
             instance.uid = entry.uid;
+            instance.auto = entry.auto;
+            instance.proven = entry.proven;
             registry.instances.insert(entry.instance, instance);
         }
         let declared = registry.config.instances.clone();
@@ -404,6 +410,8 @@ impl Registry {
                 weight: i.weight,
                 created_ms: i.created_ms,
                 uid: i.uid,
+                auto: i.auto,
+                proven: i.proven,
             })
             .collect();
         entries.sort_by(|a, b| a.instance.cmp(&b.instance));
@@ -535,6 +543,7 @@ impl Registry {
             Command::Subscribe { tx, reply } => self.subscribe(tx, reply),
             Command::Unsubscribe { watcher } => self.unsubscribe(watcher, now),
             Command::Activity { reports } => {
+                self.note_successes(&reports);
                 for report in reports {
                     self.event(
                         &report.instance,
@@ -783,12 +792,17 @@ impl Registry {
 
     fn resolve(&mut self, id: &InstanceId, now: Instant) -> Result<Route, RpcError> {
         self.refuse_if_removing(id)?;
-        let service = self.service_of(id)?;
+        let service = self.service_of(id)?.clone();
         if !self.instances.contains_key(id) {
             if !service.auto_spawn {
                 return Err(RpcError::unknown(id));
             }
+            self.may_auto_spawn(id, &service)?;
             self.add(vec![id.clone()], now)?;
+            if let Some(i) = self.instances.get_mut(id) {
+                i.auto = true;
+            }
+            self.save()?;
         }
         self.route_of(id).ok_or_else(|| RpcError::unknown(id))
     }
@@ -927,6 +941,7 @@ impl Registry {
 
     fn tick(&mut self) {
         let now = Instant::now();
+        self.sweep_unproven_auto_spawns(now);
         let ids: Vec<InstanceId> = self.active.iter().cloned().collect();
         for id in ids {
             self.event(&id, Event::Tick, now);

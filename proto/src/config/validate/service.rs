@@ -26,6 +26,9 @@ const SERVICE_KEYS: &[&str] = &[
     "backoff_base",
     "backoff_max",
     "auto_spawn",
+    "auto_spawn_max",
+    "auto_spawn_expire",
+    "max_upstream_connections",
     "isolation",
     "user",
     "max_body_size",
@@ -56,6 +59,10 @@ const RESERVED_ENV: &[&str] = &[
 const MAX_HEALTH_PATH: usize = 1024;
 /// 1 GiB: large uploads work out of the box; lower it per service.
 const DEFAULT_MAX_BODY_SIZE: u64 = 1 << 30;
+/// Instances `auto_spawn` may create for a service, at most.
+const DEFAULT_AUTO_SPAWN_MAX: u32 = 100;
+/// Connections from the proxy to one instance at once.
+const DEFAULT_MAX_UPSTREAM_CONNECTIONS: u32 = 256;
 /// `health_timeout` when not written, or half of `health_interval` if that is shorter.
 const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 const LISTEN_MODES: &[(&str, ListenMode)] = &[
@@ -146,6 +153,14 @@ impl Checker<'_> {
         let network = body
             .get("network")
             .map(|_| self.choice(body, "network", NETWORKS, Network::Host));
+        let auto_spawn_max = self
+            .opt_count(body, "auto_spawn_max", 1..=1_000_000)
+            .map_or(DEFAULT_AUTO_SPAWN_MAX, |n| n as u32);
+        let auto_spawn_expire =
+            self.duration(body, "auto_spawn_expire", Duration::from_secs(15 * 60));
+        let max_upstream_connections = self
+            .opt_count(body, "max_upstream_connections", 1..=65_536)
+            .map_or(DEFAULT_MAX_UPSTREAM_CONNECTIONS, |n| n as u32);
         let writable = match body.get("writable") {
             Some(e) => self.absolute_paths(e),
             None => Vec::new(),
@@ -234,6 +249,9 @@ impl Checker<'_> {
             backoff_base,
             backoff_max,
             auto_spawn,
+            auto_spawn_max,
+            auto_spawn_expire,
+            max_upstream_connections,
             isolation,
             user,
             max_body_size,

@@ -21,12 +21,19 @@ const SETTINGS_KEYS: &[&str] = &[
     "dynamic_users",
     "isolation",
     "user",
+    "max_connections",
+    "max_connections_per_client",
 ];
 
 /// `sizeof(sockaddr_un.sun_path)` on Linux, terminating NUL included (unix(7)).
 const UNIX_PATH_MAX: usize = 108;
 /// RFC 1035, 2.3.4, without the trailing dot.
 const MAX_DOMAIN_LEN: usize = 253;
+
+/// Client connections the proxy holds at once; beyond it, new ones wait in the kernel.
+const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+/// Client connections one address may hold at once; beyond it, new ones are closed.
+const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: u32 = 256;
 
 /// `path` with `.` and `..` resolved by their names alone (no symlink is read).
 fn lexical(path: &Path) -> PathBuf {
@@ -139,7 +146,15 @@ impl Checker<'_> {
             Some(e) => self.ip_list(e),
             None => Vec::new(),
         };
+        let max_connections = self
+            .opt_count(table, "max_connections", 1..=1_000_000)
+            .map_or(DEFAULT_MAX_CONNECTIONS, |n| n as u32);
+        let max_connections_per_client = self
+            .opt_count(table, "max_connections_per_client", 1..=1_000_000)
+            .map_or(DEFAULT_MAX_CONNECTIONS_PER_CLIENT, |n| n as u32);
         Settings {
+            max_connections,
+            max_connections_per_client,
             isolation,
             user,
             dynamic_users,
