@@ -121,6 +121,33 @@ impl NewTenantLimit {
     }
 }
 
+/// The uids tenants run as, so that a connection from this host can be told apart: a TLS
+/// terminator on loopback may be a trusted proxy, a tenant on loopback never is.
+#[derive(Debug, Clone, Default)]
+pub struct TenantUids {
+    pub dynamic: Option<std::ops::RangeInclusive<u32>>,
+    /// Named users of services, root included when a service runs as root.
+    pub named: std::collections::HashSet<u32>,
+}
+
+impl TenantUids {
+    pub fn contains(&self, uid: u32) -> bool {
+        self.dynamic.as_ref().is_some_and(|r| r.contains(&uid)) || self.named.contains(&uid)
+    }
+
+    /// Whether the loopback connection `stream` comes from a tenant's socket (sock_diag
+    /// names the uid of the client's socket). When that cannot be told, it is treated as one.
+    pub fn is_tenant(&self, stream: &tokio::net::TcpStream) -> bool {
+        let (Ok(local), Ok(remote)) = (stream.local_addr(), stream.peer_addr()) else {
+            return true;
+        };
+        match tenement_proto::sockdiag::tcp_peer(local, remote) {
+            Ok(Some(owner)) => self.contains(owner.uid),
+            _ => true,
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,

@@ -63,6 +63,9 @@ pub struct Peer {
     pub addr: SocketAddr,
     /// `http` or `https`, from the listener's name.
     pub scheme: &'static str,
+    /// A connection from this host whose socket belongs to a tenant's uid: never a trusted
+    /// proxy, whatever `trusted_proxies` says about its address (see `admission.rs`).
+    pub tenant: bool,
 }
 
 /// RFC 9110 7.6.1 plus the proxy-* headers meant for this hop.
@@ -531,7 +534,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub fn prepare_headers(headers: &mut HeaderMap, peer: Peer, raw_host: &str, trusted: &[IpAddr]) {
     strip_hop_by_hop(headers);
     let client_ip = peer.addr.ip().to_canonical();
-    let trusted_peer = trusted.contains(&client_ip);
+    let trusted_peer = !peer.tenant && trusted.contains(&client_ip);
     let prior_for = if trusted_peer {
         headers
             .get(X_FORWARDED_FOR)
@@ -646,6 +649,7 @@ mod tests {
         Peer {
             addr: SocketAddr::new(ip.parse().expect("ip"), 5555),
             scheme: "http",
+            tenant: false,
         }
     }
 
@@ -723,6 +727,19 @@ mod tests {
         assert_eq!(hosts, ["bob.notes.localhost"]);
         assert_eq!(parts.uri, "/x?y=1");
         assert_eq!(parts.version, http::Version::HTTP_11);
+    }
+
+    #[test]
+    fn a_tenant_on_a_trusted_loopback_address_is_not_trusted() {
+        let mut headers = HeaderMap::new();
+        headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+        let trusted = ["127.0.0.1".parse().expect("ip")];
+        let tenant = Peer {
+            tenant: true,
+            ..peer("127.0.0.1")
+        };
+        prepare_headers(&mut headers, tenant, "x.localhost", &trusted);
+        assert_eq!(headers[X_FORWARDED_FOR], "127.0.0.1");
     }
 
     #[test]

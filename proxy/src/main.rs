@@ -18,7 +18,7 @@ use hyper_util::rt::TokioIo;
 use tenement_proto::config::{Config, Environment, DEFAULT_CONFIG_PATH};
 use tokio_util::sync::CancellationToken;
 
-use tenement_proxy::admission::Admission;
+use tenement_proxy::admission::{Admission, TenantUids};
 use tenement_proxy::forward::{self, Peer, Proxy, ServicePolicy};
 use tenement_proxy::listeners::{self, Listener};
 use tenement_proxy::server::{self, HEADER_READ_TIMEOUT};
@@ -136,6 +136,17 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
 
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let builder = Arc::new(server::connection_builder());
+    let tenant_uids = Arc::new(tenant_uids(&config));
+    if config
+        .settings
+        .trusted_proxies
+        .iter()
+        .any(|ip| ip.is_loopback())
+    {
+        tracing::info!(
+            "trusted_proxies includes loopback: a connection from it is trusted only if its socket does not belong to a tenant's uid"
+        );
+    }
     let admission = Admission::new(
         connection_cap(config.settings.max_connections),
         config.settings.max_connections_per_client,
@@ -149,6 +160,7 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
         let graceful = graceful.clone();
         let shutdown = shutdown.clone();
         let admission = admission.clone();
+        let tenant_uids = tenant_uids.clone();
         let scheme = listener.scheme;
         let socket = tokio::net::TcpListener::from_std(listener.socket)
             .context("cannot register a listening socket")?;
@@ -177,7 +189,17 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let peer = Peer { addr, scheme };
+                // A trusted proxy on this host (a TLS terminator on loopback) is only trusted
+                // if the connection is not a tenant's.
+                let ip = addr.ip().to_canonical();
+                let tenant = ip.is_loopback()
+                    && proxy.settings.trusted_proxies.contains(&ip)
+                    && tenant_uids.is_tenant(&stream);
+                let peer = Peer {
+                    addr,
+                    scheme,
+                    tenant,
+                };
                 let proxy = proxy.clone();
                 let builder = builder.clone();
                 // Taken now, so the shutdown waits for this connection even while it is still
@@ -233,6 +255,34 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
         tracing::warn!("grace period over with requests still in flight");
     }
     Ok(())
+}
+
+/// The uids tenants may run as: `dynamic_users`, and every named `user` of a service (root for
+/// `user = "root"`). `user = "self"` tenants run as the supervisor's user, which the proxy
+/// cannot name; with those, loopback should not be trusted (docs/SECURITY.md).
+fn tenant_uids(config: &Config) -> TenantUids {
+    let mut uids = TenantUids {
+        dynamic: Some(config.settings.dynamic_users.clone()),
+        ..TenantUids::default()
+    };
+    let users = config
+        .services
+        .values()
+        .filter_map(|s| s.user.as_deref().or(config.settings.user.as_deref()));
+    for name in users {
+        match name {
+            "dynamic" | "self" => {}
+            "root" => {
+                uids.named.insert(0);
+            }
+            name => {
+                if let Ok(Some(user)) = nix::unistd::User::from_name(name) {
+                    uids.named.insert(user.uid.as_raw());
+                }
+            }
+        }
+    }
+    uids
 }
 
 /// `max_connections`, lowered to what the open-file limit allows: each client connection may

@@ -122,6 +122,8 @@ dynamic_users = "63000-63099"
 proxy_user = "nobody"
 max_connections = 100
 max_connections_per_client = 40
+# A TLS terminator on this host would be trusted like this; tenants must not be (F14).
+trusted_proxies = ["127.0.0.1"]
 
 [service.victim]
 command = "{tiny}"
@@ -530,6 +532,33 @@ lurker = ["l"]
         return (f"cap: {statuses}; one client's burst: {burst}; an instance that never answered "
                 "with success was removed after auto_spawn_expire, one that did stays")
 
+    def f14_tenants_are_not_trusted_proxies(self):
+        """F14: trusted_proxies = ["127.0.0.1"] trusted every co-tenant on loopback."""
+        self.ok("spawn", "busy:b")
+        self.ok("spawn", "hostile:h")
+        forged = ("python3 -c \"import socket\n"
+                  f"s=socket.create_connection(('127.0.0.1', {self.port}))\n"
+                  "s.sendall(b'GET /headers HTTP/1.1\\r\\nHost: b.busy.localhost\\r\\n"
+                  "X-Forwarded-For: 6.6.6.6\\r\\nX-Forwarded-Proto: https\\r\\nConnection: close\\r\\n\\r\\n')\n"
+                  "data=b''\n"
+                  "while True:\n"
+                  "    c=s.recv(65536)\n"
+                  "    if not c: break\n"
+                  "    data+=c\n"
+                  "print(data.split(b'\\r\\n\\r\\n',1)[1].decode())\"")
+        out = self.shell("hostile:h", forged)
+        seen = dict((k.lower(), v) for k, v in json.loads(out["out"]))
+        check(seen.get("x-forwarded-for") == "127.0.0.1" and seen.get("x-forwarded-proto") == "http",
+              f"a tenant on loopback was trusted: {seen}")
+        # The same from a process that is not a tenant (this suite, as root): trusted.
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=EVENT_DEADLINE)
+        conn.request("GET", "/headers", headers={"Host": "b.busy.localhost", "X-Forwarded-For": "1.2.3.4"})
+        trusted = dict((k.lower(), v) for k, v in json.loads(conn.getresponse().read()))
+        conn.close()
+        check(trusted.get("x-forwarded-for") == "1.2.3.4, 127.0.0.1", f"a trusted terminator: {trusted}")
+        return ("from a tenant's socket on trusted loopback: X-Forwarded-For replaced "
+                f"({seen['x-forwarded-for']}); from another user's: kept ({trusted['x-forwarded-for']})")
+
     def open_idle(self, source, count):
         """`count` connections to the proxy from 127.0.0.x `source`, sending nothing."""
         conns = []
@@ -619,6 +648,7 @@ CHECKS = [
     ("F5 auto_spawn is bounded", Suite.f5_auto_spawn_bounds),
     ("F7 connection caps", Suite.f7_connection_caps),
     ("F9 a socket symlink leads nowhere", Suite.f9_unix_socket_symlink),
+    ("F14 tenants are not trusted proxies", Suite.f14_tenants_are_not_trusted_proxies),
     ("F10 F11 hostile output", Suite.f10_f11_hostile_output),
     ("F12 host sockets are out of reach", Suite.f12_host_sockets_hidden),
     ("F15 config and secrets are hidden", Suite.f15_config_and_secrets_hidden),
