@@ -226,6 +226,7 @@ pub fn response_name(response: &Response) -> &'static str {
         Response::Routes { .. } => "routes",
         Response::Park { .. } => "park",
         Response::Reloaded { .. } => "reloaded",
+        Response::ConfigReloaded => "config_reloaded",
     }
 }
 

@@ -216,6 +216,9 @@ pub enum Response {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         drain: bool,
     },
+    /// Supervisor -> proxy on a watch stream: the config file was reloaded (`tenctl reload`,
+    /// SIGHUP); the proxy reads it again (new services, domains, body limits).
+    ConfigReloaded,
 }
 
 /// Typed error codes: clients match on these, never on message text.

@@ -182,6 +182,7 @@ fn responses() -> Vec<(&'static str, Response)> {
                 removed: vec![id("notes:carol")],
             },
         ),
+        ("response_config_reloaded", Response::ConfigReloaded),
         (
             "response_routes_update",
             Response::Routes {

@@ -46,10 +46,13 @@ pub struct Settings {
     pub response_timeout: Duration,
     /// Peers whose X-Forwarded-*/Forwarded headers are kept and extended.
     pub trusted_proxies: Vec<IpAddr>,
+    /// The uids tenants run as: a loopback peer of one of these is never a trusted proxy.
+    pub tenant_uids: crate::admission::TenantUids,
 }
 
 pub struct Proxy {
-    pub settings: Settings,
+    /// Replaced whole when the config is reloaded; each request reads it once.
+    pub settings: arc_swap::ArcSwap<Settings>,
     pub table: Arc<Table>,
     pub link: Link,
     pub pool: Arc<Pool>,
@@ -150,14 +153,14 @@ impl Proxy {
                 .map(HeaderValue::as_bytes),
         )?
         .map(str::to_owned);
-        let target = host::target_of(raw_host.as_deref(), &self.settings.domains)?;
-        let deadline = Instant::now() + self.settings.wake_timeout;
+        let settings = self.settings.load_full();
+        let target = host::target_of(raw_host.as_deref(), &settings.domains)?;
+        let deadline = Instant::now() + settings.wake_timeout;
         let entry = match target {
             Target::Home => return Ok(self.home_page()),
             Target::NoMatch => return Err(ProxyError::UnknownHost),
             Target::Instance(id) => {
-                let policy = self
-                    .settings
+                let policy = settings
                     .services
                     .get(&id.service)
                     .ok_or(ProxyError::UnknownService)?;
@@ -180,8 +183,7 @@ impl Proxy {
                 }
             }
             Target::Service(name) => {
-                let policy = self
-                    .settings
+                let policy = settings
                     .services
                     .get(&name)
                     .ok_or(ProxyError::UnknownService)?;
@@ -201,18 +203,13 @@ impl Proxy {
                 }
             }
         };
-        let max_body = self
-            .settings
-            .services
-            .get(&entry.id.service)
-            .map_or(u64::MAX, |p| p.max_body);
         self.forward(
             request,
             entry,
             peer,
             raw_host.unwrap_or_default(),
-            max_body,
             deadline,
+            &settings,
         )
         .await
     }
@@ -292,13 +289,17 @@ impl Proxy {
         entry: Arc<Entry>,
         peer: Peer,
         raw_host: String,
-        max_body: u64,
         deadline: Instant,
+        settings: &Settings,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        let max_body = settings
+            .services
+            .get(&entry.id.service)
+            .map_or(u64::MAX, |p| p.max_body);
         let (mut parts, body) = request.into_parts();
         let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
         let client_http1 = parts.version < http::Version::HTTP_2;
-        rewrite_head(&mut parts, peer, &raw_host, &self.settings.trusted_proxies)?;
+        rewrite_head(&mut parts, peer, &raw_host, &settings.trusted_proxies)?;
         let body: ProxyBody = if max_body == u64::MAX {
             body.map_err(|e| -> BoxError { Box::new(e) }).boxed()
         } else {
@@ -310,8 +311,7 @@ impl Proxy {
         let resendable = (parts.method == http::Method::GET || parts.method == http::Method::HEAD)
             && body.is_end_stream();
         let progress = Progress::new(client_http1);
-        let max_upstream = self
-            .settings
+        let max_upstream = settings
             .services
             .get(&entry.id.service)
             .map_or(256, |p| p.max_upstream);
@@ -336,7 +336,7 @@ impl Proxy {
                     max_upstream,
                     resent,
                     deadline,
-                    self.settings.connect_timeout,
+                    settings.connect_timeout,
                 )
                 .await;
             let (mut connection, reused) = match checkout {
@@ -387,7 +387,7 @@ impl Proxy {
                 )
             });
             let attempt = tokio::time::timeout(
-                self.settings.response_timeout,
+                settings.response_timeout,
                 connection.send.try_send_request(upstream_request),
             )
             .await;

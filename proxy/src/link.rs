@@ -38,7 +38,17 @@ impl Link {
     async fn connect(&self, deadline: Instant) -> Result<UnixStream, ProxyError> {
         let mut pause = Duration::from_millis(5);
         loop {
-            match self.try_connect().await {
+            // A supervisor at its connection cap leaves us in its backlog: bounded by the
+            // request's deadline like everything else.
+            let attempt = tokio::time::timeout_at(deadline, self.try_connect())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(FrameError::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no hello before the deadline",
+                    )))
+                });
+            match attempt {
                 Ok(stream) => return Ok(stream),
                 Err(e) => {
                     if Instant::now() + pause >= deadline {
@@ -142,13 +152,20 @@ impl Link {
     }
 
     /// Keeps `table` in sync until `shutdown`.
-    pub async fn watch(self, table: Arc<Table>, shutdown: CancellationToken) {
+    /// Keeps `table` in step with the supervisor's routes (reconnecting as needed) and calls
+    /// `reload` when the supervisor says the config file was reloaded.
+    pub async fn watch(
+        self,
+        table: Arc<Table>,
+        reload: Arc<dyn Fn() + Send + Sync>,
+        shutdown: CancellationToken,
+    ) {
         let mut pause = Duration::from_millis(10);
         let mut last_problem = String::new();
         loop {
             let result = tokio::select! {
                 () = shutdown.cancelled() => return,
-                result = self.watch_once(&table) => result,
+                result = self.watch_once(&table, &*reload) => result,
             };
             table.set_synced(false);
             if let Err(e) = result {
@@ -173,7 +190,11 @@ impl Link {
         }
     }
 
-    async fn watch_once(&self, table: &Table) -> Result<(), FrameError> {
+    async fn watch_once(
+        &self,
+        table: &Table,
+        reload: &(dyn Fn() + Send + Sync),
+    ) -> Result<(), FrameError> {
         let mut stream = self.try_connect().await?;
         frame::write_message_async(&mut stream, &Request::Subscribe).await?;
         tracing::info!("watching routes from {}", self.socket.display());
@@ -246,6 +267,7 @@ impl Link {
                     Some(Ok(Response::Error { code, message })) => {
                         tracing::warn!(?code, "supervisor: {message}");
                     }
+                    Some(Ok(Response::ConfigReloaded)) => reload(),
                     Some(Ok(_)) => {}
                 },
                 _ = report.tick() => send_activity(table, &out_tx).await,

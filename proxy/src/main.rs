@@ -87,12 +87,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         .context("cannot start the runtime")?;
     runtime.block_on(serve(
         config,
+        environment,
         listeners,
         Duration::from_secs(args.shutdown_grace),
     ))
 }
 
-async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> anyhow::Result<()> {
+/// What the request path needs of the config; built at start and again at every reload.
+fn settings_of(config: &Config) -> forward::Settings {
     let services: HashMap<_, _> = config
         .services
         .iter()
@@ -115,28 +117,6 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
         .unwrap_or(Duration::from_secs(30))
         .max(Duration::from_secs(5))
         + Duration::from_secs(2);
-    let link = link::Link::new(config.settings.proxy_socket());
-    let proxy = Arc::new(Proxy {
-        settings: forward::Settings {
-            domains: config.settings.domains.clone(),
-            services,
-            wake_timeout,
-            connect_timeout: Duration::from_secs(2),
-            response_timeout: Duration::from_secs(60),
-            trusted_proxies: config.settings.trusted_proxies.clone(),
-        },
-        table: Arc::default(),
-        link: link.clone(),
-        pool: Arc::default(),
-        new_tenants: Default::default(),
-    });
-
-    let shutdown = CancellationToken::new();
-    tokio::spawn(link.watch(proxy.table.clone(), shutdown.clone()));
-
-    let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
-    let builder = Arc::new(server::connection_builder());
-    let tenant_uids = Arc::new(tenant_uids(&config));
     if config
         .settings
         .trusted_proxies
@@ -147,6 +127,49 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
             "trusted_proxies includes loopback: a connection from it is trusted only if its socket does not belong to a tenant's uid"
         );
     }
+    forward::Settings {
+        domains: config.settings.domains.clone(),
+        services,
+        wake_timeout,
+        connect_timeout: Duration::from_secs(2),
+        response_timeout: Duration::from_secs(60),
+        trusted_proxies: config.settings.trusted_proxies.clone(),
+        tenant_uids: tenant_uids(config),
+    }
+}
+
+async fn serve(
+    config: Config,
+    environment: Environment,
+    listeners: Vec<Listener>,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let link = link::Link::new(config.settings.proxy_socket());
+    let proxy = Arc::new(Proxy {
+        settings: arc_swap::ArcSwap::from_pointee(settings_of(&config)),
+        table: Arc::default(),
+        link: link.clone(),
+        pool: Arc::default(),
+        new_tenants: Default::default(),
+    });
+    // Reading the config again: asked by the supervisor after `tenctl reload`, or by SIGHUP.
+    let reload: Arc<dyn Fn() + Send + Sync> = {
+        let (proxy, path) = (proxy.clone(), config.path.clone());
+        Arc::new(move || match Config::load(&path, &environment) {
+            Ok(new) => {
+                proxy.settings.store(Arc::new(settings_of(&new)));
+                tracing::info!("config reloaded: {} services", new.services.len());
+            }
+            Err(e) => tracing::error!("config reload failed, the running config stays: {e}"),
+        })
+    };
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(link.watch(proxy.table.clone(), reload.clone(), shutdown.clone()));
+    tokio::spawn(reload_on_sighup(reload));
+
+    let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
+    let builder = Arc::new(server::connection_builder());
     let admission = Admission::new(
         connection_cap(config.settings.max_connections),
         config.settings.max_connections_per_client,
@@ -160,7 +183,6 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
         let graceful = graceful.clone();
         let shutdown = shutdown.clone();
         let admission = admission.clone();
-        let tenant_uids = tenant_uids.clone();
         let scheme = listener.scheme;
         let socket = tokio::net::TcpListener::from_std(listener.socket)
             .context("cannot register a listening socket")?;
@@ -192,9 +214,11 @@ async fn serve(config: Config, listeners: Vec<Listener>, grace: Duration) -> any
                 // A trusted proxy on this host (a TLS terminator on loopback) is only trusted
                 // if the connection is not a tenant's.
                 let ip = addr.ip().to_canonical();
+                let settings = proxy.settings.load();
                 let tenant = ip.is_loopback()
-                    && proxy.settings.trusted_proxies.contains(&ip)
-                    && tenant_uids.is_tenant(&stream);
+                    && settings.trusted_proxies.contains(&ip)
+                    && settings.tenant_uids.is_tenant(&stream);
+                drop(settings);
                 let peer = Peer {
                     addr,
                     scheme,
@@ -342,6 +366,17 @@ async fn watchdog(shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(period) => sd_notify_quietly(&[sd_notify::NotifyState::Watchdog]),
         }
+    }
+}
+
+/// `systemctl reload tenement-proxy`: read the config again.
+async fn reload_on_sighup(reload: Arc<dyn Fn() + Send + Sync>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        reload();
     }
 }
 

@@ -255,3 +255,60 @@ sock = ["a"]
     );
     assert_eq!(reply.text().trim(), "hello from sock:a");
 }
+
+/// `tenctl reload` adds a service: the supervisor tells the proxy, which reads the config
+/// again, so the new service answers without a restart of the proxy.
+#[test]
+fn a_service_added_by_a_reload_is_routed_without_restarting_the_proxy() {
+    let sandbox = Sandbox::new(
+        r#"
+[service.old]
+command = "@TINY@"
+"#,
+    );
+    let (_supervisor, proxy) = sandbox.start();
+    let proxy_pid = proxy.pid();
+    let mut admin = sandbox.admin();
+    assert_eq!(
+        get(sandbox.proxy_addr, "a.new.localhost", "/").status(),
+        404
+    );
+
+    let text = std::fs::read_to_string(&sandbox.config_path).expect("config");
+    std::fs::write(
+        &sandbox.config_path,
+        format!(
+            "{text}\n[service.new]\ncommand = \"{}\"\n",
+            tiny_http().display()
+        ),
+    )
+    .expect("write config");
+    match admin.call(tenement_proto::rpc::Request::Reload) {
+        tenement_proto::rpc::Response::Reloaded { .. } => {}
+        other => panic!("reload: {other:?}"),
+    }
+    match admin.call(tenement_proto::rpc::Request::Add {
+        instances: vec![iid("new:a")],
+    }) {
+        tenement_proto::rpc::Response::Added { .. } => {}
+        other => panic!("add: {other:?}"),
+    }
+    let answered = wait_until(EVENT_DEADLINE, || {
+        try_get(sandbox.proxy_addr, "a.new.localhost", "/")
+            .is_ok_and(|r| r.status() == 200 && r.text().contains("new:a"))
+    });
+    assert!(
+        answered,
+        "the new service is not routed:\n{}",
+        sandbox.proxy_log()
+    );
+    assert!(
+        sandbox.proxy_log().contains("config reloaded"),
+        "{}",
+        sandbox.proxy_log()
+    );
+    assert!(
+        pid_alive(proxy_pid),
+        "the proxy that served it is the one started first"
+    );
+}

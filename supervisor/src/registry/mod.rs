@@ -562,7 +562,11 @@ impl Registry {
                 accepted,
             } => self.park_ack(watcher, instance, park_id, accepted, now),
             Command::Reload { reply } => {
-                let _ = reply.send(self.reload(now));
+                let reloaded = self.reload(now);
+                if reloaded.is_ok() {
+                    self.broadcast(Response::ConfigReloaded);
+                }
+                let _ = reply.send(reloaded);
             }
             Command::Counts { reply } => {
                 let _ = reply.send(self.counts());
