@@ -4,6 +4,12 @@
 //!
 //! A bad frame gets an error reply (or the connection closed when the stream cannot be
 //! resynchronised), never a crash; every wait has a deadline.
+//!
+//! Each socket serves at most its own number of connections at once ([`PROXY_CONNECTIONS`],
+//! [`ADMIN_CONNECTIONS`]): a slot is taken before `accept`, so past the cap new clients wait in
+//! the kernel's listen backlog and cost the supervisor nothing, and however many connections
+//! the proxy socket suffers, the admin socket keeps its own slots. A request connection holds
+//! its slot only while it keeps talking ([`IDLE_TIMEOUT`]); a stream holds it while it lives.
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -14,7 +20,7 @@ use tenement_proto::frame::{self, FrameError};
 use tenement_proto::rpc::{ErrorCode, InstanceInfo, Request, Response, Role, PROTOCOL_VERSION};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -25,6 +31,21 @@ use crate::registry::{Command, RegistryHandle, RpcError, MAX_WAKE_WAIT};
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// The wait of a wake that names no deadline.
 const DEFAULT_WAKE_WAIT: Duration = Duration::from_secs(60);
+/// How long a request connection may wait between requests, counted until the whole next
+/// frame is in (a client that trickles a frame byte by byte is closed like a silent one), and
+/// how long it may leave an answer untaken. Every client we ship sends its request right after
+/// hello and opens a connection per call (the proxy per wake or resolve, tenctl per command):
+/// only a client that is gone or hostile waits this long. Streams (`subscribe`,
+/// `logs --follow`) are meant to live long and are bounded by the caps below instead.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections `proxy.sock` serves at once. A proxy holds one watch stream and one connection
+/// per wake or resolve in flight (concurrent wakes of an instance share one), and an old and a
+/// new proxy overlap during a restart: 256 is far above that, and small enough that a
+/// compromised proxy cannot make the root supervisor hold thousands of descriptors and tasks.
+const PROXY_CONNECTIONS: usize = 256;
+/// Connections `admin.sock` serves at once: tenctl uses one per command (and one per
+/// `logs --follow`), so 64 covers every operator and script at once.
+const ADMIN_CONNECTIONS: usize = 64;
 
 /// Who may use the admin socket besides root and the supervisor's own user.
 #[derive(Debug, Clone)]
@@ -105,7 +126,59 @@ pub fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
     result.map_err(io_err)
 }
 
-/// Accepts connections on one socket until `shutdown`.
+/// The connection slots of one socket.
+struct Slots {
+    role: Role,
+    cap: usize,
+    free: Arc<Semaphore>,
+    /// The cap was reached and at least half the slots have not been free since: one warning
+    /// per episode, however many connections wait.
+    warned: bool,
+}
+
+impl Slots {
+    fn new(role: Role, cap: usize) -> Self {
+        Self {
+            role,
+            cap,
+            free: Arc::new(Semaphore::new(cap)),
+            warned: false,
+        }
+    }
+
+    /// A slot for the next connection, waiting for one to close if all are taken. `None` only
+    /// if the semaphore were closed, which nothing does.
+    async fn take(&mut self) -> Option<OwnedSemaphorePermit> {
+        let slot = match self.free.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if !self.warned {
+                    self.warned = true;
+                    tracing::warn!(
+                        "{} reached its cap of {} connections: new ones wait in the listen \
+                         backlog until one closes",
+                        socket_name(self.role),
+                        self.cap
+                    );
+                }
+                self.free.clone().acquire_owned().await.ok()?
+            }
+        };
+        if self.free.available_permits() >= self.cap - self.cap / 2 {
+            self.warned = false;
+        }
+        Some(slot)
+    }
+}
+
+fn socket_name(role: Role) -> &'static str {
+    match role {
+        Role::Proxy => "proxy.sock",
+        Role::Admin => "admin.sock",
+    }
+}
+
+/// Accepts connections on one socket until `shutdown`, at most the role's cap at once.
 pub async fn serve(
     listener: UnixListener,
     role: Role,
@@ -115,7 +188,21 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let cap = match role {
+        Role::Proxy => PROXY_CONNECTIONS,
+        Role::Admin => ADMIN_CONNECTIONS,
+    };
+    let mut slots = Slots::new(role, cap);
     loop {
+        // The slot before the connection: past the cap, clients wait in the kernel's backlog
+        // (listen(2)) instead of each costing a descriptor and a task here.
+        let slot = tokio::select! {
+            () = shutdown.cancelled() => return,
+            slot = slots.take() => match slot {
+                Some(slot) => slot,
+                None => return,
+            },
+        };
         let stream = tokio::select! {
             () = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
@@ -132,6 +219,7 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         let firewall = firewall.clone();
         tracker.spawn(async move {
+            let _slot = slot;
             let firewall = firewall.as_ref();
             if let Err(e) = connection(stream, role, registry, &admin, firewall, &shutdown).await {
                 tracing::debug!(?role, "connection ended: {e}");
@@ -172,7 +260,7 @@ async fn connection(
                 cred.uid()
             ),
         );
-        return frame::write_message_async(&mut writer, &reply).await;
+        return respond(&mut writer, &reply).await;
     }
 
     // Hello first, with a deadline.
@@ -183,7 +271,7 @@ async fn connection(
         Err(_) => return Ok(()),
         Ok(Err(FrameError::Decode(e))) => {
             let reply = error(ErrorCode::BadRequest, format!("undecodable message: {e}"));
-            return frame::write_message_async(&mut writer, &reply).await;
+            return respond(&mut writer, &reply).await;
         }
         Ok(Err(e)) => return reply_to_frame_error(&mut writer, e).await,
         Ok(Ok(request)) => request,
@@ -200,35 +288,42 @@ async fn connection(
                 server: format!("tenement-supervisor {}", env!("CARGO_PKG_VERSION")),
                 role,
             };
-            frame::write_message_async(&mut writer, &reply).await?;
+            respond(&mut writer, &reply).await?;
         }
         Request::Hello { version, .. } => {
             let reply = error(
                 ErrorCode::UnsupportedVersion,
                 format!("protocol version {version} is not supported; this supervisor speaks {PROTOCOL_VERSION}"),
             );
-            return frame::write_message_async(&mut writer, &reply).await;
+            return respond(&mut writer, &reply).await;
         }
         other => {
             let reply = error(
                 ErrorCode::HelloRequired,
                 format!("the first message must be hello, not {}", other.name()),
             );
-            return frame::write_message_async(&mut writer, &reply).await;
+            return respond(&mut writer, &reply).await;
         }
     }
 
     loop {
         let next = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            next = frame::read_message_async::<_, Request>(&mut reader) => next,
+            next = tokio::time::timeout(IDLE_TIMEOUT, frame::read_message_async::<_, Request>(&mut reader)) => next,
+        };
+        let Ok(next) = next else {
+            tracing::debug!(
+                ?role,
+                "closing a connection that sent no request for {IDLE_TIMEOUT:?}"
+            );
+            return Ok(());
         };
         let request = match next {
             Ok(request) => request,
             Err(FrameError::Decode(e)) => {
                 // The frame boundary is intact: answer and carry on.
                 let reply = error(ErrorCode::BadRequest, format!("undecodable message: {e}"));
-                frame::write_message_async(&mut writer, &reply).await?;
+                respond(&mut writer, &reply).await?;
                 continue;
             }
             Err(FrameError::Closed) => return Ok(()),
@@ -239,7 +334,7 @@ async fn connection(
                 ErrorCode::WrongRole,
                 format!("{} is an admin call; use the admin socket", request.name()),
             );
-            frame::write_message_async(&mut writer, &reply).await?;
+            respond(&mut writer, &reply).await?;
             continue;
         }
         match request {
@@ -259,13 +354,9 @@ async fn connection(
                     .await
                     .and_then(|r| r);
                 match reply {
-                    Err(e) => frame::write_message_async(&mut writer, &from_rpc(e)).await?,
+                    Err(e) => respond(&mut writer, &from_rpc(e)).await?,
                     Ok(logs) => {
-                        frame::write_message_async(
-                            &mut writer,
-                            &Response::Logs { lines: logs.lines },
-                        )
-                        .await?;
+                        respond(&mut writer, &Response::Logs { lines: logs.lines }).await?;
                         if let Some(feed) = logs.follow {
                             return tokio::select! {
                                 () = shutdown.cancelled() => Ok(()),
@@ -276,7 +367,7 @@ async fn connection(
                 }
             }
             Request::List => match registry.ask(|reply| Command::List { reply }).await {
-                Err(e) => frame::write_message_async(&mut writer, &from_rpc(e)).await?,
+                Err(e) => respond(&mut writer, &from_rpc(e)).await?,
                 // A client that stops reading must not hold up the supervisor's shutdown.
                 Ok(instances) => tokio::select! {
                     () = shutdown.cancelled() => return Ok(()),
@@ -290,7 +381,7 @@ async fn connection(
                     // connection close and asking the next supervisor.
                     return Ok(());
                 }
-                frame::write_message_async(&mut writer, &reply).await?;
+                respond(&mut writer, &reply).await?;
             }
         }
     }
@@ -309,7 +400,7 @@ async fn send_instances(
     loop {
         let instances: Vec<InstanceInfo> = rest.by_ref().take(INSTANCES_PER_MESSAGE).collect();
         let more = rest.peek().is_some();
-        frame::write_message_async(writer, &Response::Instances { instances, more }).await?;
+        respond(writer, &Response::Instances { instances, more }).await?;
         if !more {
             return Ok(());
         }
@@ -323,10 +414,22 @@ async fn reply_to_frame_error(
 ) -> Result<(), FrameError> {
     if let FrameError::TooLarge { .. } = e {
         let reply = error(ErrorCode::FrameTooLarge, e.to_string());
-        let _ = frame::write_message_async(writer, &reply).await;
+        let _ = respond(writer, &reply).await;
         return Ok(());
     }
     Err(e)
+}
+
+/// Writes one answer on a request connection: a client that does not take it within
+/// [`IDLE_TIMEOUT`] loses the connection rather than holding its slot.
+async fn respond(writer: &mut OwnedWriteHalf, response: &Response) -> Result<(), FrameError> {
+    match tokio::time::timeout(IDLE_TIMEOUT, frame::write_message_async(writer, response)).await {
+        Ok(written) => written,
+        Err(_) => Err(FrameError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the client left an answer untaken for {IDLE_TIMEOUT:?}"),
+        ))),
+    }
 }
 
 /// One request, one response.
@@ -564,6 +667,28 @@ mod tests {
             admin_gid: None,
         };
         assert!(!closed.allows(1001, 50, None));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slots_wait_at_the_cap_and_warn_once_until_half_are_free_again() {
+        let mut slots = Slots::new(Role::Proxy, 4);
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(slots.take().await.expect("a free slot"));
+        }
+        assert!(!slots.warned, "warned before the cap was reached");
+        // The fifth connection waits...
+        let waited = tokio::time::timeout(Duration::from_secs(60), slots.take()).await;
+        assert!(waited.is_err(), "a fifth slot was given out");
+        assert!(slots.warned);
+        // ...until one closes; taking the freed slot is the same episode.
+        held.pop();
+        held.push(slots.take().await.expect("the freed slot"));
+        assert!(slots.warned);
+        // Once half the slots are free again, reaching the cap is worth a new warning.
+        held.truncate(1);
+        held.push(slots.take().await.expect("a free slot"));
+        assert!(!slots.warned);
     }
 
     #[tokio::test]

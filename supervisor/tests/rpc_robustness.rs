@@ -1,15 +1,18 @@
 //! The RPC sockets of the real supervisor under hostile input: ids that could reach a path or
 //! an argv are refused before any file or process work, and garbage, oversized frames, silent
 //! clients and protocol mistakes get typed errors (or a closed connection), never a crash or a
-//! stall of other clients.
+//! stall of other clients. A flood of one socket waits for its slots without touching the other
+//! socket's, and request connections that go quiet are closed.
 #![allow(clippy::unwrap_used)]
 
 mod support;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::mpsc;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -24,6 +27,12 @@ command = "@TINY@"
 /// connection that waited for more input before hello is only closed when it expires, so an
 /// answer before it proves the supervisor did not wait, however slow the machine is.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The number of connections proxy.sock serves at once (`PROXY_CONNECTIONS` in rpc_server.rs).
+const PROXY_CONNECTIONS: usize = 256;
+/// How long the supervisor keeps a request connection that sends nothing (`IDLE_TIMEOUT` in
+/// rpc_server.rs). Not configurable: the test that needs it waits it out.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Says hello on a raw connection.
 fn raw_hello(path: &Path) -> UnixStream {
@@ -173,8 +182,8 @@ fn garbage_on(sb: &Sandbox, socket: &Path, role: Role) {
             }) => {}
             other => panic!("{what}: 4 GiB frame answered with {other:?}"),
         }
-        // After hello nothing closes a connection that waits for input: that would hang until
-        // the read timeout above. Before hello it would close at the hello deadline.
+        // After hello only IDLE_TIMEOUT closes a connection that waits for input: that would
+        // hang until the read timeout above. Before hello it would close at the hello deadline.
         assert!(
             t0.elapsed() < HELLO_TIMEOUT,
             "{what}: waited {:?} for the body",
@@ -331,4 +340,215 @@ fn rpc_sockets_are_created_private_to_the_supervisors_user() {
     // No temporary bind directory is left beside them.
     let names: Vec<String> = tree_listing(&sb.runtime_dir);
     assert!(names.iter().all(|n| !n.starts_with(".bind")), "{names:?}");
+}
+
+/// Whether the supervisor has answered on `stream` (or closed it), without waiting. An
+/// answer loses its first byte: call it only where an answer fails the test.
+fn has_answered(stream: &mut UnixStream) -> bool {
+    stream.set_nonblocking(true).unwrap();
+    let answered = match stream.read(&mut [0u8; 1]) {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+        Err(e) => panic!("read: {e}"),
+    };
+    stream.set_nonblocking(false).unwrap();
+    answered
+}
+
+#[test]
+fn connections_past_the_proxy_sockets_cap_wait_unserved_and_the_admin_socket_still_answers() {
+    let sb = Sandbox::new(NOTES);
+    let mut sup = sb.start();
+    let mut admin = Client::admin(&sb);
+    assert!(matches!(admin.add(&["notes:bob"]), Response::Added { .. }));
+    drop(admin);
+
+    let t0 = Instant::now();
+    let mut held: Vec<UnixStream> = (0..PROXY_CONNECTIONS)
+        .map(|_| raw_hello(&sb.proxy_socket()))
+        .collect();
+    // Past the cap a connection still succeeds (the kernel queues it) but is not accepted:
+    // its hello waits.
+    const PAST_CAP: usize = 50;
+    let mut waiting: Vec<UnixStream> = (0..PAST_CAP)
+        .map(|_| {
+            let mut s = raw_connect(&sb.proxy_socket());
+            send_frame(&mut s, &hello_frame(PROTOCOL_VERSION));
+            s
+        })
+        .collect();
+
+    // The admin socket has slots of its own: tenctl's calls answer as ever (within the
+    // client's generous read timeout).
+    let mut admin = Client::admin(&sb);
+    let names: Vec<String> = admin.ps().iter().map(|i| i.instance.to_string()).collect();
+    assert_eq!(names, ["notes:bob"]);
+    assert_eq!(admin.status("notes:bob").instance, iid("notes:bob"));
+
+    // No hello answer for a second, and none for any other connection past the cap. (The held
+    // connections stay open for IDLE_TIMEOUT after their hello; only if setting this up took
+    // longer would a slot free by itself.)
+    waiting[0]
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    match waiting[0].read(&mut [0u8; 1]) {
+        Err(e)
+            if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut => {}
+        other => panic!(
+            "a connection past the cap was served ({other:?}) {:?} after the first of {PROXY_CONNECTIONS} held ones",
+            t0.elapsed()
+        ),
+    }
+    for (i, s) in waiting.iter_mut().enumerate() {
+        assert!(
+            !has_answered(s),
+            "connection {i} past the cap was served {:?} after the first held one",
+            t0.elapsed()
+        );
+    }
+
+    // Closing as many held connections lets every waiting one in.
+    held.truncate(PROXY_CONNECTIONS - PAST_CAP);
+    for (i, s) in waiting.iter_mut().enumerate() {
+        s.set_read_timeout(Some(EVENT_DEADLINE)).unwrap();
+        match read_response(s) {
+            Some(Response::Hello {
+                role: Role::Proxy, ..
+            }) => {}
+            other => panic!("waiting connection {i}: hello answered with {other:?}"),
+        }
+    }
+    still_usable(
+        &mut waiting[PAST_CAP - 1],
+        Role::Proxy,
+        "let in after the cap",
+    );
+    still_usable(admin.stream(), Role::Admin, "beside a full proxy socket");
+
+    // Said once, however many connections waited.
+    let warning = format!("proxy.sock reached its cap of {PROXY_CONNECTIONS} connections");
+    assert!(
+        wait_until(EVENT_DEADLINE, || sb.supervisor_log().contains(&warning)),
+        "no warning about the cap:\n{}",
+        sb.supervisor_log()
+    );
+    let log = sb.supervisor_log();
+    assert_eq!(log.matches(&warning).count(), 1, "{log}");
+    assert!(!log.contains("admin.sock reached its cap"), "{log}");
+    assert!(
+        sup.is_running(),
+        "the supervisor died:\n{}",
+        sb.supervisor_log()
+    );
+}
+
+/// Writes `frame` one byte every 250 ms until the supervisor closes the connection; sends how
+/// long that took after `t0`.
+fn trickle(mut stream: UnixStream, frame: Vec<u8>, t0: Instant, done: mpsc::Sender<Duration>) {
+    for byte in frame {
+        if stream.write_all(&[byte]).is_err() {
+            let _ = done.send(t0.elapsed());
+            return;
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+    panic!("the whole trickled frame was read");
+}
+
+/// Sends `list` requests and never reads an answer, until the supervisor closes the
+/// connection.
+fn never_read(mut stream: UnixStream, done: mpsc::Sender<()>) {
+    let mut list = Vec::new();
+    for _ in 0..64 {
+        list.extend_from_slice(&(15u32).to_be_bytes());
+        list.extend_from_slice(br#"{"type":"list"}"#);
+    }
+    while stream.write_all(&list).is_ok() {}
+    let _ = done.send(());
+}
+
+/// One slow test (about IDLE_TIMEOUT) for everything that needs the idle deadline to pass.
+#[test]
+fn idle_trickling_and_non_reading_request_connections_are_closed_but_streams_stay_open() {
+    let sb = Sandbox::new(NOTES);
+    let _sup = sb.start();
+    let mut admin = Client::admin(&sb);
+    expect_woken(admin.spawn("notes:bob"));
+    drop(admin);
+    let (watch, _) = Watch::subscribe(&sb);
+    let mut follower = Client::admin(&sb).with_timeout(EVENT_DEADLINE);
+    let first = follower.call(Request::Logs {
+        instance: iid("notes:bob"),
+        lines: Some(1),
+        follow: true,
+    });
+    assert!(matches!(first, Response::Logs { .. }), "{first:?}");
+
+    // Before any of the connections exists, so before any of their idle clocks starts.
+    let t0 = Instant::now();
+    let mut silent = vec![raw_hello(&sb.proxy_socket()), raw_hello(&sb.admin_socket())];
+    // Half a length prefix, then nothing.
+    let mut half_prefix = raw_hello(&sb.proxy_socket());
+    half_prefix.write_all(&[0, 0]).unwrap();
+    silent.push(half_prefix);
+    // A frame of 4 KiB trickled a byte at a time: it would take over 1000 s to arrive.
+    let (trickled_tx, trickled) = mpsc::channel();
+    let mut frame = 4096u32.to_be_bytes().to_vec();
+    frame.extend(std::iter::repeat_n(b' ', 4096));
+    let trickler = raw_hello(&sb.proxy_socket());
+    thread::spawn(move || trickle(trickler, frame, t0, trickled_tx));
+    let (greedy_tx, greedy) = mpsc::channel();
+    let reader_less = raw_hello(&sb.admin_socket());
+    thread::spawn(move || never_read(reader_less, greedy_tx));
+
+    for (i, s) in silent.iter_mut().enumerate() {
+        s.set_read_timeout(Some(IDLE_TIMEOUT + EVENT_DEADLINE))
+            .unwrap();
+        expect_closed(s);
+        // A lower bound only: the supervisor's clock started after t0.
+        assert!(
+            t0.elapsed() >= IDLE_TIMEOUT,
+            "silent connection {i} closed {:?} after connecting, before the idle timeout",
+            t0.elapsed()
+        );
+    }
+    let trickled_for = trickled
+        .recv_timeout(EVENT_DEADLINE)
+        .expect("a connection trickling one frame is still open");
+    assert!(
+        trickled_for >= IDLE_TIMEOUT,
+        "the trickling connection was closed after {trickled_for:?}"
+    );
+    greedy
+        .recv_timeout(EVENT_DEADLINE)
+        .expect("a connection that never reads its answers is still open");
+
+    // The watch stream and the log stream, older than all of these, still deliver.
+    let mut admin = Client::admin(&sb);
+    assert!(matches!(admin.add(&["notes:late"]), Response::Added { .. }));
+    let deadline = Instant::now() + EVENT_DEADLINE;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the watch stream stopped delivering after {:?}",
+            t0.elapsed()
+        );
+        if let Some(Response::Routes { routes, .. }) = watch.recv(Duration::from_millis(50)) {
+            if routes.iter().any(|r| r.instance == iid("notes:late")) {
+                break;
+            }
+        }
+    }
+    expect_ok(admin.stop("notes:bob"));
+    let mut seen = Vec::new();
+    let got_stop = wait_until(EVENT_DEADLINE, || {
+        match follower.read() {
+            Ok(Response::Logs { lines }) => seen.extend(lines.into_iter().map(|l| l.line)),
+            other => panic!("the log stream gave {other:?} after {:?}", t0.elapsed()),
+        }
+        seen.iter()
+            .any(|l| l.contains("stopped") || l.contains("exited"))
+    });
+    assert!(got_stop, "the stop never reached the log stream: {seen:?}");
 }
