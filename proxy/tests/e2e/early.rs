@@ -158,21 +158,8 @@ impl http_body::Body for Zeros {
 fn an_early_answer_reaches_an_http2_client() {
     let sandbox = Sandbox::new(EARLY);
     let (_supervisor, _proxy) = sandbox.start();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime");
-    runtime.block_on(async {
-        let stream = tokio::net::TcpStream::connect(sandbox.proxy_addr)
-            .await
-            .expect("connect to the proxy");
-        let (mut sender, connection) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(stream),
-        )
-        .await
-        .expect("an HTTP/2 connection (prior knowledge)");
-        tokio::spawn(connection);
+    runtime().block_on(async {
+        let mut sender = h2_connect(sandbox.proxy_addr).await;
         for size in SIZES {
             for authorized in [true, false] {
                 let want = expected(authorized);

@@ -95,21 +95,8 @@ fn the_app_gets_exactly_one_host_and_it_is_the_routed_one() {
 fn an_http2_authority_and_host_that_disagree_are_refused() {
     let sandbox = Sandbox::new(MIRROR);
     let (_supervisor, _proxy) = sandbox.start();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime");
-    runtime.block_on(async {
-        let stream = tokio::net::TcpStream::connect(sandbox.proxy_addr)
-            .await
-            .expect("connect");
-        let (mut sender, connection) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(stream),
-        )
-        .await
-        .expect("HTTP/2 with prior knowledge");
-        tokio::spawn(connection);
+    runtime().block_on(async {
+        let mut sender = h2_connect(sandbox.proxy_addr).await;
         let request = |host: Option<&'static str>| {
             let mut builder = http::Request::get("http://bob.notes.localhost/headers");
             if let Some(host) = host {

@@ -13,9 +13,11 @@
 //! sandbox directory is 0755 so nobody can reach the sockets in it.
 #![allow(dead_code, clippy::unwrap_used)]
 
+mod h2;
 mod http;
 mod rpc;
 
+pub use h2::*;
 pub use http::*;
 pub use rpc::*;
 
