@@ -361,7 +361,7 @@ mod tests {
         let instance = InstanceId::parse(instance).expect("valid id");
         InstanceInfo {
             service: instance.service.clone(),
-            id: instance.id.to_string(),
+            id: instance.id.clone(),
             instance,
             state: InstanceState::Running,
             pid: Some(4242),

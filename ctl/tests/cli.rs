@@ -119,7 +119,7 @@ fn info(instance: &str, state: InstanceState) -> InstanceInfo {
     let instance = id(instance);
     InstanceInfo {
         service: instance.service.clone(),
-        id: instance.id.to_string(),
+        id: instance.id.clone(),
         instance,
         state,
         pid: (state == InstanceState::Running).then_some(4242),

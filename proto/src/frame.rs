@@ -50,6 +50,51 @@ fn checked_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
     Ok(len)
 }
 
+/// Whether a length prefix is whole after a read.
+enum PrefixRead {
+    Partial,
+    Done,
+}
+
+/// Accounts for one read of `n` bytes into the length prefix. The stream ending before the
+/// first byte is a clean close between frames (`Closed`); ending after 1 to 3 bytes is a
+/// truncated frame, an `UnexpectedEof` I/O error, so a peer cut off mid-header does not look
+/// like an orderly close.
+fn advance_prefix(filled: &mut usize, n: usize) -> Result<PrefixRead, FrameError> {
+    if n == 0 {
+        if *filled == 0 {
+            return Err(FrameError::Closed);
+        }
+        return Err(FrameError::Io(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "connection closed inside a frame's length prefix ({filled} of 4 bytes)",
+                filled = *filled
+            ),
+        )));
+    }
+    *filled += n;
+    Ok(if *filled == 4 {
+        PrefixRead::Done
+    } else {
+        PrefixRead::Partial
+    })
+}
+
+/// Names the frame when the stream ends inside its body.
+fn truncated_body(len: usize) -> impl FnOnce(io::Error) -> FrameError {
+    move |e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            FrameError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("connection closed inside a frame of {len} bytes"),
+            ))
+        } else {
+            FrameError::Io(e)
+        }
+    }
+}
+
 /// Writes one message (blocking).
 pub fn write_message<W: Write, T: Serialize>(w: &mut W, message: &T) -> Result<(), FrameError> {
     w.write_all(&encode(message)?)?;
@@ -57,17 +102,24 @@ pub fn write_message<W: Write, T: Serialize>(w: &mut W, message: &T) -> Result<(
     Ok(())
 }
 
-/// Reads one frame body (blocking). `Closed` on a clean end of stream between frames.
+/// Reads one frame body (blocking). `Closed` on a clean end of stream between frames; a
+/// stream ending inside a frame (its prefix or its body) is an `UnexpectedEof` I/O error.
 pub fn read_frame<R: Read>(r: &mut R) -> Result<Vec<u8>, FrameError> {
     let mut prefix = [0u8; 4];
-    match r.read_exact(&mut prefix) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
-        Err(e) => return Err(e.into()),
+    let mut filled = 0;
+    loop {
+        let n = match r.read(&mut prefix[filled..]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if let PrefixRead::Done = advance_prefix(&mut filled, n)? {
+            break;
+        }
     }
     let len = checked_len(prefix)?;
     let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
+    r.read_exact(&mut body).map_err(truncated_body(len))?;
     Ok(body)
 }
 
@@ -91,18 +143,25 @@ mod async_io {
         Ok(())
     }
 
-    /// Reads one frame body. `Closed` on a clean end of stream between frames. Cancel-safe
-    /// only between frames: drop a half-read stream, do not resume it.
+    /// Reads one frame body. `Closed` on a clean end of stream between frames; a stream
+    /// ending inside a frame (its prefix or its body) is an `UnexpectedEof` I/O error.
+    /// Cancel-safe only between frames: drop a half-read stream, do not resume it.
     pub async fn read_frame_async<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, FrameError> {
         let mut prefix = [0u8; 4];
-        match r.read_exact(&mut prefix).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
-            Err(e) => return Err(e.into()),
+        let mut filled = 0;
+        loop {
+            let n = match r.read(&mut prefix[filled..]).await {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if let PrefixRead::Done = advance_prefix(&mut filled, n)? {
+                break;
+            }
         }
         let len = checked_len(prefix)?;
         let mut body = vec![0u8; len];
-        r.read_exact(&mut body).await?;
+        r.read_exact(&mut body).await.map_err(truncated_body(len))?;
         Ok(body)
     }
 

@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{InstanceId, ServiceName};
+use crate::ids::{InstanceId, ServiceName, TenantId};
 
 /// The RPC protocol version spoken by this build. See the compatibility rules in `lib.rs`.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -336,7 +336,9 @@ pub struct Route {
 pub struct InstanceInfo {
     pub instance: InstanceId,
     pub service: ServiceName,
-    pub id: String,
+    /// The tenant id, `alice` of `notes:alice`, validated on decode like every id in the
+    /// protocol. Once a plain string: the JSON of every valid id is unchanged (rule 2).
+    pub id: TenantId,
     pub state: InstanceState,
     pub pid: Option<u32>,
     pub address: String,

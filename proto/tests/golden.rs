@@ -17,7 +17,7 @@ use tenement_proto::rpc::{
     ActivityReport, Address, ErrorCode, InstanceInfo, InstanceState, LogLine, LogStream, Request,
     Response, Role, Route, PROTOCOL_VERSION,
 };
-use tenement_proto::{InstanceId, ServiceName};
+use tenement_proto::{InstanceId, ServiceName, TenantId};
 
 fn golden_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -140,7 +140,7 @@ fn responses() -> Vec<(&'static str, Response)> {
                 instances: vec![InstanceInfo {
                     instance: id("notes:alice"),
                     service: ServiceName::new("notes").unwrap(),
-                    id: "alice".to_owned(),
+                    id: TenantId::new("alice").unwrap(),
                     state: InstanceState::Running,
                     pid: Some(4242),
                     address: "127.0.0.1:20001".to_owned(),

@@ -19,6 +19,10 @@ const RETRY_AFTER_S: u32 = 5;
 pub enum ProxyError {
     #[error("bad host: {0}")]
     BadHost(#[from] HostError),
+    /// A request target the instance may not get: `*` with another method than OPTIONS
+    /// (RFC 9112 3.2.4), or anything else that is not a path.
+    #[error("bad request target: not a path, nor * for OPTIONS")]
+    BadTarget,
     #[error("no such host")]
     UnknownHost,
     #[error("no such instance")]
@@ -72,6 +76,10 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
         ProxyError::BadHost(_) => (
             StatusCode::BAD_REQUEST,
             "400 bad request: invalid host name\n",
+        ),
+        ProxyError::BadTarget => (
+            StatusCode::BAD_REQUEST,
+            "400 bad request: the request target must be a path (* only with OPTIONS)\n",
         ),
         ProxyError::UnknownHost => (
             StatusCode::NOT_FOUND,
@@ -161,6 +169,7 @@ mod tests {
             (ProxyError::BadHost(HostError::Duplicate), 400),
             (ProxyError::BadHost(HostError::Mismatch), 400),
             (ProxyError::BadBody("x".into()), 400),
+            (ProxyError::BadTarget, 400),
             (ProxyError::MethodNotAllowed, 405),
             (ProxyError::Busy("x".into()), 503),
             (ProxyError::TooManyNewTenants, 429),
@@ -199,5 +208,21 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_bad_target_is_a_400_that_says_what_a_target_may_be() {
+        let response = error_response(&ProxyError::BadTarget);
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        assert_eq!(
+            body,
+            "400 bad request: the request target must be a path (* only with OPTIONS)\n"
+        );
     }
 }

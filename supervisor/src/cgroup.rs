@@ -399,6 +399,7 @@ mod tests {
             pids_max: Some(32),
             nofile: None,
             nproc: None,
+            tmp_size: None,
         };
         let dir = cg.prepare(&id(), &limits).expect("prepare");
         let read = |f: &str| fs::read_to_string(dir.join(f)).expect(f);

@@ -91,6 +91,9 @@ pub struct IsolationSpec {
     /// Files covered by an empty read-only file: the config file and every `env_file`.
     #[serde(default)]
     pub mask: Vec<PathBuf>,
+    /// Bytes each private tmpfs (/tmp, /var/tmp, /dev/shm) may hold.
+    #[serde(default)]
+    pub tmp_size: Option<u64>,
 }
 
 /// Finds `tenement-exec`: next to the running supervisor binary, else in libexec.
@@ -165,6 +168,7 @@ fn run() -> Result<i32, String> {
             writable: &iso.writable,
             mask: &iso.mask,
             workdir: &spec.workdir,
+            tmp_size: iso.tmp_size,
         })?;
         // The next process is PID 1 of the new namespace: it mounts /proc and stays as the
         // init that reaps and forwards signals; the app runs under it.

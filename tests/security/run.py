@@ -174,6 +174,13 @@ command = "{tiny}"
 auto_spawn = true
 idle_timeout = "1s"
 
+[service.forky]
+command = "python3 {FIXTURES}/hostile.py"
+idle_timeout = "never"
+pids_max = 24
+memory_max = "64MB"
+tmp_size = "8MB"
+
 [service.busy]
 command = "python3 {FIXTURES}/mirror.py"
 idle_timeout = "never"
@@ -559,6 +566,38 @@ lurker = ["l"]
         return ("from a tenant's socket on trusted loopback: X-Forwarded-For replaced "
                 f"({seen['x-forwarded-for']}); from another user's: kept ({trusted['x-forwarded-for']})")
 
+    def f6_limits_without_cgroups(self):
+        """F6: without cgroups, pids_max did nothing and each private tmpfs could take half the RAM."""
+        self.ok("spawn", "forky:f")
+        forks = ("python3 -c \"import os, time\n"
+                 "n = 0\n"
+                 "for i in range(80):\n"
+                 "    try:\n"
+                 "        pid = os.fork()\n"
+                 "    except OSError:\n"
+                 "        break\n"
+                 "    if pid == 0:\n"
+                 "        os.close(1); os.close(2); time.sleep(3); os._exit(0)\n"
+                 "    n += 1\n"
+                 "print('started=%d' % n)\"; ")
+        # The tmpfs first: once the forks have taken every process the limit allows, the shell
+        # could not start dd.
+        out = self.shell("forky:f",
+                         "dd if=/dev/zero of=/tmp/fill bs=1M count=32 2>&1 | grep -o 'No space left'; rm -f /tmp/fill; "
+                         "df -B1 --output=size /tmp /dev/shm /var/tmp | tail -3 | tr '\\n' ' '; " + forks)
+        text = out["out"] + out["err"]
+        started = int(re.search(r"started=(\d+)", text).group(1)) if "started=" in text else -1
+        check(0 <= started < 24, f"pids_max = 24 without cgroups, but {started} of 80 children started: {text[-300:]}")
+        check("No space left" in text, f"/tmp took 32 MB with tmp_size = 8MB: {text[-300:]}")
+        sizes = [int(x) for x in re.findall(r"\b\d{4,}\b", text.split("started=")[0])[-3:]]
+        check(all(s == 8 << 20 for s in sizes), f"private tmpfs sizes {sizes}, want 8 MiB each")
+        log = self.log("supervisor")
+        check("service forky: limits for memory cannot be enforced" in log
+              and "pids_max is enforced as RLIMIT_NPROC" in log,
+              "no warning naming the unenforceable limits: " + "".join(l for l in log.splitlines(True) if "forky" in l)[-400:])
+        return (f"{started} of 80 children started under pids_max = 24 (RLIMIT_NPROC); /tmp, "
+                "/var/tmp, /dev/shm 8 MiB each; the supervisor says memory is not enforced here")
+
     def open_idle(self, source, count):
         """`count` connections to the proxy from 127.0.0.x `source`, sending nothing."""
         conns = []
@@ -646,6 +685,7 @@ CHECKS = [
     ("F2 no direct connection between tenants", Suite.f2_no_direct_connections),
     ("F4 overlapping directories are refused", Suite.f4_overlapping_dirs_refused),
     ("F5 auto_spawn is bounded", Suite.f5_auto_spawn_bounds),
+    ("F6 limits without cgroups", Suite.f6_limits_without_cgroups),
     ("F7 connection caps", Suite.f7_connection_caps),
     ("F9 a socket symlink leads nowhere", Suite.f9_unix_socket_symlink),
     ("F14 tenants are not trusted proxies", Suite.f14_tenants_are_not_trusted_proxies),

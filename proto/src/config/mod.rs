@@ -211,6 +211,8 @@ pub struct Limits {
     pub nofile: Option<u64>,
     /// RLIMIT_NPROC.
     pub nproc: Option<u64>,
+    /// Size of each private tmpfs (/tmp, /var/tmp, /dev/shm) under `namespace` and `sandbox`.
+    pub tmp_size: Option<u64>,
 }
 
 /// One problem in a config file, located.

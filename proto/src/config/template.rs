@@ -84,8 +84,11 @@ impl Template {
                     };
                     let name = &rest[..end];
                     let Some(var) = Var::from_name(name) else {
+                        // The name is file text: escaped, so a `\n` in it cannot split the
+                        // one-line diagnostic this becomes.
                         return Err(format!(
-                            "unknown placeholder {{{name}}} in {source:?}; known: {{data_dir}}, {{id}}, {{service}}, {{instance}}, {{port}}, {{socket_path}}"
+                            "unknown placeholder {{{}}} in {source:?}; known: {{data_dir}}, {{id}}, {{service}}, {{instance}}, {{port}}, {{socket_path}}",
+                            name.escape_debug()
                         ));
                     };
                     if !literal.is_empty() {

@@ -84,7 +84,7 @@ impl Report<'_> {
             path: self.path.to_path_buf(),
             line,
             column,
-            message,
+            message: one_line(message),
         });
     }
 
@@ -101,13 +101,63 @@ impl Report<'_> {
                 .map(str::trim)
                 .filter(|l| !l.is_empty())
                 .collect();
-            lines.join("; ")
+            let joined = lines.join("; ");
+            // toml 0.8 has no message for some syntax errors (a control character in a
+            // comment, a file ending after `key =`): never print `FILE:LINE:COL: ` alone.
+            if joined.is_empty() {
+                unexplained_toml_error(self.text, e.span())
+            } else {
+                joined
+            }
         };
         match e.span() {
             Some(span) => self.error(span, message),
             None => self.unplaced(message),
         }
     }
+}
+
+/// A message for a TOML syntax error toml did not explain: what is at its place.
+fn unexplained_toml_error(text: &str, span: Option<Span>) -> String {
+    let Some(span) = span else {
+        return "invalid TOML syntax".to_owned();
+    };
+    if span.start >= text.len() {
+        return "invalid TOML: the file ends too early; complete its last line".to_owned();
+    }
+    match text.get(span.start..).and_then(|rest| rest.chars().next()) {
+        Some(c) if c.is_control() => format!(
+            "invalid TOML: control character '{}' is not allowed here; remove it",
+            c.escape_debug()
+        ),
+        Some(c) => format!("invalid TOML: unexpected '{}'", c.escape_debug()),
+        None => "invalid TOML syntax".to_owned(),
+    }
+}
+
+/// Keeps a diagnostic one printable line whatever it quotes: control characters left in it
+/// are written as escapes (`\n`, `\u{1b}`). Messages escape the file text they echo
+/// themselves (`escape_debug`, `{:?}`); this only guards the `FILE:LINE:COL: message` shape
+/// against one that does not.
+fn one_line(message: String) -> String {
+    if !message.contains(char::is_control) {
+        return message;
+    }
+    let mut out = String::with_capacity(message.len() + 8);
+    for c in message.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A path from the file (or built from one) as a diagnostic shows it: unprintable
+/// characters escaped.
+fn shown_path(path: &Path) -> String {
+    path.to_string_lossy().escape_debug().to_string()
 }
 
 struct Checker<'a> {
@@ -189,7 +239,7 @@ impl Checker<'_> {
                 all_known = false;
                 let message = format!(
                     "unknown key `{}` in {place}; expected one of: {}",
-                    entry.key.get_ref(),
+                    entry.key.get_ref().escape_debug(),
                     known.join(", ")
                 );
                 self.error(entry.key.span(), message);
@@ -204,7 +254,7 @@ impl Checker<'_> {
             other => {
                 let message = format!(
                     "`{}` must be a table written {header}, not {}",
-                    entry.key.get_ref(),
+                    entry.key.get_ref().escape_debug(),
                     other.kind()
                 );
                 self.error(entry.key.span(), message);
@@ -214,7 +264,7 @@ impl Checker<'_> {
     }
 
     fn string<'t>(&mut self, entry: &'t RawEntry) -> Option<&'t str> {
-        let key = entry.key.get_ref();
+        let key = entry.key.get_ref().escape_debug();
         match &entry.value {
             RawValue::String(s) if s.trim().is_empty() => {
                 let message = format!("{key} is empty; remove it or give it a value");
@@ -235,7 +285,7 @@ impl Checker<'_> {
 
     /// An array of strings with each element's place; `None` after reporting a problem.
     fn string_array(&mut self, entry: &RawEntry) -> Option<Vec<(Span, String)>> {
-        let key = entry.key.get_ref();
+        let key = entry.key.get_ref().escape_debug();
         let RawValue::Array(items) = &entry.value else {
             let message = format!(
                 "{key} must be an array of strings, not {}; write {key} = [\"...\"]",
@@ -266,7 +316,7 @@ impl Checker<'_> {
             RawValue::String(s) => Some(vec![(entry.key.span(), s.clone())]),
             RawValue::Array(_) => self.string_array(entry),
             other => {
-                let key = entry.key.get_ref();
+                let key = entry.key.get_ref().escape_debug();
                 let message = format!(
                     "{key} must be a string or an array of strings, not {}",
                     other.kind()
@@ -411,9 +461,10 @@ impl Checker<'_> {
         let mut instances = Vec::new();
         for entry in &table.entries {
             let raw_name = entry.key.get_ref();
+            let shown_name = raw_name.escape_debug();
             if !declared.contains(raw_name.as_str()) {
                 let message = format!(
-                    "instances for unknown service {raw_name}; add [service.{}]",
+                    "instances for unknown service {shown_name}; add [service.{}]",
                     toml_key(raw_name)
                 );
                 self.error(entry.key.span(), message);
@@ -432,7 +483,8 @@ impl Checker<'_> {
                     }
                 };
                 if !seen.insert(id.clone()) {
-                    let message = format!("duplicate instance {raw_name}:{id}; list each id once");
+                    let message =
+                        format!("duplicate instance {shown_name}:{id}; list each id once");
                     self.error(span, message);
                 } else if let Some(service) = &service {
                     instances.push(InstanceId::new(service.clone(), id));

@@ -157,7 +157,7 @@ impl Instance {
         InstanceInfo {
             instance: self.id.clone(),
             service: self.id.service.clone(),
-            id: self.id.id.to_string(),
+            id: self.id.id.clone(),
             state,
             pid: self
                 .process

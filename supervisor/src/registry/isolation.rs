@@ -77,6 +77,7 @@ impl Registry {
             nofile: service.limits.nofile,
             nofile_soft: crate::sys::inherited_nofile_soft(),
             nproc: service.limits.nproc,
+            tmp_size: Some(private_tmp_size(&service.limits)),
             hide: vec![
                 settings.data_dir.clone(),
                 settings.state_dir.clone(),
@@ -92,20 +93,27 @@ impl Registry {
                 )
                 .collect(),
         };
-        let cgroup = match self.containment.cgroups() {
+        let (cgroup, missing) = match self.containment.cgroups() {
             Some(cgroups) => {
                 let missing = cgroups.unenforced(&service.limits);
-                if !missing.is_empty() {
-                    tracing::warn!(instance = %id, "limits for {} cannot be enforced: the controllers were not delegated", missing.join(", "));
-                }
-                Some(
-                    cgroups
-                        .prepare(id, &service.limits)
-                        .map_err(|e| e.to_string())?,
-                )
+                let dir = cgroups
+                    .prepare(id, &service.limits)
+                    .map_err(|e| e.to_string())?;
+                (Some(dir), missing)
             }
-            None => None,
+            None => (None, cgroup_limits(&service.limits)),
         };
+        let mut spec = spec;
+        // pids_max without a pids controller: RLIMIT_NPROC counts the same tasks per real
+        // uid, so it is the same limit when the uid is the instance's own (a dynamic one).
+        let own_uid = spec
+            .uid
+            .is_some_and(|uid| self.config.settings.dynamic_users.contains(&uid));
+        let pids_fallback = missing.contains(&"pids") && own_uid && spec.nproc.is_none();
+        if pids_fallback {
+            spec.nproc = service.limits.pids_max;
+        }
+        self.warn_unenforced(id, &missing, pids_fallback);
         Ok(Plan { spec, cgroup })
     }
 
@@ -186,6 +194,33 @@ impl Registry {
         self.save().map_err(|e| e.to_string())?;
         Ok(uid)
     }
+}
+
+/// Bytes each private tmpfs of an instance may hold: `tmp_size`, else `memory_max`, else 256 MiB
+/// (the kernel's own default, half of the RAM for each of three per instance, is no bound).
+pub fn private_tmp_size(limits: &tenement_proto::config::Limits) -> u64 {
+    limits
+        .tmp_size
+        .or(limits.memory_max)
+        .unwrap_or(DEFAULT_TMP_SIZE)
+}
+
+/// `private_tmp_size` without `tmp_size` or `memory_max`.
+pub const DEFAULT_TMP_SIZE: u64 = 256 << 20;
+
+/// The cgroup controllers `limits` need (all unenforced without cgroups).
+fn cgroup_limits(limits: &tenement_proto::config::Limits) -> Vec<&'static str> {
+    let mut needed = Vec::new();
+    if limits.memory_max.is_some() || limits.memory_high.is_some() {
+        needed.push("memory");
+    }
+    if limits.pids_max.is_some() {
+        needed.push("pids");
+    }
+    if limits.cpu_weight.is_some() || limits.cpu_max_percent.is_some() {
+        needed.push("cpu");
+    }
+    needed
 }
 
 /// The UTS hostname of an instance: `ID.SERVICE`, or `ID` alone when that would pass the
@@ -272,6 +307,39 @@ pub fn describe_limits(limits: &tenement_proto::config::Limits) -> String {
 }
 
 impl Registry {
+    /// Says, once per service, which of its limits cannot be enforced here (no cgroups, or
+    /// controllers not delegated) and which fall back to an rlimit.
+    fn warn_unenforced(&mut self, id: &InstanceId, missing: &[&str], pids_fallback: bool) {
+        if missing.is_empty() || !self.warned_limits.insert(id.service.clone()) {
+            return;
+        }
+        let why = if self.containment.cgroups().is_some() {
+            "their cgroup controllers were not delegated"
+        } else {
+            "there are no cgroups"
+        };
+        let unenforced: Vec<&str> = missing
+            .iter()
+            .copied()
+            .filter(|m| !(pids_fallback && *m == "pids"))
+            .collect();
+        let fallback = if pids_fallback {
+            "; pids_max is enforced as RLIMIT_NPROC (the instance's own uid)"
+        } else {
+            ""
+        };
+        if unenforced.is_empty() {
+            tracing::warn!(service = %id.service, "service {}: {why}{fallback}", id.service);
+        } else {
+            tracing::warn!(
+                service = %id.service,
+                "service {}: limits for {} cannot be enforced: {why}{fallback}",
+                id.service,
+                unenforced.join(", ")
+            );
+        }
+    }
+
     /// Adds what only the registry knows to an instance's description: level, containment,
     /// cgroup, limits and current usage.
     pub(super) fn describe_isolation(&self, info: &mut tenement_proto::rpc::InstanceInfo) {

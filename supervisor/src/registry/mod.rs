@@ -242,6 +242,8 @@ pub struct Registry {
     firewall: Option<crate::firewall::Firewall>,
     /// When `auto_spawn.rs` next looks for expired auto-spawned instances.
     next_sweep: Option<Instant>,
+    /// Services whose unenforceable limits were already warned about.
+    warned_limits: HashSet<tenement_proto::ServiceName>,
     tx: mpsc::Sender<Command>,
     rx: mpsc::Receiver<Command>,
 }
@@ -320,6 +322,7 @@ impl Registry {
             environment,
             firewall,
             next_sweep: None,
+            warned_limits: HashSet::new(),
             tx: tx.clone(),
             rx,
         };

@@ -90,6 +90,8 @@ pub struct MountPlan<'a> {
     pub mask: &'a [PathBuf],
     /// The app's working directory: stays visible (read-only) even under `/run`.
     pub workdir: &'a Path,
+    /// Bytes each private tmpfs may hold (else the kernel's default: half of the RAM).
+    pub tmp_size: Option<u64>,
 }
 
 /// The mount namespace's view, in this order:
@@ -127,9 +129,13 @@ pub fn isolate_mounts(plan: &MountPlan<'_>) -> Result<(), String> {
         }
     }
     set_readonly_recursive(Path::new("/"), true)?;
+    let private = match plan.tmp_size {
+        Some(bytes) => format!("mode=1777,size={bytes}"),
+        None => "mode=1777".to_owned(),
+    };
     for dir in ["/tmp", "/var/tmp", "/dev/shm"] {
         if Path::new(dir).is_dir() {
-            tmpfs(Path::new(dir), "mode=1777")?;
+            tmpfs(Path::new(dir), &private)?;
         }
     }
     if cover_run {

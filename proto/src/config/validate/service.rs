@@ -42,6 +42,7 @@ const SERVICE_KEYS: &[&str] = &[
     "pids_max",
     "nofile",
     "nproc",
+    "tmp_size",
     "env",
 ];
 const NETWORKS: &[(&str, Network)] = &[("host", Network::Host), ("none", Network::None)];
@@ -180,6 +181,7 @@ impl Checker<'_> {
             pids_max: self.opt_count(body, "pids_max", 1..=4_194_304),
             nofile: self.opt_count(body, "nofile", 16..=1_048_576),
             nproc: self.opt_count(body, "nproc", 1..=4_194_304),
+            tmp_size: self.opt_size(body, "tmp_size"),
         };
         if network == Some(Network::None) && listen == ListenMode::Tcp {
             let message = "network = \"none\" leaves the app no way to be reached over TCP; use listen = \"activate\" or listen = \"unix\"";
@@ -344,7 +346,7 @@ impl Checker<'_> {
             }
             let message = format!(
                 "service {} has no command; add command = \"...\"",
-                service.key.get_ref()
+                service.key.get_ref().escape_debug()
             );
             self.error(service.key.span(), message);
             return None;
@@ -366,6 +368,7 @@ impl Checker<'_> {
         let mut vars = BTreeMap::new();
         for entry in &table.entries {
             let name = entry.key.get_ref();
+            let shown_name = name.escape_debug();
             let span = entry.key.span();
             if !is_env_name(name) {
                 let message = format!(
@@ -375,7 +378,7 @@ impl Checker<'_> {
             } else if RESERVED_ENV.contains(&name.as_str()) || name.starts_with("TENEMENT_") {
                 self.error(
                     span.clone(),
-                    format!("env {name} is set by tenement; remove it"),
+                    format!("env {shown_name} is set by tenement; remove it"),
                 );
             }
             match &entry.value {
@@ -383,11 +386,11 @@ impl Checker<'_> {
                     Ok(t) => {
                         vars.insert(name.clone(), t);
                     }
-                    Err(e) => self.error(span, format!("env {name}: {e}")),
+                    Err(e) => self.error(span, format!("env {shown_name}: {e}")),
                 },
                 other => {
                     let message = format!(
-                        "env {name} must be a string, not {}; quote it",
+                        "env {shown_name} must be a string, not {}; quote it",
                         other.kind()
                     );
                     self.error(span, message);

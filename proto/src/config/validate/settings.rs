@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::path::{Component, Path, PathBuf};
 
-use super::{normalise, Checker, RawEntry, RawTable, RawValue, Span};
+use super::{normalise, shown_path, Checker, RawEntry, RawTable, RawValue, Span};
 use crate::config::Settings;
 use crate::ids::validate_label;
 
@@ -63,8 +63,8 @@ impl Checker<'_> {
                 }
                 let message = format!(
                     "{a_key} {} and {b_key} {} overlap: tenants' data and tenement's own files must live apart; give each its own directory (for example /var/lib/tenement/data, /var/lib/tenement/state, /run/tenement)",
-                    a.display(),
-                    b.display()
+                    shown_path(a),
+                    shown_path(b)
                 );
                 let written = table.get(a_key).or_else(|| table.get(b_key));
                 match written {
@@ -104,8 +104,8 @@ impl Checker<'_> {
         if len >= UNIX_PATH_MAX {
             let message = format!(
                 "runtime_dir {} is too long: {} is {len} bytes and a Unix socket path must be under {UNIX_PATH_MAX}; set a shorter runtime_dir",
-                runtime_dir.display(),
-                socket.display(),
+                shown_path(&runtime_dir),
+                shown_path(&socket),
             );
             match table.get("runtime_dir") {
                 Some(e) => self.error(e.key.span(), message),
