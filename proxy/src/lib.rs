@@ -7,6 +7,7 @@
 
 pub mod admission;
 pub mod forward;
+pub mod head;
 pub mod host;
 pub mod link;
 pub mod listeners;
