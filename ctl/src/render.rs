@@ -179,7 +179,7 @@ pub fn instance_table(instances: &[InstanceInfo]) -> String {
 
 /// The `tenctl status` block: one aligned `key: value` line per field.
 pub fn status_block(info: &InstanceInfo) -> String {
-    let fields: [(&str, String); 19] = [
+    let fields: [(&str, String); 20] = [
         ("instance", info.instance.to_string()),
         ("state", info.state.as_str().to_owned()),
         (
@@ -211,6 +211,13 @@ pub fn status_block(info: &InstanceInfo) -> String {
         (
             "pids",
             info.pids.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+        ),
+        (
+            "disk",
+            info.disk_bytes.map_or_else(
+                || "-".to_owned(),
+                |b| format!("{:.1} MiB (data directory)", b as f64 / 1048576.0),
+            ),
         ),
         (
             "last exit",
@@ -382,6 +389,7 @@ mod tests {
             limits: Some("memory_max=64MiB pids_max=64".into()),
             memory_bytes: Some(12 << 20),
             pids: Some(3),
+            disk_bytes: None,
             last_exit: None,
             reason: None,
         }
@@ -409,17 +417,19 @@ mod tests {
     fn status_block_has_one_aligned_line_per_field() {
         let mut alice = info("notes:alice");
         alice.last_exit = Some("signal 9 (SIGKILL)".into());
+        alice.disk_bytes = Some(3 << 20);
         let text = status_block(&alice);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 19);
+        assert_eq!(lines.len(), 20);
         assert_eq!(lines[0], "instance:  notes:alice");
         assert_eq!(lines[8], "in flight: 1");
         assert_eq!(lines[12], "uid:       61184");
         assert_eq!(lines[14], "limits:    memory_max=64MiB pids_max=64");
         assert_eq!(lines[15], "memory:    12.0 MiB");
         assert_eq!(lines[16], "pids:      3");
-        assert_eq!(lines[17], "last exit: signal 9 (SIGKILL)");
-        assert_eq!(lines[18], "reason:    -");
+        assert_eq!(lines[17], "disk:      3.0 MiB (data directory)");
+        assert_eq!(lines[18], "last exit: signal 9 (SIGKILL)");
+        assert_eq!(lines[19], "reason:    -");
         assert!(lines.iter().all(|l| l.as_bytes().get(10) == Some(&b' ')));
     }
 

@@ -137,6 +137,7 @@ fn info(instance: &str, state: InstanceState) -> InstanceInfo {
         limits: None,
         memory_bytes: None,
         pids: None,
+        disk_bytes: None,
         last_exit: None,
         reason: None,
     }

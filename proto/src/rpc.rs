@@ -371,6 +371,9 @@ pub struct InstanceInfo {
     /// pids.current of the instance's cgroup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids: Option<u64>,
+    /// Bytes its data directory takes on disk (`status` only; `ps` leaves it out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
     /// Last exit, for example `exit status 1` or `signal 9 (SIGKILL)`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_exit: Option<String>,

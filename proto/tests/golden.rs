@@ -157,6 +157,7 @@ fn responses() -> Vec<(&'static str, Response)> {
                     limits: None,
                     memory_bytes: None,
                     pids: None,
+                    disk_bytes: None,
                     last_exit: Some("exit status 3".to_owned()),
                     reason: None,
                 }],

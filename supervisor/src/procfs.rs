@@ -86,9 +86,49 @@ pub fn tree_of(processes: &[ProcStat], root: i32) -> Vec<i32> {
     found
 }
 
+/// Bytes `dir` takes on disk (allocated blocks of everything under it, symlinks not
+/// followed), counting at most [`DISK_WALK_LIMIT`] entries so a huge tree cannot stall the
+/// caller. 0 for a directory that does not exist.
+pub fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0u64;
+    let mut seen = 0usize;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        total += meta.blocks() * 512;
+        seen += 1;
+        if seen >= DISK_WALK_LIMIT {
+            break;
+        }
+        if meta.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&path) {
+                stack.extend(entries.filter_map(|e| e.ok().map(|e| e.path())));
+            }
+        }
+    }
+    total
+}
+
+/// The most entries [`disk_usage`] looks at.
+pub const DISK_WALK_LIMIT: usize = 200_000;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_usage_counts_what_a_tree_takes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let empty = disk_usage(dir.path());
+        std::fs::create_dir(dir.path().join("sub")).expect("mkdir");
+        std::fs::write(dir.path().join("sub/one"), vec![1u8; 1 << 20]).expect("write");
+        let used = disk_usage(dir.path());
+        assert!(used >= empty + (1 << 20), "{empty} -> {used}");
+        assert_eq!(disk_usage(&dir.path().join("missing")), 0);
+    }
 
     #[test]
     fn stat_parsing_survives_odd_command_names() {

@@ -595,8 +595,11 @@ lurker = ["l"]
         check("service forky: limits for memory cannot be enforced" in log
               and "pids_max is enforced as RLIMIT_NPROC" in log,
               "no warning naming the unenforceable limits: " + "".join(l for l in log.splitlines(True) if "forky" in l)[-400:])
+        disk = self.status("forky:f").get("disk_bytes")
+        check(isinstance(disk, int), f"tenctl status reports no disk usage: {disk!r}")
         return (f"{started} of 80 children started under pids_max = 24 (RLIMIT_NPROC); /tmp, "
-                "/var/tmp, /dev/shm 8 MiB each; the supervisor says memory is not enforced here")
+                "/var/tmp, /dev/shm 8 MiB each; the supervisor says memory is not enforced here; "
+                f"tenctl status: data directory {disk} bytes")
 
     def open_idle(self, source, count):
         """`count` connections to the proxy from 127.0.0.x `source`, sending nothing."""

@@ -186,6 +186,7 @@ impl Instance {
             limits: None,
             memory_bytes: None,
             pids: None,
+            disk_bytes: None,
             last_exit: self.last_exit.clone(),
             reason: self.lifecycle.reason(),
         }

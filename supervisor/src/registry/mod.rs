@@ -519,6 +519,9 @@ impl Registry {
                         let mut info =
                             i.info(self.address_of(i), &self.config.settings, &apps, now);
                         self.describe_isolation(&mut info);
+                        info.disk_bytes = Some(crate::procfs::disk_usage(
+                            &self.config.settings.instance_data_dir(&instance),
+                        ));
                         Ok(info)
                     }
                     None => Err(RpcError::unknown(&instance)),
