@@ -286,6 +286,7 @@ impl Proxy {
                 address: route.address.clone(),
                 generation: route.generation,
                 owner_uid: route.owner_uid,
+                instance: entry.id.clone(),
             };
             // After one kept-alive connection turned out dead, its siblings in the pool are as
             // suspect (the process behind them is likely gone): the resend uses a new one, which

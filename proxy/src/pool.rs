@@ -26,6 +26,7 @@ use std::time::Duration;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tenement_proto::rpc::Address;
+use tenement_proto::InstanceId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -46,9 +47,6 @@ struct ConnectionState {
     write_broken: AtomicBool,
     /// Ends the connection's task (and drops the request body it was still sending).
     abandon: CancellationToken,
-    /// Its place among the instance's `max_upstream_connections`, given back when both the
-    /// handle and the connection's task are gone.
-    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Connection {
@@ -77,6 +75,9 @@ pub struct PoolKey {
     pub generation: u64,
     /// The uid whose socket must accept a new connection (see [`Pool::connect`]).
     pub owner_uid: Option<u32>,
+    /// Whose connections these are: `max_upstream_connections` counts per instance (an
+    /// address can pass from one instance to another).
+    pub instance: InstanceId,
 }
 
 #[derive(Default)]
@@ -84,12 +85,12 @@ pub struct Pool {
     idle: Mutex<HashMap<PoolKey, Vec<Connection>>>,
     /// Per upstream address: how many connections may be open to it at once, and a wake-up
     /// for requests waiting because all of them are in use (an idle one came back).
-    slots: Mutex<HashMap<Address, Slots>>,
+    slots: Mutex<HashMap<InstanceId, Slots>>,
 }
 
-/// The connections allowed to one upstream address, and the wake-up of requests waiting for
-/// one (an idle connection came back to the pool).
-type Slots = (Arc<Semaphore>, Arc<Notify>);
+/// The connections allowed to one instance (the cap they were made for, the semaphore), and
+/// the wake-up of requests waiting for one (an idle connection came back to the pool).
+type Slots = (u32, Arc<Semaphore>, Arc<Notify>);
 
 impl Pool {
     /// An idle connection that is still open, if any.
@@ -118,12 +119,12 @@ impl Pool {
                 !list.is_empty()
             });
         }
-        let address = key.address.clone();
+        let instance = key.instance.clone();
         let list = idle.entry(key).or_default();
         if list.len() < MAX_IDLE_PER_UPSTREAM {
             list.push(connection);
             drop(idle);
-            if let Some((_, returned)) = lock(&self.slots).get(&address) {
+            if let Some((_, _, returned)) = lock(&self.slots).get(&instance) {
                 returned.notify_one();
             }
         }
@@ -140,10 +141,17 @@ impl Pool {
         queue_until: tokio::time::Instant,
         timeout: Duration,
     ) -> io::Result<(Connection, bool)> {
-        let (slots, returned) = lock(&self.slots)
-            .entry(key.address.clone())
-            .or_insert_with(|| (Arc::new(Semaphore::new(cap as usize)), Arc::default()))
-            .clone();
+        let (slots, returned) = {
+            let mut all = lock(&self.slots);
+            let entry = all
+                .entry(key.instance.clone())
+                .or_insert_with(|| (cap, Arc::new(Semaphore::new(cap as usize)), Arc::default()));
+            if entry.0 != cap {
+                // A reload changed the cap: new connections count against the new one.
+                *entry = (cap, Arc::new(Semaphore::new(cap as usize)), Arc::default());
+            }
+            (entry.1.clone(), entry.2.clone())
+        };
         loop {
             let idle_back = returned.notified();
             tokio::pin!(idle_back);
@@ -228,10 +236,7 @@ async fn handshake<S>(stream: S, slot: OwnedSemaphorePermit) -> io::Result<Conne
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let state = Arc::new(ConnectionState {
-        _slot: Some(slot),
-        ..ConnectionState::default()
-    });
+    let state = Arc::new(ConnectionState::default());
     let io = WriteGuarded {
         inner: stream,
         state: state.clone(),
@@ -242,6 +247,9 @@ where
         .map_err(io::Error::other)?;
     let abandon = state.abandon.clone();
     tokio::spawn(async move {
+        // Its place among the instance's `max_upstream_connections`, given back when the
+        // connection itself ends (a dead one left in the idle list holds nothing).
+        let _slot = slot;
         tokio::select! {
             ended = connection.with_upgrades() => {
                 if let Err(e) = ended {

@@ -682,6 +682,17 @@ lurker = ["l"]
                 f"served once one closes; 12 requests met at most {most} connections to the app")
 
 
+    def long_ids_start_in_a_namespace(self):
+        """A valid 63-character id could not start in a namespace (hostname over 64 bytes)."""
+        long_id = "a" * 63
+        self.ok("add", f"victim:{long_id}")
+        self.ok("wake", f"victim:{long_id}")
+        status, body = self.request(f"{long_id}.victim.localhost", "/")
+        check((status, body.strip()) == (200, f"hello from victim:{long_id}"), f"{status} {body}")
+        self.ok("rm", "--purge", f"victim:{long_id}")
+        return "a 63-character id starts in its namespace and answers"
+
+
 CHECKS = [
     ("F1 a squatting tenant is caught and banned", Suite.f1_tenant_squatter_is_banned),
     ("F1 a local racer captures nothing", Suite.f1_local_racer_gets_nothing),
@@ -697,6 +708,7 @@ CHECKS = [
     ("F15 config and secrets are hidden", Suite.f15_config_and_secrets_hidden),
     ("F16 no user namespaces", Suite.f16_no_user_namespaces),
     ("F17 removal leaves nothing owned", Suite.f17_removal_leaves_nothing_owned),
+    ("a 63-character id starts", Suite.long_ids_start_in_a_namespace),
 ]
 
 
