@@ -23,7 +23,9 @@ command -v systemd-analyze >/dev/null || { echo "FAILED: systemd-analyze is miss
 
 scratch=$(mktemp -d /tmp/tenement-units.XXXXXX)
 trap 'rm -rf "$scratch"' EXIT
-mkdir -p "$scratch/usr/bin" "$scratch/usr/libexec/tenement" "$scratch/usr/lib/systemd" "$scratch/etc"
+mkdir -p "$scratch/usr/bin" "$scratch/bin" "$scratch/usr/libexec/tenement" "$scratch/usr/lib/systemd" "$scratch/etc"
+# The other commands the units run (ExecReload of the proxy's unit).
+cp /bin/kill "$scratch/bin/"
 cp -a /usr/lib/systemd/system "$scratch/usr/lib/systemd/"
 cp systemd/*.service systemd/*.socket "$scratch/usr/lib/systemd/system/"
 cp "$bin_dir"/tenement-supervisor "$bin_dir"/tenement-proxy "$bin_dir"/tenctl "$scratch/usr/bin/"
