@@ -167,3 +167,92 @@ def machine():
     except OSError:
         pass
     return f"{os.cpu_count()} cpus, {cpu}, kernel {os.uname().release}, python {sys.version.split()[0]}"
+
+
+# ---- Added for soak.py and chaos.py: long runs, processes watched from the outside ----
+
+
+def parse_duration(text):
+    """Seconds in "1h", "5m", "90s", "1m30s" or a plain number of seconds."""
+    import re
+    text = str(text).strip()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|m|s)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"not a duration: {text!r} (e.g. 1h, 5m, 90s, 1m30s, 300)")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def proc_stat(pid):
+    """(state, ppid, start time in clock ticks, comm) from /proc/PID/stat, or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    comm_end = data.rfind(b")")
+    fields = data[comm_end + 2:].split()
+    # After the ")" the fields start at number 3 (state); ppid is 4, starttime 22.
+    comm = data[data.find(b"(") + 1:comm_end].decode("utf-8", "replace")
+    return fields[0].decode(), int(fields[1]), int(fields[19]), comm
+
+
+def proc_stats(pid):
+    """RSS and anonymous memory (KiB), threads and open fds of a process; None once it is gone."""
+    try:
+        out = {}
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "RssAnon", "Threads"):
+                    out[key] = int(value.split()[0])
+        out["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+    except (OSError, ValueError):
+        return None
+    return {"rss_kib": out.get("VmRSS", 0), "anon_kib": out.get("RssAnon", 0),
+            "threads": out.get("Threads", 0), "fds": out["fds"]}
+
+
+def proc_environ(pid):
+    """The environment of a process as a dict of bytes (root reads anyone's), or None."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    env = {}
+    for item in data.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            env[key] = value
+    return env
+
+
+def revision_of(path):
+    """The git revision of the checkout holding `path` (a --bin directory such as
+    WORKTREE/target/release), with -dirty for local changes; "?" without git or a checkout."""
+    try:
+        r = subprocess.run(["git", "-C", path, "describe", "--always", "--dirty"],
+                           capture_output=True, text=True)
+    except OSError:
+        return "?"
+    return r.stdout.strip() or "?"
+
+
+class TimedRpc(Rpc):
+    """An Rpc whose socket operations (connect and hello included) time out: a supervisor that
+    is down behind a socket someone else holds queues connections instead of refusing them."""
+
+    def __init__(self, path, timeout=10.0):
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.settimeout(timeout)
+        self.s.connect(path)
+        self.call({"type": "hello", "version": 1, "client": "bench"})
+
+    def call_all(self, message):
+        """A call answered in several frames (`list`: every one but the last has `more`)."""
+        replies = [self.call(message)]
+        while replies[-1].get("more"):
+            replies.append(json.loads(self._read(struct.unpack(">I", self._read(4))[0])))
+        return replies
