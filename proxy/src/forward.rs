@@ -60,6 +60,9 @@ pub struct Proxy {
     pub pool: Arc<Pool>,
     /// Requests that would create an instance, per client address.
     pub new_tenants: crate::admission::NewTenantLimit,
+    /// Upgraded connections (WebSockets), which outlive their HTTP connection: a stopping
+    /// proxy waits for them within its grace period, as it waits for requests in flight.
+    pub upgraded: tokio_util::task::TaskTracker,
 }
 
 /// How a request reached the proxy.
@@ -387,7 +390,7 @@ impl Proxy {
         };
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            return Ok(switch_protocols(response, client_upgrade, guard));
+            return Ok(switch_protocols(&self.upgraded, response, client_upgrade, guard));
         }
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -423,6 +426,7 @@ fn source_is<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 's
 /// Relays a 101 answer and splices the two upgraded connections; the instance counts as busy
 /// until both directions have closed.
 fn switch_protocols(
+    upgraded: &tokio_util::task::TaskTracker,
     mut response: Response<Incoming>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     guard: InFlight,
@@ -430,7 +434,7 @@ fn switch_protocols(
     let upstream_upgrade = hyper::upgrade::on(&mut response);
     let (parts, _) = response.into_parts();
     if let Some(client_upgrade) = client_upgrade {
-        tokio::spawn(async move {
+        upgraded.spawn(async move {
             let _guard = guard;
             match tokio::try_join!(client_upgrade, upstream_upgrade) {
                 Ok((client, upstream)) => {

@@ -38,7 +38,8 @@ struct Args {
     /// Drop to this user after taking the sockets (required when started as root).
     #[arg(long, value_name = "USER")]
     user: Option<String>,
-    /// Seconds in-flight requests get to finish after SIGTERM.
+    /// Seconds requests in flight and upgraded connections (WebSockets) get to finish after
+    /// SIGTERM; the proxy exits as soon as the last one has ended.
     #[arg(long, default_value_t = 10)]
     shutdown_grace: u64,
 }
@@ -151,6 +152,7 @@ async fn serve(
         link: link.clone(),
         pool: Arc::default(),
         new_tenants: Default::default(),
+        upgraded: tokio_util::task::TaskTracker::new(),
     });
     // Reading the config again: asked by the supervisor after `tenctl reload`, or by SIGHUP.
     let reload: Arc<dyn Fn() + Send + Sync> = {
@@ -165,7 +167,11 @@ async fn serve(
     };
 
     let shutdown = CancellationToken::new();
-    tokio::spawn(link.watch(proxy.table.clone(), reload.clone(), shutdown.clone()));
+    // The route watch is also how the supervisor knows a proxy is there to report activity;
+    // it stays up until the last request has ended, or an instance with a request still in
+    // flight here could be stopped as idle under it.
+    let unlink = CancellationToken::new();
+    tokio::spawn(link.watch(proxy.table.clone(), reload.clone(), unlink.clone()));
     tokio::spawn(reload_on_sighup(reload));
 
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
@@ -272,12 +278,31 @@ async fn serve(
     tokio::time::sleep(Duration::from_millis(250)).await;
     let graceful =
         Arc::try_unwrap(graceful).map_err(|_| anyhow::anyhow!("connections still shared"))?;
-    if tokio::time::timeout(grace, graceful.shutdown())
+    let deadline = tokio::time::Instant::now() + grace;
+    if tokio::time::timeout_at(deadline, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!("grace period over with requests still in flight");
     }
+    // Upgraded connections have left hyper's watch; they get what is left of the grace.
+    proxy.upgraded.close();
+    if !proxy.upgraded.is_empty() {
+        tracing::info!(
+            "waiting for {} upgraded connections (WebSockets)",
+            proxy.upgraded.len()
+        );
+        if tokio::time::timeout_at(deadline, proxy.upgraded.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "grace period over with {} upgraded connections open; they are closed",
+                proxy.upgraded.len()
+            );
+        }
+    }
+    unlink.cancel();
     Ok(())
 }
 

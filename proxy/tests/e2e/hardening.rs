@@ -211,3 +211,90 @@ mirror = ["a"]
         "the proxy's port still accepts"
     );
 }
+
+/// A stopping proxy keeps what it has: an open WebSocket goes on working for the grace period,
+/// and instances with traffic still in flight here are not stopped as idle under it (the
+/// supervisor hears from this proxy until its last connection has ended).
+#[test]
+fn sigterm_keeps_websockets_and_in_flight_instances_until_they_end() {
+    let sandbox = Sandbox::new(
+        r#"
+[service.mirror]
+command = "python3 @FIXTURES@/mirror.py"
+idle_timeout = "1s"
+
+[instances]
+mirror = ["a", "b"]
+"#,
+    );
+    let _supervisor = sandbox.start_supervisor();
+    // A grace period no loaded machine runs out of: what is measured is that the proxy waits,
+    // not how long.
+    let mut command = sandbox.proxy_command();
+    command.args(["--shutdown-grace", "120"]);
+    let proxy = sandbox.start_proxy_with(command);
+    let addr = sandbox.proxy_addr;
+    get_ok(addr, "b.mirror.localhost", "/health");
+    let slow =
+        thread::spawn(move || try_get(addr, "b.mirror.localhost", &format!("/slow?ms={SLOW_MS}")));
+
+    let mut socket = connect(addr).expect("connect to the proxy");
+    socket
+        .write_all(
+            b"GET /upgrade HTTP/1.1\r\nHost: a.mirror.localhost\r\nConnection: Upgrade\r\n\
+              Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .expect("send the handshake");
+    let mut reader = std::io::BufReader::new(socket.try_clone().expect("dup"));
+    let head = read_head(&mut reader).expect("the handshake answer");
+    assert_eq!(head.status, 101, "{head:?}");
+
+    let mut admin = sandbox.admin();
+    let in_flight = wait_until(EVENT_DEADLINE, || admin.status("mirror:b").in_flight >= 1);
+    assert!(in_flight, "the slow request never showed as in flight");
+    proxy.signal(nix::sys::signal::Signal::SIGTERM);
+    let stopping = Instant::now();
+
+    // Several idle timeouts after the signal, the upgraded connection still carries bytes and
+    // neither instance has been stopped.
+    let mut round = 0;
+    while stopping.elapsed() < Duration::from_secs(3) {
+        let message = format!("ping {round}\n");
+        socket.write_all(message.as_bytes()).expect("write after SIGTERM");
+        let mut echo = vec![0u8; message.len()];
+        std::io::Read::read_exact(&mut reader, &mut echo).expect("the echo after SIGTERM");
+        assert_eq!(String::from_utf8_lossy(&echo), message);
+        for id in ["mirror:a", "mirror:b"] {
+            assert_eq!(
+                admin.state(id),
+                tenement_proto::rpc::InstanceState::Running,
+                "{id} stopped {:?} after the proxy's SIGTERM with traffic in flight",
+                stopping.elapsed()
+            );
+        }
+        round += 1;
+        thread::sleep(Duration::from_millis(200));
+    }
+    let reply = slow
+        .join()
+        .expect("client thread")
+        .expect("the in-flight request got an answer");
+    assert_eq!(reply.status(), 200, "{}", reply.text());
+    assert_eq!(reply.text().trim(), "slow");
+    assert!(
+        pid_alive(proxy.pid()),
+        "the proxy exited with a WebSocket still open"
+    );
+
+    socket.shutdown(std::net::Shutdown::Both).expect("close");
+    drop(reader);
+    drop(socket);
+    let status = proxy.wait_exit(EVENT_DEADLINE);
+    assert!(status.success(), "the proxy exited with {status}");
+    // With the proxy gone, the idle clock runs again.
+    let stopped = wait_until(Duration::from_secs(30), || {
+        admin.state("mirror:a") == tenement_proto::rpc::InstanceState::Stopped
+    });
+    assert!(stopped, "mirror:a never stopped once the proxy had gone");
+}
