@@ -390,7 +390,12 @@ impl Proxy {
         };
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            return Ok(switch_protocols(&self.upgraded, response, client_upgrade, guard));
+            return Ok(switch_protocols(
+                &self.upgraded,
+                response,
+                client_upgrade,
+                guard,
+            ));
         }
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);

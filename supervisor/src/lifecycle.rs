@@ -506,6 +506,12 @@ impl Lifecycle {
                     actions.push(Action::PublishRoute);
                 }
                 StopReason::Idle | StopReason::Operator => {
+                    // An idle stop ends a run that served and went quiet: as healthy a period
+                    // as `restart_window` of running, which an instance that idles out sooner
+                    // would never reach. The failures stay counted for `max_restarts`.
+                    if matches!(reason, StopReason::Idle) {
+                        self.consecutive_failures = 0;
+                    }
                     actions.push(Action::Log(format!("stopped ({status})")));
                     if then_start {
                         self.start(now, policy, actions);

@@ -261,7 +261,9 @@ mirror = ["a", "b"]
     let mut round = 0;
     while stopping.elapsed() < Duration::from_secs(3) {
         let message = format!("ping {round}\n");
-        socket.write_all(message.as_bytes()).expect("write after SIGTERM");
+        socket
+            .write_all(message.as_bytes())
+            .expect("write after SIGTERM");
         let mut echo = vec![0u8; message.len()];
         std::io::Read::read_exact(&mut reader, &mut echo).expect("the echo after SIGTERM");
         assert_eq!(String::from_utf8_lossy(&echo), message);

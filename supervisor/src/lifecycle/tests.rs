@@ -485,6 +485,46 @@ fn running_for_restart_window_resets_backoff() {
     }
 }
 
+#[test]
+fn an_idle_stop_resets_backoff_but_not_the_failure_window() {
+    // Three quick crashes (500, 1000, 2000 ms); then a run shorter than the restart window
+    // that ends in an idle stop: the next crash waits the base again. The crashes still count
+    // towards max_restarts: two more make the fifth failure within the window.
+    let idle_quickly = Policy {
+        idle_timeout: Some(ms(1_000)),
+        max_restarts: 4,
+        ..policy()
+    };
+    let mut h = Harness::new(idle_quickly);
+    h.crash_once(0, 10);
+    h.crash_once(510, 520);
+    h.crash_once(1_520, 1_530);
+    assert_eq!(h.send(3_530, Tick), [Spawn, PublishRoute]);
+    h.run(&[(3_530, Spawned), (3_530, Ready)]);
+    h.script(&[
+        (4_530, Tick, &[SendPark(1)], S::Running),
+        (
+            4_540,
+            park(1, true),
+            &[Terminate, PublishRoute],
+            S::Stopping,
+        ),
+        (4_600, exited(), &[PublishRoute], S::Stopped),
+    ]);
+    assert_eq!(h.crash_once(10_000, 10_010), [PublishRoute]);
+    assert_eq!(h.lc.state(), S::Unhealthy);
+    assert_eq!(h.restart_delay(10_010), 500);
+    let actions = h.crash_once(10_510, 10_520);
+    let reason = "crashed (exit status: 1); 5 failures within 60s (max_restarts = 4)";
+    assert_eq!(
+        actions,
+        [
+            FailWaiters(WaitError::Failed(reason.to_owned())),
+            PublishRoute
+        ]
+    );
+}
+
 // --- health checks ---
 
 #[test]
