@@ -82,10 +82,20 @@ pub struct PoolKey {
 
 #[derive(Default)]
 pub struct Pool {
-    idle: Mutex<HashMap<PoolKey, Vec<Connection>>>,
+    idle: Mutex<Idle>,
     /// Per upstream address: how many connections may be open to it at once, and a wake-up
     /// for requests waiting because all of them are in use (an idle one came back).
     slots: Mutex<HashMap<InstanceId, Slots>>,
+}
+
+/// Idle connections per upstream process.
+#[derive(Default)]
+struct Idle {
+    lists: HashMap<PoolKey, Vec<Connection>>,
+    /// How many lists were left after the last sweep: the next one comes when there are
+    /// twice as many, so the dead connections of stopped processes are dropped at the pace
+    /// instances wake, whatever their number.
+    after_sweep: usize,
 }
 
 /// The connections allowed to one instance (the cap they were made for, the semaphore), and
@@ -96,7 +106,7 @@ impl Pool {
     /// An idle connection that is still open, if any.
     fn take(&self, key: &PoolKey) -> Option<Connection> {
         let mut idle = lock(&self.idle);
-        let list = idle.get_mut(key)?;
+        let list = idle.lists.get_mut(key)?;
         while let Some(connection) = list.pop() {
             if connection.reusable() && connection.send.is_ready() {
                 return Some(connection);
@@ -112,15 +122,17 @@ impl Pool {
             return;
         }
         let mut idle = lock(&self.idle);
-        if idle.len() > 1024 {
-            // Forget upstreams whose connections all closed (old generations).
-            idle.retain(|_, list| {
+        if idle.lists.len() >= (2 * idle.after_sweep).max(64) {
+            // Forget upstreams whose connections all closed (stopped processes, old
+            // generations).
+            idle.lists.retain(|_, list| {
                 list.retain(Connection::reusable);
                 !list.is_empty()
             });
+            idle.after_sweep = idle.lists.len();
         }
         let instance = key.instance.clone();
-        let list = idle.entry(key).or_default();
+        let list = idle.lists.entry(key).or_default();
         if list.len() < MAX_IDLE_PER_UPSTREAM {
             list.push(connection);
             drop(idle);
@@ -360,5 +372,45 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
         Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Many process generations come and go (each wake is a new one); the pool keeps lists
+    /// for about as many as are alive, not for every one it has seen.
+    #[tokio::test]
+    async fn the_lists_of_stopped_processes_are_dropped_as_instances_wake() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = Address::Tcp(listener.local_addr().expect("address"));
+        let pool = Pool::default();
+        let instance: InstanceId = "app:a".parse().expect("id");
+        let mut alive = None;
+        for generation in 0..1_000u64 {
+            let key = PoolKey {
+                address: address.clone(),
+                generation,
+                owner_uid: None,
+                instance: instance.clone(),
+            };
+            let until = tokio::time::Instant::now() + Duration::from_secs(30);
+            let checkout = pool.checkout(&key, 4, false, until, Duration::from_secs(30));
+            let (accepted, checked_out) = tokio::join!(listener.accept(), checkout);
+            let (connection, _) = checked_out.expect("a connection");
+            pool.put(key, connection);
+            // The previous process exits: its end of the connection closes.
+            alive = Some(accepted.expect("accept").0);
+            tokio::task::yield_now().await;
+        }
+        drop(alive);
+        let lists = lock(&pool.idle).lists.len();
+        assert!(
+            lists <= 128,
+            "{lists} lists kept for 1,000 generations, one alive"
+        );
     }
 }

@@ -345,6 +345,7 @@ impl Registry {
             .as_ref()
             .map(|_| now + service.health_interval);
         let logs = instance.logs.clone();
+        logs.set_running(true);
         logs.push(LogStream::Event, format!("started (pid {pid})"));
         tracing::info!(instance = %id, pid, "{id}: started (pid {pid})");
 
@@ -541,6 +542,7 @@ impl Registry {
                     let _ = waiter.send(());
                 }
                 i.logs.push(LogStream::Event, format!("exited ({status})"));
+                i.logs.set_running(false);
                 i.last_exit = Some(status.clone());
                 i.health_running = false;
                 i.next_health = None;
