@@ -446,8 +446,7 @@ def main():
     failed = False
     try:
         sb.start_supervisor()
-        rpc = sb.admin()
-        rpc.s.settimeout(START_TIMEOUT + 20)  # a hung supervisor fails the run, not hangs it
+        rpc = sb.admin(timeout=START_TIMEOUT + 20)  # a hung supervisor fails the run, not hangs it
         added = rpc.call({"type": "add", "instances": [f"{service_name(r)}:bench" for r in rows]})
         if added.get("type") != "added":
             raise RuntimeError(f"add answered {added}")

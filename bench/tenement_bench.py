@@ -87,8 +87,8 @@ class Sandbox:
                 time.sleep(0.01)
         raise RuntimeError("proxy did not start; see " + log.name)
 
-    def admin(self):
-        return Rpc(os.path.join(self.dir, "run", "admin.sock"))
+    def admin(self, timeout=None):
+        return Rpc(os.path.join(self.dir, "run", "admin.sock"), timeout)
 
     def tenctl(self, *args):
         return subprocess.run([os.path.join(RELEASE, "tenctl"), "--config", self.config, *args],
@@ -106,18 +106,39 @@ class Sandbox:
 
 
 class Rpc:
-    """A blocking client of the supervisor's framed JSON RPC."""
+    """A blocking client of the supervisor's framed JSON RPC.
 
-    def __init__(self, path):
+    The supervisor closes a request connection left idle for 30 s; a call after 20 s of
+    silence first opens a new one, so a benchmark may hold one client for its whole run."""
+
+    IDLE_RECONNECT = 20.0
+
+    def __init__(self, path, timeout=None):
+        self.path = path
+        self.timeout = timeout
+        self._connect()
+
+    def _connect(self):
         self.s = socket.socket(socket.AF_UNIX)
-        self.s.connect(path)
-        self.call({"type": "hello", "version": 1, "client": "bench"})
+        self.s.settimeout(self.timeout)
+        self.s.connect(self.path)
+        self.last_used = time.monotonic()
+        self._exchange({"type": "hello", "version": 1, "client": "bench"})
 
     def call(self, message):
+        if time.monotonic() - self.last_used > self.IDLE_RECONNECT:
+            self.s.close()
+            self._connect()
+        return self._exchange(message)
+
+    def _exchange(self, message):
+        self.last_used = time.monotonic()
         body = json.dumps(message).encode()
         self.s.sendall(struct.pack(">I", len(body)) + body)
         head = self._read(4)
-        return json.loads(self._read(struct.unpack(">I", head)[0]))
+        reply = json.loads(self._read(struct.unpack(">I", head)[0]))
+        self.last_used = time.monotonic()
+        return reply
 
     def _read(self, n):
         buf = b""
@@ -245,10 +266,7 @@ class TimedRpc(Rpc):
     is down behind a socket someone else holds queues connections instead of refusing them."""
 
     def __init__(self, path, timeout=10.0):
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.settimeout(timeout)
-        self.s.connect(path)
-        self.call({"type": "hello", "version": 1, "client": "bench"})
+        super().__init__(path, timeout)
 
     def call_all(self, message):
         """A call answered in several frames (`list`: every one but the last has `more`)."""
