@@ -1,8 +1,8 @@
 //! Target `http_head`: a client's bytes, as they arrive on a connection, through the proxy's
 //! HTTP server ([`tenement_proxy::server::connection_builder`], HTTP/1 and, after the preface,
 //! HTTP/2) into a service that does what the request path does before it forwards: refuse
-//! CONNECT, take the one authority ([`host::authority_of`]) and route by it
-//! ([`host::target_of`]), refuse a declared body over the service's limit
+//! CONNECT, take the one authority and route by it ([`forward::request_target`], the
+//! proxy's own), refuse a declared body over the service's limit
 //! ([`forward::check_body_size`], 413), read the body within that limit, rewrite the head
 //! ([`forward::rewrite_head`]), then answer 200 instead of forwarding.
 //!
@@ -39,7 +39,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tenement_proxy::forward::{self, Peer};
-use tenement_proxy::host::{self, Target};
+use tenement_proxy::host::Target;
 use tenement_proxy::respond::{error_response, full, ProxyBody, ProxyError};
 use tenement_proxy::server::{connection_builder, MAX_HEADER_BYTES};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -257,21 +257,8 @@ async fn route_and_rewrite(
     if std::env::var_os("TENEMENT_FUZZ_TRACE").is_some() {
         eprintln!("request: {request:?}");
     }
-    // As `Proxy::serve` does: no CONNECT; one authority, the target's (HTTP/2, absolute-form)
-    // or the one Host header's, the two agreeing when both are there.
-    if request.method() == http::Method::CONNECT {
-        return Err(ProxyError::MethodNotAllowed);
-    }
-    let raw_host = host::authority_of(
-        request.uri().authority().map(|a| a.as_str()),
-        request
-            .headers()
-            .get_all(header::HOST)
-            .iter()
-            .map(http::HeaderValue::as_bytes),
-    )?
-    .map(str::to_owned);
-    let service = match host::target_of(raw_host.as_deref(), &crate::host::domains())? {
+    let (raw_host, target) = forward::request_target(&request, &crate::host::domains())?;
+    let service = match target {
         Target::Home => return Ok(Response::new(full("home\n"))),
         Target::NoMatch => return Err(ProxyError::UnknownHost),
         Target::Instance(id) => id.service,

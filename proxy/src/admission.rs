@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
+use crate::lock;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub struct Admission {
@@ -145,13 +146,6 @@ impl TenantUids {
             Ok(Some(owner)) => self.contains(owner.uid),
             _ => true,
         }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(poisoned) => poisoned.into_inner(),
     }
 }
 

@@ -105,20 +105,8 @@ impl Proxy {
         request: Request<Incoming>,
         peer: Peer,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        if request.method() == http::Method::CONNECT {
-            return Err(ProxyError::MethodNotAllowed);
-        }
-        let raw_host = host::authority_of(
-            request.uri().authority().map(|a| a.as_str()),
-            request
-                .headers()
-                .get_all(header::HOST)
-                .iter()
-                .map(HeaderValue::as_bytes),
-        )?
-        .map(str::to_owned);
         let settings = self.settings.load_full();
-        let target = host::target_of(raw_host.as_deref(), &settings.domains)?;
+        let (raw_host, target) = request_target(&request, &settings.domains)?;
         let deadline = Instant::now() + settings.wake_timeout;
         let entry = match target {
             Target::Home => return Ok(self.home_page()),
@@ -415,6 +403,30 @@ impl Proxy {
         let body = ResponseBody::new(body, guard, self.pool.clone(), key, connection, progress);
         Ok(Response::from_parts(parts, body.boxed()))
     }
+}
+
+/// Where a request is going, before anything else is read of it: CONNECT is refused (405);
+/// the authority is the target's (HTTP/2, absolute-form) or the one Host header's, the two
+/// agreeing when both are there; and the target is what that authority names among
+/// `domains`. Also the entry of the `http_head` fuzz target.
+pub fn request_target<B>(
+    request: &Request<B>,
+    domains: &[String],
+) -> Result<(Option<String>, Target), ProxyError> {
+    if request.method() == http::Method::CONNECT {
+        return Err(ProxyError::MethodNotAllowed);
+    }
+    let raw_host = host::authority_of(
+        request.uri().authority().map(|a| a.as_str()),
+        request
+            .headers()
+            .get_all(header::HOST)
+            .iter()
+            .map(HeaderValue::as_bytes),
+    )?
+    .map(str::to_owned);
+    let target = host::target_of(raw_host.as_deref(), domains)?;
+    Ok((raw_host, target))
 }
 
 fn source_is<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {

@@ -17,3 +17,13 @@ pub mod relay;
 pub mod respond;
 pub mod server;
 pub mod table;
+
+/// Locks `m`, also when a thread panicked while holding it: every lock here guards plain data
+/// left consistent between statements, and a proxy or supervisor that stops serving over one
+/// poisoned lock loses more than it protects.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}

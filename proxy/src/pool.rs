@@ -32,6 +32,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::lock;
 use crate::respond::ProxyBody;
 
 /// One upstream connection: hyper's handle to send a request on it, and what the proxy knows
@@ -365,13 +366,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteGuarded<S> {
         }
         let result = std::task::ready!(Pin::new(&mut self.inner).poll_shutdown(cx));
         Poll::Ready(self.absorb(result.map(|()| 0), 0).map(|_| ()))
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(poisoned) => poisoned.into_inner(),
     }
 }
 

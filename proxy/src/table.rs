@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use crate::lock;
 use tenement_proto::rpc::{Address, InstanceState, Route};
 use tenement_proto::{InstanceId, ServiceName};
 use tokio::sync::watch;
@@ -165,13 +166,6 @@ impl Entry {
         let started = started.wrapping_sub(before);
         (started > 0 || in_flight > 0 || previous != in_flight || succeeded > 0)
             .then_some((started, in_flight, succeeded))
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(poisoned) => poisoned.into_inner(),
     }
 }
 

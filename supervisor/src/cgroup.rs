@@ -18,6 +18,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::lock;
 use tenement_proto::config::Limits;
 use tenement_proto::InstanceId;
 
@@ -80,13 +81,6 @@ fn err(path: &Path, action: &'static str) -> impl FnOnce(io::Error) -> CgroupErr
         path,
         action,
         source,
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(poisoned) => poisoned.into_inner(),
     }
 }
 

@@ -136,10 +136,7 @@ impl LogBuffer {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        match self.inner.lock() {
-            Ok(inner) => inner,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::lock(&self.inner)
     }
 
     /// The last `n` lines (all when `None`).

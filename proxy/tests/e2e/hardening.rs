@@ -238,16 +238,8 @@ mirror = ["a", "b"]
     let slow =
         thread::spawn(move || try_get(addr, "b.mirror.localhost", &format!("/slow?ms={SLOW_MS}")));
 
-    let mut socket = connect(addr).expect("connect to the proxy");
-    socket
-        .write_all(
-            b"GET /upgrade HTTP/1.1\r\nHost: a.mirror.localhost\r\nConnection: Upgrade\r\n\
-              Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        )
-        .expect("send the handshake");
-    let mut reader = std::io::BufReader::new(socket.try_clone().expect("dup"));
-    let head = read_head(&mut reader).expect("the handshake answer");
+    let (mut socket, mut reader, head) =
+        open_websocket(addr, "a.mirror.localhost").expect("the handshake");
     assert_eq!(head.status, 101, "{head:?}");
 
     let mut admin = sandbox.admin();

@@ -26,16 +26,8 @@ fn idle_stop_waits_for_an_open_websocket() {
     let (_supervisor, _proxy) = sandbox.start();
     let mut admin = sandbox.admin();
 
-    let mut stream = connect(sandbox.proxy_addr).expect("connect to the proxy");
-    stream
-        .write_all(
-            b"GET /upgrade HTTP/1.1\r\nHost: a.mirror.localhost\r\nConnection: Upgrade\r\n\
-              Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        )
-        .expect("send the handshake");
-    let mut reader = BufReader::new(stream.try_clone().expect("dup"));
-    let head = read_head(&mut reader).expect("the handshake answer");
+    let (mut stream, mut reader, head) =
+        open_websocket(sandbox.proxy_addr, "a.mirror.localhost").expect("the handshake");
     assert_eq!(head.status, 101, "{head:?}");
     assert_eq!(
         head.header("sec-websocket-accept"),

@@ -6,7 +6,6 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::process::ExitStatus;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -31,6 +30,7 @@ use super::instance::{
 };
 use super::isolation;
 use super::{policy, Command, ProcessEvent, ProcessEventKind, Registry, RpcError};
+use crate::lock;
 
 impl Registry {
     /// Feeds one event to an instance's lifecycle and carries out what it decides.
@@ -698,13 +698,6 @@ impl Registry {
                 }))
                 .await;
         });
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(poisoned) => poisoned.into_inner(),
     }
 }
 

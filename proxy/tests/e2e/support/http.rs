@@ -56,6 +56,24 @@ pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
+/// Sends a WebSocket handshake for `/upgrade` at `host` (the mirror fixture echoes what follows
+/// a 101); returns the stream to write on, a reader of what comes back, and the answer's head.
+pub fn open_websocket(
+    addr: SocketAddr,
+    host: &str,
+) -> io::Result<(TcpStream, BufReader<TcpStream>, Head)> {
+    let mut stream = connect(addr)?;
+    write!(
+        stream,
+        "GET /upgrade HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let head = read_head(&mut reader)?;
+    Ok((stream, reader, head))
+}
+
 /// Reads a status line and headers.
 pub fn read_head<R: BufRead>(reader: &mut R) -> io::Result<Head> {
     let mut line = String::new();
