@@ -93,6 +93,7 @@ class Suite:
         self.port = free_port()
         self.range = port_block()
         self.config = os.path.join(self.dir, "tenement.toml")
+        self.fixtures = self.install_fixtures()
 
     def run(self, name, fn):
         try:
@@ -107,9 +108,24 @@ class Suite:
             self.passed += 1
             print(f"PASS {name}" + (f": {detail}" if detail else ""), flush=True)
 
+    def install_fixtures(self):
+        """The tenants' programs, copied into the sandbox: the checkout may live where an
+        instance cannot see it (a clone under /tmp is hidden by the instance's private /tmp),
+        and a tenant's program should not depend on where the tests were started from."""
+        fixtures = os.path.join(self.dir, "fixtures")
+        shutil.copytree(FIXTURES, fixtures, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy2(os.path.join(self.bin, "tiny-http"), fixtures)
+        for dirpath, dirnames, filenames in os.walk(fixtures):
+            os.chmod(dirpath, 0o755)
+            for name in filenames:
+                path = os.path.join(dirpath, name)
+                os.chmod(path, 0o755 if os.access(path, os.X_OK) else 0o644)
+        return fixtures
+
     def write_config(self):
         lo, hi = self.range
-        tiny = os.path.join(self.bin, "tiny-http")
+        tiny = os.path.join(self.fixtures, "tiny-http")
+        fixtures = self.fixtures
         text = f"""
 [settings]
 domain = "localhost"
@@ -137,14 +153,14 @@ max_restarts = 1000
 FIXTURE_START_DELAY_MS = "30"
 
 [service.hostile]
-command = "python3 {FIXTURES}/hostile.py"
+command = "python3 {fixtures}/hostile.py"
 idle_timeout = "never"
 env_file = "{self.dir}/hostile.env"
 [service.hostile.env]
 VISIBLE = "in the config"
 
 [service.lurker]
-command = "python3 {FIXTURES}/hostile.py"
+command = "python3 {fixtures}/hostile.py"
 idle_timeout = "never"
 [service.lurker.env]
 SQUAT_RANGE = "{lo}-{hi}"
@@ -155,7 +171,7 @@ listen = "unix"
 idle_timeout = "never"
 
 [service.usurper]
-command = "python3 {FIXTURES}/hostile.py"
+command = "python3 {fixtures}/hostile.py"
 listen = "unix"
 idle_timeout = "never"
 startup_timeout = "10s"
@@ -175,14 +191,14 @@ auto_spawn = true
 idle_timeout = "1s"
 
 [service.forky]
-command = "python3 {FIXTURES}/hostile.py"
+command = "python3 {fixtures}/hostile.py"
 idle_timeout = "never"
 pids_max = 24
 memory_max = "64MB"
 tmp_size = "8MB"
 
 [service.busy]
-command = "python3 {FIXTURES}/mirror.py"
+command = "python3 {fixtures}/mirror.py"
 idle_timeout = "never"
 max_upstream_connections = 4
 
@@ -303,7 +319,7 @@ lurker = ["l"]
                    SQUAT_HOLD_MS="50", SQUAT_PAUSE_MS="100")
         racer = subprocess.Popen(
             ["setpriv", "--reuid=63099", "--regid=63099", "--clear-groups",
-             "python3", os.path.join(FIXTURES, "hostile.py")],
+             "python3", os.path.join(self.fixtures, "hostile.py")],
             stdout=out, stderr=subprocess.STDOUT, env=env, cwd="/")
         self.procs.append(racer)
         try:
