@@ -50,6 +50,10 @@ pub struct Settings {
     pub trusted_proxies: Vec<IpAddr>,
     /// The uids tenants run as: a loopback peer of one of these is never a trusted proxy.
     pub tenant_uids: crate::admission::TenantUids,
+    /// A plain-HTTP request for a name with a certificate is answered 308 to https://.
+    pub redirect_http: bool,
+    /// `Strict-Transport-Security` for HTTPS answers.
+    pub hsts: Option<HeaderValue>,
 }
 
 pub struct Proxy {
@@ -63,6 +67,9 @@ pub struct Proxy {
     /// Upgraded connections (WebSockets), which outlive their HTTP connection: a stopping
     /// proxy waits for them within its grace period, as it waits for requests in flight.
     pub upgraded: tokio_util::task::TaskTracker,
+    /// The certificates of the HTTPS listeners and the port of the first one, when there is
+    /// one: where plain-HTTP requests are redirected.
+    pub https: Option<(Arc<crate::tls::Store>, u16)>,
 }
 
 /// How a request reached the proxy.
@@ -83,8 +90,12 @@ impl Proxy {
         request: Request<Incoming>,
         peer: Peer,
     ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
-        match self.serve(request, peer).await {
-            Ok(response) => Ok(response),
+        let hsts = match peer.scheme {
+            "https" => self.settings.load().hsts.clone(),
+            _ => None,
+        };
+        let response = match self.serve(request, peer).await {
+            Ok(response) => response,
             Err(error) => {
                 match &error {
                     ProxyError::WakeFailed(detail)
@@ -95,9 +106,10 @@ impl Proxy {
                     }
                     _ => tracing::debug!(peer = %peer.addr, "{error}"),
                 }
-                Ok(error_response(&error))
+                error_response(&error)
             }
-        }
+        };
+        Ok(with_hsts(response, hsts))
     }
 
     async fn serve(
@@ -107,6 +119,11 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let settings = self.settings.load_full();
         let (raw_host, target) = request_target(&request, &settings.domains)?;
+        if peer.scheme == "http" && settings.redirect_http {
+            if let Some(location) = self.https_location(&request, raw_host.as_deref()) {
+                return Ok(redirect(location));
+            }
+        }
         let deadline = Instant::now() + settings.wake_timeout;
         let entry = match target {
             Target::Home => return Ok(self.home_page()),
@@ -164,6 +181,21 @@ impl Proxy {
             &settings,
         )
         .await
+    }
+
+    /// Where a plain-HTTP request goes instead, when its host has a certificate: the same
+    /// URL over https (the ACME HTTP-01 challenge path stays on plain HTTP).
+    fn https_location<B>(&self, request: &Request<B>, raw_host: Option<&str>) -> Option<String> {
+        let (store, port) = self.https.as_ref()?;
+        let host = host::normalize(raw_host?).ok()?;
+        let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+        if path.starts_with("/.well-known/acme-challenge/") || !store.covers(&host) {
+            return None;
+        }
+        Some(match port {
+            443 => format!("https://{host}{path}"),
+            port => format!("https://{host}:{port}{path}"),
+        })
     }
 
     fn home_page(&self) -> Response<ProxyBody> {
@@ -427,6 +459,32 @@ pub fn request_target<B>(
     .map(str::to_owned);
     let target = host::target_of(raw_host.as_deref(), domains)?;
     Ok((raw_host, target))
+}
+
+/// 308: the same request again at `location` (method and body kept, unlike 301).
+fn redirect(location: String) -> Response<ProxyBody> {
+    let mut response = Response::new(full(format!("moved to {location}\n")));
+    *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::try_from(location) {
+        headers.insert(header::LOCATION, value);
+    }
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Adds `Strict-Transport-Security` unless the app set its own.
+fn with_hsts(mut response: Response<ProxyBody>, hsts: Option<HeaderValue>) -> Response<ProxyBody> {
+    if let Some(value) = hsts {
+        response
+            .headers_mut()
+            .entry(header::STRICT_TRANSPORT_SECURITY)
+            .or_insert(value);
+    }
+    response
 }
 
 fn source_is<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {

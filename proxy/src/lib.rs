@@ -17,6 +17,7 @@ pub mod relay;
 pub mod respond;
 pub mod server;
 pub mod table;
+pub mod tls;
 
 /// Locks `m`, also when a thread panicked while holding it: every lock here guards plain data
 /// left consistent between statements, and a proxy or supervisor that stops serving over one

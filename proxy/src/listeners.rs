@@ -1,17 +1,18 @@
 //! The proxy's listening sockets: handed over by systemd (LISTEN_FDS, with LISTEN_FDNAMES
-//! telling `http` from `https`; sd_listen_fds(3)) or bound from `--listen`.
+//! telling `http` from `https`; sd_listen_fds(3)) or bound from `--listen`. On an `https`
+//! listener the proxy terminates TLS itself.
 //!
 //! Called from `main` before any thread exists: taking systemd's sockets consumes the LISTEN_*
 //! variables.
 
-use std::net::SocketAddr;
-
 use anyhow::Context;
+use tenement_proto::config::ListenAddress;
 
 pub struct Listener {
     /// Registered with the runtime once it exists.
     pub socket: std::net::TcpListener,
-    /// `http` or `https`: what X-Forwarded-Proto says for requests on this socket.
+    /// `http` or `https` (TLS, terminated by the proxy): what X-Forwarded-Proto says for
+    /// requests on this socket.
     pub scheme: &'static str,
     name: String,
 }
@@ -25,8 +26,8 @@ impl Listener {
     }
 }
 
-/// The scheme a listener name stands for: names starting with `https` are TLS-terminated in
-/// front of the proxy; everything else is plain HTTP.
+/// The scheme a listener name stands for: names starting with `https` are TLS, terminated by
+/// the proxy; everything else is plain HTTP.
 pub fn scheme_of(name: &str) -> &'static str {
     if name.starts_with("https") {
         "https"
@@ -62,17 +63,18 @@ pub fn from_systemd() -> anyhow::Result<Vec<Listener>> {
 }
 
 /// Binds `addrs` ourselves (foreground use).
-pub fn bind(addrs: &[SocketAddr]) -> anyhow::Result<Vec<Listener>> {
+pub fn bind(addrs: &[ListenAddress]) -> anyhow::Result<Vec<Listener>> {
     addrs
         .iter()
-        .map(|addr| {
-            let socket = std::net::TcpListener::bind(addr)
-                .with_context(|| format!("cannot listen on {addr}"))?;
+        .map(|address| {
+            let socket = std::net::TcpListener::bind(address.addr)
+                .with_context(|| format!("cannot listen on {address}"))?;
             socket.set_nonblocking(true)?;
+            let scheme = if address.tls { "https" } else { "http" };
             Ok(Listener {
                 socket,
-                scheme: "http",
-                name: "http".to_owned(),
+                scheme,
+                name: scheme.to_owned(),
             })
         })
         .collect()

@@ -15,14 +15,14 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use hyper_util::rt::TokioIo;
-use tenement_proto::config::{Config, Environment, DEFAULT_CONFIG_PATH};
+use tenement_proto::config::{Config, Environment, ListenAddress, DEFAULT_CONFIG_PATH};
 use tokio_util::sync::CancellationToken;
 
 use tenement_proxy::admission::{Admission, TenantUids};
 use tenement_proxy::forward::{self, Peer, Proxy, ServicePolicy};
 use tenement_proxy::listeners::{self, Listener};
 use tenement_proxy::server::{self, HEADER_READ_TIMEOUT};
-use tenement_proxy::{link, privilege};
+use tenement_proxy::{link, privilege, tls};
 
 /// tenement's front door: routes `{id}.{service}.{domain}` to instances, waking them.
 #[derive(Debug, Parser)]
@@ -31,10 +31,15 @@ struct Args {
     /// The config file (the same one the supervisor reads).
     #[arg(long, short = 'c', env = "TENEMENT_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
     config: PathBuf,
-    /// Address to listen on when systemd passes no sockets (repeatable); default: the
-    /// `listen` setting.
+    /// Address to listen on when systemd passes no sockets (repeatable): `IP:PORT` for plain
+    /// HTTP, `https://IP:PORT` for HTTPS; default: the `listen` setting.
     #[arg(long = "listen", value_name = "ADDR")]
-    listen: Vec<std::net::SocketAddr>,
+    listen: Vec<ListenAddress>,
+    /// Serve HTTPS with a certificate made at start and signed by itself, for every domain,
+    /// service and instance name (for trying HTTPS on a workstation: `curl -k`); configured
+    /// certificate files still come first.
+    #[arg(long)]
+    tls_self_signed: bool,
     /// Drop to this user after taking the sockets (required when started as root).
     #[arg(long, value_name = "USER")]
     user: Option<String>,
@@ -91,7 +96,22 @@ fn run(args: Args) -> anyhow::Result<()> {
         environment,
         listeners,
         Duration::from_secs(args.shutdown_grace),
+        args.tls_self_signed,
     ))
+}
+
+/// `--tls-self-signed`: a certificate for the config's names, made now.
+fn self_signed(config: &Config, wanted: bool) -> anyhow::Result<Option<tls::Loaded>> {
+    if !wanted {
+        return Ok(None);
+    }
+    let names = tls::self_signed_names(
+        &config.settings.domains,
+        config.services.keys().map(|s| s.as_str()),
+    );
+    tls::self_signed(names)
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!(e))
 }
 
 /// What the request path needs of the config; built at start and again at every reload.
@@ -136,6 +156,10 @@ fn settings_of(config: &Config) -> forward::Settings {
         response_timeout: Duration::from_secs(60),
         trusted_proxies: config.settings.trusted_proxies.clone(),
         tenant_uids: tenant_uids(config),
+        redirect_http: config.settings.tls.redirect_http,
+        hsts: config.settings.tls.hsts.and_then(|max_age| {
+            http::HeaderValue::try_from(format!("max-age={}", max_age.as_secs())).ok()
+        }),
     }
 }
 
@@ -144,8 +168,42 @@ async fn serve(
     environment: Environment,
     listeners: Vec<Listener>,
     grace: Duration,
+    tls_self_signed: bool,
 ) -> anyhow::Result<()> {
     let link = link::Link::new(config.settings.proxy_socket());
+    let https_port = listeners
+        .iter()
+        .find(|l| l.scheme == "https")
+        .and_then(|l| l.socket.local_addr().ok())
+        .map(|a| a.port());
+    // Certificates are read when there is an HTTPS listener to serve them on.
+    let certificates = match https_port {
+        Some(_) => {
+            let store = tls::Store::new(
+                &config.settings.tls.certificates,
+                self_signed(&config, tls_self_signed)?,
+            )
+            .map_err(|e| anyhow::anyhow!(e))?;
+            if config.settings.tls.certificates.is_empty() && !tls_self_signed {
+                tracing::warn!(
+                    "an https listener but no certificate: every TLS handshake fails; list files in [settings.tls] certificates (or try --tls-self-signed)"
+                );
+            }
+            Some(Arc::new(store))
+        }
+        None => {
+            if tls_self_signed || !config.settings.tls.certificates.is_empty() {
+                tracing::warn!(
+                    "certificates configured but no https listener: add one (listen = \"https://127.0.0.1:8443\", or the tenement-https.socket unit)"
+                );
+            }
+            None
+        }
+    };
+    let tls_config = match &certificates {
+        Some(store) => Some(tls::server_config(store.clone()).map_err(|e| anyhow::anyhow!(e))?),
+        None => None,
+    };
     let proxy = Arc::new(Proxy {
         settings: arc_swap::ArcSwap::from_pointee(settings_of(&config)),
         table: Arc::default(),
@@ -153,18 +211,29 @@ async fn serve(
         pool: Arc::default(),
         new_tenants: Default::default(),
         upgraded: tokio_util::task::TaskTracker::new(),
+        https: certificates.clone().zip(https_port),
     });
     // Reading the config again: asked by the supervisor after `tenctl reload`, or by SIGHUP.
     let reload: Arc<dyn Fn() + Send + Sync> = {
         let (proxy, path) = (proxy.clone(), config.path.clone());
+        let certificates = certificates.clone();
         Arc::new(move || match Config::load(&path, &environment) {
             Ok(new) => {
                 proxy.settings.store(Arc::new(settings_of(&new)));
+                if let Some(store) = &certificates {
+                    match self_signed(&new, tls_self_signed) {
+                        Ok(made) => store.configure(&new.settings.tls.certificates, made),
+                        Err(e) => tracing::error!("{e}"),
+                    }
+                }
                 tracing::info!("config reloaded: {} services", new.services.len());
             }
             Err(e) => tracing::error!("config reload failed, the running config stays: {e}"),
         })
     };
+    if let Some(store) = &certificates {
+        tokio::spawn(store.clone().watch());
+    }
 
     let shutdown = CancellationToken::new();
     // The route watch is also how the supervisor knows a proxy is there to report activity;
@@ -190,6 +259,10 @@ async fn serve(
         let shutdown = shutdown.clone();
         let admission = admission.clone();
         let scheme = listener.scheme;
+        let tls = match (scheme, &tls_config) {
+            ("https", Some(config)) => Some(tokio_rustls::TlsAcceptor::from(config.clone())),
+            _ => None,
+        };
         let socket = tokio::net::TcpListener::from_std(listener.socket)
             .context("cannot register a listening socket")?;
         accept_tasks.push(tokio::spawn(async move {
@@ -233,25 +306,43 @@ async fn serve(
                 let proxy = proxy.clone();
                 let builder = builder.clone();
                 // Taken now, so the shutdown waits for this connection even while it is still
-                // being sniffed.
+                // being sniffed or shaking hands.
                 let watcher = graceful.watcher();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let _ticket = ticket;
-                    // hyper-util reads the first bytes to tell HTTP/1 from HTTP/2 with no
-                    // deadline of its own; a client that sends nothing must not hold a socket.
-                    let started =
-                        tokio::time::timeout(HEADER_READ_TIMEOUT, server::first_bytes(&stream))
-                            .await;
-                    if !matches!(started, Ok(true)) {
-                        return;
-                    }
                     let service = hyper::service::service_fn(move |request| {
                         proxy.clone().handle(request, peer)
                     });
-                    let connection = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .into_owned();
-                    if let Err(e) = watcher.watch(connection).await {
+                    let ended = match tls {
+                        None => {
+                            // hyper-util reads the first bytes to tell HTTP/1 from HTTP/2 with
+                            // no deadline of its own; a client that sends nothing must not
+                            // hold a socket.
+                            let started = tokio::time::timeout(
+                                HEADER_READ_TIMEOUT,
+                                server::first_bytes(&stream),
+                            )
+                            .await;
+                            if !matches!(started, Ok(true)) {
+                                return;
+                            }
+                            let connection = builder
+                                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                                .into_owned();
+                            watcher.watch(connection).await
+                        }
+                        Some(acceptor) => {
+                            let Some(stream) = tls_handshake(&acceptor, stream, addr).await else {
+                                return;
+                            };
+                            let connection = builder
+                                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                                .into_owned();
+                            watcher.watch(connection).await
+                        }
+                    };
+                    if let Err(e) = ended {
                         tracing::debug!(peer = %addr, "connection ended: {e}");
                     }
                 });
@@ -304,6 +395,35 @@ async fn serve(
     }
     unlink.cancel();
     Ok(())
+}
+
+/// A TLS handshake within [`tls::HANDSHAKE_TIMEOUT`], then the client's first bytes within
+/// [`HEADER_READ_TIMEOUT`] (a client that shakes hands and says nothing must not hold a
+/// socket either). `None`: the connection is over (logged at debug: handshake failures are
+/// scanners and clients asking for names nobody serves).
+async fn tls_handshake(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    stream: tokio::net::TcpStream,
+    addr: std::net::SocketAddr,
+) -> Option<tokio::io::BufReader<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
+    use tokio::io::AsyncBufReadExt;
+    let stream = match tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %addr, "TLS handshake failed: {e}");
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!(peer = %addr, "TLS handshake timed out");
+            return None;
+        }
+    };
+    // A small buffer: once its first bytes are read, hyper's larger reads bypass it.
+    let mut stream = tokio::io::BufReader::with_capacity(32, stream);
+    match tokio::time::timeout(HEADER_READ_TIMEOUT, stream.fill_buf()).await {
+        Ok(Ok(first)) if !first.is_empty() => Some(stream),
+        _ => None,
+    }
 }
 
 /// The uids tenants may run as: `dynamic_users`, and every named `user` of a service (root for

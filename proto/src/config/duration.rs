@@ -1,12 +1,12 @@
 //! Durations in the config: an integer number of seconds, or a string such as `"500ms"`,
-//! `"30s"`, `"5m"`, `"1h"`, or a sum of those (`"1m30s"`).
+//! `"30s"`, `"5m"`, `"1h"`, `"7d"`, or a sum of those (`"1m30s"`).
 
 use std::time::Duration;
 
 /// Parses a duration string; the error says what is accepted.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let bad = || {
-        format!("invalid duration {text:?}; use seconds (300) or a string like \"500ms\", \"30s\", \"5m\", \"1h\"")
+        format!("invalid duration {text:?}; use seconds (300) or a string like \"500ms\", \"30s\", \"5m\", \"1h\", \"7d\"")
     };
     let text_trimmed = text.trim();
     if text_trimmed.is_empty() {
@@ -32,6 +32,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "s" => Duration::from_secs(value),
             "m" => Duration::from_secs(value.checked_mul(60).ok_or_else(bad)?),
             "h" => Duration::from_secs(value.checked_mul(3600).ok_or_else(bad)?),
+            "d" => Duration::from_secs(value.checked_mul(86_400).ok_or_else(bad)?),
             _ => return Err(bad()),
         };
         total = total.checked_add(part).ok_or_else(bad)?;
@@ -52,6 +53,7 @@ mod tests {
             ("5m", 300_000),
             ("1h", 3_600_000),
             ("1m30s", 90_000),
+            ("2d", 172_800_000),
             ("0", 0),
         ];
         for (text, ms) in cases {
@@ -71,7 +73,7 @@ mod tests {
             "-1",
             "1.5s",
             "s",
-            "5d",
+            "5w",
             "1m30",
             "ms5",
             "99999999999999999999h",

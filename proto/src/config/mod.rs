@@ -59,7 +59,7 @@ pub struct Settings {
     /// Where the RPC sockets live.
     pub runtime_dir: PathBuf,
     /// The proxy's listen addresses when systemd hands it none.
-    pub listen: Vec<SocketAddr>,
+    pub listen: Vec<ListenAddress>,
     /// Ports handed to instances.
     pub port_range: RangeInclusive<u16>,
     /// Members of this group may use the admin socket (root always may).
@@ -80,6 +80,79 @@ pub struct Settings {
     pub isolation: Option<Isolation>,
     /// The user of services that do not set their own.
     pub user: Option<String>,
+    /// HTTPS in the proxy (`[settings.tls]`).
+    pub tls: Tls,
+}
+
+/// A listening address of the proxy: `127.0.0.1:8080` (plain HTTP, also written
+/// `http://127.0.0.1:8080`) or `https://127.0.0.1:8443` (the proxy terminates TLS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenAddress {
+    pub addr: SocketAddr,
+    pub tls: bool,
+}
+
+impl std::str::FromStr for ListenAddress {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (tls, rest) = match text.split_once("://") {
+            Some(("https", rest)) => (true, rest),
+            Some(("http", rest)) => (false, rest),
+            Some((scheme, _)) => {
+                return Err(format!(
+                    "listen address {text:?} has scheme {scheme:?}; use http:// or https://"
+                ))
+            }
+            None => (false, text),
+        };
+        let addr = rest.parse::<SocketAddr>().map_err(|_| {
+            format!(
+                "listen address {text:?} is not [https://]IP:PORT; write it like \"127.0.0.1:8080\" or \"https://[::1]:8443\""
+            )
+        })?;
+        Ok(ListenAddress { addr, tls })
+    }
+}
+
+impl fmt::Display for ListenAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.tls {
+            write!(f, "https://{}", self.addr)
+        } else {
+            write!(f, "{}", self.addr)
+        }
+    }
+}
+
+/// `[settings.tls]`: where the proxy's certificates come from and how plain HTTP is treated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tls {
+    /// Certificate files (PEM chain and key), in the file's order; the first is also the
+    /// certificate of clients that send no server name.
+    pub certificates: Vec<CertificateFiles>,
+    /// A plain-HTTP request for a name that has a certificate is answered 308 to https://
+    /// (default true).
+    pub redirect_http: bool,
+    /// `Strict-Transport-Security: max-age=...` on HTTPS answers; `None`: not sent.
+    pub hsts: Option<Duration>,
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        Tls {
+            certificates: Vec::new(),
+            redirect_http: true,
+            hsts: None,
+        }
+    }
+}
+
+/// One `{ cert = "...", key = "..." }` of `[settings.tls] certificates` (absolute paths).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Settings {

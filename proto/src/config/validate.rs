@@ -8,6 +8,7 @@
 
 mod service;
 mod settings;
+mod tls;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
@@ -627,6 +628,71 @@ notes = ["alice", "bob"]
     }
 
     #[test]
+    fn https_listeners_and_certificate_files_are_read() {
+        let config = parse_ok(
+            r#"
+[settings]
+listen = ["http://0.0.0.0:80", "https://[::]:443", "127.0.0.1:8080"]
+[settings.tls]
+certificates = [
+  { cert = "tls/wild.pem", key = "/etc/tenement/tls/wild.key" },
+  { cert = "/etc/tenement/tls/other.pem", key = "tls/other.key" },
+]
+redirect_http = false
+hsts = "365d"
+"#,
+        );
+        let s = &config.settings;
+        let shown: Vec<String> = s.listen.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["0.0.0.0:80", "https://[::]:443", "127.0.0.1:8080"]);
+        assert_eq!(s.tls.certificates.len(), 2);
+        assert_eq!(
+            s.tls.certificates[0].cert,
+            Path::new("/etc/app/tls/wild.pem")
+        );
+        assert_eq!(
+            s.tls.certificates[1].key,
+            Path::new("/etc/app/tls/other.key")
+        );
+        assert!(!s.tls.redirect_http);
+        assert_eq!(s.tls.hsts, Some(Duration::from_secs(365 * 86_400)));
+    }
+
+    #[test]
+    fn bad_tls_settings_are_each_reported() {
+        let found = messages(
+            r#"
+[settings]
+listen = ["ftp://127.0.0.1:21", "https://localhost:443", "127.0.0.1:80", "https://127.0.0.1:80"]
+[settings.tls]
+certificates = [{ cert = "a.pem" }, { cert = "b.pem", key = "b.key", chain = "c" }, "x.pem",
+                { cert = "d.pem", key = "d.key" }, { cert = "d.pem", key = "e.key" }]
+redirect_http = "yes"
+hsts = 0
+acme = true
+"#,
+        );
+        let expected = [
+            "has scheme \"ftp\"",
+            "\"https://localhost:443\" is not [https://]IP:PORT",
+            "duplicate listen address 127.0.0.1:80",
+            "unknown key `acme` in [settings.tls]",
+            "key is missing",
+            "unknown key `chain` in a certificate",
+            "each certificate is a table with cert and key, not a string",
+            "certificate /etc/app/d.pem is listed twice",
+            "redirect_http must be true or false",
+            "hsts must be a max-age",
+        ];
+        for want in expected {
+            assert!(
+                found.iter().any(|m| m.contains(want)),
+                "no message with {want:?} in {found:#?}"
+            );
+        }
+    }
+
+    #[test]
     fn the_documented_example_parses_into_every_field() {
         let config = parse_ok(EXAMPLE);
         let s = &config.settings;
@@ -659,7 +725,13 @@ notes = ["alice", "bob"]
         assert_eq!(s.data_dir, Path::new("/etc/app/data"));
         assert_eq!(s.state_dir, Path::new("/etc/app/.tenement/state"));
         assert_eq!(s.runtime_dir, Path::new("/etc/app/.tenement/run"));
-        assert_eq!(s.listen, [SocketAddr::from(([127, 0, 0, 1], 8080))]);
+        let plain = crate::config::ListenAddress {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tls: false,
+        };
+        assert_eq!(s.listen, [plain]);
+        assert_eq!(s.tls, crate::config::Tls::default());
+        assert!(s.tls.redirect_http);
         assert_eq!(s.port_range, 20000..=29999);
         assert_eq!(s.admin_group, None);
         assert!(config.services.is_empty());

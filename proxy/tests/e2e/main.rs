@@ -12,4 +12,5 @@ mod hardening;
 mod hostile_requests;
 mod routing;
 mod streaming;
+mod tls;
 mod wake;

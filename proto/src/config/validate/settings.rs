@@ -5,7 +5,7 @@ use std::ops::RangeInclusive;
 use std::path::{Component, Path, PathBuf};
 
 use super::{normalise, shown_path, Checker, RawEntry, RawTable, RawValue, Span};
-use crate::config::Settings;
+use crate::config::{ListenAddress, Settings};
 use crate::ids::validate_label;
 
 const SETTINGS_KEYS: &[&str] = &[
@@ -23,6 +23,7 @@ const SETTINGS_KEYS: &[&str] = &[
     "user",
     "max_connections",
     "max_connections_per_client",
+    "tls",
 ];
 
 /// `sizeof(sockaddr_un.sun_path)` on Linux, terminating NUL included (unix(7)).
@@ -118,7 +119,17 @@ impl Checker<'_> {
         };
         let listen = match table.get("listen") {
             Some(e) => self.listen_addresses(e),
-            None => vec![SocketAddr::from(([127, 0, 0, 1], 8080))],
+            None => vec![ListenAddress {
+                addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+                tls: false,
+            }],
+        };
+        let tls = match table
+            .get("tls")
+            .and_then(|e| self.table(e, "[settings.tls]"))
+        {
+            Some(tls) => self.tls(tls),
+            None => crate::config::Tls::default(),
         };
         let port_range = self.port_range(table.get("port_range"));
         let admin_group = table
@@ -167,6 +178,7 @@ impl Checker<'_> {
             port_range,
             admin_group,
             proxy_user,
+            tls,
         }
     }
 
@@ -237,7 +249,7 @@ impl Checker<'_> {
         ips
     }
 
-    fn listen_addresses(&mut self, entry: &RawEntry) -> Vec<SocketAddr> {
+    fn listen_addresses(&mut self, entry: &RawEntry) -> Vec<ListenAddress> {
         let Some(items) = self.string_list(entry) else {
             return Vec::new();
         };
@@ -246,21 +258,18 @@ impl Checker<'_> {
                 "listen is empty; list at least one address, like listen = \"127.0.0.1:8080\"";
             self.error(entry.key.span(), message.to_owned());
         }
-        let mut addresses: Vec<SocketAddr> = Vec::with_capacity(items.len());
+        let mut addresses: Vec<ListenAddress> = Vec::with_capacity(items.len());
         for (span, text) in items {
-            match text.parse::<SocketAddr>() {
-                Ok(address) if addresses.contains(&address) => {
-                    let message =
-                        format!("duplicate listen address {address}; list each address once");
-                    self.error(span, message);
-                }
-                Ok(address) => addresses.push(address),
-                Err(_) => {
+            match text.parse::<ListenAddress>() {
+                Ok(address) if addresses.iter().any(|a| a.addr == address.addr) => {
                     let message = format!(
-                        "listen address {text:?} is not IP:PORT; write it like \"127.0.0.1:8080\" or \"[::1]:8080\""
+                        "duplicate listen address {}; list each address once",
+                        address.addr
                     );
                     self.error(span, message);
                 }
+                Ok(address) => addresses.push(address),
+                Err(message) => self.error(span, message),
             }
         }
         addresses

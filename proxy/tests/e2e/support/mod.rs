@@ -196,6 +196,13 @@ impl Sandbox {
         sandbox
     }
 
+    /// Another port of the sandbox's block that can be bound now (for a second listener).
+    pub fn spare_port(&self) -> u16 {
+        (self.proxy_addr.port() + 1..=self._port_claim.hi)
+            .find(|&p| port_bindable(p))
+            .expect("a spare port in the block")
+    }
+
     pub fn admin_socket(&self) -> PathBuf {
         self.runtime_dir.join("admin.sock")
     }
