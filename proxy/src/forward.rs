@@ -54,6 +54,8 @@ pub struct Settings {
     pub redirect_http: bool,
     /// `Strict-Transport-Security` for HTTPS answers.
     pub hsts: Option<HeaderValue>,
+    /// The port redirects name (`None`: the first HTTPS listener's).
+    pub https_port: Option<u16>,
 }
 
 pub struct Proxy {
@@ -119,8 +121,12 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let settings = self.settings.load_full();
         let (raw_host, target) = request_target(&request, &settings.domains)?;
-        if peer.scheme == "http" && settings.redirect_http {
-            if let Some(location) = self.https_location(&request, raw_host.as_deref()) {
+        if settings.redirect_http
+            && crate::head::client_scheme(request.headers(), peer, &settings.trusted_proxies)
+                == "http"
+        {
+            let port = settings.https_port;
+            if let Some(location) = self.https_location(&request, raw_host.as_deref(), port) {
                 return Ok(redirect(location));
             }
         }
@@ -184,12 +190,22 @@ impl Proxy {
     }
 
     /// Where a plain-HTTP request goes instead, when its host has a certificate: the same
-    /// URL over https (the ACME HTTP-01 challenge path stays on plain HTTP).
-    fn https_location<B>(&self, request: &Request<B>, raw_host: Option<&str>) -> Option<String> {
-        let (store, port) = self.https.as_ref()?;
+    /// URL over https, on `port` or the first HTTPS listener's (the ACME HTTP-01 challenge
+    /// path stays on plain HTTP, and `OPTIONS *` names no URL).
+    fn https_location<B>(
+        &self,
+        request: &Request<B>,
+        raw_host: Option<&str>,
+        port: Option<u16>,
+    ) -> Option<String> {
+        let (store, listener_port) = self.https.as_ref()?;
+        let port = port.unwrap_or(*listener_port);
         let host = host::normalize(raw_host?).ok()?;
         let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
-        if path.starts_with("/.well-known/acme-challenge/") || !store.covers(&host) {
+        if !path.starts_with('/')
+            || path.starts_with("/.well-known/acme-challenge/")
+            || !store.covers(&host)
+        {
             return None;
         }
         Some(match port {

@@ -148,6 +148,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The scheme the client used: the listener's, or what a trusted proxy in front says in
+/// `X-Forwarded-Proto` (a TLS terminator talking plain HTTP to this proxy).
+pub fn client_scheme(headers: &HeaderMap, peer: Peer, trusted: &[IpAddr]) -> &'static str {
+    let trusted_peer = !peer.tenant && trusted.contains(&peer.addr.ip().to_canonical());
+    if !trusted_peer {
+        return peer.scheme;
+    }
+    match headers.get(X_FORWARDED_PROTO).map(HeaderValue::as_bytes) {
+        Some(b"https") => "https",
+        Some(b"http") => "http",
+        _ => peer.scheme,
+    }
+}
+
 /// Hop-by-hop headers out; X-Forwarded-For/-Proto/-Host and Forwarded set for this hop,
 /// replacing what an untrusted client sent.
 pub fn prepare_headers(headers: &mut HeaderMap, peer: Peer, raw_host: &str, trusted: &[IpAddr]) {
@@ -169,16 +183,7 @@ pub fn prepare_headers(headers: &mut HeaderMap, peer: Peer, raw_host: &str, trus
     } else {
         None
     };
-    let proto = if trusted_peer {
-        headers
-            .get(X_FORWARDED_PROTO)
-            .and_then(|v| v.to_str().ok())
-            .filter(|p| *p == "http" || *p == "https")
-            .map(str::to_owned)
-            .unwrap_or_else(|| peer.scheme.to_owned())
-    } else {
-        peer.scheme.to_owned()
-    };
+    let proto = client_scheme(headers, peer, trusted);
     let prior_real_ip = if trusted_peer {
         headers.get(X_REAL_IP).cloned()
     } else {
@@ -228,7 +233,7 @@ pub fn prepare_headers(headers: &mut HeaderMap, peer: Peer, raw_host: &str, trus
         }
     };
     set(X_FORWARDED_FOR, xff);
-    set(X_FORWARDED_PROTO, proto);
+    set(X_FORWARDED_PROTO, proto.to_owned());
     set(X_FORWARDED_HOST, raw_host.to_owned());
     set(FORWARDED, forwarded);
 }

@@ -100,18 +100,14 @@ fn run(args: Args) -> anyhow::Result<()> {
     ))
 }
 
-/// `--tls-self-signed`: a certificate for the config's names, made now.
-fn self_signed(config: &Config, wanted: bool) -> anyhow::Result<Option<tls::Loaded>> {
-    if !wanted {
-        return Ok(None);
-    }
-    let names = tls::self_signed_names(
-        &config.settings.domains,
-        config.services.keys().map(|s| s.as_str()),
-    );
-    tls::self_signed(names)
-        .map(Some)
-        .map_err(|e| anyhow::anyhow!(e))
+/// `--tls-self-signed`: the names its certificate covers under `config`.
+fn self_signed(config: &Config, wanted: bool) -> Option<Vec<String>> {
+    wanted.then(|| {
+        tls::self_signed_names(
+            &config.settings.domains,
+            config.services.keys().map(|s| s.as_str()),
+        )
+    })
 }
 
 /// What the request path needs of the config; built at start and again at every reload.
@@ -157,6 +153,7 @@ fn settings_of(config: &Config) -> forward::Settings {
         trusted_proxies: config.settings.trusted_proxies.clone(),
         tenant_uids: tenant_uids(config),
         redirect_http: config.settings.tls.redirect_http,
+        https_port: config.settings.tls.https_port,
         hsts: config.settings.tls.hsts.and_then(|max_age| {
             http::HeaderValue::try_from(format!("max-age={}", max_age.as_secs())).ok()
         }),
@@ -179,22 +176,24 @@ async fn serve(
     // Certificates are read when there is an HTTPS listener to serve them on.
     let certificates = match https_port {
         Some(_) => {
-            let store = tls::Store::new(
-                &config.settings.tls.certificates,
-                self_signed(&config, tls_self_signed)?,
-            )
-            .map_err(|e| anyhow::anyhow!(e))?;
             if config.settings.tls.certificates.is_empty() && !tls_self_signed {
-                tracing::warn!(
-                    "an https listener but no certificate: every TLS handshake fails; list files in [settings.tls] certificates (or try --tls-self-signed)"
+                // Before the proxy terminated TLS, a listener named https meant plain HTTP
+                // from a terminator in front: say so rather than fail every request.
+                anyhow::bail!(
+                    "an https listener but no certificate: list files in [settings.tls] certificates (or try --tls-self-signed); behind a TLS terminator, name the listener http and list the terminator in trusted_proxies"
                 );
             }
+            let store = tls::Store::new(
+                &config.settings.tls.certificates,
+                self_signed(&config, tls_self_signed),
+            )
+            .map_err(|e| anyhow::anyhow!(e))?;
             Some(Arc::new(store))
         }
         None => {
             if tls_self_signed || !config.settings.tls.certificates.is_empty() {
                 tracing::warn!(
-                    "certificates configured but no https listener: add one (listen = \"https://127.0.0.1:8443\", or the tenement-https.socket unit)"
+                    "certificates configured but no https listener: add one (listen = \"https://0.0.0.0:443\", or a systemd socket named https)"
                 );
             }
             None
@@ -221,10 +220,10 @@ async fn serve(
             Ok(new) => {
                 proxy.settings.store(Arc::new(settings_of(&new)));
                 if let Some(store) = &certificates {
-                    match self_signed(&new, tls_self_signed) {
-                        Ok(made) => store.configure(&new.settings.tls.certificates, made),
-                        Err(e) => tracing::error!("{e}"),
-                    }
+                    store.configure(
+                        &new.settings.tls.certificates,
+                        self_signed(&new, tls_self_signed),
+                    );
                 }
                 tracing::info!("config reloaded: {} services", new.services.len());
             }
@@ -397,16 +396,16 @@ async fn serve(
     Ok(())
 }
 
-/// A TLS handshake within [`tls::HANDSHAKE_TIMEOUT`], then the client's first bytes within
-/// [`HEADER_READ_TIMEOUT`] (a client that shakes hands and says nothing must not hold a
-/// socket either). `None`: the connection is over (logged at debug: handshake failures are
-/// scanners and clients asking for names nobody serves).
+/// A TLS handshake within [`tls::HANDSHAKE_TIMEOUT`], then, within [`HEADER_READ_TIMEOUT`],
+/// enough of the client's first bytes to tell HTTP/1 from HTTP/2 (a client that shakes hands
+/// and says nothing, or stops inside the HTTP/2 preface, must not hold a socket either).
+/// `None`: the connection is over (logged at debug: handshake failures are scanners and
+/// clients asking for names nobody serves).
 async fn tls_handshake(
     acceptor: &tokio_rustls::TlsAcceptor,
     stream: tokio::net::TcpStream,
     addr: std::net::SocketAddr,
-) -> Option<tokio::io::BufReader<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
-    use tokio::io::AsyncBufReadExt;
+) -> Option<server::Rewind<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
     let stream = match tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
@@ -418,12 +417,10 @@ async fn tls_handshake(
             return None;
         }
     };
-    // A small buffer: once its first bytes are read, hyper's larger reads bypass it.
-    let mut stream = tokio::io::BufReader::with_capacity(32, stream);
-    match tokio::time::timeout(HEADER_READ_TIMEOUT, stream.fill_buf()).await {
-        Ok(Ok(first)) if !first.is_empty() => Some(stream),
-        _ => None,
-    }
+    tokio::time::timeout(HEADER_READ_TIMEOUT, server::read_first_bytes(stream))
+        .await
+        .ok()
+        .flatten()
 }
 
 /// The uids tenants may run as: `dynamic_users`, and every named `user` of a service (root for

@@ -129,6 +129,13 @@ fn load(files: &CertificateFiles) -> Result<Loaded, String> {
     }
     let key = PrivateKeyDer::from_pem_file(&files.key)
         .map_err(|e| format!("key {key_path}: {}", pem_error(&e)))?;
+    if let Ok(meta) = std::fs::metadata(&files.key) {
+        if meta.mode() & 0o007 != 0 {
+            tracing::warn!(
+                "key {key_path} can be read by every user; make it readable by the proxy's user only (chmod 640, group tenement-proxy)"
+            );
+        }
+    }
     certified(chain, key, Some(files.cert.clone()))
         .map_err(|e| format!("certificate {cert_path} with key {key_path}: {e}"))
 }
@@ -193,7 +200,7 @@ fn names_of(der: &CertificateDer<'_>) -> Result<(Vec<String>, SystemTime), Strin
 }
 
 /// A certificate for `names` signed by its own key, made in memory (`--tls-self-signed`).
-pub fn self_signed(names: Vec<String>) -> Result<Loaded, String> {
+fn make_self_signed(names: Vec<String>) -> Result<Loaded, String> {
     let made = rcgen::generate_simple_self_signed(names)
         .map_err(|e| format!("cannot make a self-signed certificate: {e}"))?;
     let key = PrivateKeyDer::try_from(made.signing_key.serialize_der())
@@ -223,8 +230,8 @@ struct Source {
     cert: Option<Loaded>,
     /// The files' stamps at the last attempt (taken before reading, so a change made while
     /// reading is seen at the next check): unchanged files are not read, nor their error
-    /// logged, again.
-    tried: [Option<Stamp>; 2],
+    /// logged, again. `None`: never tried.
+    tried: Option<[Option<Stamp>; 2]>,
 }
 
 impl Source {
@@ -235,10 +242,10 @@ impl Source {
     /// Reads the files again if they changed since the last attempt; whether they had.
     fn refresh(&mut self) -> bool {
         let now = Source::stamps(&self.files);
-        if now == self.tried {
+        if self.tried == Some(now) {
             return false;
         }
-        self.tried = now;
+        self.tried = Some(now);
         match load(&self.files) {
             Ok(cert) => {
                 log_loaded(&cert);
@@ -255,7 +262,8 @@ impl Source {
 
 struct Sources {
     files: Vec<Source>,
-    self_signed: Option<Loaded>,
+    /// `--tls-self-signed`: the certificate and the names it was made for.
+    self_signed: Option<(Vec<String>, Loaded)>,
 }
 
 /// Every certificate the proxy serves; the rustls resolver of its HTTPS listeners.
@@ -273,7 +281,10 @@ impl fmt::Debug for Store {
 impl Store {
     /// Reads every file; the first that cannot be used is the error (the proxy does not start
     /// with a certificate missing).
-    pub fn new(files: &[CertificateFiles], self_signed: Option<Loaded>) -> Result<Store, String> {
+    pub fn new(
+        files: &[CertificateFiles],
+        self_signed: Option<Vec<String>>,
+    ) -> Result<Store, String> {
         let mut sources = Vec::with_capacity(files.len());
         for pair in files {
             let tried = Source::stamps(pair);
@@ -282,12 +293,17 @@ impl Store {
             sources.push(Source {
                 files: pair.clone(),
                 cert: Some(cert),
-                tried,
+                tried: Some(tried),
             });
         }
-        if let Some(cert) = &self_signed {
-            log_loaded(cert);
-        }
+        let self_signed = match self_signed {
+            Some(names) => {
+                let cert = make_self_signed(names.clone())?;
+                log_loaded(&cert);
+                Some((names, cert))
+            }
+            None => None,
+        };
         let store = Store {
             names: ArcSwap::default(),
             sources: Mutex::new(Sources {
@@ -300,9 +316,9 @@ impl Store {
     }
 
     /// After a config reload: the files now listed, each read again if it changed since it
-    /// was last tried (a file that fails keeps its earlier version); `self_signed` replaces
-    /// the self-signed certificate when given.
-    pub fn configure(&self, files: &[CertificateFiles], self_signed: Option<Loaded>) {
+    /// was last tried (a file that fails keeps its earlier version); with `self_signed`, a
+    /// new self-signed certificate if the names it must cover changed.
+    pub fn configure(&self, files: &[CertificateFiles], self_signed: Option<Vec<String>>) {
         let mut sources = lock(&self.sources);
         let mut previous = std::mem::take(&mut sources.files);
         for pair in files {
@@ -311,14 +327,22 @@ impl Store {
                 None => Source {
                     files: pair.clone(),
                     cert: None,
-                    tried: [None, None],
+                    tried: None,
                 },
             };
             source.refresh();
             sources.files.push(source);
         }
-        if self_signed.is_some() {
-            sources.self_signed = self_signed;
+        if let Some(names) = self_signed {
+            if sources.self_signed.as_ref().map(|(n, _)| n) != Some(&names) {
+                match make_self_signed(names.clone()) {
+                    Ok(cert) => {
+                        log_loaded(&cert);
+                        sources.self_signed = Some((names, cert));
+                    }
+                    Err(e) => tracing::error!("{e}"),
+                }
+            }
         }
         self.publish(&sources);
     }
@@ -338,7 +362,8 @@ impl Store {
 
     fn publish(&self, sources: &Sources) {
         let files = sources.files.iter().filter_map(|s| s.cert.as_ref());
-        let names = Names::build(files.chain(sources.self_signed.as_ref()));
+        let own = sources.self_signed.as_ref().map(|(_, cert)| cert);
+        let names = Names::build(files.chain(own));
         self.names.store(Arc::new(names));
     }
 
@@ -410,7 +435,7 @@ mod tests {
     use super::*;
 
     fn names_for(list: &[&str]) -> Loaded {
-        self_signed(list.iter().map(|s| (*s).to_owned()).collect())
+        make_self_signed(list.iter().map(|s| (*s).to_owned()).collect())
             .expect("a self-signed certificate")
     }
 
@@ -454,7 +479,7 @@ mod tests {
                 "*.blog.localhost"
             ]
         );
-        let cert = self_signed(names).expect("a self-signed certificate");
+        let cert = make_self_signed(names).expect("a self-signed certificate");
         let built = Names::build(std::iter::once(&cert));
         for host in [
             "localhost",

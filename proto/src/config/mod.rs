@@ -136,6 +136,8 @@ pub struct Tls {
     pub redirect_http: bool,
     /// `Strict-Transport-Security: max-age=...` on HTTPS answers; `None`: not sent.
     pub hsts: Option<Duration>,
+    /// The port redirects to https:// name (`None`: the first HTTPS listener's own port).
+    pub https_port: Option<u16>,
 }
 
 impl Default for Tls {
@@ -144,6 +146,7 @@ impl Default for Tls {
             certificates: Vec::new(),
             redirect_http: true,
             hsts: None,
+            https_port: None,
         }
     }
 }

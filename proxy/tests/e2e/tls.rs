@@ -10,6 +10,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::pki_types::{CertificateDer, ServerName};
 
@@ -96,7 +97,9 @@ impl Https {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let supervisor = sandbox.start_supervisor();
         let mut command = sandbox.proxy_command();
+        // Debug: failed handshakes are logged there, with the peer.
         command
+            .env("RUST_LOG", "info,tenement_proxy=debug")
             .arg("--listen")
             .arg(sandbox.proxy_addr.to_string())
             .arg("--listen")
@@ -430,53 +433,162 @@ fn plain_http_is_redirected_for_names_with_a_certificate_only() {
         get_ok(plain, "carol.blog.localhost", "/"),
         "hello from blog:carol"
     );
+    // OPTIONS * names no URL to redirect to.
+    let options = exchange(
+        plain,
+        b"OPTIONS * HTTP/1.1\r\nHost: bob.notes.localhost\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    assert_ne!(options.status(), 308);
+
+    // A TLS terminator in front says the client used HTTPS: believed from a trusted proxy
+    // only, and then not redirected (the terminator would loop).
+    let behind_terminator = b"GET /headers HTTP/1.1\r\nHost: bob.notes.localhost\r\nX-Forwarded-Proto: https\r\nConnection: close\r\n\r\n";
+    assert_eq!(exchange(plain, behind_terminator).unwrap().status(), 308);
+    let text = std::fs::read_to_string(&https.sandbox.config_path)
+        .unwrap()
+        .replacen(
+            "[settings]\n",
+            "[settings]\ntrusted_proxies = [\"127.0.0.1\"]\n",
+            1,
+        );
+    std::fs::write(&https.sandbox.config_path, text).unwrap();
+    https._daemons.1.signal(nix::sys::signal::Signal::SIGHUP);
+    let reloaded = wait_until(EVENT_DEADLINE, || {
+        exchange(plain, behind_terminator).is_ok_and(|r| r.status() == 200)
+    });
+    assert!(reloaded, "{}", https.sandbox.proxy_log());
+}
+
+/// A ClientHello (TLS 1.3, X25519, one cipher suite) naming `server_name` in SNI, written by
+/// hand so the name can be what no TLS library would send.
+fn client_hello(server_name: &[u8]) -> Vec<u8> {
+    fn u16be(n: usize) -> [u8; 2] {
+        (n as u16).to_be_bytes()
+    }
+    fn extension(kind: u16, body: &[u8]) -> Vec<u8> {
+        let mut out = kind.to_be_bytes().to_vec();
+        out.extend(u16be(body.len()));
+        out.extend(body);
+        out
+    }
+    let mut sni = u16be(server_name.len() + 3).to_vec();
+    sni.push(0); // host_name
+    sni.extend(u16be(server_name.len()));
+    sni.extend(server_name);
+    let mut key_share = u16be(36).to_vec();
+    key_share.extend([0x00, 0x1d, 0x00, 0x20]);
+    key_share.extend([7u8; 32]);
+    let mut extensions = Vec::new();
+    extensions.extend(extension(0x0000, &sni));
+    extensions.extend(extension(0x002b, &[2, 0x03, 0x04])); // supported_versions
+    extensions.extend(extension(0x000a, &[0, 2, 0x00, 0x1d])); // supported_groups
+    extensions.extend(extension(0x000d, &[0, 4, 0x04, 0x03, 0x08, 0x04])); // signature_algorithms
+    extensions.extend(extension(0x0033, &key_share));
+    let mut body = vec![0x03, 0x03];
+    body.extend([1u8; 32]); // random
+    body.push(0); // session id
+    body.extend([0, 2, 0x13, 0x01]); // TLS_AES_128_GCM_SHA256
+    body.extend([1, 0]); // compression: null
+    body.extend(u16be(extensions.len()));
+    body.extend(extensions);
+    let mut handshake = vec![1]; // client_hello
+    handshake.extend(&(body.len() as u32).to_be_bytes()[1..]);
+    handshake.extend(body);
+    let mut record = vec![0x16, 0x03, 0x01];
+    record.extend(u16be(handshake.len()));
+    record.extend(handshake);
+    record
+}
+
+/// Everything the peer sends until it closes (bounded by a generous deadline).
+fn answer_then_close(stream: &mut TcpStream) -> Vec<u8> {
+    stream.set_read_timeout(Some(EVENT_DEADLINE)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(n) => got.extend(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return got,
+            Err(e) => panic!("no close within {EVENT_DEADLINE:?}: {e}; got {got:?}"),
+        }
+    }
 }
 
 #[test]
-fn what_is_not_a_tls_client_hello_is_closed_and_the_proxy_goes_on() {
+fn what_is_not_a_tls_client_hello_fails_its_handshake_and_the_proxy_goes_on() {
     let https = Https::start(WILDCARD_AND_ONE, |pki| {
         pki.issue("alice", &["alice.notes.localhost"]);
         pki.issue("wild", &["*.notes.localhost"]);
     });
-    let attempts: [(&str, Vec<u8>); 4] = [
-        (
-            "garbage",
-            b"\x16\x03\x01\xff\xff garbage that is no handshake".to_vec(),
-        ),
+    // The hand-made hello itself is sound: with a name we serve, the server answers it with
+    // a ServerHello (a handshake record).
+    let mut tcp = TcpStream::connect(https.addr).unwrap();
+    tcp.write_all(&client_hello(b"alice.notes.localhost"))
+        .unwrap();
+    let mut first = [0u8; 1];
+    tcp.read_exact(&mut first).unwrap();
+    assert_eq!(first[0], 0x16, "a handshake record");
+    drop(tcp);
+
+    let long_sni = [
+        &[b'a'; 63][..],
+        b".",
+        &[b'b'; 63],
+        b".",
+        &[b'c'; 63],
+        b".",
+        &[b'd'; 63],
+        b".",
+        &[b'e'; 40],
+    ]
+    .concat();
+    assert!(long_sni.len() > 255);
+    let attempts: [(&str, Vec<u8>); 6] = [
+        ("garbage", b"\x16\x03\x01\x00\x10 not a handshake".to_vec()),
         (
             "plain HTTP",
             b"GET / HTTP/1.1\r\nHost: alice.notes.localhost\r\n\r\n".to_vec(),
         ),
         ("zeros", vec![0; 4096]),
-        ("a huge record length", b"\x16\x03\x01\x7f\xff".to_vec()),
+        (
+            "a record longer than TLS allows",
+            b"\x16\x03\x01\x7f\xff".to_vec(),
+        ),
+        ("an SNI of 300 bytes", client_hello(&long_sni)),
+        (
+            "an SNI with .. and upper case",
+            client_hello(b"..ALICE.notes.localhost"),
+        ),
     ];
     for (what, bytes) in attempts {
         let mut stream = TcpStream::connect(https.addr).unwrap();
+        let peer = stream.local_addr().unwrap();
         stream.write_all(&bytes).unwrap();
+        // Closed (after a fatal alert, or none), and for the failed handshake, not for the
+        // timeout of a client that says nothing.
+        let answer = answer_then_close(&mut stream);
         assert!(
-            closed_within(&mut stream, EVENT_DEADLINE),
-            "{what}: the connection stayed open"
+            answer.is_empty() || answer[0] == 0x15,
+            "{what}: answered {answer:?}"
         );
-    }
-    // A ClientHello with a 300-byte server name: a clean failure.
-    let long = format!("{}.notes.localhost", "a".repeat(300));
-    let config = client_config(https.pki.root(), &[b"http/1.1"]);
-    if let Ok(name) = ServerName::try_from(long) {
-        let connection = rustls::ClientConnection::new(config, name).unwrap();
-        let mut tcp = TcpStream::connect(https.addr).unwrap();
-        let mut connection = connection;
-        let _ = connection.write_tls(&mut tcp);
-        assert!(closed_within(&mut tcp, EVENT_DEADLINE), "a long SNI");
+        let logged = wait_until(EVENT_DEADLINE, || {
+            https.sandbox.proxy_log().lines().any(|line| {
+                line.contains("TLS handshake failed") && line.contains(&format!("peer={peer}"))
+            })
+        });
+        assert!(logged, "{what}: {}", https.sandbox.proxy_log());
     }
     // TLS on the plain-HTTP port: a 400 or a close, never a crash.
     let mut tcp = TcpStream::connect(https.sandbox.proxy_addr).unwrap();
-    tcp.write_all(b"\x16\x03\x01\x00\x05hello").unwrap();
-    let mut buf = [0u8; 12];
-    let n = tcp.read(&mut buf).unwrap_or(0);
+    tcp.write_all(&client_hello(b"alice.notes.localhost"))
+        .unwrap();
+    let answer = answer_then_close(&mut tcp);
     assert!(
-        n == 0 || buf.starts_with(b"HTTP/1.1 400"),
+        answer.is_empty() || answer.starts_with(b"HTTP/1.1 400"),
         "{:?}",
-        &buf[..n]
+        String::from_utf8_lossy(&answer)
     );
     // Still serving both.
     let (status, _, _) = https_get(&https, "alice.notes.localhost", "/headers");
@@ -487,6 +599,51 @@ fn what_is_not_a_tls_client_hello_is_closed_and_the_proxy_goes_on() {
     );
     let log = https.sandbox.proxy_log();
     assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn a_client_that_stalls_after_the_handshake_or_inside_the_http2_preface_is_closed() {
+    let https = Https::start(WILDCARD_AND_ONE, |pki| {
+        pki.issue("alice", &["alice.notes.localhost"]);
+        pki.issue("wild", &["*.notes.localhost"]);
+    });
+    for sent in [&b""[..], b"P", b"PRI * HTTP/2.0\r\n"] {
+        let config = client_config(https.pki.root(), &[b"h2"]);
+        let mut stream = handshake(https.addr, config, "alice.notes.localhost").unwrap();
+        stream.write_all(sent).unwrap();
+        stream.flush().unwrap();
+        // The proxy's first-bytes deadline (15 s) closes it; a generous wait for that event.
+        let closed = closed_within(&mut stream.sock, Duration::from_secs(15) + EVENT_DEADLINE);
+        assert!(closed, "after {sent:?} the connection stayed open");
+    }
+}
+
+#[test]
+fn websockets_pass_over_tls() {
+    let https = Https::start(WILDCARD_AND_ONE, |pki| {
+        pki.issue("alice", &["alice.notes.localhost"]);
+        pki.issue("wild", &["*.notes.localhost"]);
+    });
+    let config = client_config(https.pki.root(), &[b"http/1.1"]);
+    let mut stream = handshake(https.addr, config, "bob.notes.localhost").unwrap();
+    write!(
+        stream,
+        "GET /upgrade HTTP/1.1\r\nHost: bob.notes.localhost\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .unwrap();
+    let mut reader = std::io::BufReader::new(stream);
+    let head = read_head(&mut reader).unwrap();
+    assert_eq!(head.status, 101, "{head:?}");
+    // The mirror echoes whatever follows the 101, both ways through the TLS connection.
+    for round in 0..3 {
+        let message = format!("round {round} through TLS");
+        reader.get_mut().write_all(message.as_bytes()).unwrap();
+        let mut echo = vec![0u8; message.len()];
+        reader.read_exact(&mut echo).unwrap();
+        assert_eq!(echo, message.as_bytes());
+    }
 }
 
 #[test]

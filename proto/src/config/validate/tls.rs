@@ -5,7 +5,7 @@ use std::time::Duration;
 use super::{normalise, Checker, RawTable, RawValue};
 use crate::config::{parse_duration, CertificateFiles, Tls};
 
-const TLS_KEYS: &[&str] = &["certificates", "redirect_http", "hsts"];
+const TLS_KEYS: &[&str] = &["certificates", "redirect_http", "hsts", "https_port"];
 const CERTIFICATE_KEYS: &[&str] = &["cert", "key"];
 
 impl Checker<'_> {
@@ -41,6 +41,9 @@ impl Checker<'_> {
                 }
             }
         }
+        tls.https_port = self
+            .opt_count(table, "https_port", 1..=65_535)
+            .and_then(|p| u16::try_from(p).ok());
         tls
     }
 

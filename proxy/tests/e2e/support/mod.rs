@@ -231,11 +231,14 @@ impl Sandbox {
             .append(true)
             .open(self.log_path(name))
             .expect("open a daemon log");
+        // A test may ask for more (debug) logging by setting RUST_LOG itself.
+        if !command.get_envs().any(|(name, _)| name == "RUST_LOG") {
+            command.env("RUST_LOG", "info");
+        }
         command
             .arg("--config")
             .arg(&self.config_path)
             .env_remove("TENEMENT_CONFIG")
-            .env("RUST_LOG", "info")
             .env("TENEMENT_TEST_SANDBOX", &self.root)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup the log"))
