@@ -105,6 +105,7 @@ impl Https {
             .arg("--listen")
             .arg(format!("https://{addr}"));
         let proxy = sandbox.start_proxy_with(command);
+        accepting(addr);
         Https {
             sandbox,
             addr,
@@ -112,6 +113,13 @@ impl Https {
             _daemons: (supervisor, proxy),
         }
     }
+}
+
+/// Waits until `addr` accepts: the proxy binds its listeners one after the other, and the
+/// harness waits for the plain one only.
+fn accepting(addr: SocketAddr) {
+    let up = wait_until(EVENT_DEADLINE, || TcpStream::connect(addr).is_ok());
+    assert!(up, "nothing accepts on {addr}");
 }
 
 fn client_config(root: CertificateDer<'static>, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
@@ -312,6 +320,7 @@ fn self_signed_mode_serves_every_name_with_no_file() {
         .arg("--listen")
         .arg(format!("https://127.0.0.1:{port}"));
     let _proxy = sandbox.start_proxy_with(command);
+    accepting(SocketAddr::from(([127, 0, 0, 1], port)));
     for host in ["alice.notes.localhost", "carol.blog.localhost", "localhost"] {
         let out = Command::new("curl")
             .args(["-sS", "-k", "-o", "/dev/null", "-w", "%{http_code}"])
