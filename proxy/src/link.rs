@@ -243,6 +243,11 @@ impl Link {
                         if complete {
                             if let Some(seen) = snapshot.take() {
                                 table.retain(&seen);
+                                // A reload the supervisor pushed before this subscription
+                                // existed (the proxy starting, or reconnecting, at that
+                                // moment) never reached us: read the config now that every
+                                // later one will.
+                                reload();
                             }
                             table.set_synced(true);
                         }

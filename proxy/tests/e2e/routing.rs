@@ -312,3 +312,42 @@ command = "@TINY@"
         "the proxy that served it is the one started first"
     );
 }
+
+/// The config changed while the proxy was not subscribed (here: the supervisor restarted on
+/// an edited file, which pushes no reload to anyone): the proxy reads the file again when its
+/// subscription is back, so the new service is routed by the proxy that was already running.
+#[test]
+fn a_config_changed_while_the_supervisor_was_away_is_read_when_the_proxy_resubscribes() {
+    let sandbox = Sandbox::new(
+        r#"
+[service.old]
+command = "@TINY@"
+"#,
+    );
+    let (supervisor, mut proxy) = sandbox.start();
+    assert_eq!(
+        get(sandbox.proxy_addr, "a.new.localhost", "/").status(),
+        404
+    );
+    supervisor.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(supervisor.wait_exit(EVENT_DEADLINE).success());
+
+    let text = std::fs::read_to_string(&sandbox.config_path).expect("config");
+    let added = format!(
+        "{text}\n[service.new]\ncommand = \"{}\"\n\n[instances]\nnew = [\"a\"]\n",
+        tiny_http().display()
+    );
+    std::fs::write(&sandbox.config_path, added).expect("write config");
+    let _supervisor = sandbox.start_supervisor();
+
+    let answered = wait_until(EVENT_DEADLINE, || {
+        try_get(sandbox.proxy_addr, "a.new.localhost", "/")
+            .is_ok_and(|r| r.status() == 200 && r.text().contains("new:a"))
+    });
+    assert!(
+        answered,
+        "the new service is not routed:\n{}",
+        sandbox.proxy_log()
+    );
+    assert!(proxy.try_wait().is_none(), "the same proxy served it");
+}
