@@ -220,6 +220,11 @@ async fn serve(
             Ok(new) => {
                 proxy.settings.store(Arc::new(settings_of(&new)));
                 if let Some(store) = &certificates {
+                    if new.settings.tls.certificates.is_empty() && !tls_self_signed {
+                        tracing::warn!(
+                            "the config lists no certificate any more: every TLS handshake fails until one is listed in [settings.tls] certificates"
+                        );
+                    }
                     store.configure(
                         &new.settings.tls.certificates,
                         self_signed(&new, tls_self_signed),

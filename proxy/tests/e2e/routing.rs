@@ -293,15 +293,7 @@ command = "@TINY@"
         tenement_proto::rpc::Response::Added { .. } => {}
         other => panic!("add: {other:?}"),
     }
-    let answered = wait_until(EVENT_DEADLINE, || {
-        try_get(sandbox.proxy_addr, "a.new.localhost", "/")
-            .is_ok_and(|r| r.status() == 200 && r.text().contains("new:a"))
-    });
-    assert!(
-        answered,
-        "the new service is not routed:\n{}",
-        sandbox.proxy_log()
-    );
+    assert_new_service_routed(&sandbox);
     assert!(
         sandbox.proxy_log().contains("config reloaded"),
         "{}",
@@ -340,6 +332,12 @@ command = "@TINY@"
     std::fs::write(&sandbox.config_path, added).expect("write config");
     let _supervisor = sandbox.start_supervisor();
 
+    assert_new_service_routed(&sandbox);
+    assert!(proxy.try_wait().is_none(), "the same proxy served it");
+}
+
+/// Waits until `a.new.localhost` is answered by `new:a`.
+fn assert_new_service_routed(sandbox: &Sandbox) {
     let answered = wait_until(EVENT_DEADLINE, || {
         try_get(sandbox.proxy_addr, "a.new.localhost", "/")
             .is_ok_and(|r| r.status() == 200 && r.text().contains("new:a"))
@@ -349,5 +347,4 @@ command = "@TINY@"
         "the new service is not routed:\n{}",
         sandbox.proxy_log()
     );
-    assert!(proxy.try_wait().is_none(), "the same proxy served it");
 }

@@ -616,11 +616,16 @@ fn a_client_that_stalls_after_the_handshake_or_inside_the_http2_preface_is_close
         pki.issue("alice", &["alice.notes.localhost"]);
         pki.issue("wild", &["*.notes.localhost"]);
     });
+    // All three at once: each waits out the same deadline.
+    let mut streams = Vec::new();
     for sent in [&b""[..], b"P", b"PRI * HTTP/2.0\r\n"] {
         let config = client_config(https.pki.root(), &[b"h2"]);
         let mut stream = handshake(https.addr, config, "alice.notes.localhost").unwrap();
         stream.write_all(sent).unwrap();
         stream.flush().unwrap();
+        streams.push((sent, stream));
+    }
+    for (sent, mut stream) in streams {
         // The proxy's first-bytes deadline (15 s) closes it; a generous wait for that event.
         let closed = closed_within(&mut stream.sock, Duration::from_secs(15) + EVENT_DEADLINE);
         assert!(closed, "after {sent:?} the connection stayed open");
