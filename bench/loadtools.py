@@ -15,7 +15,7 @@ import tempfile
 import time
 
 import tenement_bench
-from tenement_bench import ROOT, Sandbox, free_port
+from tenement_bench import DEFAULT_PORT_RANGE, ROOT, Sandbox, free_port
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -108,7 +108,7 @@ def nginx_binary():
     return shutil.which("nginx") or "/usr/sbin/nginx"
 
 
-def proxied_sandbox(services_toml):
+def proxied_sandbox(services_toml, port_range=DEFAULT_PORT_RANGE):
     """A Sandbox with supervisor and proxy running, the proxy listening on a free port.
 
     Workaround: Sandbox's temp dir is mkdtemp's 0700. As root the proxy drops to `nobody` and
@@ -116,7 +116,7 @@ def proxied_sandbox(services_toml):
     the whole wake deadline (~32 s) and gets a 503. Opening the directory for traversal (0711)
     fixes that without touching the shared harness."""
     port = free_port()
-    sb = Sandbox(services_toml.replace("@BIN@", BIN), listen=f"127.0.0.1:{port}")
+    sb = Sandbox(services_toml.replace("@BIN@", BIN), port_range=port_range, listen=f"127.0.0.1:{port}")
     os.chmod(sb.dir, 0o711)
     sb.proxy_port = port
     try:

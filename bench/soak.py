@@ -802,24 +802,6 @@ def check_firewall(port_range):
                          f"{sorted({r for rs in nft_tables().values() for r in rs})[:3]}...)")
 
 
-def start_sandbox(services, port_range):
-    """A Sandbox over `port_range` with the supervisor and the proxy running (the proxy on a free
-    port, its temp dir opened for traversal so the proxy, dropped to nobody, reaches proxy.sock;
-    as loadtools.proxied_sandbox, which has no port range)."""
-    port = tenement_bench.free_port()
-    sb = tenement_bench.Sandbox(services.replace("@BIN@", loadtools.BIN), port_range=port_range,
-                                listen=f"127.0.0.1:{port}")
-    os.chmod(sb.dir, 0o711)
-    sb.proxy_port = port
-    try:
-        sb.start_supervisor()
-        sb.start_proxy()
-    except BaseException:
-        sb.close()
-        raise
-    return sb
-
-
 def prepare_binaries(args):
     """Points the harness at --bin DIR (or builds this checkout), copies the binaries to a
     private directory, and returns the revision they were built from."""
@@ -931,7 +913,7 @@ def main():
 
     ref_t = 300.0 if duration >= 600 else duration / 2
     check_firewall(args.port_range)
-    sb = start_sandbox(services_toml(args.idle_timeout), args.port_range)
+    sb = loadtools.proxied_sandbox(services_toml(args.idle_timeout), args.port_range)
     samples = []
     load = scanner = None
     try:

@@ -30,10 +30,14 @@ def free_port():
         return s.getsockname()[1]
 
 
+# Instances' ports of a sandbox that names none.
+DEFAULT_PORT_RANGE = "24000-25999"
+
+
 class Sandbox:
     """A temp dir with a config, a running supervisor and (optionally) a proxy."""
 
-    def __init__(self, services_toml, port_range="24000-25999", listen=None):
+    def __init__(self, services_toml, port_range=DEFAULT_PORT_RANGE, listen=None):
         self.dir = tempfile.mkdtemp(prefix="tenement-bench-")
         self.listen = listen
         settings = [
