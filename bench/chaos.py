@@ -74,7 +74,8 @@ import time
 
 import tenement_bench
 from loadtools import listen_overflows
-from soak import (KINDS, PLAIN, UPLOAD, WEBSOCKET, Load, LogCounter, ProcessScanner, check_firewall,
+from soak import (KINDS, PLAIN, UPLOAD, WEBSOCKET, Load, LogCounter, ProcessScanner, add_load_arguments,
+                  add_run_arguments, check_firewall,
                   keep_daemon_logs, mirror_ids, nft_overlaps, notes_ids, out_paths, parse_range,
                   prepare_binaries, request_summary, services_toml, write_requests)
 from tenement_bench import Sandbox, TimedRpc, free_port, machine, median, p, parse_duration, proc_stat
@@ -723,23 +724,11 @@ def main():
     ap.add_argument("--duration", default="10m", help="time with faults: 10m, 600, ... (default 10m)")
     ap.add_argument("--warmup", default="15s")
     ap.add_argument("--cooldown", default="15s")
-    ap.add_argument("--tenants", type=int, default=25, help="notes tenants (default 25)")
-    ap.add_argument("--mirror-tenants", type=int, default=5, help="mirror tenants (default 5)")
-    ap.add_argument("--rate", type=float, default=1.0, help="sessions per second (default 1: ~7 requests/s)")
-    ap.add_argument("--session", default="2-12", help="requests per session, a range (default 2-12)")
-    ap.add_argument("--gap", default="0.5-4", help="seconds between a session's requests (default 0.5-4)")
-    ap.add_argument("--websocket-share", type=float, default=0.05)
-    ap.add_argument("--upload-share", type=float, default=0.05)
-    ap.add_argument("--idle-timeout", default="5s")
-    ap.add_argument("--port-range", default="13000-13999",
-                    help="instances' ports (default 13000-13999, away from the tests' 20000-31999)")
+    add_load_arguments(ap, tenants=25, mirror_tenants=5, rate=1.0)
     ap.add_argument("--every-min", type=float, default=3.0, help="seconds between faults, at least")
     ap.add_argument("--every-max", type=float, default=8.0, help="seconds between faults, at most")
     ap.add_argument("--faults", default=",".join(FAULTS), help=f"which, comma-separated (default all: {','.join(FAULTS)})")
-    ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--bin", help="directory with prebuilt binaries (default: build this checkout)")
-    ap.add_argument("--revision", help="what to call the binaries' revision in the report")
-    ap.add_argument("--no-build", action="store_true")
+    add_run_arguments(ap)
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("chaos: needs root (the proxy drops to nobody; signals to every app)")

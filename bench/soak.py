@@ -875,12 +875,14 @@ def request_summary(records, emit):
     return by_kind
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--duration", default="1h", help="1h, 5m, 90s or seconds (default 1h)")
-    ap.add_argument("--tenants", type=int, default=200, help="notes tenants (default 200)")
-    ap.add_argument("--mirror-tenants", type=int, default=None, help="mirror tenants (default tenants/10)")
-    ap.add_argument("--rate", type=float, default=4.0, help="sessions per second (default 4)")
+def add_load_arguments(ap, tenants, mirror_tenants, rate):
+    """The tenants and the traffic, shared with chaos.py (which has other defaults)."""
+    mirror_default = "tenants/10" if mirror_tenants is None else mirror_tenants
+    ap.add_argument("--tenants", type=int, default=tenants, help=f"notes tenants (default {tenants})")
+    ap.add_argument("--mirror-tenants", type=int, default=mirror_tenants,
+                    help=f"mirror tenants (default {mirror_default})")
+    ap.add_argument("--rate", type=float, default=rate,
+                    help=f"sessions per second (default {rate:g}; a session is ~7 requests)")
     ap.add_argument("--session", default="2-12", help="requests per session, a range (default 2-12; 1-1: "
                     "single requests)")
     ap.add_argument("--gap", default="0.5-4", help="seconds between a session's requests, a range (default 0.5-4)")
@@ -889,11 +891,22 @@ def main():
     ap.add_argument("--idle-timeout", default="5s")
     ap.add_argument("--port-range", default="13000-13999",
                     help="instances' ports (default 13000-13999, away from the tests' 20000-31999)")
-    ap.add_argument("--interval", type=float, default=30.0, help="seconds between samples (default 30)")
+
+
+def add_run_arguments(ap):
+    """Seed and binaries, shared with chaos.py."""
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--bin", help="directory with prebuilt binaries (default: build this checkout)")
     ap.add_argument("--revision", help="what to call the binaries' revision in the report")
     ap.add_argument("--no-build", action="store_true")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", default="1h", help="1h, 5m, 90s or seconds (default 1h)")
+    add_load_arguments(ap, tenants=200, mirror_tenants=None, rate=4.0)
+    ap.add_argument("--interval", type=float, default=30.0, help="seconds between samples (default 30)")
+    add_run_arguments(ap)
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("soak: needs root (the proxy drops to nobody)")
