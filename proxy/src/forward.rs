@@ -121,7 +121,9 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let settings = self.settings.load_full();
         let (raw_host, target) = request_target(&request, &settings.domains)?;
-        if settings.redirect_http
+        // Only with an HTTPS listener to send anyone to.
+        if self.https.is_some()
+            && settings.redirect_http
             && crate::head::client_scheme(request.headers(), peer, &settings.trusted_proxies)
                 == "http"
         {
