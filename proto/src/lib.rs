@@ -32,6 +32,7 @@
 //!    kept from an older release is affected.
 #![forbid(unsafe_code)]
 
+pub mod atomic;
 pub mod config;
 pub mod frame;
 pub mod ids;

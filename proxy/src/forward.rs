@@ -72,6 +72,8 @@ pub struct Proxy {
     /// The certificates of the HTTPS listeners and the port of the first one, when there is
     /// one: where plain-HTTP requests are redirected.
     pub https: Option<(Arc<crate::tls::Store>, u16)>,
+    /// Certificates from ACME, whose HTTP-01 challenges plain HTTP answers.
+    pub acme: Option<Arc<crate::acme::Acme>>,
 }
 
 /// How a request reached the proxy.
@@ -119,6 +121,27 @@ impl Proxy {
         request: Request<Incoming>,
         peer: Peer,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        if let Some(acme) = &self.acme {
+            if let Some(token) = request
+                .uri()
+                .path()
+                .strip_prefix("/.well-known/acme-challenge/")
+            {
+                // Whatever the Host: the CA asks for the name being validated, and a token
+                // nobody knows answers nothing.
+                return Ok(match acme.http01_answer(token) {
+                    Some(answer) => {
+                        let mut response = Response::new(full(answer));
+                        response.headers_mut().insert(
+                            header::CONTENT_TYPE,
+                            HeaderValue::from_static("application/octet-stream"),
+                        );
+                        response
+                    }
+                    None => error_response(&ProxyError::UnknownChallenge),
+                });
+            }
+        }
         let settings = self.settings.load_full();
         let (raw_host, target) = request_target(&request, &settings.domains)?;
         // Only with an HTTPS listener to send anyone to.
@@ -189,6 +212,25 @@ impl Proxy {
             &settings,
         )
         .await
+    }
+
+    /// Whether `name` (a lower-case host name) is tenement's: a configured domain, a
+    /// configured service under one, or an instance the supervisor has registered (its route
+    /// table, pushed over the proxy role, waited for until `deadline` right after a start).
+    /// Only such names get certificates from ACME.
+    pub async fn is_ours(&self, name: &str, deadline: Instant) -> bool {
+        let settings = self.settings.load_full();
+        match host::route(name, &settings.domains) {
+            Ok(Target::Home) => true,
+            Ok(Target::Service(service)) => settings.services.contains_key(&service),
+            Ok(Target::Instance(id)) => {
+                settings.services.contains_key(&id.service)
+                    && (self.table.get(&id).is_some()
+                        || (self.table.wait_synced(deadline).await
+                            && self.table.get(&id).is_some()))
+            }
+            Ok(Target::NoMatch) | Err(_) => false,
+        }
     }
 
     /// Where a plain-HTTP request goes instead, when its host has a certificate: the same

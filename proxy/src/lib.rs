@@ -5,6 +5,7 @@
 //! makes no RPC.
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub mod admission;
 pub mod forward;
 pub mod head;

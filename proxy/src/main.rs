@@ -22,7 +22,7 @@ use tenement_proxy::admission::{Admission, TenantUids};
 use tenement_proxy::forward::{self, Peer, Proxy, ServicePolicy};
 use tenement_proxy::listeners::{self, Listener};
 use tenement_proxy::server::{self, HEADER_READ_TIMEOUT};
-use tenement_proxy::{link, privilege, tls};
+use tenement_proxy::{acme, link, privilege, tls};
 
 /// tenement's front door: routes `{id}.{service}.{domain}` to instances, waking them.
 #[derive(Debug, Parser)]
@@ -173,19 +173,44 @@ async fn serve(
         .find(|l| l.scheme == "https")
         .and_then(|l| l.socket.local_addr().ok())
         .map(|a| a.port());
+    let has_http = listeners.iter().any(|l| l.scheme == "http");
+    let acme = match (&config.settings.tls.acme, https_port) {
+        (Some(settings), Some(_)) => {
+            let dir = settings
+                .state_dir(nix::unistd::geteuid().is_root())
+                .context("no state directory for ACME: set [settings.tls] acme_state_dir")?;
+            let mut can = vec![tenement_proto::config::Challenge::TlsAlpn01];
+            if has_http {
+                can.push(tenement_proto::config::Challenge::Http01);
+            }
+            let acme = acme::Acme::open(settings.clone(), &dir, can)
+                .map_err(|e| anyhow::anyhow!(e))?;
+            tracing::info!(
+                "ACME on: certificates from {} on demand, kept in {}",
+                settings.directory,
+                dir.display()
+            );
+            Some(acme)
+        }
+        (Some(_), None) => anyhow::bail!(
+            "acme_email is set but the proxy has no https listener: add one (listen = \"https://0.0.0.0:443\", or a systemd socket named https)"
+        ),
+        (None, _) => None,
+    };
     // Certificates are read when there is an HTTPS listener to serve them on.
     let certificates = match https_port {
         Some(_) => {
-            if config.settings.tls.certificates.is_empty() && !tls_self_signed {
+            if config.settings.tls.certificates.is_empty() && !tls_self_signed && acme.is_none() {
                 // Before the proxy terminated TLS, a listener named https meant plain HTTP
                 // from a terminator in front: say so rather than fail every request.
                 anyhow::bail!(
-                    "an https listener but no certificate: list files in [settings.tls] certificates (or try --tls-self-signed); behind a TLS terminator, name the listener http and list the terminator in trusted_proxies"
+                    "an https listener but no certificate: list files in [settings.tls] certificates, set acme_email for certificates from Let's Encrypt (or try --tls-self-signed); behind a TLS terminator, name the listener http and list the terminator in trusted_proxies"
                 );
             }
             let store = tls::Store::new(
                 &config.settings.tls.certificates,
                 self_signed(&config, tls_self_signed),
+                acme.clone(),
             )
             .map_err(|e| anyhow::anyhow!(e))?;
             Some(Arc::new(store))
@@ -211,16 +236,26 @@ async fn serve(
         new_tenants: Default::default(),
         upgraded: tokio_util::task::TaskTracker::new(),
         https: certificates.clone().zip(https_port),
+        acme: acme.clone(),
     });
     // Reading the config again: asked by the supervisor after `tenctl reload`, or by SIGHUP.
     let reload: Arc<dyn Fn() + Send + Sync> = {
         let (proxy, path) = (proxy.clone(), config.path.clone());
         let certificates = certificates.clone();
+        let acme_settings = config.settings.tls.acme.clone();
         Arc::new(move || match Config::load(&path, &environment) {
             Ok(new) => {
                 proxy.settings.store(Arc::new(settings_of(&new)));
+                if new.settings.tls.acme != acme_settings {
+                    tracing::warn!(
+                        "the acme_* settings changed: they take effect when the proxy restarts (systemctl restart tenement-proxy)"
+                    );
+                }
                 if let Some(store) = &certificates {
-                    if new.settings.tls.certificates.is_empty() && !tls_self_signed {
+                    if new.settings.tls.certificates.is_empty()
+                        && !tls_self_signed
+                        && acme_settings.is_none()
+                    {
                         tracing::warn!(
                             "the config lists no certificate any more: every TLS handshake fails until one is listed in [settings.tls] certificates"
                         );
@@ -237,6 +272,16 @@ async fn serve(
     };
     if let Some(store) = &certificates {
         tokio::spawn(store.clone().watch());
+    }
+    if let Some(acme) = &acme {
+        let proxy = proxy.clone();
+        tokio::spawn(acme.clone().renew(move |name| {
+            let proxy = proxy.clone();
+            async move {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                proxy.is_ours(&name, deadline).await
+            }
+        }));
     }
 
     let shutdown = CancellationToken::new();
@@ -264,7 +309,11 @@ async fn serve(
         let admission = admission.clone();
         let scheme = listener.scheme;
         let tls = match (scheme, &tls_config) {
-            ("https", Some(config)) => Some(tokio_rustls::TlsAcceptor::from(config.clone())),
+            ("https", Some(config)) => Some(Handshake {
+                config: config.clone(),
+                store: certificates.clone(),
+                acme: acme.clone(),
+            }),
             _ => None,
         };
         let socket = tokio::net::TcpListener::from_std(listener.socket)
@@ -307,6 +356,7 @@ async fn serve(
                     scheme,
                     tenant,
                 };
+                let proxy_for_names = proxy.clone();
                 let proxy = proxy.clone();
                 let builder = builder.clone();
                 // Taken now, so the shutdown waits for this connection even while it is still
@@ -336,8 +386,10 @@ async fn serve(
                                 .into_owned();
                             watcher.watch(connection).await
                         }
-                        Some(acceptor) => {
-                            let Some(stream) = tls_handshake(&acceptor, stream, addr).await else {
+                        Some(handshake) => {
+                            let Some(stream) =
+                                tls_handshake(&handshake, &proxy_for_names, stream, addr).await
+                            else {
                                 return;
                             };
                             let connection = builder
@@ -401,17 +453,75 @@ async fn serve(
     Ok(())
 }
 
+/// What an https listener needs to shake hands.
+#[derive(Clone)]
+struct Handshake {
+    config: Arc<rustls::ServerConfig>,
+    store: Option<Arc<tls::Store>>,
+    acme: Option<Arc<acme::Acme>>,
+}
+
 /// A TLS handshake within [`tls::HANDSHAKE_TIMEOUT`], then, within [`HEADER_READ_TIMEOUT`],
 /// enough of the client's first bytes to tell HTTP/1 from HTTP/2 (a client that shakes hands
 /// and says nothing, or stops inside the HTTP/2 preface, must not hold a socket either).
-/// `None`: the connection is over (logged at debug: handshake failures are scanners and
-/// clients asking for names nobody serves).
+///
+/// The ClientHello is read first: a CA validating TLS-ALPN-01 (ALPN `acme-tls/1`) gets the
+/// challenge certificate; a name of tenement's with no certificate yet is held while ACME
+/// orders one (up to `acme_wait`). `None`: the connection is over (logged at debug:
+/// handshake failures are scanners and clients asking for names nobody serves).
 async fn tls_handshake(
-    acceptor: &tokio_rustls::TlsAcceptor,
+    handshake: &Handshake,
+    proxy: &Proxy,
     stream: tokio::net::TcpStream,
     addr: std::net::SocketAddr,
 ) -> Option<server::Rewind<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
-    let stream = match tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+    let acceptor =
+        tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
+    let start = match tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, acceptor).await {
+        Ok(Ok(start)) => start,
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %addr, "TLS handshake failed: {e}");
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!(peer = %addr, "TLS handshake timed out");
+            return None;
+        }
+    };
+    let hello = start.client_hello();
+    let name = hello
+        .server_name()
+        .map(|n| n.trim_end_matches('.').to_ascii_lowercase());
+    let wants_challenge = hello
+        .alpn()
+        .is_some_and(|mut protocols| protocols.any(|p| p == acme::ACME_TLS_ALPN));
+    let mut config = handshake.config.clone();
+    if let (Some(acme), Some(name)) = (&handshake.acme, &name) {
+        if wants_challenge {
+            match acme.tls_alpn01_config(name) {
+                Some(challenge) => config = challenge,
+                None => {
+                    tracing::debug!(peer = %addr, "TLS-ALPN-01 for {name}: no challenge pending");
+                    return None;
+                }
+            }
+        } else if handshake
+            .store
+            .as_ref()
+            .is_some_and(|store| store.find(name).is_none())
+        {
+            // Either way the handshake goes on: without a certificate it fails with an
+            // alert (access_denied), as for any name nobody serves.
+            let deadline = tokio::time::Instant::now() + acme.wait();
+            if !proxy.is_ours(name, deadline).await {
+                tracing::debug!(peer = %addr, "TLS for {name}: not a name of tenement's, no certificate ordered");
+            } else if let Err(e) = acme.ensure(name, deadline).await {
+                tracing::debug!(peer = %addr, "TLS for {name}: {e}");
+            }
+        }
+    }
+    let stream = match tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, start.into_stream(config)).await
+    {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             tracing::debug!(peer = %addr, "TLS handshake failed: {e}");

@@ -29,6 +29,9 @@ pub enum ProxyError {
     UnknownInstance,
     #[error("no such service")]
     UnknownService,
+    /// `/.well-known/acme-challenge/TOKEN` with a token no order of this proxy has.
+    #[error("no such ACME challenge")]
+    UnknownChallenge,
     /// The wake failed (the app did not start) or the supervisor could not be reached in time.
     #[error("wake failed: {0}")]
     WakeFailed(String),
@@ -88,6 +91,10 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
         ProxyError::UnknownInstance | ProxyError::UnknownService => {
             (StatusCode::NOT_FOUND, "404 not found: no such instance\n")
         }
+        ProxyError::UnknownChallenge => (
+            StatusCode::NOT_FOUND,
+            "404 not found: no such ACME challenge\n",
+        ),
         ProxyError::WakeFailed(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
             "503 service unavailable: the instance could not be started, try again shortly\n",

@@ -2,10 +2,11 @@
 //! the client's server name (SNI).
 //!
 //! Sources, first match wins: the certificate files of `[settings.tls] certificates` in the
-//! file's order (an exact name before a wildcard), then the proxy's own self-signed
-//! certificate when it runs with `--tls-self-signed`. A client that sends no server name gets
-//! the first file's certificate; a name nothing covers fails the handshake (rustls sends
-//! `access_denied`), so the proxy never shows a certificate for a name it does not serve.
+//! file's order (an exact name before a wildcard), then certificates from ACME (`acme.rs`),
+//! then the proxy's own self-signed certificate when it runs with `--tls-self-signed`. A
+//! client that sends no server name gets the first file's certificate; a name nothing covers
+//! fails the handshake (rustls sends `access_denied`), so the proxy never shows a certificate
+//! for a name it does not serve.
 //!
 //! Files are read again when the config is reloaded (SIGHUP, `tenctl reload`) and when one of
 //! them changes on disk (checked every [`WATCH_INTERVAL`], following symlinks as certbot's
@@ -27,6 +28,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tenement_proto::config::CertificateFiles;
 
+use crate::acme::Acme;
 use crate::lock;
 
 /// How often certificate files are checked for a change.
@@ -268,8 +270,10 @@ struct Sources {
 
 /// Every certificate the proxy serves; the rustls resolver of its HTTPS listeners.
 pub struct Store {
-    names: ArcSwap<Names>,
+    /// From the files, and the self-signed certificate (ACME's come between the two).
+    names: ArcSwap<(Names, Names)>,
     sources: Mutex<Sources>,
+    acme: Option<Arc<Acme>>,
 }
 
 impl fmt::Debug for Store {
@@ -284,6 +288,7 @@ impl Store {
     pub fn new(
         files: &[CertificateFiles],
         self_signed: Option<Vec<String>>,
+        acme: Option<Arc<Acme>>,
     ) -> Result<Store, String> {
         let mut sources = Vec::with_capacity(files.len());
         for pair in files {
@@ -310,6 +315,7 @@ impl Store {
                 files: sources,
                 self_signed,
             }),
+            acme,
         };
         store.publish(&lock(&store.sources));
         Ok(store)
@@ -361,15 +367,36 @@ impl Store {
     }
 
     fn publish(&self, sources: &Sources) {
-        let files = sources.files.iter().filter_map(|s| s.cert.as_ref());
-        let own = sources.self_signed.as_ref().map(|(_, cert)| cert);
-        let names = Names::build(files.chain(own));
-        self.names.store(Arc::new(names));
+        let files = Names::build(sources.files.iter().filter_map(|s| s.cert.as_ref()));
+        let own = Names::build(
+            sources
+                .self_signed
+                .as_ref()
+                .map(|(_, cert)| cert)
+                .into_iter(),
+        );
+        self.names.store(Arc::new((files, own)));
+    }
+
+    /// The certificate for `name` (any case, a trailing dot allowed), in the order of the
+    /// sources; `None`: no certificate.
+    pub fn find(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        let names = self.names.load();
+        if let Some(key) = names.0.find(name) {
+            return Some(key.clone());
+        }
+        if let Some(acme) = &self.acme {
+            let lower = name.trim_end_matches('.').to_ascii_lowercase();
+            if let Some(key) = acme.find(&lower) {
+                return Some(key);
+            }
+        }
+        names.1.find(name).cloned()
     }
 
     /// Whether some certificate covers `host` (a normalised host name).
     pub fn covers(&self, host: &str) -> bool {
-        self.names.load().find(host).is_some()
+        self.find(host).is_some()
     }
 
     /// Checks the files every [`WATCH_INTERVAL`] until the proxy stops.
@@ -386,7 +413,7 @@ impl Store {
 }
 
 fn log_loaded(cert: &Loaded) {
-    let expires = humantime_days(cert.not_after);
+    let expires = crate::acme::expiry_text(cert.not_after);
     if cert.not_after <= SystemTime::now() {
         tracing::warn!(
             "{cert} for {} has expired; clients will refuse it until it is renewed",
@@ -397,20 +424,14 @@ fn log_loaded(cert: &Loaded) {
     }
 }
 
-/// "expires in 89 days".
-fn humantime_days(at: SystemTime) -> String {
-    match at.duration_since(SystemTime::now()) {
-        Ok(left) => format!("expires in {} days", left.as_secs() / 86_400),
-        Err(_) => "expired".to_owned(),
-    }
-}
-
 impl ResolvesServerCert for Store {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let names = self.names.load();
         match hello.server_name() {
-            Some(name) => names.find(name).cloned(),
-            None => names.default.clone(),
+            Some(name) => self.find(name),
+            None => {
+                let names = self.names.load();
+                names.0.default.clone().or_else(|| names.1.default.clone())
+            }
         }
     }
 }

@@ -138,6 +138,77 @@ pub struct Tls {
     pub hsts: Option<Duration>,
     /// The port redirects to https:// name (`None`: the first HTTPS listener's own port).
     pub https_port: Option<u16>,
+    /// Certificates from an ACME CA, on demand (`None`: off; on when `acme_email` is set).
+    pub acme: Option<Acme>,
+}
+
+/// The Let's Encrypt production directory, the default of `acme_directory`.
+pub const LETS_ENCRYPT_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+/// `[settings.tls] acme_*`: certificates ordered from an ACME CA by the proxy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Acme {
+    /// The account's contact address.
+    pub email: String,
+    /// The CA's directory URL (https).
+    pub directory: String,
+    /// A PEM root to trust for the directory's own HTTPS (a test or private CA); `None`:
+    /// the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// The challenge types to answer, in order of preference.
+    pub challenges: Vec<Challenge>,
+    /// Orders placed in any hour / any 7 days, renewals included, at most.
+    pub orders_per_hour: u32,
+    pub orders_per_week: u32,
+    /// How long a TLS handshake for a name without a certificate is held while one is ordered.
+    pub wait: Duration,
+    /// Where the account and the certificates are kept (`None`: the proxy's state directory:
+    /// `$STATE_DIRECTORY`, else /var/lib/tenement-proxy as root, else
+    /// `$XDG_STATE_HOME/tenement-proxy`).
+    pub state_dir: Option<PathBuf>,
+}
+
+impl Acme {
+    /// Where the proxy keeps the account and certificates: `acme_state_dir`, else systemd's
+    /// `$STATE_DIRECTORY` (`StateDirectory=tenement-proxy`), else /var/lib/tenement-proxy for
+    /// root, else `$XDG_STATE_HOME/tenement-proxy` (`~/.local/state/tenement-proxy`).
+    pub fn state_dir(&self, is_root: bool) -> Option<PathBuf> {
+        if let Some(dir) = &self.state_dir {
+            return Some(dir.clone());
+        }
+        if let Some(dirs) = std::env::var_os("STATE_DIRECTORY") {
+            let dirs = dirs.to_string_lossy().into_owned();
+            if let Some(first) = dirs.split(':').find(|d| d.starts_with('/')) {
+                return Some(PathBuf::from(first));
+            }
+        }
+        if is_root {
+            return Some(PathBuf::from("/var/lib/tenement-proxy"));
+        }
+        let base = match std::env::var_os("XDG_STATE_HOME") {
+            Some(dir) if Path::new(&dir).is_absolute() => PathBuf::from(dir),
+            _ => PathBuf::from(std::env::var_os("HOME")?).join(".local/state"),
+        };
+        Some(base.join("tenement-proxy"))
+    }
+}
+
+/// An ACME challenge type the proxy answers itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Challenge {
+    /// TLS-ALPN-01 (RFC 8737): a certificate shown on the https listener (port 443).
+    TlsAlpn01,
+    /// HTTP-01: a file served on the http listener (port 80) under /.well-known/acme-challenge/.
+    Http01,
+}
+
+impl Challenge {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Challenge::TlsAlpn01 => "tls-alpn-01",
+            Challenge::Http01 => "http-01",
+        }
+    }
 }
 
 impl Default for Tls {
@@ -147,6 +218,7 @@ impl Default for Tls {
             redirect_http: true,
             hsts: None,
             https_port: None,
+            acme: None,
         }
     }
 }

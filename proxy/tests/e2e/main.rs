@@ -7,6 +7,7 @@
 
 mod support;
 
+mod acme;
 mod early;
 mod hardening;
 mod hostile_requests;

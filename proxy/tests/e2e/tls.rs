@@ -29,13 +29,13 @@ blog = ["carol"]
 "#;
 
 /// A CA of the test's own and certificates it signs.
-struct Pki {
-    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
-    dir: PathBuf,
+pub struct Pki {
+    pub ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    pub dir: PathBuf,
 }
 
 impl Pki {
-    fn new(dir: &Path) -> Pki {
+    pub fn new(dir: &Path) -> Pki {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         params
@@ -48,12 +48,12 @@ impl Pki {
         Pki { ca, dir }
     }
 
-    fn root(&self) -> CertificateDer<'static> {
+    pub fn root(&self) -> CertificateDer<'static> {
         self.ca.as_ref().der().clone()
     }
 
     /// Writes `NAME.pem` (leaf then CA) and `NAME.key` for `names`; the leaf's DER.
-    fn issue(&self, file: &str, names: &[&str]) -> CertificateDer<'static> {
+    pub fn issue(&self, file: &str, names: &[&str]) -> CertificateDer<'static> {
         let names: Vec<String> = names.iter().map(|s| (*s).to_owned()).collect();
         let params = rcgen::CertificateParams::new(names).unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
@@ -70,7 +70,7 @@ impl Pki {
         cert.der().clone()
     }
 
-    fn pem_path(&self, file: &str) -> PathBuf {
+    pub fn pem_path(&self, file: &str) -> PathBuf {
         self.dir.join(format!("{file}.pem"))
     }
 }
@@ -117,12 +117,12 @@ impl Https {
 
 /// Waits until `addr` accepts: the proxy binds its listeners one after the other, and the
 /// harness waits for the plain one only.
-fn accepting(addr: SocketAddr) {
+pub fn accepting(addr: SocketAddr) {
     let up = wait_until(EVENT_DEADLINE, || TcpStream::connect(addr).is_ok());
     assert!(up, "nothing accepts on {addr}");
 }
 
-fn client_config(root: CertificateDer<'static>, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+pub fn client_config(root: CertificateDer<'static>, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(root).unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -136,7 +136,7 @@ fn client_config(root: CertificateDer<'static>, alpn: &[&[u8]]) -> Arc<rustls::C
 }
 
 /// A finished handshake with `name` as SNI (verified against `root`), or the TLS error.
-fn handshake(
+pub fn handshake(
     addr: SocketAddr,
     config: Arc<rustls::ClientConfig>,
     name: &str,
@@ -471,7 +471,7 @@ fn plain_http_is_redirected_for_names_with_a_certificate_only() {
 
 /// A ClientHello (TLS 1.3, X25519, one cipher suite) naming `server_name` in SNI, written by
 /// hand so the name can be what no TLS library would send.
-fn client_hello(server_name: &[u8]) -> Vec<u8> {
+pub fn client_hello(server_name: &[u8]) -> Vec<u8> {
     fn u16be(n: usize) -> [u8; 2] {
         (n as u16).to_be_bytes()
     }
@@ -511,7 +511,7 @@ fn client_hello(server_name: &[u8]) -> Vec<u8> {
 }
 
 /// Everything the peer sends until it closes (bounded by a generous deadline).
-fn answer_then_close(stream: &mut TcpStream) -> Vec<u8> {
+pub fn answer_then_close(stream: &mut TcpStream) -> Vec<u8> {
     stream.set_read_timeout(Some(EVENT_DEADLINE)).unwrap();
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];

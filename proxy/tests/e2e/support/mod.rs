@@ -198,9 +198,17 @@ impl Sandbox {
 
     /// Another port of the sandbox's block that can be bound now (for a second listener).
     pub fn spare_port(&self) -> u16 {
-        (self.proxy_addr.port() + 1..=self._port_claim.hi)
-            .find(|&p| port_bindable(p))
-            .expect("a spare port in the block")
+        self.spare_ports(1)[0]
+    }
+
+    /// `n` distinct ports of the sandbox's block that can be bound now (for other servers).
+    pub fn spare_ports(&self, n: usize) -> Vec<u16> {
+        let ports: Vec<u16> = (self.proxy_addr.port() + 1..=self._port_claim.hi)
+            .filter(|&p| port_bindable(p))
+            .take(n)
+            .collect();
+        assert_eq!(ports.len(), n, "{n} spare ports in the block");
+        ports
     }
 
     pub fn admin_socket(&self) -> PathBuf {
