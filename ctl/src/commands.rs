@@ -122,7 +122,7 @@ fn config_unusable(path: &Path, e: &ConfigError) -> UsageError {
 }
 
 impl Context {
-    fn load_config(&self) -> Result<Config, UsageError> {
+    pub fn load_config(&self) -> Result<Config, UsageError> {
         Config::load(&self.config, &environment()).map_err(|e| config_unusable(&self.config, &e))
     }
 

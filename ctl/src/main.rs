@@ -7,6 +7,7 @@
 //! supervisor is [`client`]'s job, formatting is [`render`]'s.
 #![forbid(unsafe_code)]
 
+mod certs;
 mod client;
 mod commands;
 mod journal;
@@ -150,6 +151,12 @@ enum Command {
         #[command(flatten)]
         output: Json,
     },
+    /// Show the proxy's certificates: files (names, expiry) and ACME (expiry, next renewal,
+    /// failures and the order budget).
+    Certs {
+        #[command(flatten)]
+        output: Json,
+    },
     /// Print a shell completion script (the packages install them).
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -270,6 +277,7 @@ fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
             commands::restart(&ctx, &instance, output.json, out)?;
         }
         Command::Rm { instance, purge } => commands::remove(&ctx, &instance, purge, out)?,
+        Command::Certs { output } => certs::certs(&ctx, output.json, out)?,
         Command::Ps { service, output } => {
             commands::ps(&ctx, service.as_deref(), output.json, out)?;
         }

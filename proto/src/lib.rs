@@ -33,6 +33,7 @@
 #![forbid(unsafe_code)]
 
 pub mod atomic;
+pub mod certs;
 pub mod config;
 pub mod frame;
 pub mod ids;

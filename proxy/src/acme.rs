@@ -36,8 +36,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use serde::{Deserialize, Serialize};
 use tenement_proto::atomic::write_atomically;
+use tenement_proto::certs::{acme_dir, AcmeStatus, NameStatus, STATUS_FILE};
 use tenement_proto::config::{self, Challenge};
 use tokio::sync::{watch, Notify, OnceCell};
 
@@ -75,38 +75,6 @@ struct Failure {
     count: u32,
     retry_at: SystemTime,
     reason: String,
-}
-
-/// What `tenctl certs` shows of one name (`status.json`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct NameStatus {
-    pub name: String,
-    /// Unix seconds; `None`: no certificate yet.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub not_after: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub renew_at: Option<u64>,
-    /// Consecutive failed orders and the last one's reason.
-    #[serde(default)]
-    pub failures: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retry_at: Option<u64>,
-    /// Its name is no longer tenement's; it is not renewed.
-    #[serde(default)]
-    pub abandoned: bool,
-}
-
-/// The whole of `status.json`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Status {
-    pub directory: String,
-    pub orders_last_hour: usize,
-    pub orders_last_week: usize,
-    pub orders_per_hour: u32,
-    pub orders_per_week: u32,
-    pub names: Vec<NameStatus>,
 }
 
 /// Why a name got no certificate.
@@ -202,21 +170,6 @@ fn safe_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
 }
 
-/// `https://acme-v02.api.letsencrypt.org/directory` -> `acme-v02.api.letsencrypt.org-directory`:
-/// one directory per CA, so certificates of a staging CA are never served under production.
-pub fn directory_slug(url: &str) -> String {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let slug: String = rest
-        .trim_end_matches('/')
-        .chars()
-        .map(|c| match c {
-            'a'..='z' | 'A'..='Z' | '0'..='9' | '.' | '-' | '_' => c.to_ascii_lowercase(),
-            _ => '-',
-        })
-        .collect();
-    slug.trim_start_matches('.').to_owned()
-}
-
 /// Creates `dir` (and parents) at 0700, or narrows an existing one to 0700.
 fn private_dir(dir: &Path) -> Result<(), String> {
     std::fs::DirBuilder::new()
@@ -288,9 +241,7 @@ impl Acme {
         can: Vec<Challenge>,
     ) -> Result<Arc<Acme>, String> {
         private_dir(state_dir)?;
-        let dir = state_dir
-            .join("acme")
-            .join(directory_slug(&config.directory));
+        let dir = acme_dir(state_dir, &config.directory);
         private_dir(&dir.join("certs"))?;
         let can: Vec<Challenge> = config
             .challenges
@@ -856,7 +807,7 @@ impl Acme {
     }
 
     /// What `tenctl certs` shows.
-    pub fn status(&self) -> Status {
+    pub fn status(&self) -> AcmeStatus {
         let now = unix(SystemTime::now());
         let orders = lock(&self.orders).clone();
         let mut names: HashMap<String, NameStatus> = HashMap::new();
@@ -890,7 +841,7 @@ impl Acme {
         }
         let mut names: Vec<NameStatus> = names.into_values().collect();
         names.sort_by(|a, b| a.name.cmp(&b.name));
-        Status {
+        AcmeStatus {
             directory: self.config.directory.clone(),
             orders_last_hour: orders.iter().filter(|&&t| t + HOUR.as_secs() > now).count(),
             orders_last_week: orders.iter().filter(|&&t| t + WEEK.as_secs() > now).count(),
@@ -903,7 +854,7 @@ impl Acme {
     fn write_status(&self) {
         let status = self.status();
         if let Ok(bytes) = serde_json::to_vec_pretty(&status) {
-            if let Err(e) = write_atomically(&self.dir.join("status.json"), &bytes) {
+            if let Err(e) = write_atomically(&self.dir.join(STATUS_FILE), &bytes) {
                 tracing::debug!("cannot write the ACME status: {e}");
             }
         }
@@ -967,20 +918,6 @@ pub fn expiry_text(at: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn directory_slugs_are_one_safe_path_component() {
-        assert_eq!(
-            directory_slug("https://acme-v02.api.letsencrypt.org/directory"),
-            "acme-v02.api.letsencrypt.org-directory"
-        );
-        assert_eq!(
-            directory_slug("https://127.0.0.1:14000/dir"),
-            "127.0.0.1-14000-dir"
-        );
-        assert_eq!(directory_slug("https://x/../../etc"), "x-..-..-etc");
-        assert!(!directory_slug("https://../a").contains('/'));
-    }
 
     #[test]
     fn only_lower_case_dns_names_become_directories() {

@@ -670,6 +670,7 @@ certificates = [{ cert = "a.pem" }, { cert = "b.pem", key = "b.key", chain = "c"
 redirect_http = "yes"
 hsts = 0
 acme = true
+acme_wait = "10s"
 "#,
         );
         let expected = [
@@ -683,6 +684,7 @@ acme = true
             "certificate /etc/app/d.pem is listed twice",
             "redirect_http must be true or false",
             "hsts must be a max-age",
+            "acme_wait has no effect without acme_email",
         ];
         for want in expected {
             assert!(
@@ -690,6 +692,52 @@ acme = true
                 "no message with {want:?} in {found:#?}"
             );
         }
+    }
+
+    #[test]
+    fn bad_acme_settings_are_each_reported_and_good_ones_parse() {
+        let found = messages(
+            r#"
+[settings.tls]
+acme_email = "not an address"
+acme_directory = "http://acme.example/dir"
+acme_challenges = ["dns-01"]
+acme_orders_per_week = 0
+acme_wait = "0s"
+"#,
+        );
+        for want in [
+            "acme_email \"not an address\" is not an email address",
+            "acme_directory \"http://acme.example/dir\" must be an https:// URL",
+            "\"dns-01\" is not supported",
+            "acme_challenges needs at least one",
+            "acme_orders_per_week must be a whole number from 1",
+            "acme_wait must be at least 1s",
+        ] {
+            assert!(
+                found.iter().any(|m| m.contains(want)),
+                "no message with {want:?} in {found:#?}"
+            );
+        }
+        let config = parse_ok(
+            r#"
+[settings.tls]
+acme_email = "ops@example.com"
+acme_challenges = ["http-01"]
+acme_ca_file = "ca.pem"
+acme_state_dir = "/var/lib/x"
+"#,
+        );
+        let acme = config.settings.tls.acme.expect("ACME on");
+        assert_eq!(acme.directory, crate::config::LETS_ENCRYPT_DIRECTORY);
+        assert_eq!(acme.challenges, [crate::config::Challenge::Http01]);
+        assert_eq!(acme.ca_file.as_deref(), Some(Path::new("/etc/app/ca.pem")));
+        assert_eq!(
+            acme.state_dir(false).as_deref(),
+            Some(Path::new("/var/lib/x"))
+        );
+        assert_eq!((acme.orders_per_hour, acme.orders_per_week), (20, 40));
+        assert_eq!(acme.wait, Duration::from_secs(30));
     }
 
     #[test]

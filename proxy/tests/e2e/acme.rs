@@ -380,6 +380,16 @@ fn a_registered_tenant_gets_its_own_certificate_on_its_first_handshake_and_only_
         .sandbox
         .proxy_log()
         .contains("serving the stored ACME certificate of alice.notes.localhost"));
+    let out = Command::new(tenctl_binary())
+        .args(["certs", "--json", "--config"])
+        .arg(&acme.sandbox.config_path)
+        .output()
+        .unwrap();
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names = &shown["acme"]["status"]["names"];
+    assert_eq!(names[0]["name"], "alice.notes.localhost", "{shown}");
+    assert!(names[0]["not_after"].as_u64().is_some(), "{shown}");
+    assert_eq!(shown["acme"]["status"]["orders_last_week"], 1, "{shown}");
 }
 
 #[test]
@@ -506,6 +516,27 @@ fn an_unreachable_ca_is_a_logged_backed_off_failure_and_nothing_else() {
     .unwrap();
     assert_eq!(status["names"][0]["name"], "alice.notes.localhost");
     assert_eq!(status["names"][0]["failures"], 1);
+    // And the operator sees it.
+    let out = Command::new(tenctl_binary())
+        .arg("certs")
+        .arg("--config")
+        .arg(&sandbox.config_path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("alice.notes.localhost"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        line.contains("1 failed:") && line.contains("next try in"),
+        "{text}"
+    );
 }
 
 /// `GET /` over TLS/1.1 with a fresh handshake; the status.

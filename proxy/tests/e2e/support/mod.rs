@@ -74,6 +74,10 @@ pub fn proxy_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tenement-proxy"))
 }
 
+pub fn tenctl_binary() -> PathBuf {
+    sibling_binary("tenctl")
+}
+
 pub fn supervisor_binary() -> PathBuf {
     sibling_binary("tenement-supervisor")
 }
