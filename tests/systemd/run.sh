@@ -43,7 +43,7 @@ ALL_CHECKS=(
     deb.tenctl_admin_group_member deb.default_example_service deb.sandbox_instance_serves deb.reload_adds_service
     deb.journal_has_instance_lines
     deb.restarts_lose_no_request deb.upgrade_loses_no_request deb.supervisor_socket_activated
-    deb.proxy_has_no_privilege deb.proxy_crash_loop_keeps_port_80
+    deb.proxy_has_no_privilege deb.proxy_crash_loop_keeps_port_80 deb.https_socket_serves_a_file_certificate
     deb.remove_stops_everything deb.purge_removes_config_data_users
     rpm.install_into_root rpm.socket_enabled rpm.supervisor_active rpm.port_80_held_by_pid1
     rpm.wake_by_request rpm.tenctl_wake_as_root rpm.upgrade_loses_no_request rpm.erase_stops_everything
@@ -281,7 +281,7 @@ check deb.proxy_not_running sh_in 'state=$(systemctl is-active tenement-proxy.se
 check deb.shipped_config_valid sh_in 'tenctl validate /etc/tenement/tenement.toml'
 check deb.units_verify_in_place sh_in '
     cd /usr/lib/systemd/system
-    out=$(systemd-analyze verify --man=no tenement.socket tenement-proxy.service tenement-supervisor.service tenement-supervisor-admin.socket tenement-supervisor-proxy.socket 2>&1)
+    out=$(systemd-analyze verify --man=no tenement.socket tenement-https.socket tenement-proxy.service tenement-supervisor.service tenement-supervisor-admin.socket tenement-supervisor-proxy.socket 2>&1)
     echo "$out"; [ -z "$out" ]
     echo "live exposure: $(systemd-analyze security tenement-proxy.service 2>/dev/null | tail -1)"
     echo "live exposure: $(systemd-analyze security tenement-supervisor.service 2>/dev/null | tail -1)"'
@@ -503,20 +503,59 @@ proxy_crash_loop() {
         echo "port 80 did not answer within 120 s of the fix (last: $code)"; exit 1'
 }
 check deb.proxy_crash_loop_keeps_port_80 proxy_crash_loop
+# HTTPS as an operator turns it on: a certificate file in [settings.tls], then
+# tenement-https.socket enabled. PID 1 holds 443 too; the proxy (still its own user, still no
+# capability) serves the file's certificate there and redirects plain HTTP; its state
+# directory is its own, 0700.
+https_socket() {
+    local tls=$root/etc/tenement/tls
+    mkdir -p "$tls"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=test CA" \
+        -keyout "$work/ca.key" -out "$tls/ca.pem" 2>/dev/null &&
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=notes" \
+        -keyout "$tls/notes.key" -out "$work/notes.csr" 2>/dev/null &&
+    printf 'subjectAltName=DNS:*.notes.localhost\n' >"$work/san.ext" &&
+    openssl x509 -req -in "$work/notes.csr" -CA "$tls/ca.pem" -CAkey "$work/ca.key" -CAcreateserial \
+        -days 2 -extfile "$work/san.ext" -out "$work/leaf.pem" 2>/dev/null &&
+    cat "$work/leaf.pem" "$tls/ca.pem" >"$tls/notes.pem" || { echo "openssl failed"; return 1; }
+    sh_in 'set -e
+        chgrp tenement-proxy /etc/tenement/tls/notes.key && chmod 640 /etc/tenement/tls/notes.key
+        printf "\n[settings.tls]\ncertificates = [{ cert = \"/etc/tenement/tls/notes.pem\", key = \"/etc/tenement/tls/notes.key\" }]\n" >>/etc/tenement/tenement.toml
+        tenctl validate
+        systemctl enable --now tenement-https.socket
+        systemctl restart tenement-proxy.service
+        ss -Hltnp "sport = :443"; ss -Hltnp "sport = :443" | grep -q "pid=1,"
+        ss -Hltnp "sport = :80" | grep -q "pid=1,"
+        code=$(curl -sS --max-time 30 --cacert /etc/tenement/tls/ca.pem --resolve alice.notes.localhost:443:127.0.0.1 \
+            -o /dev/null -w "%{http_code} %{http_version}" https://alice.notes.localhost/)
+        echo "https: $code"; [ "$code" = "200 2" ]
+        code=$(curl -sS --max-time 30 -o /dev/null -w "%{http_code} %{redirect_url}" -H "Host: alice.notes.localhost" http://127.0.0.1/x)
+        echo "http: $code"; [ "$code" = "308 https://alice.notes.localhost/x" ]
+        pid=$(systemctl show -p MainPID --value tenement-proxy.service)
+        grep -Eq "^Uid:\s+$(id -u tenement-proxy)\s" /proc/$pid/status
+        [ $(grep -Ec "^Cap(Inh|Prm|Eff|Bnd|Amb):\s+0+$" /proc/$pid/status) = 5 ]
+        stat -c "%n %a %U" /var/lib/tenement-proxy
+        test "$(stat -c "%a %U" /var/lib/tenement-proxy)" = "700 tenement-proxy"
+        echo "live exposure: $(systemd-analyze security tenement-proxy.service 2>/dev/null | tail -1)"
+        score=$(systemd-analyze security tenement-proxy.service 2>/dev/null | sed -nE "s/.*Overall exposure level for [^:]+: ([0-9.]+).*/\1/p")
+        awk -v s="$score" "BEGIN { exit !(s <= 2.0) }"'
+}
+check deb.https_socket_serves_a_file_certificate https_socket
 dump_container_logs
 
 stage "deb: remove and purge"
 check deb.remove_stops_everything sh_in '
     dpkg -r tenement || exit 1
-    for u in tenement.socket tenement-proxy.service tenement-supervisor.service tenement-supervisor-admin.socket tenement-supervisor-proxy.socket; do
+    for u in tenement.socket tenement-https.socket tenement-proxy.service tenement-supervisor.service tenement-supervisor-admin.socket tenement-supervisor-proxy.socket; do
         s=$(systemctl is-active $u); echo "$u: $s"; [ "$s" = active ] && exit 1
     done
     left=$(ps -eo pid,args | grep -E "tenement-|app.py|http.server" | grep -v grep); [ -z "$left" ] || { echo "left running: $left"; exit 1; }
     ss -Hltn "sport = :80" | grep -q . && { echo "port 80 still open"; exit 1; }
+    ss -Hltn "sport = :443" | grep -q . && { echo "port 443 still open"; exit 1; }
     test -f /etc/tenement/tenement.toml && test -d /var/lib/tenement/state && getent passwd tenement-proxy >/dev/null'
 check deb.purge_removes_config_data_users sh_in '
     dpkg -P tenement || exit 1
-    for p in /etc/tenement /var/lib/tenement /run/tenement; do [ -e $p ] && { echo "$p is still there"; exit 1; }; done
+    for p in /etc/tenement /var/lib/tenement /var/lib/tenement-proxy /run/tenement; do [ -e $p ] && { echo "$p is still there"; exit 1; }; done
     for a in "passwd tenement-proxy" "group tenement-proxy" "group tenement-admin"; do getent $a && { echo "$a is still there"; exit 1; }; done
     true'
 dump_container_logs
@@ -566,7 +605,7 @@ else
     check rpm.upgrade_loses_no_request rpm_upgrade
     check rpm.erase_stops_everything sh_in "
         rpm $rpmdb -e tenement || exit 1
-        for u in tenement.socket tenement-proxy.service tenement-supervisor.service tenement-supervisor-admin.socket tenement-supervisor-proxy.socket; do
+        for u in tenement.socket tenement-https.socket tenement-proxy.service tenement-supervisor.service tenement-supervisor-admin.socket tenement-supervisor-proxy.socket; do
             s=\$(systemctl is-active \$u); echo \"\$u: \$s\"; [ \"\$s\" = active ] && exit 1
         done
         left=\$(ps -eo pid,args | grep -E 'tenement-|http.server' | grep -v grep); [ -z \"\$left\" ] || { echo \"left running: \$left\"; exit 1; }
