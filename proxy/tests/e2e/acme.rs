@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
+use tenement_proto::rpc::{InstanceState, Request, Response};
 
 use crate::support::*;
 use crate::tls::{accepting, answer_then_close, client_config, client_hello, handshake, Pki};
@@ -419,12 +420,22 @@ fn http_01_is_answered_on_the_plain_listener_within_the_order_budget() {
 }
 
 #[test]
-fn a_certificate_near_its_end_is_renewed_with_no_failed_request_under_load() {
+fn certificates_near_their_end_are_renewed_with_no_failed_request_and_removed_names_are_not() {
     // 60-second certificates: renewal falls 36-40 s after issuance.
     let acme = Acme::start("", Some(60));
-    let first = acme
-        .leaf("alice.notes.localhost", &[b"http/1.1"])
-        .unwrap_or_else(|e| panic!("{e}\n{}", acme.log()));
+    let leaf = |name: &str| {
+        acme.leaf(name, &[b"http/1.1"])
+            .unwrap_or_else(|e| panic!("{name}: {e}\n{}", acme.log()))
+    };
+    let alice = leaf("alice.notes.localhost");
+    // bob is never woken (a handshake wakes nothing): a sleeping tenant's name.
+    let bob = leaf("bob.notes.localhost");
+    leaf("carol.notes.localhost");
+    let removed = acme.sandbox.admin().call(Request::Remove {
+        instance: iid("notes:carol"),
+        purge: false,
+    });
+    assert!(matches!(removed, Response::Ok), "{removed:?}");
     let root = acme.pebble.root();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let (ok, failed) = (AtomicUsize::new(0), AtomicUsize::new(0));
@@ -441,16 +452,28 @@ fn a_certificate_near_its_end_is_renewed_with_no_failed_request_under_load() {
             });
         }
         let renewed = wait_until(Duration::from_secs(90), || {
-            acme.leaf("alice.notes.localhost", &[b"http/1.1"])
-                .is_ok_and(|leaf| leaf != first)
+            let changed = |name: &str, old: &CertificateDer<'_>| {
+                acme.leaf(name, &[b"http/1.1"])
+                    .is_ok_and(|leaf| leaf != *old)
+            };
+            changed("alice.notes.localhost", &alice) && changed("bob.notes.localhost", &bob)
         });
         stop.store(true, Ordering::Relaxed);
         renewed
     });
     assert!(renewed, "not renewed:\n{}", acme.log());
-    assert_eq!(acme.pebble.orders(), 2, "{}", acme.log());
     assert_eq!(failed.load(Ordering::Relaxed), 0, "{}", acme.log());
     assert!(ok.load(Ordering::Relaxed) > 0);
+    // Three orders, two renewals: carol's name is no longer tenement's.
+    let log = acme.sandbox.proxy_log();
+    assert!(
+        log.contains("not renewing the certificate of carol.notes.localhost"),
+        "{}",
+        acme.log()
+    );
+    assert_eq!(acme.pebble.orders(), 5, "{}", acme.log());
+    let state = acme.sandbox.admin().state("notes:bob");
+    assert_ne!(state, InstanceState::Running, "renewing woke bob");
 }
 
 #[test]
