@@ -706,11 +706,13 @@ impl Acme {
     }
 
     /// Renews certificates when due, until the proxy stops. `is_ours` says whether a name is
-    /// still tenement's (an instance removed since is not renewed).
+    /// still tenement's (`None`: cannot tell now, the supervisor is away): a name that is not
+    /// (its instance removed) is not renewed, looked at again every hour (it may come back),
+    /// and forgotten, files and all, once its certificate has expired.
     pub async fn renew<F, Fut>(self: Arc<Self>, is_ours: F)
     where
         F: Fn(String) -> Fut,
-        Fut: std::future::Future<Output = bool>,
+        Fut: std::future::Future<Output = Option<bool>>,
     {
         loop {
             self.refresh_ari().await;
@@ -720,7 +722,7 @@ impl Acme {
             {
                 let held = lock(&self.held);
                 let failures = lock(&self.failures);
-                for (name, h) in held.iter().filter(|(_, h)| !h.abandoned) {
+                for (name, h) in held.iter() {
                     let at = match failures.get(name) {
                         Some(f) => f.retry_at.max(h.renew_at),
                         None => h.renew_at,
@@ -733,20 +735,33 @@ impl Acme {
                 }
             }
             for name in due {
-                if !is_ours(name.clone()).await {
-                    if let Some(h) = lock(&self.held).get_mut(&name) {
-                        h.abandoned = true;
+                match is_ours(name.clone()).await {
+                    Some(true) => {}
+                    Some(false) => {
+                        self.give_up(&name);
+                        continue;
                     }
-                    tracing::info!(
-                        "not renewing the certificate of {name}: the name is no longer tenement's (its instance or service was removed)"
-                    );
-                    self.write_status();
-                    continue;
+                    None => {
+                        tracing::debug!(
+                            "renewal of {name} waits: the supervisor's route table is not there"
+                        );
+                        if let Some(h) = lock(&self.held).get_mut(&name) {
+                            h.renew_at = SystemTime::now() + Duration::from_secs(60);
+                        }
+                        continue;
+                    }
+                }
+                if let Some(h) = lock(&self.held).get_mut(&name) {
+                    if h.abandoned {
+                        h.abandoned = false;
+                        tracing::info!("{name} is tenement's again: its certificate is renewed");
+                    }
                 }
                 if lock(&self.pending).contains_key(&name) {
                     continue;
                 }
-                // Through `ensure`, so a handshake-driven order of the name is never doubled.
+                // Registered as pending, so a handshake-driven order of the name (after the
+                // certificate expired) is never doubled.
                 let (tx, rx) = watch::channel(None);
                 lock(&self.pending).insert(name.clone(), rx);
                 let outcome = self.obtain(&name).await;
@@ -762,6 +777,34 @@ impl Acme {
                 () = self.changed.notified() => {}
             }
         }
+    }
+
+    /// `name` is no longer tenement's: not renewed (said once), looked at again in an hour,
+    /// and once its certificate has expired, removed from memory and disk.
+    fn give_up(&self, name: &str) {
+        let mut held = lock(&self.held);
+        let Some(h) = held.get_mut(name) else {
+            return;
+        };
+        if !h.abandoned {
+            h.abandoned = true;
+            tracing::info!(
+                "not renewing the certificate of {name}: the name is no longer tenement's (its instance or service was removed)"
+            );
+        }
+        h.renew_at = SystemTime::now() + RENEW_CHECK_MAX;
+        if h.not_after <= SystemTime::now() {
+            held.remove(name);
+            self.publish(&held);
+            let dir = self.certs_dir().join(name);
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!("cannot remove {}: {e}", dir.display());
+            } else {
+                tracing::info!("forgot the expired certificate of {name}");
+            }
+        }
+        drop(held);
+        self.write_status();
     }
 
     /// Asks the CA's ARI for the renewal window of every certificate not asked about in the

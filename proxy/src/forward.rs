@@ -216,20 +216,28 @@ impl Proxy {
 
     /// Whether `name` (a lower-case host name) is tenement's: a configured domain, a
     /// configured service under one, or an instance the supervisor has registered (its route
-    /// table, pushed over the proxy role, waited for until `deadline` right after a start).
-    /// Only such names get certificates from ACME.
-    pub async fn is_ours(&self, name: &str, deadline: Instant) -> bool {
+    /// table, pushed over the proxy role, waited for until `deadline` right after a start or
+    /// while the supervisor is away). Only such names get certificates from ACME. `None`:
+    /// cannot tell, the supervisor's table is not there (never a reason to order, nor to give
+    /// a name up).
+    pub async fn is_ours(&self, name: &str, deadline: Instant) -> Option<bool> {
         let settings = self.settings.load_full();
         match host::route(name, &settings.domains) {
-            Ok(Target::Home) => true,
-            Ok(Target::Service(service)) => settings.services.contains_key(&service),
+            Ok(Target::Home) => Some(true),
+            Ok(Target::Service(service)) => Some(settings.services.contains_key(&service)),
             Ok(Target::Instance(id)) => {
-                settings.services.contains_key(&id.service)
-                    && (self.table.get(&id).is_some()
-                        || (self.table.wait_synced(deadline).await
-                            && self.table.get(&id).is_some()))
+                if !settings.services.contains_key(&id.service) {
+                    return Some(false);
+                }
+                if self.table.get(&id).is_some() {
+                    return Some(true);
+                }
+                self.table
+                    .wait_synced(deadline)
+                    .await
+                    .then(|| self.table.get(&id).is_some())
             }
-            Ok(Target::NoMatch) | Err(_) => false,
+            Ok(Target::NoMatch) | Err(_) => Some(false),
         }
     }
 

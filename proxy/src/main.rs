@@ -513,7 +513,7 @@ async fn tls_handshake(
             // Either way the handshake goes on: without a certificate it fails with an
             // alert (access_denied), as for any name nobody serves.
             let deadline = tokio::time::Instant::now() + acme.wait();
-            if !proxy.is_ours(name, deadline).await {
+            if proxy.is_ours(name, deadline).await != Some(true) {
                 tracing::debug!(peer = %addr, "TLS for {name}: not a name of tenement's, no certificate ordered");
             } else if let Err(e) = acme.ensure(name, deadline).await {
                 tracing::debug!(peer = %addr, "TLS for {name}: {e}");
