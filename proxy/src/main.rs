@@ -71,6 +71,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let config = Config::load(&args.config, &environment).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut listeners = listeners::from_systemd()?;
+    let from_systemd = !listeners.is_empty();
     if listeners.is_empty() {
         let addrs = if args.listen.is_empty() {
             config.settings.listen.clone()
@@ -97,6 +98,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         listeners,
         Duration::from_secs(args.shutdown_grace),
         args.tls_self_signed,
+        from_systemd,
     ))
 }
 
@@ -166,6 +168,7 @@ async fn serve(
     listeners: Vec<Listener>,
     grace: Duration,
     tls_self_signed: bool,
+    from_systemd: bool,
 ) -> anyhow::Result<()> {
     let link = link::Link::new(config.settings.proxy_socket());
     let https_port = listeners
@@ -201,11 +204,19 @@ async fn serve(
     let certificates = match https_port {
         Some(_) => {
             if config.settings.tls.certificates.is_empty() && !tls_self_signed && acme.is_none() {
-                // Before the proxy terminated TLS, a listener named https meant plain HTTP
-                // from a terminator in front: say so rather than fail every request.
-                anyhow::bail!(
-                    "an https listener but no certificate: list files in [settings.tls] certificates, set acme_email for certificates from Let's Encrypt (or try --tls-self-signed); behind a TLS terminator, name the listener http and list the terminator in trusted_proxies"
-                );
+                if from_systemd {
+                    // tenement-https.socket comes up with the proxy (Sockets= pulls it in):
+                    // port 80 must not go down because 443 has no certificate yet.
+                    tracing::error!(
+                        "the https socket has no certificate to serve: every TLS handshake on it fails until [settings.tls] lists certificates (then systemctl reload tenement-proxy) or sets acme_email (then systemctl restart tenement-proxy)"
+                    );
+                } else {
+                    // Before the proxy terminated TLS, a listener named https meant plain
+                    // HTTP from a terminator in front: say so rather than fail every request.
+                    anyhow::bail!(
+                        "an https listener but no certificate: list files in [settings.tls] certificates, set acme_email for certificates from Let's Encrypt (or try --tls-self-signed); behind a TLS terminator, name the listener http and list the terminator in trusted_proxies"
+                    );
+                }
             }
             let store = tls::Store::new(
                 &config.settings.tls.certificates,
