@@ -33,6 +33,8 @@ BENCHMARKS = [
     ("scale and memory", "scale.py", [], ["--instances", "1000", "--wakes", "100", "--idle-timeout", "5"]),
     ("idle load: no request lost", "idle_load.py", ["--requests", "10000"], ["--requests", "1000"]),
     ("isolation overhead", "isolation_overhead.py", ["--rounds", "21"], ["--rounds", "3"]),
+    ("TLS: tenement-proxy vs nginx", "tls_throughput.py", ["--rounds", "5", "--duration", "5"],
+     ["--rounds", "1", "--duration", "2", "--idle", "300", "--resume", "20", "--acme-rounds", "1"]),
 ]
 
 

@@ -642,8 +642,11 @@ impl Acme {
             Ok::<(), String>(())
         }
         .await;
+        // The first look soon (a CA close by validates in tens of milliseconds, and a
+        // handshake is waiting), then backing off: 50, 100, 200 ms...
         let retry = RetryPolicy::new()
-            .initial_delay(Duration::from_millis(250))
+            .initial_delay(Duration::from_millis(50))
+            .backoff(2.0)
             .timeout(ORDER_TIMEOUT);
         let ready = match answered {
             Ok(()) => order
