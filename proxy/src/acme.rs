@@ -335,6 +335,22 @@ impl Acme {
         self.served.load().get(name).cloned()
     }
 
+    /// (name, notAfter in unix seconds) of every certificate held.
+    pub fn expiries(&self) -> Vec<(String, u64)> {
+        lock(&self.held)
+            .iter()
+            .map(|(name, h)| (name.clone(), unix(h.not_after)))
+            .collect()
+    }
+
+    /// (name, failed orders in a row) of every name whose last order failed.
+    pub fn failures(&self) -> Vec<(String, u32)> {
+        lock(&self.failures)
+            .iter()
+            .map(|(name, f)| (name.clone(), f.count))
+            .collect()
+    }
+
     /// How long a first handshake waits for its certificate (`acme_wait`).
     pub fn wait(&self) -> Duration {
         self.config.wait

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 pub use crate::head::{check_body_size, prepare_headers, rewrite_head, strip_hop_by_hop};
 use crate::host::{self, Target};
 use crate::link::Link;
+use crate::metrics::{ServiceHandles, UpstreamKind};
 use crate::pool::{Pool, PoolKey};
 use crate::relay::{Progress, RequestBody, ResponseBody};
 use crate::respond::{error_response, full, BoxError, ProxyBody, ProxyError};
@@ -74,6 +75,7 @@ pub struct Proxy {
     pub https: Option<(Arc<crate::tls::Store>, u16)>,
     /// Certificates from ACME, whose HTTP-01 challenges plain HTTP answers.
     pub acme: Option<Arc<crate::acme::Acme>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// How a request reached the proxy.
@@ -94,13 +96,26 @@ impl Proxy {
         request: Request<Incoming>,
         peer: Peer,
     ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+        let started = Instant::now();
         let hsts = match peer.scheme {
             "https" => self.settings.load().hsts.clone(),
             _ => None,
         };
-        let response = match self.serve(request, peer).await {
+        let mut handles = None;
+        let response = match self.serve(request, peer, &mut handles).await {
             Ok(response) => response,
             Err(error) => {
+                let kind = match &error {
+                    ProxyError::Upstream(_) => Some(UpstreamKind::Broken),
+                    ProxyError::UpstreamTimeout => Some(UpstreamKind::Timeout),
+                    ProxyError::Busy(_) => Some(UpstreamKind::Busy),
+                    ProxyError::WakeFailed(_) => Some(UpstreamKind::WakeFailed),
+                    ProxyError::InstanceFailed(_) => Some(UpstreamKind::Failed),
+                    _ => None,
+                };
+                if let (Some(kind), Some(handles)) = (kind, &handles) {
+                    handles.upstream_error(kind);
+                }
                 match &error {
                     ProxyError::WakeFailed(detail)
                     | ProxyError::InstanceFailed(detail)
@@ -113,13 +128,17 @@ impl Proxy {
                 error_response(&error)
             }
         };
+        let handles = handles.unwrap_or_else(|| self.metrics.service(None));
+        handles.request(response.status().as_u16(), started.elapsed());
         Ok(with_hsts(response, hsts))
     }
 
+    /// `handles`: set to the metric handles of the service once the request has one.
     async fn serve(
         &self,
         request: Request<Incoming>,
         peer: Peer,
+        handles: &mut Option<Arc<ServiceHandles>>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         if let Some(acme) = &self.acme {
             if let Some(token) = request
@@ -168,6 +187,8 @@ impl Proxy {
                 match self.table.get(&id) {
                     Some(entry) => entry,
                     None => {
+                        // The cold path: counted under its service even if it ends in a 404.
+                        *handles = Some(self.metrics.service(Some(&id.service)));
                         // Not in the cache: ask (the supervisor registers it for auto_spawn,
                         // which a client may only make happen so often).
                         if policy.auto_spawn
@@ -188,7 +209,12 @@ impl Proxy {
                     .get(&name)
                     .ok_or(ProxyError::UnknownService)?;
                 check_body_size(&request, policy.max_body)?;
-                match self.table.pick(&name) {
+                let picked = self.table.pick(&name);
+                if picked.is_none() {
+                    // The cold path: counted under its service even if it ends in an error.
+                    *handles = Some(self.metrics.service(Some(&name)));
+                }
+                match picked {
                     Some(entry) => entry,
                     // Right after start (or a supervisor restart) the table may be empty
                     // only because the snapshot has not arrived yet.
@@ -203,6 +229,12 @@ impl Proxy {
                 }
             }
         };
+        *handles = Some(
+            entry
+                .metrics
+                .get_or_init(|| self.metrics.service(Some(&entry.id.service)))
+                .clone(),
+        );
         self.forward(
             request,
             entry,
@@ -312,8 +344,14 @@ impl Proxy {
                     *slot = Some(rx.clone());
                     let link = self.link.clone();
                     let entry = entry.clone();
+                    let handles = entry
+                        .metrics
+                        .get_or_init(|| self.metrics.service(Some(&entry.id.service)))
+                        .clone();
                     tokio::spawn(async move {
+                        let began = Instant::now();
                         let result = link.wake(&entry.id, deadline).await;
+                        handles.wake(result.is_ok(), began.elapsed());
                         if let Ok(route) = &result {
                             entry.set_route(route.clone());
                             // The supervisor says it runs: any park it asked for is over.
@@ -325,7 +363,9 @@ impl Proxy {
                 }
             }
         };
+        let waiting = crate::metrics::Held::new(self.metrics.waiting_for_wake.clone());
         let outcome = tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await;
+        drop(waiting);
         match outcome {
             Ok(Ok(value)) => value
                 .clone()

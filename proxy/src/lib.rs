@@ -12,6 +12,7 @@ pub mod head;
 pub mod host;
 pub mod link;
 pub mod listeners;
+pub mod metrics;
 pub mod pool;
 pub mod privilege;
 pub mod relay;

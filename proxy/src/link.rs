@@ -263,7 +263,9 @@ impl Link {
                     }
                     Some(Ok(Response::Park { instance, park_id, drain: false })) => {
                         let accepted = table.get(&instance).is_some_and(|e| e.try_park());
-                        if !accepted {
+                        if accepted {
+                            table.note_park();
+                        } else {
                             // Tell the supervisor why: what is in flight right now.
                             send_activity(table, &out_tx).await;
                         }

@@ -12,7 +12,7 @@ pub struct Listener {
     /// Registered with the runtime once it exists.
     pub socket: std::net::TcpListener,
     /// `http` or `https` (TLS, terminated by the proxy): what X-Forwarded-Proto says for
-    /// requests on this socket.
+    /// requests on this socket; or `metrics` (the proxy's own `/metrics`).
     pub scheme: &'static str,
     name: String,
 }
@@ -27,10 +27,13 @@ impl Listener {
 }
 
 /// The scheme a listener name stands for: names starting with `https` are TLS, terminated by
-/// the proxy; everything else is plain HTTP.
+/// the proxy; `metrics` serves the proxy's `/metrics` and nothing else; everything else is
+/// plain HTTP.
 pub fn scheme_of(name: &str) -> &'static str {
     if name.starts_with("https") {
         "https"
+    } else if name.starts_with("metrics") {
+        "metrics"
     } else {
         "http"
     }
@@ -62,15 +65,19 @@ pub fn from_systemd() -> anyhow::Result<Vec<Listener>> {
     Ok(listeners)
 }
 
-/// Binds `addrs` ourselves (foreground use).
-pub fn bind(addrs: &[ListenAddress]) -> anyhow::Result<Vec<Listener>> {
+/// Binds `addrs` ourselves (foreground use); `metrics`: as metrics listeners.
+pub fn bind(addrs: &[ListenAddress], metrics: bool) -> anyhow::Result<Vec<Listener>> {
     addrs
         .iter()
         .map(|address| {
             let socket = std::net::TcpListener::bind(address.addr)
                 .with_context(|| format!("cannot listen on {address}"))?;
             socket.set_nonblocking(true)?;
-            let scheme = if address.tls { "https" } else { "http" };
+            let scheme = match (metrics, address.tls) {
+                (true, _) => "metrics",
+                (false, true) => "https",
+                (false, false) => "http",
+            };
             Ok(Listener {
                 socket,
                 scheme,
@@ -90,5 +97,6 @@ mod tests {
         assert_eq!(scheme_of("https"), "https");
         assert_eq!(scheme_of("https-alt"), "https");
         assert_eq!(scheme_of("web"), "http");
+        assert_eq!(scheme_of("metrics"), "metrics");
     }
 }

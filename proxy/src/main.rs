@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tenement_proxy::admission::{Admission, TenantUids};
 use tenement_proxy::forward::{self, Peer, Proxy, ServicePolicy};
 use tenement_proxy::listeners::{self, Listener};
+use tenement_proxy::metrics::{Metrics, Snapshot};
 use tenement_proxy::server::{self, HEADER_READ_TIMEOUT};
 use tenement_proxy::{acme, link, privilege, tls};
 
@@ -35,6 +36,11 @@ struct Args {
     /// HTTP, `https://IP:PORT` for HTTPS; default: the `listen` setting.
     #[arg(long = "listen", value_name = "ADDR")]
     listen: Vec<ListenAddress>,
+    /// Serve the proxy's Prometheus metrics at `/metrics` on this address (plain HTTP,
+    /// repeatable), when systemd passes no socket named `metrics`; default: the
+    /// `metrics_listen` setting (none).
+    #[arg(long = "metrics-listen", value_name = "IP:PORT")]
+    metrics_listen: Vec<std::net::SocketAddr>,
     /// Serve HTTPS with a certificate made at start and signed by itself, for every domain,
     /// service and instance name (for trying HTTPS on a workstation: `curl -k`); configured
     /// certificate files still come first.
@@ -78,7 +84,16 @@ fn run(args: Args) -> anyhow::Result<()> {
         } else {
             args.listen.clone()
         };
-        listeners = listeners::bind(&addrs)?;
+        listeners = listeners::bind(&addrs, false)?;
+        let metrics: Vec<ListenAddress> = if args.metrics_listen.is_empty() {
+            config.settings.metrics_listen.clone()
+        } else {
+            args.metrics_listen
+                .iter()
+                .map(|&addr| ListenAddress { addr, tls: false })
+                .collect()
+        };
+        listeners.extend(listeners::bind(&metrics, true)?);
     }
     privilege::ensure_unprivileged(args.user.as_deref())?;
 
@@ -239,15 +254,21 @@ async fn serve(
         Some(store) => Some(tls::server_config(store.clone()).map_err(|e| anyhow::anyhow!(e))?),
         None => None,
     };
+    let table: Arc<tenement_proxy::table::Table> = Arc::default();
+    let metrics = Arc::new(Metrics::new(Arc::new(Scrape {
+        table: table.clone(),
+        certificates: certificates.clone(),
+    })));
     let proxy = Arc::new(Proxy {
         settings: arc_swap::ArcSwap::from_pointee(settings_of(&config)),
-        table: Arc::default(),
+        table,
         link: link.clone(),
         pool: Arc::default(),
         new_tenants: Default::default(),
         upgraded: tokio_util::task::TaskTracker::new(),
         https: certificates.clone().zip(https_port),
         acme: acme.clone(),
+        metrics: metrics.clone(),
     });
     // Reading the config again: asked by the supervisor after `tenctl reload`, or by SIGHUP.
     let reload: Arc<dyn Fn() + Send + Sync> = {
@@ -313,6 +334,16 @@ async fn serve(
     let mut accept_tasks = Vec::new();
     for listener in listeners {
         tracing::info!(address = %listener.describe(), scheme = listener.scheme, "listening");
+        if listener.scheme == "metrics" {
+            let socket = tokio::net::TcpListener::from_std(listener.socket)
+                .context("cannot register the metrics socket")?;
+            accept_tasks.push(tokio::spawn(serve_metrics(
+                socket,
+                metrics.clone(),
+                shutdown.clone(),
+            )));
+            continue;
+        }
         let proxy = proxy.clone();
         let builder = builder.clone();
         let graceful = graceful.clone();
@@ -374,8 +405,10 @@ async fn serve(
                 // being sniffed or shaking hands.
                 let watcher = graceful.watcher();
                 let tls = tls.clone();
+                let open = tenement_proxy::metrics::Held::new(proxy.metrics.connections.clone());
                 tokio::spawn(async move {
                     let _ticket = ticket;
+                    let _open = open;
                     let service = hyper::service::service_fn(move |request| {
                         proxy.clone().handle(request, peer)
                     });
@@ -462,6 +495,86 @@ async fn serve(
     }
     unlink.cancel();
     Ok(())
+}
+
+/// What the metrics read at scrape time.
+struct Scrape {
+    table: Arc<tenement_proxy::table::Table>,
+    certificates: Option<Arc<tls::Store>>,
+}
+
+impl Snapshot for Scrape {
+    fn table(&self) -> Option<&tenement_proxy::table::Table> {
+        Some(&self.table)
+    }
+
+    fn supervisor_up(&self) -> bool {
+        self.table.is_synced()
+    }
+
+    fn certificates(&self) -> Vec<(String, &'static str, u64)> {
+        self.certificates
+            .as_ref()
+            .map_or_else(Vec::new, |store| store.expiries())
+    }
+
+    fn acme_failures(&self) -> Vec<(String, u32)> {
+        self.certificates
+            .as_ref()
+            .map_or_else(Vec::new, |store| store.acme_failures())
+    }
+}
+
+/// A metrics listener: `GET /metrics` answers the exposition, anything else 404. Plain
+/// HTTP/1.1, a connection at a time per scraper; never on a public listener.
+async fn serve_metrics(
+    socket: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = socket.accept() => accepted,
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: http::Request<_>| {
+                let metrics = metrics.clone();
+                async move {
+                    let _: &hyper::body::Incoming = request.body();
+                    let response = if request.uri().path() == "/metrics"
+                        && matches!(*request.method(), http::Method::GET | http::Method::HEAD)
+                    {
+                        http::Response::builder()
+                            .header(
+                                http::header::CONTENT_TYPE,
+                                tenement_proxy::metrics::CONTENT_TYPE,
+                            )
+                            .body(http_body_util::Full::new(bytes::Bytes::from(
+                                metrics.encode(),
+                            )))
+                    } else {
+                        http::Response::builder()
+                            .status(http::StatusCode::NOT_FOUND)
+                            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                                b"404 not found: only /metrics is served here\n",
+                            )))
+                    };
+                    response
+                }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(Duration::from_secs(60), connection).await;
+        });
+    }
 }
 
 /// What an https listener needs to shake hands.

@@ -56,6 +56,8 @@ pub struct Entry {
     reported_in_flight: AtomicU32,
     /// The wake in progress, shared by every request that needs it.
     pub wake: Mutex<Option<watch::Receiver<WakeOutcome>>>,
+    /// The metric handles of its service, looked up once.
+    pub metrics: std::sync::OnceLock<Arc<crate::metrics::ServiceHandles>>,
 }
 
 /// Held while a request (or an upgraded connection) is in flight; dropping it ends it.
@@ -80,6 +82,7 @@ impl Entry {
             succeeded: AtomicU64::new(0),
             reported_in_flight: AtomicU32::new(0),
             wake: Mutex::new(None),
+            metrics: std::sync::OnceLock::new(),
         }
     }
 
@@ -178,6 +181,8 @@ struct Inner {
 /// Every instance the proxy knows of.
 pub struct Table {
     inner: RwLock<Inner>,
+    /// Park requests agreed to (idle stops), ever.
+    parks: AtomicU64,
     /// A complete snapshot has been received on the current watch stream.
     synced: watch::Sender<bool>,
 }
@@ -186,6 +191,7 @@ impl Default for Table {
     fn default() -> Self {
         Self {
             inner: RwLock::default(),
+            parks: AtomicU64::new(0),
             synced: watch::channel(false).0,
         }
     }
@@ -198,6 +204,30 @@ impl Table {
 
     pub fn set_synced(&self, synced: bool) {
         self.synced.send_replace(synced);
+    }
+
+    /// A park request was agreed to.
+    pub fn note_park(&self) {
+        self.parks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Park requests agreed to, ever.
+    pub fn parks(&self) -> u64 {
+        self.parks.load(Ordering::Relaxed)
+    }
+
+    /// Whether the supervisor's route table is held now.
+    pub fn is_synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    /// Every instance with its state (for the metrics).
+    pub fn states(&self) -> Vec<(InstanceId, InstanceState)> {
+        read(&self.inner)
+            .entries
+            .values()
+            .map(|e| (e.id.clone(), e.route().state))
+            .collect()
     }
 
     /// Waits until the table holds a full snapshot (at start, or after the supervisor came

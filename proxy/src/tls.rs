@@ -394,6 +394,42 @@ impl Store {
         names.1.find(name).cloned()
     }
 
+    /// Every certificate served: (name, source, notAfter in unix seconds), for the metrics.
+    pub fn expiries(&self) -> Vec<(String, &'static str, u64)> {
+        let unix = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        };
+        let sources = lock(&self.sources);
+        let mut out = Vec::new();
+        for cert in sources.files.iter().filter_map(|s| s.cert.as_ref()) {
+            out.extend(
+                cert.names
+                    .iter()
+                    .map(|n| (n.clone(), "file", unix(cert.not_after))),
+            );
+        }
+        if let Some((_, cert)) = &sources.self_signed {
+            out.extend(
+                cert.names
+                    .iter()
+                    .map(|n| (n.clone(), "self_signed", unix(cert.not_after))),
+            );
+        }
+        drop(sources);
+        if let Some(acme) = &self.acme {
+            out.extend(acme.expiries().into_iter().map(|(n, at)| (n, "acme", at)));
+        }
+        out
+    }
+
+    /// ACME names with failed orders in a row.
+    pub fn acme_failures(&self) -> Vec<(String, u32)> {
+        self.acme
+            .as_ref()
+            .map_or_else(Vec::new, |acme| acme.failures())
+    }
+
     /// Whether some certificate covers `host` (a normalised host name).
     pub fn covers(&self, host: &str) -> bool {
         self.find(host).is_some()

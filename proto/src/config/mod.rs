@@ -82,6 +82,9 @@ pub struct Settings {
     pub user: Option<String>,
     /// HTTPS in the proxy (`[settings.tls]`).
     pub tls: Tls,
+    /// Where the proxy serves `/metrics` when systemd passes no socket named `metrics`
+    /// (plain HTTP; empty: nowhere).
+    pub metrics_listen: Vec<ListenAddress>,
 }
 
 /// A listening address of the proxy: `127.0.0.1:8080` (plain HTTP, also written

@@ -11,6 +11,7 @@ mod acme;
 mod early;
 mod hardening;
 mod hostile_requests;
+mod metrics;
 mod routing;
 mod streaming;
 mod tls;

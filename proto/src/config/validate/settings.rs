@@ -14,6 +14,7 @@ const SETTINGS_KEYS: &[&str] = &[
     "state_dir",
     "runtime_dir",
     "listen",
+    "metrics_listen",
     "port_range",
     "admin_group",
     "proxy_user",
@@ -124,6 +125,30 @@ impl Checker<'_> {
                 tls: false,
             }],
         };
+        let metrics_listen = match table.get("metrics_listen") {
+            Some(e) => {
+                let addresses = self.listen_addresses(e);
+                for address in addresses.iter().filter(|a| a.tls) {
+                    let message = format!(
+                        "metrics_listen {address}: the metrics listener is plain HTTP; write {}",
+                        address.addr
+                    );
+                    self.error(e.key.span(), message);
+                }
+                if let Some(clash) = addresses
+                    .iter()
+                    .find(|m| listen.iter().any(|l| l.addr == m.addr))
+                {
+                    let message = format!(
+                        "metrics_listen {} is also in listen; metrics go on their own address",
+                        clash.addr
+                    );
+                    self.error(e.key.span(), message);
+                }
+                addresses
+            }
+            None => Vec::new(),
+        };
         let tls = match table
             .get("tls")
             .and_then(|e| self.table(e, "[settings.tls]"))
@@ -175,6 +200,7 @@ impl Checker<'_> {
             state_dir,
             runtime_dir,
             listen,
+            metrics_listen,
             port_range,
             admin_group,
             proxy_user,

@@ -1,0 +1,595 @@
+//! Prometheus metrics of the proxy, served on its own listener (`--metrics-listen`, the
+//! `metrics_listen` setting, or a systemd socket named `metrics`), never on the public ones.
+//!
+//! The request path touches only handles made once per service and cached with the route
+//! ([`crate::table::Entry::metrics`]): counters and histograms are atomics behind an `Arc`,
+//! so a request builds no label set and takes no lock. What is a snapshot rather than a
+//! count (instances by state, certificates, the process itself) is read at scrape time by
+//! collectors. Written in the Prometheus text format (0.0.4) by prometheus-client, which
+//! escapes label values.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tenement_proto::rpc::InstanceState;
+use tenement_proto::ServiceName;
+
+use crate::table::Table;
+
+/// The content type of what [`Metrics::encode`] writes.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// Request durations: from a millisecond (a warm answer) to a minute (a slow upstream).
+const REQUEST_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// Wake durations: a native app is ready in milliseconds, a JVM in tens of seconds.
+const WAKE_BUCKETS: [f64; 14] = [
+    0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabel {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceClass {
+    service: String,
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceKind {
+    service: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceOutcome {
+    service: String,
+    outcome: &'static str,
+}
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Why a request got no answer from its instance (`tenement_upstream_errors_total{kind}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamKind {
+    /// Connection refused or reset, a malformed answer.
+    Broken,
+    /// No response head within the response timeout.
+    Timeout,
+    /// Every connection to the instance stayed busy until the deadline.
+    Busy,
+    /// The instance could not be woken.
+    WakeFailed,
+    /// The instance is `failed`.
+    Failed,
+}
+
+impl UpstreamKind {
+    const ALL: [UpstreamKind; 5] = [
+        UpstreamKind::Broken,
+        UpstreamKind::Timeout,
+        UpstreamKind::Busy,
+        UpstreamKind::WakeFailed,
+        UpstreamKind::Failed,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            UpstreamKind::Broken => "broken",
+            UpstreamKind::Timeout => "timeout",
+            UpstreamKind::Busy => "busy",
+            UpstreamKind::WakeFailed => "wake_failed",
+            UpstreamKind::Failed => "instance_failed",
+        }
+    }
+}
+
+/// The handles one service's requests touch, made once and shared.
+#[derive(Debug)]
+pub struct ServiceHandles {
+    requests: [Counter; 5],
+    duration: Histogram,
+    upstream: [Counter; 5],
+    wakes_ok: Counter,
+    wakes_failed: Counter,
+    wake_duration: Histogram,
+}
+
+impl ServiceHandles {
+    /// A request answered with `status` after `elapsed` (until its response head).
+    pub fn request(&self, status: u16, elapsed: Duration) {
+        let class = usize::from((status / 100).clamp(1, 5)) - 1;
+        self.requests[class].inc();
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn upstream_error(&self, kind: UpstreamKind) {
+        if let Some(i) = UpstreamKind::ALL.iter().position(|k| *k == kind) {
+            self.upstream[i].inc();
+        }
+    }
+
+    /// A wake through the supervisor ended, `ok` or not, after `elapsed`.
+    pub fn wake(&self, ok: bool, elapsed: Duration) {
+        if ok {
+            self.wakes_ok.inc();
+            self.wake_duration.observe(elapsed.as_secs_f64());
+        } else {
+            self.wakes_failed.inc();
+        }
+    }
+}
+
+/// Every metric of the proxy.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<ServiceClass, Counter>,
+    duration: Family<ServiceLabel, Histogram, fn() -> Histogram>,
+    upstream: Family<ServiceKind, Counter>,
+    wakes: Family<ServiceOutcome, Counter>,
+    wake_duration: Family<ServiceLabel, Histogram, fn() -> Histogram>,
+    services: RwLock<HashMap<String, Arc<ServiceHandles>>>,
+    /// Client connections open now.
+    pub connections: Gauge,
+    /// Requests waiting for a wake now.
+    pub waiting_for_wake: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn request_histogram() -> Histogram {
+    Histogram::new(REQUEST_BUCKETS)
+}
+
+fn wake_histogram() -> Histogram {
+    Histogram::new(WAKE_BUCKETS)
+}
+
+impl Metrics {
+    /// The registry with its collectors: `snapshot` supplies what is read at scrape time.
+    pub fn new(snapshot: Arc<dyn Snapshot>) -> Metrics {
+        let mut registry = Registry::default();
+        let requests = Family::<ServiceClass, Counter>::default();
+        let duration = Family::<ServiceLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+            request_histogram,
+        );
+        let upstream = Family::<ServiceKind, Counter>::default();
+        let wakes = Family::<ServiceOutcome, Counter>::default();
+        let wake_duration =
+            Family::<ServiceLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                wake_histogram,
+            );
+        let connections = Gauge::default();
+        let waiting_for_wake = Gauge::default();
+        registry.register(
+            "tenement_http_requests",
+            "Requests answered, by service (empty: not routed to one) and status class",
+            requests.clone(),
+        );
+        registry.register(
+            "tenement_http_request_duration_seconds",
+            "Time from a request's arrival to its response head, by service",
+            duration.clone(),
+        );
+        registry.register(
+            "tenement_upstream_errors",
+            "Requests the instance did not answer, by service and kind",
+            upstream.clone(),
+        );
+        registry.register(
+            "tenement_wakes",
+            "Wakes the proxy asked the supervisor for, by service and outcome",
+            wakes.clone(),
+        );
+        registry.register(
+            "tenement_wake_duration_seconds",
+            "Time a request was held for a successful wake (first byte held), by service",
+            wake_duration.clone(),
+        );
+        registry.register(
+            "tenement_connections_open",
+            "Client connections open",
+            connections.clone(),
+        );
+        registry.register(
+            "tenement_requests_waiting_for_wake",
+            "Requests held now while their instance wakes",
+            waiting_for_wake.clone(),
+        );
+        registry.register_collector(Box::new(Scraped(snapshot)));
+        Metrics {
+            registry,
+            requests,
+            duration,
+            upstream,
+            wakes,
+            wake_duration,
+            services: RwLock::default(),
+            connections,
+            waiting_for_wake,
+        }
+    }
+
+    /// The handles of `service` (`None`: requests routed to no service), made on first use.
+    pub fn service(&self, service: Option<&ServiceName>) -> Arc<ServiceHandles> {
+        let name = service.map_or("", |s| s.as_str());
+        if let Some(found) = self
+            .services
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+        {
+            return found.clone();
+        }
+        let service = name.to_owned();
+        let label = ServiceLabel {
+            service: service.clone(),
+        };
+        let handles = Arc::new(ServiceHandles {
+            requests: CLASSES.map(|class| {
+                self.requests.get_or_create_owned(&ServiceClass {
+                    service: service.clone(),
+                    class,
+                })
+            }),
+            duration: self.duration.get_or_create_owned(&label),
+            upstream: UpstreamKind::ALL.map(|kind| {
+                self.upstream.get_or_create_owned(&ServiceKind {
+                    service: service.clone(),
+                    kind: kind.as_str(),
+                })
+            }),
+            wakes_ok: self.wakes.get_or_create_owned(&ServiceOutcome {
+                service: service.clone(),
+                outcome: "ok",
+            }),
+            wakes_failed: self.wakes.get_or_create_owned(&ServiceOutcome {
+                service: service.clone(),
+                outcome: "failed",
+            }),
+            wake_duration: self.wake_duration.get_or_create_owned(&label),
+        });
+        self.services
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(service)
+            .or_insert(handles)
+            .clone()
+    }
+
+    /// The whole exposition, in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) =
+            prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+        {
+            tracing::error!("cannot encode the metrics: {e}");
+        }
+        out
+    }
+}
+
+/// One more on a gauge while it lives (a connection open, a request waiting), one less when
+/// it is dropped, however the holder ends.
+pub struct Held(Gauge);
+
+impl Held {
+    pub fn new(gauge: Gauge) -> Held {
+        gauge.inc();
+        Held(gauge)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// What collectors read at scrape time.
+pub trait Snapshot: Send + Sync + 'static {
+    /// The route table (instances by service and state).
+    fn table(&self) -> Option<&Table>;
+    /// Whether the proxy holds the supervisor's route table now.
+    fn supervisor_up(&self) -> bool;
+    /// Certificates served: (name, source, not_after as unix seconds).
+    fn certificates(&self) -> Vec<(String, &'static str, u64)>;
+    /// ACME names with consecutive failed orders.
+    fn acme_failures(&self) -> Vec<(String, u32)>;
+}
+
+struct Scraped(Arc<dyn Snapshot>);
+
+impl std::fmt::Debug for Scraped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Scraped")
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceState {
+    service: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InstanceLabel {
+    service: String,
+    instance: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertLabel {
+    name: String,
+    source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NameLabel {
+    name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DaemonLabel {
+    daemon: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabel {
+    daemon: &'static str,
+    version: &'static str,
+}
+
+const STATES: [InstanceState; 6] = [
+    InstanceState::Stopped,
+    InstanceState::Starting,
+    InstanceState::Running,
+    InstanceState::Stopping,
+    InstanceState::Unhealthy,
+    InstanceState::Failed,
+];
+
+/// One gauge family from `(labels, value)` pairs.
+fn gauges<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    values: impl IntoIterator<Item = (L, i64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?;
+    for (labels, value) in values {
+        ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for Scraped {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snapshot = &self.0;
+        let up = snapshot.supervisor_up();
+        gauges(
+            &mut encoder,
+            "tenement_supervisor_up",
+            "1 while the proxy holds the supervisor's route table, 0 while it is away",
+            [(
+                DaemonLabel {
+                    daemon: "supervisor",
+                },
+                i64::from(up),
+            )],
+        )?;
+        if let Some(table) = snapshot.table() {
+            let mut counts: HashMap<(String, &'static str), i64> = HashMap::new();
+            let mut failed = Vec::new();
+            for (id, state) in table.states() {
+                *counts
+                    .entry((id.service.as_str().to_owned(), state.as_str()))
+                    .or_default() += 1;
+                if state == InstanceState::Failed {
+                    failed.push(InstanceLabel {
+                        service: id.service.as_str().to_owned(),
+                        instance: id.to_string(),
+                    });
+                }
+            }
+            let services: std::collections::BTreeSet<String> =
+                counts.keys().map(|(s, _)| s.clone()).collect();
+            let mut rows = Vec::new();
+            for service in services {
+                for state in STATES {
+                    let n = counts
+                        .get(&(service.clone(), state.as_str()))
+                        .copied()
+                        .unwrap_or(0);
+                    rows.push((
+                        ServiceState {
+                            service: service.clone(),
+                            state: state.as_str(),
+                        },
+                        n,
+                    ));
+                }
+            }
+            gauges(
+                &mut encoder,
+                "tenement_instances",
+                "Registered instances by service and state",
+                rows,
+            )?;
+            let parks = encoder.encode_descriptor(
+                "tenement_idle_parks",
+                "Idle stops the proxy agreed to (nothing in flight)",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            ConstCounter::new(table.parks()).encode(parks)?;
+            gauges(
+                &mut encoder,
+                "tenement_instance_failed",
+                "1 for each instance in the failed state (it waits for an operator)",
+                failed.into_iter().map(|l| (l, 1)),
+            )?;
+        }
+        gauges(
+            &mut encoder,
+            "tenement_tls_certificate_expiry_timestamp_seconds",
+            "When each served certificate expires (unix time), by name and source (file, acme, self_signed)",
+            snapshot
+                .certificates()
+                .into_iter()
+                .map(|(name, source, at)| (CertLabel { name, source }, i64::try_from(at).unwrap_or(i64::MAX))),
+        )?;
+        gauges(
+            &mut encoder,
+            "tenement_acme_consecutive_failures",
+            "Failed ACME orders in a row for a name (0 once it has a certificate)",
+            snapshot
+                .acme_failures()
+                .into_iter()
+                .map(|(name, n)| (NameLabel { name }, i64::from(n))),
+        )?;
+        let own = crate::metrics::process_stats();
+        gauges(
+            &mut encoder,
+            "tenement_process_resident_memory_bytes",
+            "Resident memory of a tenement daemon",
+            [(DaemonLabel { daemon: "proxy" }, own.rss_bytes)],
+        )?;
+        gauges(
+            &mut encoder,
+            "tenement_process_open_fds",
+            "Open file descriptors of a tenement daemon",
+            [(DaemonLabel { daemon: "proxy" }, own.open_fds)],
+        )?;
+        let mut cpu = encoder.encode_descriptor(
+            "tenement_process_cpu_seconds",
+            "CPU time (user and system) used by a tenement daemon",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        ConstCounter::new(own.cpu_seconds)
+            .encode(cpu.encode_family(&DaemonLabel { daemon: "proxy" })?)?;
+        gauges(
+            &mut encoder,
+            "tenement_build_info",
+            "1, labelled with the version of each daemon",
+            [(
+                BuildLabel {
+                    daemon: "proxy",
+                    version: env!("CARGO_PKG_VERSION"),
+                },
+                1,
+            )],
+        )?;
+        Ok(())
+    }
+}
+
+/// The proxy's own process figures, from /proc/self.
+pub struct ProcessStats {
+    pub rss_bytes: i64,
+    pub open_fds: i64,
+    pub cpu_seconds: f64,
+}
+
+pub fn process_stats() -> ProcessStats {
+    let page = 4096;
+    let rss_pages: i64 = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|t| t.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0);
+    let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as i64);
+    // utime and stime are fields 14 and 15, counted after the parenthesised command name.
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let cpu_seconds = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|t| {
+            let rest = t.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let user: f64 = fields.get(11)?.parse().ok()?;
+            let system: f64 = fields.get(12)?.parse().ok()?;
+            Some((user + system) / ticks)
+        })
+        .unwrap_or(0.0);
+    ProcessStats {
+        rss_bytes: rss_pages * page,
+        open_fds,
+        cpu_seconds,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Empty;
+
+    impl Snapshot for Empty {
+        fn table(&self) -> Option<&Table> {
+            None
+        }
+        fn supervisor_up(&self) -> bool {
+            false
+        }
+        fn certificates(&self) -> Vec<(String, &'static str, u64)> {
+            vec![("a\"b\\c\nd".to_owned(), "file", 7)]
+        }
+        fn acme_failures(&self) -> Vec<(String, u32)> {
+            Vec::new()
+        }
+    }
+
+    #[test]
+    fn requests_land_in_their_class_and_bucket_and_label_values_are_escaped() {
+        let metrics = Metrics::new(Arc::new(Empty));
+        let notes = ServiceName::new("notes").expect("valid");
+        let handles = metrics.service(Some(&notes));
+        for _ in 0..3 {
+            handles.request(200, Duration::from_millis(3));
+        }
+        handles.request(502, Duration::from_millis(40));
+        handles.upstream_error(UpstreamKind::Broken);
+        handles.wake(true, Duration::from_millis(7));
+        // The same handles come back: made once per service.
+        assert!(Arc::ptr_eq(&handles, &metrics.service(Some(&notes))));
+        let text = metrics.encode();
+        for line in [
+            "tenement_http_requests_total{service=\"notes\",class=\"2xx\"} 3",
+            "tenement_http_requests_total{service=\"notes\",class=\"5xx\"} 1",
+            "tenement_http_request_duration_seconds_bucket{service=\"notes\",le=\"0.005\"} 3",
+            "tenement_http_request_duration_seconds_bucket{service=\"notes\",le=\"0.05\"} 4",
+            "tenement_upstream_errors_total{service=\"notes\",kind=\"broken\"} 1",
+            "tenement_wakes_total{service=\"notes\",outcome=\"ok\"} 1",
+            "tenement_wake_duration_seconds_bucket{service=\"notes\",le=\"0.01\"} 1",
+            "tenement_wake_duration_seconds_bucket{service=\"notes\",le=\"0.005\"} 0",
+            "tenement_supervisor_up{daemon=\"supervisor\"} 0",
+            "tenement_tls_certificate_expiry_timestamp_seconds{name=\"a\\\"b\\\\c\\nd\",source=\"file\"} 7",
+        ] {
+            assert!(text.contains(line), "no {line:?} in\n{text}");
+        }
+    }
+}
