@@ -331,7 +331,8 @@ struct ServiceState {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct InstanceLabel {
     service: String,
-    instance: String,
+    /// Not `instance`: Prometheus names the scrape target so.
+    tenant: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -409,7 +410,7 @@ impl Collector for Scraped {
                 if state == InstanceState::Failed {
                     failed.push(InstanceLabel {
                         service: id.service.as_str().to_owned(),
-                        instance: id.to_string(),
+                        tenant: id.to_string(),
                     });
                 }
             }

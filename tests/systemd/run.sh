@@ -281,7 +281,7 @@ check deb.proxy_not_running sh_in 'state=$(systemctl is-active tenement-proxy.se
 check deb.shipped_config_valid sh_in 'tenctl validate /etc/tenement/tenement.toml'
 check deb.units_verify_in_place sh_in '
     cd /usr/lib/systemd/system
-    out=$(systemd-analyze verify --man=no tenement.socket tenement-https.socket tenement-proxy.service tenement-supervisor.service tenement-supervisor-admin.socket tenement-supervisor-proxy.socket 2>&1)
+    out=$(systemd-analyze verify --man=no tenement.socket tenement-https.socket tenement-metrics.socket tenement-proxy.service tenement-supervisor.service tenement-supervisor-admin.socket tenement-supervisor-proxy.socket 2>&1)
     echo "$out"; [ -z "$out" ]
     echo "live exposure: $(systemd-analyze security tenement-proxy.service 2>/dev/null | tail -1)"
     echo "live exposure: $(systemd-analyze security tenement-supervisor.service 2>/dev/null | tail -1)"'
@@ -537,6 +537,12 @@ https_socket() {
         stat -c "%n %a %U" /var/lib/tenement-proxy
         test "$(stat -c "%a %U" /var/lib/tenement-proxy)" = "700 tenement-proxy"
         echo "live exposure: $(systemd-analyze security tenement-proxy.service 2>/dev/null | tail -1)"
+        ss -Hltnp "sport = :9464" | grep -q "127.0.0.1:9464.*pid=1,"
+        out=$(curl -sS --max-time 30 http://127.0.0.1:9464/metrics)
+        echo "$out" | grep -E "^tenement_(supervisor_up|tls_certificate_expiry)" | head -3
+        echo "$out" | grep -q "^tenement_supervisor_up{daemon=\"supervisor\"} 1" &&
+            echo "$out" | grep -q "^tenement_tls_certificate_expiry_timestamp_seconds{name=\"\*.notes.localhost\",source=\"file\"}" &&
+            test -f /usr/share/tenement/prometheus/tenement.rules.yml
         score=$(systemd-analyze security tenement-proxy.service 2>/dev/null | sed -nE "s/.*Overall exposure level for [^:]+: ([0-9.]+).*/\1/p")
         awk -v s="$score" "BEGIN { exit !(s <= 2.0) }"'
 }
@@ -546,7 +552,7 @@ dump_container_logs
 stage "deb: remove and purge"
 check deb.remove_stops_everything sh_in '
     dpkg -r tenement || exit 1
-    for u in tenement.socket tenement-https.socket tenement-proxy.service tenement-supervisor.service tenement-supervisor-admin.socket tenement-supervisor-proxy.socket; do
+    for u in tenement.socket tenement-https.socket tenement-metrics.socket tenement-proxy.service tenement-supervisor.service tenement-supervisor-admin.socket tenement-supervisor-proxy.socket; do
         s=$(systemctl is-active $u); echo "$u: $s"; [ "$s" = active ] && exit 1
     done
     left=$(ps -eo pid,args | grep -E "tenement-|app.py|http.server" | grep -v grep); [ -z "$left" ] || { echo "left running: $left"; exit 1; }
@@ -605,7 +611,7 @@ else
     check rpm.upgrade_loses_no_request rpm_upgrade
     check rpm.erase_stops_everything sh_in "
         rpm $rpmdb -e tenement || exit 1
-        for u in tenement.socket tenement-https.socket tenement-proxy.service tenement-supervisor.service tenement-supervisor-admin.socket tenement-supervisor-proxy.socket; do
+        for u in tenement.socket tenement-https.socket tenement-metrics.socket tenement-proxy.service tenement-supervisor.service tenement-supervisor-admin.socket tenement-supervisor-proxy.socket; do
             s=\$(systemctl is-active \$u); echo \"\$u: \$s\"; [ \"\$s\" = active ] && exit 1
         done
         left=\$(ps -eo pid,args | grep -E 'tenement-|http.server' | grep -v grep); [ -z \"\$left\" ] || { echo \"left running: \$left\"; exit 1; }

@@ -68,7 +68,10 @@ fn metrics_count_requests_wakes_and_states_on_their_own_listener_only() {
 
     // The route table arrives a moment after the proxy accepts.
     let synced = wait_until(EVENT_DEADLINE, || {
-        sample(&scrape(metrics), "tenement_supervisor_up{daemon=\"supervisor\"}") == Some(1.0)
+        sample(
+            &scrape(metrics),
+            "tenement_supervisor_up{daemon=\"supervisor\"}",
+        ) == Some(1.0)
     });
     assert!(synced, "{}", scrape(metrics));
     let before = scrape(metrics);
@@ -122,7 +125,10 @@ fn metrics_count_requests_wakes_and_states_on_their_own_listener_only() {
         value("tenement_http_request_duration_seconds_count{service=\"notes\"}"),
         12.0
     );
-    assert_eq!(value("tenement_http_requests_total{service=\"notes\",class=\"4xx\"}"), 2.0);
+    assert_eq!(
+        value("tenement_http_requests_total{service=\"notes\",class=\"4xx\"}"),
+        2.0
+    );
     assert_eq!(
         value("tenement_instances{service=\"notes\",state=\"running\"}"),
         1.0
@@ -142,4 +148,100 @@ fn metrics_count_requests_wakes_and_states_on_their_own_listener_only() {
 
     let complaints = promtool(&text);
     assert!(complaints.is_empty(), "promtool: {complaints}\n{text}");
+}
+
+/// The shipped rules and scrape config, as Prometheus users load them.
+fn shipped(file: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../packaging/prometheus")
+        .join(file)
+}
+
+#[test]
+fn a_real_prometheus_scrapes_the_proxy_with_the_shipped_config_and_rules() {
+    let rules = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(shipped("tenement.rules.yml"))
+        .output()
+        .unwrap_or_else(|e| panic!("promtool is required (.ci/run installs prometheus): {e}"));
+    assert!(
+        rules.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rules.stdout)
+    );
+
+    let sandbox = Sandbox::new(APPS);
+    let [metrics_port, prometheus_port] = sandbox.spare_ports(2)[..] else {
+        unreachable!()
+    };
+    let metrics = SocketAddr::from(([127, 0, 0, 1], metrics_port));
+    let _supervisor = sandbox.start_supervisor();
+    let mut command = sandbox.proxy_command();
+    command.arg("--metrics-listen").arg(metrics.to_string());
+    let _proxy = sandbox.start_proxy_with(command);
+    accepting(metrics);
+    for host in ["alice.notes.localhost", "bob.notes.localhost"] {
+        assert_eq!(get(sandbox.proxy_addr, host, "/").status(), 200);
+    }
+
+    // The shipped scrape config, with the test's address, rules path and a 1 s interval.
+    let config = std::fs::read_to_string(shipped("prometheus.yml"))
+        .unwrap()
+        .replace("127.0.0.1:9464", &metrics.to_string())
+        .replace(
+            "/usr/share/tenement/prometheus/tenement.rules.yml",
+            &shipped("tenement.rules.yml").to_string_lossy(),
+        )
+        .replace("15s", "1s");
+    let dir = sandbox.root.join("prometheus");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+    let log = std::fs::File::create(dir.join("log")).unwrap();
+    let mut prometheus = Command::new("prometheus")
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{prometheus_port}"))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let query = |expr: &str| -> Option<f64> {
+        let path = format!(
+            "/api/v1/query?query={}",
+            expr.replace(' ', "%20")
+                .replace('"', "%22")
+                .replace('{', "%7B")
+                .replace('}', "%7D")
+                .replace('=', "%3D")
+                .replace(',', "%2C")
+        );
+        let reply = try_get(
+            SocketAddr::from(([127, 0, 0, 1], prometheus_port)),
+            "localhost",
+            &path,
+        )
+        .ok()?;
+        let body: serde_json::Value = serde_json::from_str(&reply.text()).ok()?;
+        body["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    };
+    let counted = wait_until(std::time::Duration::from_secs(60), || {
+        query("sum(tenement_wakes_total{outcome=\"ok\"})") == Some(2.0)
+    });
+    let states = query("tenement_instances{service=\"notes\",state=\"running\"}");
+    let up = query("up{job=\"tenement\"}");
+    let _ = prometheus.kill();
+    let _ = prometheus.wait();
+    assert!(
+        counted,
+        "Prometheus did not count 2 wakes:\n{}",
+        std::fs::read_to_string(dir.join("log")).unwrap_or_default()
+    );
+    assert_eq!(states, Some(2.0));
+    assert_eq!(up, Some(1.0));
 }
