@@ -547,6 +547,8 @@ https_socket() {
         awk -v s="$score" "BEGIN { exit !(s <= 2.0) }"'
 }
 check deb.https_socket_serves_a_file_certificate https_socket
+# The certificate files are the operator's, which dpkg -P rightly keeps: gone before the purge.
+rm -rf "$root/etc/tenement/tls"
 dump_container_logs
 
 stage "deb: remove and purge"
