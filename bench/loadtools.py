@@ -224,31 +224,48 @@ class Nginx:
     upstream with keepalive 64, HTTP/1.1 to the upstream, Connection "" (so upstream
     connections are reused). Never daemonizes; stop() ends it."""
 
-    def __init__(self, upstream_port, workers=2, keepalive=64):
+    def __init__(self, upstream_port, workers=2, keepalive=64, tls=None, access_log=None,
+                 worker_connections=4096, http_extra=""):
+        """tls: (cert, key) to terminate TLS (HTTP/2 too) with; access_log: a file to log
+        `$ssl_session_reused` to; http_extra: more lines for the http block."""
         self.dir = tempfile.mkdtemp(prefix="tenement-bench-nginx-")
         os.chmod(self.dir, 0o755)
         self.port = free_port()
         d = self.dir
         user = "user nobody nogroup;" if os.geteuid() == 0 else ""
+        rlimit = f"worker_rlimit_nofile {worker_connections + 4000};" if worker_connections > 4096 else ""
+        log = (f"log_format reuse '$ssl_session_reused'; access_log {access_log} reuse;"
+               if access_log else "access_log off;")
+        if tls:
+            cert, key = tls
+            listen = f"""listen 127.0.0.1:{self.port} ssl http2;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_tickets on;"""
+        else:
+            listen = f"listen 127.0.0.1:{self.port};"
         conf = f"""
 {user}
 worker_processes {workers};
+{rlimit}
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
-events {{ worker_connections 4096; }}
+events {{ worker_connections {worker_connections}; }}
 http {{
-    access_log off;
+    {log}
     client_body_temp_path {d}/body;
     proxy_temp_path {d}/proxy;
     fastcgi_temp_path {d}/fastcgi;
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
+    {http_extra}
     upstream backend {{
         server 127.0.0.1:{upstream_port};
         keepalive {keepalive};
     }}
     server {{
-        listen 127.0.0.1:{self.port};
+        {listen}
         location / {{
             proxy_pass http://backend;
             proxy_http_version 1.1;

@@ -585,6 +585,25 @@ struct Handshake {
     acme: Option<Arc<acme::Acme>>,
 }
 
+/// One part of a TLS handshake (reading the ClientHello, then the rest) within
+/// [`tls::HANDSHAKE_TIMEOUT`]; `None`, logged at debug, when it failed or took too long.
+async fn handshake_step<T>(
+    step: impl std::future::Future<Output = std::io::Result<T>>,
+    addr: std::net::SocketAddr,
+) -> Option<T> {
+    match tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, step).await {
+        Ok(Ok(done)) => Some(done),
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %addr, "TLS handshake failed: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(peer = %addr, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
 /// A TLS handshake within [`tls::HANDSHAKE_TIMEOUT`], then, within [`HEADER_READ_TIMEOUT`],
 /// enough of the client's first bytes to tell HTTP/1 from HTTP/2 (a client that shakes hands
 /// and says nothing, or stops inside the HTTP/2 preface, must not hold a socket either).
@@ -601,17 +620,7 @@ async fn tls_handshake(
 ) -> Option<server::Rewind<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
     let acceptor =
         tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
-    let start = match tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, acceptor).await {
-        Ok(Ok(start)) => start,
-        Ok(Err(e)) => {
-            tracing::debug!(peer = %addr, "TLS handshake failed: {e}");
-            return None;
-        }
-        Err(_) => {
-            tracing::debug!(peer = %addr, "TLS handshake timed out");
-            return None;
-        }
-    };
+    let start = handshake_step(acceptor, addr).await?;
     let hello = start.client_hello();
     let name = hello
         .server_name()
@@ -644,18 +653,7 @@ async fn tls_handshake(
             }
         }
     }
-    let stream = match tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, start.into_stream(config)).await
-    {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
-            tracing::debug!(peer = %addr, "TLS handshake failed: {e}");
-            return None;
-        }
-        Err(_) => {
-            tracing::debug!(peer = %addr, "TLS handshake timed out");
-            return None;
-        }
-    };
+    let stream = handshake_step(start.into_stream(config), addr).await?;
     tokio::time::timeout(HEADER_READ_TIMEOUT, server::read_first_bytes(stream))
         .await
         .ok()

@@ -18,7 +18,9 @@ use rustls::pki_types::CertificateDer;
 use tenement_proto::rpc::{InstanceState, Request, Response};
 
 use crate::support::*;
-use crate::tls::{accepting, answer_then_close, client_config, client_hello, handshake, Pki};
+use crate::tls::{
+    accepting, answer_then_close, client_config, client_hello, handshake, long_server_name, Pki,
+};
 
 const APPS: &str = r#"
 [service.notes]
@@ -168,6 +170,18 @@ impl Pebble {
     }
 }
 
+/// The proxy's state directory in `sandbox`. The proxy runs as nobody when the tests run as
+/// root: the directory is its own, as under systemd's StateDirectory=.
+fn proxy_state_dir(sandbox: &Sandbox) -> PathBuf {
+    let state = sandbox.root.join("proxy-state");
+    std::fs::create_dir(&state).unwrap();
+    if is_root() {
+        let nobody = nix::unistd::User::from_name(PROXY_USER).unwrap().unwrap();
+        nix::unistd::chown(&state, Some(nobody.uid), Some(nobody.gid)).unwrap();
+    }
+    state
+}
+
 /// A sandbox whose proxy listens on plain HTTP and HTTPS with ACME from `pebble`.
 struct Acme {
     sandbox: Sandbox,
@@ -183,14 +197,7 @@ impl Acme {
         let sandbox = Sandbox::new(APPS);
         let https_port = sandbox.spare_port();
         let pebble = Pebble::start(&sandbox, sandbox.proxy_addr.port(), https_port, validity);
-        let state = sandbox.root.join("proxy-state");
-        std::fs::create_dir(&state).unwrap();
-        if is_root() {
-            // The proxy runs as nobody here: its state directory is its own, as under
-            // systemd's StateDirectory=.
-            let nobody = nix::unistd::User::from_name(PROXY_USER).unwrap().unwrap();
-            nix::unistd::chown(&state, Some(nobody.uid), Some(nobody.gid)).unwrap();
-        }
+        let state = proxy_state_dir(&sandbox);
         let text = std::fs::read_to_string(&sandbox.config_path).unwrap();
         let text = format!(
             "{text}\n[settings.tls]\nacme_email = \"ops@example.com\"\nacme_directory = \"{}\"\nacme_ca_file = \"{}\"\nacme_state_dir = \"{}\"\n{tls}\n",
@@ -482,12 +489,7 @@ fn an_unreachable_ca_is_a_logged_backed_off_failure_and_nothing_else() {
     let [https_port, closed] = sandbox.spare_ports(2)[..] else {
         unreachable!()
     };
-    let state = sandbox.root.join("proxy-state");
-    std::fs::create_dir(&state).unwrap();
-    if is_root() {
-        let nobody = nix::unistd::User::from_name(PROXY_USER).unwrap().unwrap();
-        nix::unistd::chown(&state, Some(nobody.uid), Some(nobody.gid)).unwrap();
-    }
+    let state = proxy_state_dir(&sandbox);
     let text = std::fs::read_to_string(&sandbox.config_path).unwrap();
     std::fs::write(
         &sandbox.config_path,
@@ -595,18 +597,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 fn hostile_client_hellos_order_nothing_and_write_nothing() {
     use std::io::Write;
     let acme = Acme::start(r#"acme_challenges = ["tls-alpn-01"]"#, None);
-    let long_sni = [
-        &[b'a'; 63][..],
-        b".",
-        &[b'b'; 63],
-        b".",
-        &[b'c'; 63],
-        b".",
-        &[b'd'; 63],
-        b".notes.localhost",
-    ]
-    .concat();
-    assert!(long_sni.len() > 255);
+    let long_sni = long_server_name(b".notes.localhost");
     let attempts: [(&str, Vec<u8>); 7] = [
         ("garbage", b"\x16\x03\x01\x00\x10 not a handshake".to_vec()),
         (

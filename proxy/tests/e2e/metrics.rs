@@ -17,6 +17,16 @@ command = "python3 @FIXTURES@/mirror.py"
 notes = ["alice", "bob"]
 "#;
 
+/// The supervisor, and the proxy with its metrics on `metrics`.
+fn start_with_metrics(sandbox: &Sandbox, metrics: SocketAddr) -> (Daemon, Daemon) {
+    let supervisor = sandbox.start_supervisor();
+    let mut command = sandbox.proxy_command();
+    command.arg("--metrics-listen").arg(metrics.to_string());
+    let proxy = sandbox.start_proxy_with(command);
+    accepting(metrics);
+    (supervisor, proxy)
+}
+
 /// The value of the sample `series` (name and labels exactly as written) in `text`.
 fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
@@ -58,13 +68,8 @@ fn promtool(text: &str) -> String {
 #[test]
 fn metrics_count_requests_wakes_and_states_on_their_own_listener_only() {
     let sandbox = Sandbox::new(APPS);
-    let metrics_port = sandbox.spare_port();
-    let metrics = SocketAddr::from(([127, 0, 0, 1], metrics_port));
-    let _supervisor = sandbox.start_supervisor();
-    let mut command = sandbox.proxy_command();
-    command.arg("--metrics-listen").arg(metrics.to_string());
-    let _proxy = sandbox.start_proxy_with(command);
-    accepting(metrics);
+    let metrics = SocketAddr::from(([127, 0, 0, 1], sandbox.spare_port()));
+    let _daemons = start_with_metrics(&sandbox, metrics);
 
     // The route table arrives a moment after the proxy accepts.
     let synced = wait_until(EVENT_DEADLINE, || {
@@ -175,11 +180,7 @@ fn a_real_prometheus_scrapes_the_proxy_with_the_shipped_config_and_rules() {
         unreachable!()
     };
     let metrics = SocketAddr::from(([127, 0, 0, 1], metrics_port));
-    let _supervisor = sandbox.start_supervisor();
-    let mut command = sandbox.proxy_command();
-    command.arg("--metrics-listen").arg(metrics.to_string());
-    let _proxy = sandbox.start_proxy_with(command);
-    accepting(metrics);
+    let _daemons = start_with_metrics(&sandbox, metrics);
     for host in ["alice.notes.localhost", "bob.notes.localhost"] {
         assert_eq!(get(sandbox.proxy_addr, host, "/").status(), 200);
     }

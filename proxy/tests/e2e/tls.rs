@@ -510,6 +510,27 @@ pub fn client_hello(server_name: &[u8]) -> Vec<u8> {
     record
 }
 
+/// A server name of more than 255 bytes (four 63-byte labels and a 40-byte one, then
+/// `tail`): longer than DNS allows.
+pub fn long_server_name(tail: &[u8]) -> Vec<u8> {
+    let label = [b'a'; 63];
+    let name = [
+        &label[..],
+        b".",
+        &label,
+        b".",
+        &label,
+        b".",
+        &label,
+        b".",
+        &[b'e'; 40],
+        tail,
+    ]
+    .concat();
+    assert!(name.len() > 255);
+    name
+}
+
 /// Everything the peer sends until it closes (bounded by a generous deadline).
 pub fn answer_then_close(stream: &mut TcpStream) -> Vec<u8> {
     stream.set_read_timeout(Some(EVENT_DEADLINE)).unwrap();
@@ -541,19 +562,7 @@ fn what_is_not_a_tls_client_hello_fails_its_handshake_and_the_proxy_goes_on() {
     assert_eq!(first[0], 0x16, "a handshake record");
     drop(tcp);
 
-    let long_sni = [
-        &[b'a'; 63][..],
-        b".",
-        &[b'b'; 63],
-        b".",
-        &[b'c'; 63],
-        b".",
-        &[b'd'; 63],
-        b".",
-        &[b'e'; 40],
-    ]
-    .concat();
-    assert!(long_sni.len() > 255);
+    let long_sni = long_server_name(b"");
     let attempts: [(&str, Vec<u8>); 6] = [
         ("garbage", b"\x16\x03\x01\x00\x10 not a handshake".to_vec()),
         (
