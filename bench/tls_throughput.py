@@ -341,28 +341,8 @@ def s_time(port, reuse, seconds, clients):
 
 def wrk_https(port, connections, duration):
     """wrk -t1 over TLS (its SNI is the URL's host, 127.0.0.1: both servers answer it with
-    their default certificate); the same parsing as loadtools.wrk."""
-    args = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-H", f"Host: {HOST}",
-            f"https://127.0.0.1:{port}/"]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=duration + 60)
-    out = r.stdout
-    if r.returncode != 0:
-        raise RuntimeError(f"wrk failed ({r.returncode}): {r.stderr.strip()}\n{out}")
-    res = {"raw": out}
-    res["rps"] = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    res["requests"] = int(re.search(r"(\d+) requests in", out).group(1))
-    lat = dict(re.findall(r"^\s+(50|75|90|99)%\s+(\S+)$", out, re.M))
-    res["p50_us"] = loadtools._us(lat["50"]) if "50" in lat else float("nan")
-    res["p99_us"] = loadtools._us(lat["99"]) if "99" in lat else float("nan")
-    errors = 0
-    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if m:
-        errors += sum(int(x) for x in m.groups())
-    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if m:
-        errors += int(m.group(1))
-    res["errors"] = errors
-    return res
+    their default certificate)."""
+    return loadtools.wrk(port, connections, duration, host=HOST, scheme="https")
 
 
 def wrk_resumes(tiny_port, cert, key):

@@ -96,16 +96,7 @@ impl Https {
         let port = sandbox.spare_port();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let supervisor = sandbox.start_supervisor();
-        let mut command = sandbox.proxy_command();
-        // Debug: failed handshakes are logged there, with the peer.
-        command
-            .env("RUST_LOG", "info,tenement_proxy=debug")
-            .arg("--listen")
-            .arg(sandbox.proxy_addr.to_string())
-            .arg("--listen")
-            .arg(format!("https://{addr}"));
-        let proxy = sandbox.start_proxy_with(command);
-        accepting(addr);
+        let proxy = start_proxy_with_https(&sandbox, addr);
         Https {
             sandbox,
             addr,
@@ -113,6 +104,21 @@ impl Https {
             _daemons: (supervisor, proxy),
         }
     }
+}
+
+/// The proxy of `sandbox` listening on its plain address and on `https`, logging at debug
+/// (failed handshakes are logged there, with the peer); returns once both accept.
+pub fn start_proxy_with_https(sandbox: &Sandbox, https: SocketAddr) -> Daemon {
+    let mut command = sandbox.proxy_command();
+    command
+        .env("RUST_LOG", "info,tenement_proxy=debug")
+        .arg("--listen")
+        .arg(sandbox.proxy_addr.to_string())
+        .arg("--listen")
+        .arg(format!("https://{https}"));
+    let proxy = sandbox.start_proxy_with(command);
+    accepting(https);
+    proxy
 }
 
 /// Waits until `addr` accepts: the proxy binds its listeners one after the other, and the
