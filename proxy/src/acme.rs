@@ -128,7 +128,8 @@ impl fmt::Debug for Acme {
     }
 }
 
-fn unix(at: SystemTime) -> u64 {
+/// Unix seconds of `at` (0 before 1970).
+pub(crate) fn unix(at: SystemTime) -> u64 {
     at.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
@@ -404,13 +405,7 @@ impl Acme {
                     }
                     let (tx, rx) = watch::channel(None);
                     pending.insert(name.to_owned(), rx.clone());
-                    let this = self.clone();
-                    let name = name.to_owned();
-                    tokio::spawn(async move {
-                        let outcome = this.obtain(&name).await;
-                        lock(&this.pending).remove(&name);
-                        let _ = tx.send(Some(outcome));
-                    });
+                    tokio::spawn(self.clone().run_pending(name.to_owned(), tx));
                     rx
                 }
             }
@@ -421,6 +416,13 @@ impl Acme {
             Err(_) => Err(AcmeError::Waiting),
         };
         outcome
+    }
+
+    /// Runs the order of `name` registered in `pending`: every waiter gets its outcome.
+    async fn run_pending(self: Arc<Self>, name: String, tx: watch::Sender<Outcome>) {
+        let outcome = self.obtain(&name).await;
+        lock(&self.pending).remove(&name);
+        let _ = tx.send(Some(outcome));
     }
 
     /// One order for `name`, from budget check to the stored certificate; a failure is
@@ -776,16 +778,18 @@ impl Acme {
                         tracing::info!("{name} is tenement's again: its certificate is renewed");
                     }
                 }
-                if lock(&self.pending).contains_key(&name) {
-                    continue;
-                }
                 // Registered as pending, so a handshake-driven order of the name (after the
                 // certificate expired) is never doubled.
-                let (tx, rx) = watch::channel(None);
-                lock(&self.pending).insert(name.clone(), rx);
-                let outcome = self.obtain(&name).await;
-                lock(&self.pending).remove(&name);
-                let _ = tx.send(Some(outcome));
+                let tx = {
+                    let mut pending = lock(&self.pending);
+                    if pending.contains_key(&name) {
+                        continue;
+                    }
+                    let (tx, rx) = watch::channel(None);
+                    pending.insert(name.clone(), rx);
+                    tx
+                };
+                self.clone().run_pending(name, tx).await;
             }
             let wait = next
                 .duration_since(SystemTime::now())

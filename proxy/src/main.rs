@@ -504,8 +504,8 @@ struct Scrape {
 }
 
 impl Snapshot for Scrape {
-    fn table(&self) -> Option<&tenement_proxy::table::Table> {
-        Some(&self.table)
+    fn table(&self) -> &tenement_proxy::table::Table {
+        &self.table
     }
 
     fn supervisor_up(&self) -> bool {

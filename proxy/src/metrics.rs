@@ -305,7 +305,7 @@ impl Drop for Held {
 /// What collectors read at scrape time.
 pub trait Snapshot: Send + Sync + 'static {
     /// The route table (instances by service and state).
-    fn table(&self) -> Option<&Table>;
+    fn table(&self) -> &Table;
     /// Whether the proxy holds the supervisor's route table now.
     fn supervisor_up(&self) -> bool;
     /// Certificates served: (name, source, not_after as unix seconds).
@@ -400,58 +400,57 @@ impl Collector for Scraped {
                 i64::from(up),
             )],
         )?;
-        if let Some(table) = snapshot.table() {
-            let mut counts: HashMap<(String, &'static str), i64> = HashMap::new();
-            let mut failed = Vec::new();
-            for (id, state) in table.states() {
-                *counts
-                    .entry((id.service.as_str().to_owned(), state.as_str()))
-                    .or_default() += 1;
-                if state == InstanceState::Failed {
-                    failed.push(InstanceLabel {
-                        service: id.service.as_str().to_owned(),
-                        tenant: id.to_string(),
-                    });
-                }
+        let table = snapshot.table();
+        let mut counts: HashMap<(String, &'static str), i64> = HashMap::new();
+        let mut failed = Vec::new();
+        for (id, state) in table.states() {
+            *counts
+                .entry((id.service.as_str().to_owned(), state.as_str()))
+                .or_default() += 1;
+            if state == InstanceState::Failed {
+                failed.push(InstanceLabel {
+                    service: id.service.as_str().to_owned(),
+                    tenant: id.to_string(),
+                });
             }
-            let services: std::collections::BTreeSet<String> =
-                counts.keys().map(|(s, _)| s.clone()).collect();
-            let mut rows = Vec::new();
-            for service in services {
-                for state in STATES {
-                    let n = counts
-                        .get(&(service.clone(), state.as_str()))
-                        .copied()
-                        .unwrap_or(0);
-                    rows.push((
-                        ServiceState {
-                            service: service.clone(),
-                            state: state.as_str(),
-                        },
-                        n,
-                    ));
-                }
-            }
-            gauges(
-                &mut encoder,
-                "tenement_instances",
-                "Registered instances by service and state",
-                rows,
-            )?;
-            let parks = encoder.encode_descriptor(
-                "tenement_idle_parks",
-                "Idle stops the proxy agreed to (nothing in flight)",
-                None,
-                prometheus_client::metrics::MetricType::Counter,
-            )?;
-            ConstCounter::new(table.parks()).encode(parks)?;
-            gauges(
-                &mut encoder,
-                "tenement_instance_failed",
-                "1 for each instance in the failed state (it waits for an operator)",
-                failed.into_iter().map(|l| (l, 1)),
-            )?;
         }
+        let services: std::collections::BTreeSet<String> =
+            counts.keys().map(|(s, _)| s.clone()).collect();
+        let mut rows = Vec::new();
+        for service in services {
+            for state in STATES {
+                let n = counts
+                    .get(&(service.clone(), state.as_str()))
+                    .copied()
+                    .unwrap_or(0);
+                rows.push((
+                    ServiceState {
+                        service: service.clone(),
+                        state: state.as_str(),
+                    },
+                    n,
+                ));
+            }
+        }
+        gauges(
+            &mut encoder,
+            "tenement_instances",
+            "Registered instances by service and state",
+            rows,
+        )?;
+        let parks = encoder.encode_descriptor(
+            "tenement_idle_parks",
+            "Idle stops the proxy agreed to (nothing in flight)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        ConstCounter::new(table.parks()).encode(parks)?;
+        gauges(
+            &mut encoder,
+            "tenement_instance_failed",
+            "1 for each instance in the failed state (it waits for an operator)",
+            failed.into_iter().map(|l| (l, 1)),
+        )?;
         gauges(
             &mut encoder,
             "tenement_tls_certificate_expiry_timestamp_seconds",
@@ -515,7 +514,10 @@ pub struct ProcessStats {
 }
 
 pub fn process_stats() -> ProcessStats {
-    let page = 4096;
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096);
     let rss_pages: i64 = std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|t| t.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
@@ -547,11 +549,12 @@ pub fn process_stats() -> ProcessStats {
 mod tests {
     use super::*;
 
-    struct Empty;
+    #[derive(Default)]
+    struct Empty(Table);
 
     impl Snapshot for Empty {
-        fn table(&self) -> Option<&Table> {
-            None
+        fn table(&self) -> &Table {
+            &self.0
         }
         fn supervisor_up(&self) -> bool {
             false
@@ -566,7 +569,7 @@ mod tests {
 
     #[test]
     fn requests_land_in_their_class_and_bucket_and_label_values_are_escaped() {
-        let metrics = Metrics::new(Arc::new(Empty));
+        let metrics = Metrics::new(Arc::new(Empty::default()));
         let notes = ServiceName::new("notes").expect("valid");
         let handles = metrics.service(Some(&notes));
         for _ in 0..3 {

@@ -28,7 +28,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tenement_proto::config::CertificateFiles;
 
-use crate::acme::Acme;
+use crate::acme::{unix, Acme};
 use crate::lock;
 
 /// How often certificate files are checked for a change.
@@ -396,10 +396,6 @@ impl Store {
 
     /// Every certificate served: (name, source, notAfter in unix seconds), for the metrics.
     pub fn expiries(&self) -> Vec<(String, &'static str, u64)> {
-        let unix = |t: SystemTime| {
-            t.duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs())
-        };
         let sources = lock(&self.sources);
         let mut out = Vec::new();
         for cert in sources.files.iter().filter_map(|s| s.cert.as_ref()) {

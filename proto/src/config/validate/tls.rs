@@ -7,20 +7,8 @@ use crate::config::{
     parse_duration, Acme, CertificateFiles, Challenge, Tls, LETS_ENCRYPT_DIRECTORY,
 };
 
-const TLS_KEYS: &[&str] = &[
-    "certificates",
-    "redirect_http",
-    "hsts",
-    "https_port",
-    "acme_email",
-    "acme_directory",
-    "acme_ca_file",
-    "acme_challenges",
-    "acme_orders_per_hour",
-    "acme_orders_per_week",
-    "acme_wait",
-    "acme_state_dir",
-];
+/// The keys of `[settings.tls]` besides `acme_email` and the [`ACME_KEYS`].
+const TLS_KEYS: &[&str] = &["certificates", "redirect_http", "hsts", "https_port"];
 /// The keys that only mean something with `acme_email`.
 const ACME_KEYS: &[&str] = &[
     "acme_directory",
@@ -39,7 +27,8 @@ const CERTIFICATE_KEYS: &[&str] = &["cert", "key"];
 
 impl Checker<'_> {
     pub(super) fn tls(&mut self, table: &RawTable) -> Tls {
-        self.check_keys(table, "[settings.tls]", TLS_KEYS);
+        let known = [TLS_KEYS, &["acme_email"], ACME_KEYS].concat();
+        self.check_keys(table, "[settings.tls]", &known);
         let mut tls = Tls::default();
         if let Some(entry) = table.get("certificates") {
             tls.certificates = self.certificate_files(entry);
