@@ -83,7 +83,7 @@ impl Client {
             Some(other) => bail!(
                 "the supervisor at {} answered hello with {}",
                 socket.display(),
-                response_name(&other)
+                other.name()
             ),
             None => bail!(
                 "the supervisor at {} closed the connection before answering hello",
@@ -211,30 +211,11 @@ fn lenient_error(body: &[u8]) -> Option<RemoteError> {
     })
 }
 
-/// The wire name of a response type, for "unexpected answer" errors.
-pub fn response_name(response: &Response) -> &'static str {
-    match response {
-        Response::Hello { .. } => "hello",
-        Response::Ok => "ok",
-        Response::Error { .. } => "error",
-        Response::Added { .. } => "added",
-        Response::Woken { .. } => "woken",
-        Response::Route { .. } => "route",
-        Response::Instances { .. } => "instances",
-        Response::Status { .. } => "status",
-        Response::Logs { .. } => "logs",
-        Response::Routes { .. } => "routes",
-        Response::Park { .. } => "park",
-        Response::Reloaded { .. } => "reloaded",
-        Response::ConfigReloaded => "config_reloaded",
-    }
-}
-
 /// The error for an answer of the wrong type.
 pub fn unexpected(request: &str, response: &Response) -> anyhow::Error {
     anyhow!(
         "unexpected answer from the supervisor to {request}: {}",
-        response_name(response)
+        response.name()
     )
 }
 

@@ -26,7 +26,8 @@
 //! 5. Config keys are stable across releases: a key is never renamed, only added; a removed
 //!    key keeps being accepted with a deprecation warning for one release.
 //! 6. An answer that grows with the number of instances comes in several messages, and its
-//!    type says whether more follow (`routes` until `complete`, `instances` with `more`).
+//!    type says whether more follow (`routes` until `complete`, `instances` and `stats` with
+//!    `more`).
 //!    `list` became such an answer within version 1: a `tenctl` from before reads the first
 //!    250 instances only. tenctl ships in the same package as the supervisor, so only a copy
 //!    kept from an older release is affected.
@@ -42,5 +43,7 @@ pub mod rlimit;
 pub mod rpc;
 #[cfg(feature = "sockdiag")]
 pub mod sockdiag;
+#[cfg(feature = "usage")]
+pub mod usage;
 
 pub use ids::{IdError, InstanceId, ServiceName, TenantId};

@@ -60,6 +60,13 @@ pub enum Request {
         park_id: u64,
         accepted: bool,
     },
+    /// The supervisor's numbers for the proxy's metrics: its own process, counters per
+    /// service and, with `instances`, the usage of every running instance. Read-only;
+    /// answered with [`Response::Stats`] in as many messages as the instances take.
+    Stats {
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        instances: bool,
+    },
 
     // ---- admin role ----
     /// Register instances without starting them.
@@ -108,7 +115,8 @@ impl Request {
             | Request::Resolve { .. }
             | Request::Subscribe
             | Request::Activity { .. }
-            | Request::ParkAck { .. } => true,
+            | Request::ParkAck { .. }
+            | Request::Stats { .. } => true,
             Request::Add { .. }
             | Request::Spawn { .. }
             | Request::Stop { .. }
@@ -130,6 +138,7 @@ impl Request {
             Request::Subscribe => "subscribe",
             Request::Activity { .. } => "activity",
             Request::ParkAck { .. } => "park_ack",
+            Request::Stats { .. } => "stats",
             Request::Add { .. } => "add",
             Request::Spawn { .. } => "spawn",
             Request::Stop { .. } => "stop",
@@ -216,9 +225,43 @@ pub enum Response {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         drain: bool,
     },
+    /// Answer to `stats`: `supervisor` and `services` in the first message, running
+    /// instances 250 to a message, every message but the last with `more`.
+    Stats {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        supervisor: Option<SupervisorStats>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        services: Vec<ServiceStats>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        instances: Vec<InstanceUsage>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        more: bool,
+    },
     /// Supervisor -> proxy on a watch stream: the config file was reloaded (`tenctl reload`,
     /// SIGHUP); the proxy reads it again (new services, domains, body limits).
     ConfigReloaded,
+}
+
+impl Response {
+    /// The wire name of the type, for "unexpected answer" errors and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Response::Hello { .. } => "hello",
+            Response::Ok => "ok",
+            Response::Error { .. } => "error",
+            Response::Added { .. } => "added",
+            Response::Woken { .. } => "woken",
+            Response::Route { .. } => "route",
+            Response::Instances { .. } => "instances",
+            Response::Status { .. } => "status",
+            Response::Logs { .. } => "logs",
+            Response::Routes { .. } => "routes",
+            Response::Park { .. } => "park",
+            Response::Reloaded { .. } => "reloaded",
+            Response::Stats { .. } => "stats",
+            Response::ConfigReloaded => "config_reloaded",
+        }
+    }
 }
 
 /// Typed error codes: clients match on these, never on message text.
@@ -380,6 +423,75 @@ pub struct InstanceInfo {
     /// Why the instance is failed or unhealthy, when it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+/// The supervisor process itself, for `stats`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SupervisorStats {
+    pub version: String,
+    pub rss_bytes: u64,
+    pub open_fds: u64,
+    /// User and system CPU time since it started.
+    pub cpu_seconds: f64,
+}
+
+/// Counters of one service since the supervisor started, for `stats`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStats {
+    pub service: ServiceName,
+    /// Restarts by reason ([`RestartReason::as_str`]); reasons with none are left out.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub restarts: std::collections::BTreeMap<String, u64>,
+    /// Runs of its instances that ended in the kernel's OOM killer.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub oom_kills: u64,
+}
+
+/// Why an instance was started again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RestartReason {
+    /// It exited while running.
+    Crash,
+    /// A start failed (exit while starting, not ready in time, could not be spawned).
+    StartFailed,
+    /// It failed `unhealthy_threshold` health checks in a row.
+    Health,
+    /// `tenctl restart`.
+    Operator,
+    /// A config reload changed its service.
+    Reload,
+}
+
+impl RestartReason {
+    pub const ALL: [RestartReason; 5] = [
+        RestartReason::Crash,
+        RestartReason::StartFailed,
+        RestartReason::Health,
+        RestartReason::Operator,
+        RestartReason::Reload,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartReason::Crash => "crash",
+            RestartReason::StartFailed => "start_failed",
+            RestartReason::Health => "health",
+            RestartReason::Operator => "operator",
+            RestartReason::Reload => "reload",
+        }
+    }
+}
+
+/// What one running instance uses now, for `stats` with `instances`: from its cgroup, or
+/// summed over its process tree where there is none.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceUsage {
+    pub instance: InstanceId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// CPU time of the current process tree since it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<f64>,
 }
 
 /// Proxy -> supervisor: what happened to one instance since the previous report.

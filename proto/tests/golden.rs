@@ -14,8 +14,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tenement_proto::frame;
 use tenement_proto::rpc::{
-    ActivityReport, Address, ErrorCode, InstanceInfo, InstanceState, LogLine, LogStream, Request,
-    Response, Role, Route, PROTOCOL_VERSION,
+    ActivityReport, Address, ErrorCode, InstanceInfo, InstanceState, InstanceUsage, LogLine,
+    LogStream, Request, Response, Role, Route, ServiceStats, SupervisorStats, PROTOCOL_VERSION,
 };
 use tenement_proto::{InstanceId, ServiceName, TenantId};
 
@@ -79,6 +79,7 @@ fn requests() -> Vec<(&'static str, Request)> {
             },
         ),
         ("request_subscribe", Request::Subscribe),
+        ("request_stats", Request::Stats { instances: true }),
         (
             "request_activity",
             Request::Activity {
@@ -216,6 +217,30 @@ fn responses() -> Vec<(&'static str, Response)> {
                         line: "notes listening on 127.0.0.1:20001".to_owned(),
                     },
                 ],
+            },
+        ),
+        (
+            "response_stats",
+            Response::Stats {
+                supervisor: Some(SupervisorStats {
+                    version: "0.1.0".to_owned(),
+                    rss_bytes: 12_582_912,
+                    open_fds: 24,
+                    cpu_seconds: 1.5,
+                }),
+                services: vec![ServiceStats {
+                    service: ServiceName::new("notes").unwrap(),
+                    restarts: [("crash".to_owned(), 2), ("operator".to_owned(), 1)]
+                        .into_iter()
+                        .collect(),
+                    oom_kills: 1,
+                }],
+                instances: vec![InstanceUsage {
+                    instance: id("notes:alice"),
+                    memory_bytes: Some(31_457_280),
+                    cpu_seconds: Some(0.25),
+                }],
+                more: false,
             },
         ),
     ]

@@ -57,6 +57,8 @@ pub struct Settings {
     pub hsts: Option<HeaderValue>,
     /// The port redirects name (`None`: the first HTTPS listener's).
     pub https_port: Option<u16>,
+    /// Scrapes include series per running instance.
+    pub metrics_per_instance: bool,
 }
 
 pub struct Proxy {
@@ -407,7 +409,11 @@ impl Proxy {
             .services
             .get(&entry.id.service)
             .map_or(256, |p| p.max_upstream);
-        let body = RequestBody::new(body, progress.clone()).boxed();
+        let metrics = entry
+            .metrics
+            .get_or_init(|| self.metrics.service(Some(&entry.id.service)))
+            .clone();
+        let body = RequestBody::new(body, progress.clone(), metrics.clone()).boxed();
         let mut upstream_request = Request::from_parts(parts, body);
 
         let (mut guard, mut route) = self.enter(&entry, deadline).await?;
@@ -523,6 +529,7 @@ impl Proxy {
                 response,
                 client_upgrade,
                 guard,
+                metrics,
             ));
         }
         let (mut parts, body) = response.into_parts();
@@ -540,7 +547,15 @@ impl Proxy {
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
         }
-        let body = ResponseBody::new(body, guard, self.pool.clone(), key, connection, progress);
+        let body = ResponseBody::new(
+            body,
+            guard,
+            self.pool.clone(),
+            key,
+            connection,
+            progress,
+            metrics,
+        );
         Ok(Response::from_parts(parts, body.boxed()))
     }
 }
@@ -613,6 +628,7 @@ fn switch_protocols(
     mut response: Response<Incoming>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     guard: InFlight,
+    metrics: Arc<ServiceHandles>,
 ) -> Response<ProxyBody> {
     let upstream_upgrade = hyper::upgrade::on(&mut response);
     let (parts, _) = response.into_parts();
@@ -623,9 +639,12 @@ fn switch_protocols(
                 Ok((client, upstream)) => {
                     let mut client = hyper_util::rt::TokioIo::new(client);
                     let mut upstream = hyper_util::rt::TokioIo::new(upstream);
-                    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await
-                    {
-                        tracing::debug!("upgraded connection ended: {e}");
+                    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                        Ok((received, sent)) => {
+                            metrics.received(received);
+                            metrics.sent(sent);
+                        }
+                        Err(e) => tracing::debug!("upgraded connection ended: {e}"),
                     }
                 }
                 Err(e) => tracing::debug!("upgrade failed: {e}"),

@@ -12,7 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tenement_proto::frame::{self, FrameError};
-use tenement_proto::rpc::{ActivityReport, ErrorCode, Request, Response, PROTOCOL_VERSION};
+use tenement_proto::rpc::{
+    ActivityReport, ErrorCode, InstanceUsage, Request, Response, ServiceStats, SupervisorStats,
+    PROTOCOL_VERSION,
+};
 use tenement_proto::InstanceId;
 use tokio::net::UnixStream;
 use tokio::time::Instant;
@@ -23,6 +26,14 @@ use crate::table::{RouteInfo, Table};
 
 /// How often activity is reported.
 const REPORT_EVERY: Duration = Duration::from_millis(250);
+
+/// What a scrape gets from the supervisor (`stats`), all its messages together.
+#[derive(Debug, Clone, Default)]
+pub struct SupervisorReport {
+    pub supervisor: Option<SupervisorStats>,
+    pub services: Vec<ServiceStats>,
+    pub instances: Vec<InstanceUsage>,
+}
 
 #[derive(Clone)]
 pub struct Link {
@@ -151,7 +162,51 @@ impl Link {
         }
     }
 
-    /// Keeps `table` in sync until `shutdown`.
+    /// The supervisor's numbers for a scrape (`instances`: with every running instance's
+    /// usage), read within `deadline`. `None` when the supervisor is away or too slow: the
+    /// scrape goes on without them.
+    pub async fn stats(&self, instances: bool, deadline: Instant) -> Option<SupervisorReport> {
+        let exchange = async {
+            let mut stream = self.try_connect().await?;
+            frame::write_message_async(&mut stream, &Request::Stats { instances }).await?;
+            let mut report = SupervisorReport::default();
+            loop {
+                match frame::read_message_async::<_, Response>(&mut stream).await? {
+                    Response::Stats {
+                        supervisor,
+                        services,
+                        instances,
+                        more,
+                    } => {
+                        report.supervisor = report.supervisor.or(supervisor);
+                        report.services.extend(services);
+                        report.instances.extend(instances);
+                        if !more {
+                            return Ok(report);
+                        }
+                    }
+                    other => {
+                        return Err(FrameError::Io(std::io::Error::other(format!(
+                            "unexpected answer to stats: {}",
+                            other.name()
+                        ))))
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout_at(deadline, exchange).await {
+            Ok(Ok(report)) => Some(report),
+            Ok(Err(e)) => {
+                tracing::debug!("no stats from the supervisor: {e}");
+                None
+            }
+            Err(_) => {
+                tracing::debug!("no stats from the supervisor before the scrape's deadline");
+                None
+            }
+        }
+    }
+
     /// Keeps `table` in step with the supervisor's routes (reconnecting as needed) and calls
     /// `reload` when the supervisor says the config file was reloaded.
     pub async fn watch(

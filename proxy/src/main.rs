@@ -171,6 +171,7 @@ fn settings_of(config: &Config) -> forward::Settings {
         tenant_uids: tenant_uids(config),
         redirect_http: config.settings.tls.redirect_http,
         https_port: config.settings.tls.https_port,
+        metrics_per_instance: config.settings.metrics_per_instance,
         hsts: config.settings.tls.hsts.and_then(|max_age| {
             http::HeaderValue::try_from(format!("max-age={}", max_age.as_secs())).ok()
         }),
@@ -255,10 +256,15 @@ async fn serve(
         None => None,
     };
     let table: Arc<tenement_proxy::table::Table> = Arc::default();
-    let metrics = Arc::new(Metrics::new(Arc::new(Scrape {
-        table: table.clone(),
-        certificates: certificates.clone(),
-    })));
+    // Without a metrics listener nothing would read what requests record: they record nothing.
+    let scraped = listeners.iter().any(|l| l.scheme == "metrics");
+    let metrics = Arc::new(Metrics::new(
+        Arc::new(Scrape {
+            table: table.clone(),
+            certificates: certificates.clone(),
+        }),
+        scraped,
+    ));
     let proxy = Arc::new(Proxy {
         settings: arc_swap::ArcSwap::from_pointee(settings_of(&config)),
         table,
@@ -339,7 +345,7 @@ async fn serve(
                 .context("cannot register the metrics socket")?;
             accept_tasks.push(tokio::spawn(serve_metrics(
                 socket,
-                metrics.clone(),
+                proxy.clone(),
                 shutdown.clone(),
             )));
             continue;
@@ -525,11 +531,28 @@ impl Snapshot for Scrape {
     }
 }
 
+/// How long a scrape waits for the supervisor's numbers before it answers without them
+/// (Prometheus' default scrape timeout is 10 s).
+const STATS_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The exposition of one scrape: the supervisor's numbers are asked for first, unless it is
+/// known to be away (the route table is not held), which answers at once without them.
+async fn scrape(proxy: &Proxy) -> String {
+    let report = if proxy.table.is_synced() {
+        let per_instance = proxy.settings.load().metrics_per_instance;
+        let deadline = tokio::time::Instant::now() + STATS_TIMEOUT;
+        proxy.link.stats(per_instance, deadline).await
+    } else {
+        None
+    };
+    proxy.metrics.encode(report)
+}
+
 /// A metrics listener: `GET /metrics` answers the exposition, anything else 404. Plain
 /// HTTP/1.1, a connection at a time per scraper; never on a public listener.
 async fn serve_metrics(
     socket: tokio::net::TcpListener,
-    metrics: Arc<Metrics>,
+    proxy: Arc<Proxy>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -541,10 +564,10 @@ async fn serve_metrics(
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
-        let metrics = metrics.clone();
+        let proxy = proxy.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: http::Request<_>| {
-                let metrics = metrics.clone();
+                let proxy = proxy.clone();
                 async move {
                     let _: &hyper::body::Incoming = request.body();
                     let response = if request.uri().path() == "/metrics"
@@ -556,7 +579,7 @@ async fn serve_metrics(
                                 tenement_proxy::metrics::CONTENT_TYPE,
                             )
                             .body(http_body_util::Full::new(bytes::Bytes::from(
-                                metrics.encode(),
+                                scrape(&proxy).await,
                             )))
                     } else {
                         http::Response::builder()

@@ -9,7 +9,7 @@
 //! escapes label values.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -19,10 +19,15 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use tenement_proto::rpc::InstanceState;
+use tenement_proto::rpc::{InstanceState, InstanceUsage, RestartReason};
 use tenement_proto::ServiceName;
 
+use crate::link::SupervisorReport;
 use crate::table::Table;
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// The content type of what [`Metrics::encode`] writes.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -99,30 +104,57 @@ impl UpstreamKind {
 /// The handles one service's requests touch, made once and shared.
 #[derive(Debug)]
 pub struct ServiceHandles {
+    /// False when no metrics listener is configured: nothing reads them, nothing is recorded.
+    enabled: bool,
     requests: [Counter; 5],
     duration: Histogram,
     upstream: [Counter; 5],
     wakes_ok: Counter,
     wakes_failed: Counter,
     wake_duration: Histogram,
+    received: Counter,
+    sent: Counter,
 }
 
 impl ServiceHandles {
     /// A request answered with `status` after `elapsed` (until its response head).
     pub fn request(&self, status: u16, elapsed: Duration) {
+        if !self.enabled {
+            return;
+        }
         let class = usize::from((status / 100).clamp(1, 5)) - 1;
         self.requests[class].inc();
         self.duration.observe(elapsed.as_secs_f64());
     }
 
     pub fn upstream_error(&self, kind: UpstreamKind) {
+        if !self.enabled {
+            return;
+        }
         if let Some(i) = UpstreamKind::ALL.iter().position(|k| *k == kind) {
             self.upstream[i].inc();
         }
     }
 
+    /// Body bytes received from a client for the service's instances.
+    pub fn received(&self, bytes: u64) {
+        if self.enabled {
+            self.received.inc_by(bytes);
+        }
+    }
+
+    /// Body bytes sent to clients from the service's instances.
+    pub fn sent(&self, bytes: u64) {
+        if self.enabled {
+            self.sent.inc_by(bytes);
+        }
+    }
+
     /// A wake through the supervisor ended, `ok` or not, after `elapsed`.
     pub fn wake(&self, ok: bool, elapsed: Duration) {
+        if !self.enabled {
+            return;
+        }
         if ok {
             self.wakes_ok.inc();
             self.wake_duration.observe(elapsed.as_secs_f64());
@@ -140,7 +172,14 @@ pub struct Metrics {
     upstream: Family<ServiceKind, Counter>,
     wakes: Family<ServiceOutcome, Counter>,
     wake_duration: Family<ServiceLabel, Histogram, fn() -> Histogram>,
+    received: Family<ServiceLabel, Counter>,
+    sent: Family<ServiceLabel, Counter>,
     services: RwLock<HashMap<String, Arc<ServiceHandles>>>,
+    enabled: bool,
+    /// The supervisor's numbers for the scrape being encoded (see [`Metrics::encode`]).
+    supervisor: Arc<Mutex<Option<SupervisorReport>>>,
+    /// One encoding at a time, so each reads the supervisor's numbers it was given.
+    encoding: Mutex<()>,
     /// Client connections open now.
     pub connections: Gauge,
     /// Requests waiting for a wake now.
@@ -163,7 +202,9 @@ fn wake_histogram() -> Histogram {
 
 impl Metrics {
     /// The registry with its collectors: `snapshot` supplies what is read at scrape time.
-    pub fn new(snapshot: Arc<dyn Snapshot>) -> Metrics {
+    /// `enabled`: whether anything will ever be scraped (a metrics listener exists); if not,
+    /// requests record nothing.
+    pub fn new(snapshot: Arc<dyn Snapshot>, enabled: bool) -> Metrics {
         let mut registry = Registry::default();
         let requests = Family::<ServiceClass, Counter>::default();
         let duration = Family::<ServiceLabel, Histogram, fn() -> Histogram>::new_with_constructor(
@@ -175,6 +216,8 @@ impl Metrics {
             Family::<ServiceLabel, Histogram, fn() -> Histogram>::new_with_constructor(
                 wake_histogram,
             );
+        let received = Family::<ServiceLabel, Counter>::default();
+        let sent = Family::<ServiceLabel, Counter>::default();
         let connections = Gauge::default();
         let waiting_for_wake = Gauge::default();
         registry.register(
@@ -203,6 +246,16 @@ impl Metrics {
             wake_duration.clone(),
         );
         registry.register(
+            "tenement_http_received_bytes",
+            "Request body bytes received from clients, by service (upgraded connections: when they close)",
+            received.clone(),
+        );
+        registry.register(
+            "tenement_http_sent_bytes",
+            "Response body bytes sent to clients, by service (upgraded connections: when they close)",
+            sent.clone(),
+        );
+        registry.register(
             "tenement_connections_open",
             "Client connections open",
             connections.clone(),
@@ -212,7 +265,11 @@ impl Metrics {
             "Requests held now while their instance wakes",
             waiting_for_wake.clone(),
         );
-        registry.register_collector(Box::new(Scraped(snapshot)));
+        let supervisor: Arc<Mutex<Option<SupervisorReport>>> = Arc::default();
+        registry.register_collector(Box::new(Scraped {
+            snapshot,
+            supervisor: supervisor.clone(),
+        }));
         Metrics {
             registry,
             requests,
@@ -220,7 +277,12 @@ impl Metrics {
             upstream,
             wakes,
             wake_duration,
+            received,
+            sent,
             services: RwLock::default(),
+            enabled,
+            supervisor,
+            encoding: Mutex::new(()),
             connections,
             waiting_for_wake,
         }
@@ -242,6 +304,9 @@ impl Metrics {
             service: service.clone(),
         };
         let handles = Arc::new(ServiceHandles {
+            enabled: self.enabled,
+            received: self.received.get_or_create_owned(&label),
+            sent: self.sent.get_or_create_owned(&label),
             requests: CLASSES.map(|class| {
                 self.requests.get_or_create_owned(&ServiceClass {
                     service: service.clone(),
@@ -273,14 +338,18 @@ impl Metrics {
             .clone()
     }
 
-    /// The whole exposition, in the Prometheus text format.
-    pub fn encode(&self) -> String {
+    /// The whole exposition, in the Prometheus text format, with the supervisor's numbers
+    /// of this scrape (`None`: it is away or did not answer in time).
+    pub fn encode(&self, supervisor: Option<SupervisorReport>) -> String {
+        let _one_at_a_time = lock(&self.encoding);
+        *lock(&self.supervisor) = supervisor;
         let mut out = String::new();
         if let Err(e) =
             prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
         {
             tracing::error!("cannot encode the metrics: {e}");
         }
+        *lock(&self.supervisor) = None;
         out
     }
 }
@@ -314,7 +383,10 @@ pub trait Snapshot: Send + Sync + 'static {
     fn acme_failures(&self) -> Vec<(String, u32)>;
 }
 
-struct Scraped(Arc<dyn Snapshot>);
+struct Scraped {
+    snapshot: Arc<dyn Snapshot>,
+    supervisor: Arc<Mutex<Option<SupervisorReport>>>,
+}
 
 impl std::fmt::Debug for Scraped {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -354,7 +426,7 @@ struct DaemonLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabel {
     daemon: &'static str,
-    version: &'static str,
+    version: String,
 }
 
 const STATES: [InstanceState; 6] = [
@@ -387,7 +459,8 @@ fn gauges<L: EncodeLabelSet>(
 
 impl Collector for Scraped {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let snapshot = &self.0;
+        let snapshot = &self.snapshot;
+        let report = lock(&self.supervisor).take();
         let up = snapshot.supervisor_up();
         gauges(
             &mut encoder,
@@ -469,80 +542,142 @@ impl Collector for Scraped {
                 .into_iter()
                 .map(|(name, n)| (NameLabel { name }, i64::from(n))),
         )?;
-        let own = crate::metrics::process_stats();
+        if let Some(report) = &report {
+            supervisor_families(&mut encoder, report, table)?;
+        }
+        let own = tenement_proto::usage::own();
+        let supervisor = report.as_ref().and_then(|r| r.supervisor.as_ref());
+        let daemons = || {
+            std::iter::once(("proxy", own.rss_bytes, own.open_fds, own.cpu_seconds))
+                .chain(supervisor.map(|s| ("supervisor", s.rss_bytes, s.open_fds, s.cpu_seconds)))
+        };
         gauges(
             &mut encoder,
             "tenement_process_resident_memory_bytes",
             "Resident memory of a tenement daemon",
-            [(DaemonLabel { daemon: "proxy" }, own.rss_bytes)],
+            daemons().map(|(daemon, rss, _, _)| (DaemonLabel { daemon }, saturating_i64(rss))),
         )?;
         gauges(
             &mut encoder,
             "tenement_process_open_fds",
             "Open file descriptors of a tenement daemon",
-            [(DaemonLabel { daemon: "proxy" }, own.open_fds)],
+            daemons().map(|(daemon, _, fds, _)| (DaemonLabel { daemon }, saturating_i64(fds))),
         )?;
-        let mut cpu = encoder.encode_descriptor(
+        counters(
+            &mut encoder,
             "tenement_process_cpu_seconds",
             "CPU time (user and system) used by a tenement daemon",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
+            daemons().map(|(daemon, _, _, cpu)| (DaemonLabel { daemon }, cpu)),
         )?;
-        ConstCounter::new(own.cpu_seconds)
-            .encode(cpu.encode_family(&DaemonLabel { daemon: "proxy" })?)?;
+        let versions = std::iter::once(("proxy", env!("CARGO_PKG_VERSION").to_owned()))
+            .chain(supervisor.map(|s| ("supervisor", s.version.clone())));
         gauges(
             &mut encoder,
             "tenement_build_info",
             "1, labelled with the version of each daemon",
-            [(
-                BuildLabel {
-                    daemon: "proxy",
-                    version: env!("CARGO_PKG_VERSION"),
-                },
-                1,
-            )],
+            versions.map(|(daemon, version)| (BuildLabel { daemon, version }, 1)),
         )?;
         Ok(())
     }
 }
 
-/// The proxy's own process figures, from /proc/self.
-pub struct ProcessStats {
-    pub rss_bytes: i64,
-    pub open_fds: i64,
-    pub cpu_seconds: f64,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceReason {
+    service: String,
+    reason: &'static str,
 }
 
-pub fn process_stats() -> ProcessStats {
-    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()
-        .unwrap_or(4096);
-    let rss_pages: i64 = std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|t| t.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        .unwrap_or(0);
-    let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as i64);
-    // utime and stime are fields 14 and 15, counted after the parenthesised command name.
-    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
-    let cpu_seconds = std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|t| {
-            let rest = t.rsplit_once(')')?.1;
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            let user: f64 = fields.get(11)?.parse().ok()?;
-            let system: f64 = fields.get(12)?.parse().ok()?;
-            Some((user + system) / ticks)
-        })
-        .unwrap_or(0.0);
-    ProcessStats {
-        rss_bytes: rss_pages * page,
-        open_fds,
-        cpu_seconds,
+/// The families made of the supervisor's `stats` answer.
+fn supervisor_families(
+    encoder: &mut DescriptorEncoder,
+    report: &SupervisorReport,
+    table: &Table,
+) -> Result<(), std::fmt::Error> {
+    // Every reason of every service, zeros included: a rate() over a series that appears only
+    // with its first restart misses that restart.
+    counters(
+        encoder,
+        "tenement_restarts",
+        "Restarts of instances by service and reason (crash, start_failed, health, operator, reload), since the supervisor started",
+        report.services.iter().flat_map(|s| {
+            RestartReason::ALL.iter().map(|reason| {
+                (
+                    ServiceReason {
+                        service: s.service.as_str().to_owned(),
+                        reason: reason.as_str(),
+                    },
+                    s.restarts.get(reason.as_str()).copied().unwrap_or(0),
+                )
+            })
+        }),
+    )?;
+    counters(
+        encoder,
+        "tenement_oom_kills",
+        "Runs of instances ended by the kernel's OOM killer (memory_max reached), by service",
+        report.services.iter().map(|s| {
+            (
+                ServiceLabel {
+                    service: s.service.as_str().to_owned(),
+                },
+                s.oom_kills,
+            )
+        }),
+    )?;
+    let label = |usage: &InstanceUsage| InstanceLabel {
+        service: usage.instance.service.as_str().to_owned(),
+        tenant: usage.instance.to_string(),
+    };
+    gauges(
+        encoder,
+        "tenement_instance_memory_bytes",
+        "Memory of a running instance (its cgroup's memory.current, else its processes' resident memory); metrics_per_instance",
+        report.instances.iter().filter_map(|u| {
+            Some((label(u), saturating_i64(u.memory_bytes?)))
+        }),
+    )?;
+    counters(
+        encoder,
+        "tenement_instance_cpu_seconds",
+        "CPU time of a running instance's current processes; metrics_per_instance",
+        report
+            .instances
+            .iter()
+            .filter_map(|u| Some((label(u), u.cpu_seconds?))),
+    )?;
+    counters(
+        encoder,
+        "tenement_instance_requests",
+        "Requests to a running instance since the proxy started; metrics_per_instance",
+        report.instances.iter().map(|u| {
+            let requests = table.get(&u.instance).map_or(0, |e| e.requests());
+            (label(u), requests)
+        }),
+    )?;
+    Ok(())
+}
+
+fn saturating_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// One counter family from `(labels, value)` pairs.
+fn counters<L: EncodeLabelSet, N: prometheus_client::encoding::EncodeCounterValue>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    values: impl IntoIterator<Item = (L, N)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    for (labels, value) in values {
+        ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -569,7 +704,7 @@ mod tests {
 
     #[test]
     fn requests_land_in_their_class_and_bucket_and_label_values_are_escaped() {
-        let metrics = Metrics::new(Arc::new(Empty::default()));
+        let metrics = Metrics::new(Arc::new(Empty::default()), true);
         let notes = ServiceName::new("notes").expect("valid");
         let handles = metrics.service(Some(&notes));
         for _ in 0..3 {
@@ -580,7 +715,7 @@ mod tests {
         handles.wake(true, Duration::from_millis(7));
         // The same handles come back: made once per service.
         assert!(Arc::ptr_eq(&handles, &metrics.service(Some(&notes))));
-        let text = metrics.encode();
+        let text = metrics.encode(None);
         for line in [
             "tenement_http_requests_total{service=\"notes\",class=\"2xx\"} 3",
             "tenement_http_requests_total{service=\"notes\",class=\"5xx\"} 1",

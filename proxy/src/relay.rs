@@ -25,6 +25,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use crate::metrics::ServiceHandles;
 use crate::pool::{Connection, Pool, PoolKey};
 use crate::respond::{BoxError, ProxyBody};
 use crate::table::InFlight;
@@ -73,18 +74,26 @@ impl Progress {
 pub struct RequestBody {
     inner: Option<ProxyBody>,
     progress: Arc<Progress>,
+    /// Where its bytes are counted.
+    metrics: Arc<ServiceHandles>,
 }
 
 impl RequestBody {
-    pub fn new(inner: ProxyBody, progress: Arc<Progress>) -> Self {
+    pub fn new(inner: ProxyBody, progress: Arc<Progress>, metrics: Arc<ServiceHandles>) -> Self {
         if inner.is_end_stream() {
             progress.sent.store(true, Ordering::Release);
         }
         RequestBody {
             inner: Some(inner),
             progress,
+            metrics,
         }
     }
+}
+
+/// The length of a data frame (trailers count nothing).
+fn data_len(frame: &Frame<Bytes>) -> u64 {
+    frame.data_ref().map_or(0, |data| data.len() as u64)
 }
 
 impl Body for RequestBody {
@@ -102,7 +111,10 @@ impl Body for RequestBody {
         let polled = Pin::new(&mut *inner).poll_frame(cx);
         let done = match &polled {
             Poll::Ready(None) => true,
-            Poll::Ready(Some(Ok(_))) => inner.is_end_stream(),
+            Poll::Ready(Some(Ok(frame))) => {
+                this.metrics.received(data_len(frame));
+                inner.is_end_stream()
+            }
             Poll::Ready(Some(Err(_))) => {
                 this.progress.client_failed.store(true, Ordering::Release);
                 false
@@ -160,6 +172,7 @@ pub struct ResponseBody {
     inner: Incoming,
     guard: Option<InFlight>,
     release: Option<Release>,
+    metrics: Arc<ServiceHandles>,
 }
 
 struct Release {
@@ -177,9 +190,11 @@ impl ResponseBody {
         key: PoolKey,
         connection: Connection,
         progress: Arc<Progress>,
+        metrics: Arc<ServiceHandles>,
     ) -> Self {
         ResponseBody {
             inner,
+            metrics,
             guard: Some(guard),
             release: Some(Release {
                 pool,
@@ -234,6 +249,7 @@ impl Body for ResponseBody {
                 Poll::Ready(Some(Err(Box::new(e))))
             }
             Poll::Ready(Some(Ok(frame))) => {
+                this.metrics.sent(data_len(&frame));
                 if this.inner.is_end_stream() {
                     this.finish(true);
                 }

@@ -149,6 +149,11 @@ impl Entry {
         self.gate.fetch_and(!PARKED, Ordering::AcqRel);
     }
 
+    /// Requests started since this proxy learned of the instance.
+    pub fn requests(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
+    }
+
     pub fn in_flight(&self) -> u32 {
         (self.gate.load(Ordering::Acquire) & !PARKED) as u32
     }

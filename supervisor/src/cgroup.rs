@@ -288,6 +288,28 @@ impl Cgroups {
         (read("memory.current"), read("pids.current"))
     }
 
+    /// Processes of the instance the OOM killer has killed (`oom_kill` of memory.events), the
+    /// counter of the cgroup's whole life: compare two readings.
+    pub fn oom_kills(&self, id: &InstanceId) -> Option<u64> {
+        let text = fs::read_to_string(self.instance_dir(id).join("memory.events")).ok()?;
+        text.lines().find_map(|line| {
+            let (key, value) = line.split_once(' ')?;
+            (key == "oom_kill").then(|| value.trim().parse().ok())?
+        })
+    }
+
+    /// CPU time the instance's cgroup has used (`usage_usec` of cpu.stat, present with or
+    /// without the cpu controller), in seconds.
+    pub fn cpu_seconds(&self, id: &InstanceId) -> Option<f64> {
+        let text = fs::read_to_string(self.instance_dir(id).join("cpu.stat")).ok()?;
+        text.lines()
+            .find_map(|line| {
+                let (key, value) = line.split_once(' ')?;
+                (key == "usage_usec").then(|| value.trim().parse::<u64>().ok())?
+            })
+            .map(|us| us as f64 / 1e6)
+    }
+
     /// Kills and removes instance cgroups left by a previous supervisor.
     pub fn clean_leftovers(&self) -> usize {
         let Ok(entries) = fs::read_dir(self.base.join("instances")) else {

@@ -15,7 +15,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use tenement_proto::rpc::InstanceState;
+use tenement_proto::rpc::{InstanceState, RestartReason};
 
 /// How long the proxy has to answer a park request before it counts as refused.
 pub const PARK_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -46,6 +46,19 @@ pub enum Failure {
     Crashed(String),
     /// `unhealthy_threshold` consecutive failed health checks.
     Unhealthy(String),
+}
+
+impl Failure {
+    /// What a restart after this failure is counted as.
+    pub fn restart_reason(&self) -> RestartReason {
+        match self {
+            Failure::Crashed(_) => RestartReason::Crash,
+            Failure::Unhealthy(_) => RestartReason::Health,
+            Failure::SpawnError(_) | Failure::ExitedDuringStart(_) | Failure::StartupTimeout => {
+                RestartReason::StartFailed
+            }
+        }
+    }
 }
 
 impl std::fmt::Display for Failure {
@@ -117,6 +130,9 @@ pub enum Action {
     PublishRoute,
     /// A lifecycle event worth a log line.
     Log(String),
+    /// The instance starts again on its own after a failure (counted for the metrics; an
+    /// operator's or a reload's restart is counted where it is asked for).
+    Restarted(RestartReason),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -664,7 +680,11 @@ impl Lifecycle {
                     then_start,
                 };
             }
-            Phase::Unhealthy { restart_at, .. } if now >= restart_at => {
+            Phase::Unhealthy {
+                restart_at,
+                ref failure,
+            } if now >= restart_at => {
+                actions.push(Action::Restarted(failure.restart_reason()));
                 self.restarts += 1;
                 self.start(now, policy, actions);
             }

@@ -16,6 +16,10 @@ pub struct ProcStat {
     pub pgid: i32,
     /// Clock ticks since boot at which the process started: with the pid, a unique identity.
     pub start_time: u64,
+    /// User and system CPU time, in clock ticks.
+    pub cpu_ticks: u64,
+    /// Resident memory, in pages.
+    pub rss_pages: u64,
 }
 
 /// Parses the content of `/proc/PID/stat`. The command name (field 2) may contain spaces and
@@ -26,11 +30,14 @@ pub fn parse_stat(text: &str) -> Option<ProcStat> {
     let close = text.rfind(')')?;
     let rest: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
     // rest[0] is field 3 (state); field N is rest[N - 3].
+    let (cpu_ticks, rss_pages) = tenement_proto::usage::parse_stat_usage(text)?;
     Some(ProcStat {
         pid,
         ppid: rest.get(1)?.parse().ok()?,
         pgid: rest.get(2)?.parse().ok()?,
         start_time: rest.get(19)?.parse().ok()?,
+        cpu_ticks,
+        rss_pages,
     })
 }
 
@@ -140,7 +147,9 @@ mod tests {
                 pid: 1234,
                 ppid: 1,
                 pgid: 1234,
-                start_time: 98765
+                start_time: 98765,
+                cpu_ticks: 3,
+                rss_pages: 10,
             }
         );
         assert_eq!(parse_stat("garbage"), None);
@@ -161,6 +170,8 @@ mod tests {
             ppid,
             pgid,
             start_time: 1,
+            cpu_ticks: 0,
+            rss_pages: 0,
         };
         let table = vec![
             p(10, 1, 10),  // helper

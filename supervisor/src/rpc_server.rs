@@ -17,7 +17,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tenement_proto::frame::{self, FrameError};
-use tenement_proto::rpc::{ErrorCode, InstanceInfo, Request, Response, Role, PROTOCOL_VERSION};
+use tenement_proto::rpc::{
+    ErrorCode, InstanceInfo, InstanceUsage, Request, Response, Role, ServiceStats, SupervisorStats,
+    PROTOCOL_VERSION,
+};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -374,6 +377,18 @@ async fn connection(
                     sent = send_instances(&mut writer, instances) => sent?,
                 },
             },
+            Request::Stats { instances } => {
+                match registry
+                    .ask(|reply| Command::Stats { instances, reply })
+                    .await
+                {
+                    Err(e) => respond(&mut writer, &from_rpc(e)).await?,
+                    Ok((services, usage)) => tokio::select! {
+                        () = shutdown.cancelled() => return Ok(()),
+                        sent = send_stats(&mut writer, services, usage) => sent?,
+                    },
+                }
+            }
             other => {
                 let reply = answer(other, &registry).await;
                 if shutdown.is_cancelled() {
@@ -401,6 +416,38 @@ async fn send_instances(
         let instances: Vec<InstanceInfo> = rest.by_ref().take(INSTANCES_PER_MESSAGE).collect();
         let more = rest.peek().is_some();
         respond(writer, &Response::Instances { instances, more }).await?;
+        if !more {
+            return Ok(());
+        }
+    }
+}
+
+/// The answer to `stats`: this process and the services first, then the instances in
+/// messages of at most [`INSTANCES_PER_MESSAGE`].
+async fn send_stats(
+    writer: &mut OwnedWriteHalf,
+    services: Vec<ServiceStats>,
+    instances: Vec<InstanceUsage>,
+) -> Result<(), FrameError> {
+    let own = tenement_proto::usage::own();
+    let mut supervisor = Some(SupervisorStats {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        rss_bytes: own.rss_bytes,
+        open_fds: own.open_fds,
+        cpu_seconds: own.cpu_seconds,
+    });
+    let mut services = Some(services);
+    let mut rest = instances.into_iter().peekable();
+    loop {
+        let instances: Vec<InstanceUsage> = rest.by_ref().take(INSTANCES_PER_MESSAGE).collect();
+        let more = rest.peek().is_some();
+        let message = Response::Stats {
+            supervisor: supervisor.take(),
+            services: services.take().unwrap_or_default(),
+            instances,
+            more,
+        };
+        respond(writer, &message).await?;
         if !more {
             return Ok(());
         }
@@ -504,7 +551,7 @@ async fn answer(request: Request, registry: &RegistryHandle) -> Response {
                 })
             }
             // Handled by the caller.
-            Request::Subscribe | Request::Logs { .. } | Request::List => {
+            Request::Subscribe | Request::Logs { .. } | Request::List | Request::Stats { .. } => {
                 Err(RpcError::new(ErrorCode::Internal, "misrouted request"))
             }
         }

@@ -321,6 +321,24 @@ fn admin_calls_on_the_proxy_socket_are_wrong_role_and_the_connection_continues()
     // Still usable for what the proxy may do.
     let (route, _) = expect_woken(p.wake("notes:bob"));
     assert_eq!(route.instance, iid("notes:bob"));
+    // Read-only numbers for the metrics: the supervisor itself, every service, and with
+    // `instances` the running ones only.
+    match p.call(Request::Stats { instances: true }) {
+        Response::Stats {
+            supervisor: Some(supervisor),
+            services,
+            instances,
+            more: false,
+        } => {
+            assert!(supervisor.rss_bytes > 0 && supervisor.open_fds > 0);
+            let names: Vec<&str> = services.iter().map(|s| s.service.as_str()).collect();
+            assert_eq!(names, ["notes"]);
+            assert_eq!(instances.len(), 1, "{instances:?}");
+            assert_eq!(instances[0].instance, iid("notes:bob"));
+            assert!(instances[0].memory_bytes.is_some_and(|m| m > 0));
+        }
+        other => panic!("stats: {other:?}"),
+    }
     let names: Vec<String> = admin.ps().iter().map(|i| i.instance.to_string()).collect();
     assert_eq!(names, ["notes:bob"], "the proxy changed the registry");
     assert!(!sb.instance_data_dir("notes:mallory").exists());

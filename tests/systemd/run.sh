@@ -542,7 +542,9 @@ https_socket() {
         echo "$out" | grep -E "^tenement_(supervisor_up|tls_certificate_expiry)" | head -3
         echo "$out" | grep -q "^tenement_supervisor_up{daemon=\"supervisor\"} 1" &&
             echo "$out" | grep -q "^tenement_tls_certificate_expiry_timestamp_seconds{name=\"\*.notes.localhost\",source=\"file\"}" &&
-            test -f /usr/share/tenement/prometheus/tenement.rules.yml
+            echo "$out" | grep -q "^tenement_process_resident_memory_bytes{daemon=\"supervisor\"} [1-9]" &&
+            test -f /usr/share/tenement/prometheus/tenement.rules.yml &&
+            test -f /usr/share/tenement/grafana/tenement.json
         score=$(systemd-analyze security tenement-proxy.service 2>/dev/null | sed -nE "s/.*Overall exposure level for [^:]+: ([0-9.]+).*/\1/p")
         awk -v s="$score" "BEGIN { exit !(s <= 2.0) }"'
 }

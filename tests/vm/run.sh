@@ -138,9 +138,9 @@ fi
 # ---- release binaries -------------------------------------------------------------------------
 stage build
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
-(cd "$repo" && cargo build --release -q -p tenement-supervisor -p tenctl -p tenement-fixtures) >&2 ||
+(cd "$repo" && cargo build --release -q -p tenement-supervisor -p tenement-proxy -p tenctl -p tenement-fixtures) >&2 ||
     setup_failed "cargo build --release failed"
-binaries=(tenement-supervisor tenement-exec tenctl tiny-http)
+binaries=(tenement-supervisor tenement-exec tenement-proxy tenctl tiny-http)
 for bin in "${binaries[@]}"; do
     [ -x "$target_dir/release/$bin" ] || setup_failed "no $target_dir/release/$bin after the build"
 done
@@ -167,6 +167,9 @@ mkdir -p "$root/usr/lib/modules"
 cp -a "$kernel_dir/lib/modules/$release" "$root/usr/lib/modules/" ||
     setup_failed "cannot copy the kernel modules"
 chroot "$root" depmod "$release" || setup_failed "depmod in the image failed"
+# The proxy's own user (proxy_user in the guest's config), as the packages' sysusers.d makes it.
+chroot "$root" useradd --system --no-create-home --shell /usr/sbin/nologin tenement-proxy ||
+    setup_failed "useradd tenement-proxy in the image failed"
 for bin in "${binaries[@]}"; do
     install -m 0755 "$target_dir/release/$bin" "$root/usr/local/bin/$bin"
 done
@@ -174,7 +177,8 @@ install -d "$root/opt/tenement-vm" "$root/etc/tenement"
 install -m 0644 "$here/guest/checks.py" "$here/guest/bomb.py" "$here/guest/hog.py" "$root/opt/tenement-vm/"
 install -m 0644 "$here/guest/tenement.toml" "$root/etc/tenement/tenement.toml"
 units="$root/etc/systemd/system"
-install -m 0644 "$here/guest/tenement-supervisor.service" "$here/guest/tenement-vm-checks.service" "$units/"
+install -m 0644 "$here/guest/tenement-supervisor.service" "$here/guest/tenement-proxy.service" \
+    "$here/guest/tenement-vm-checks.service" "$units/"
 mkdir -p "$units/multi-user.target.wants"
 ln -sf ../tenement-vm-checks.service "$units/multi-user.target.wants/tenement-vm-checks.service"
 ln -sf /lib/systemd/system/multi-user.target "$units/default.target"

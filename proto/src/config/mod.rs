@@ -85,6 +85,8 @@ pub struct Settings {
     /// Where the proxy serves `/metrics` when systemd passes no socket named `metrics`
     /// (plain HTTP; empty: nowhere).
     pub metrics_listen: Vec<ListenAddress>,
+    /// Series per running instance (memory, CPU, requests) in the metrics.
+    pub metrics_per_instance: bool,
 }
 
 /// A listening address of the proxy: `127.0.0.1:8080` (plain HTTP, also written

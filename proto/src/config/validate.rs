@@ -357,6 +357,23 @@ impl Checker<'_> {
         })
     }
 
+    /// `true` or `false`; anything else is an error naming the key, and `default`.
+    fn flag(&mut self, table: &RawTable, key: &str, default: bool) -> bool {
+        match table.get(key).map(|e| (e, &e.value)) {
+            None => default,
+            Some((_, RawValue::Boolean(b))) => *b,
+            Some((e, other)) => {
+                let message = format!(
+                    "{key} must be true or false, not {}; write {key} = {}",
+                    other.kind(),
+                    !default
+                );
+                self.error(e.key.span(), message);
+                default
+            }
+        }
+    }
+
     fn count(&mut self, table: &RawTable, key: &str, default: u32) -> u32 {
         let Some(entry) = table.get(key) else {
             return default;

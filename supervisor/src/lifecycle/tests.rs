@@ -60,6 +60,9 @@ struct Harness {
     t0: Instant,
     policy: Policy,
     lc: Lifecycle,
+    /// The `Restarted` actions so far, kept out of the tables (which are about what happens
+    /// next) and checked by the tests of restart counting.
+    restarted: Vec<RestartReason>,
 }
 
 impl Harness {
@@ -69,6 +72,7 @@ impl Harness {
             t0,
             policy,
             lc: Lifecycle::new(t0),
+            restarted: Vec::new(),
         }
     }
 
@@ -79,7 +83,15 @@ impl Harness {
     /// Feeds one event at `at_ms`; returns the actions without the `Log` lines.
     fn send(&mut self, at_ms: u64, event: Event) -> Vec<Action> {
         let now = self.at(at_ms);
-        without_logs(self.lc.handle(event, now, &self.policy))
+        let mut actions = without_logs(self.lc.handle(event, now, &self.policy));
+        actions.retain(|action| match action {
+            Restarted(reason) => {
+                self.restarted.push(*reason);
+                false
+            }
+            _ => true,
+        });
+        actions
     }
 
     /// Feeds each event in turn; returns each one's actions (without `Log` lines).
@@ -332,6 +344,7 @@ fn exit_during_start_fails_waiters_and_goes_unhealthy() {
         (799, Tick, &[], S::Unhealthy),
         (800, Tick, &[Spawn, PublishRoute], S::Starting),
     ]);
+    assert_eq!(h.restarted, [RestartReason::StartFailed]);
 }
 
 #[test]
@@ -591,6 +604,11 @@ fn threshold_consecutive_health_failures_terminate_then_restart_after_backoff() 
         h.lc.health_failures(),
         0,
         "a new process starts with a clean count"
+    );
+    assert_eq!(
+        h.restarted,
+        [RestartReason::Health],
+        "counted as a health restart"
     );
 }
 
@@ -1134,4 +1152,33 @@ fn needs_ticks_only_while_something_can_happen_by_time() {
         assert_eq!(h.lc.state(), state);
         assert_eq!(h.lc.needs_ticks(), want, "{state:?}");
     }
+}
+
+#[test]
+fn restarts_are_counted_by_reason_and_only_when_they_happen() {
+    // Two crashes, each followed by its restart: two crash restarts.
+    let mut h = Harness::new(crash_loop_policy());
+    h.crash_once(0, 1_000);
+    let delay = h.restart_delay(1_000);
+    h.crash_once(1_000 + delay, 2_000 + delay);
+    assert_eq!(h.restarted, [RestartReason::Crash]);
+    h.send(2_000 + delay + h.restart_delay(2_000 + delay), Tick);
+    assert_eq!(h.restarted, [RestartReason::Crash, RestartReason::Crash]);
+
+    // An operator's restart is counted where it is asked for (the registry), not here.
+    let mut h = running(policy());
+    h.send(1_000, Restart);
+    h.send(1_100, exited());
+    assert_eq!(h.lc.state(), S::Starting);
+    assert_eq!(h.restarted, []);
+
+    // A crash that makes the instance failed restarts nothing.
+    let mut h = Harness::new(Policy {
+        max_restarts: 0,
+        ..policy()
+    });
+    h.crash_once(0, 1_000);
+    assert_eq!(h.lc.state(), S::Failed);
+    h.send(600_000, Tick);
+    assert_eq!(h.restarted, []);
 }

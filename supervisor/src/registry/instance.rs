@@ -42,6 +42,9 @@ pub struct Process {
     /// uid and pids): set before the event that reports it, so an exit handled first still
     /// knows the app died of a squat, not of itself.
     pub squatter: SquatSeen,
+    /// The cgroup's OOM kill count when this process started: a higher count at its exit
+    /// means the OOM killer ended it.
+    pub oom_baseline: Option<u64>,
 }
 
 /// A stranger seen on an instance's port: its uid and the pids holding the socket.

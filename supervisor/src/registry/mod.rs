@@ -17,7 +17,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tenement_proto::config::{Config, ListenMode, Service};
-use tenement_proto::rpc::{ActivityReport, ErrorCode, InstanceInfo, LogLine, Response, Route};
+use tenement_proto::rpc::{
+    ActivityReport, ErrorCode, InstanceInfo, InstanceUsage, LogLine, Response, RestartReason,
+    Route, ServiceStats,
+};
 use tenement_proto::{InstanceId, ServiceName};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -98,6 +101,11 @@ pub enum Command {
     },
     List {
         reply: oneshot::Sender<Vec<InstanceInfo>>,
+    },
+    /// Counters per service and, with `instances`, the usage of every running instance.
+    Stats {
+        instances: bool,
+        reply: oneshot::Sender<(Vec<ServiceStats>, Vec<InstanceUsage>)>,
     },
     Status {
         instance: InstanceId,
@@ -212,6 +220,14 @@ impl RegistryHandle {
     }
 }
 
+/// What `stats` counts per service.
+#[derive(Debug, Clone, Default)]
+struct ServiceCounters {
+    /// Indexed by `RestartReason as usize`.
+    restarts: [u64; RestartReason::ALL.len()],
+    oom_kills: u64,
+}
+
 struct Watcher {
     tx: mpsc::Sender<Response>,
 }
@@ -244,6 +260,8 @@ pub struct Registry {
     next_sweep: Option<Instant>,
     /// Services whose unenforceable limits were already warned about.
     warned_limits: HashSet<tenement_proto::ServiceName>,
+    /// Restarts and OOM kills per service since this supervisor started (`stats`).
+    counters: HashMap<ServiceName, ServiceCounters>,
     tx: mpsc::Sender<Command>,
     rx: mpsc::Receiver<Command>,
 }
@@ -323,6 +341,7 @@ impl Registry {
             firewall,
             next_sweep: None,
             warned_limits: HashSet::new(),
+            counters: HashMap::new(),
             tx: tx.clone(),
             rx,
         };
@@ -490,6 +509,13 @@ impl Registry {
                 if let Some(i) = self.instances.get_mut(&instance) {
                     i.waiters.push(Waiter { reply, since: now });
                 }
+                if self
+                    .instances
+                    .get(&instance)
+                    .is_some_and(|i| i.process.is_some())
+                {
+                    self.count_restart(&instance, RestartReason::Operator);
+                }
                 self.event(&instance, Event::Restart, now);
             }
             Command::Remove {
@@ -511,6 +537,15 @@ impl Registry {
                     .collect();
                 list.sort_by(|a, b| a.instance.cmp(&b.instance));
                 let _ = reply.send(list);
+            }
+            Command::Stats { instances, reply } => {
+                let services = self.service_stats();
+                let usage = if instances {
+                    self.instance_usage()
+                } else {
+                    Vec::new()
+                };
+                let _ = reply.send((services, usage));
             }
             Command::Status { instance, reply } => {
                 let apps = app_pids(&self.instances);
@@ -1029,6 +1064,9 @@ impl Registry {
             })
             .collect();
         for (id, event) in affected {
+            if event == Event::Restart {
+                self.count_restart(&id, RestartReason::Reload);
+            }
             self.event(&id, event, now);
         }
         let declared: Vec<InstanceId> = self
@@ -1043,6 +1081,85 @@ impl Registry {
         }
         tracing::info!(added = ?report.added, changed = ?report.changed, removed = ?report.removed, "config reloaded");
         Ok(report)
+    }
+
+    pub(super) fn count_restart(&mut self, id: &InstanceId, reason: RestartReason) {
+        let counters = self.counters.entry(id.service.clone()).or_default();
+        counters.restarts[reason as usize] += 1;
+    }
+
+    /// Counters of every configured service (zeros included, so a scrape shows each service
+    /// from the start) and of removed services that still have some.
+    fn service_stats(&self) -> Vec<ServiceStats> {
+        let mut names: Vec<&ServiceName> = self.config.services.keys().collect();
+        names.extend(
+            self.counters
+                .keys()
+                .filter(|n| !self.config.services.contains_key(*n)),
+        );
+        names.sort();
+        names
+            .into_iter()
+            .map(|name| {
+                let counters = self.counters.get(name).cloned().unwrap_or_default();
+                ServiceStats {
+                    service: name.clone(),
+                    restarts: RestartReason::ALL
+                        .iter()
+                        .filter(|r| counters.restarts[**r as usize] > 0)
+                        .map(|r| (r.as_str().to_owned(), counters.restarts[*r as usize]))
+                        .collect(),
+                    oom_kills: counters.oom_kills,
+                }
+            })
+            .collect()
+    }
+
+    /// Memory and CPU of every instance with a process: from its cgroup, else summed over
+    /// its process tree in /proc.
+    fn instance_usage(&self) -> Vec<InstanceUsage> {
+        let mut running: Vec<&Instance> = self
+            .instances
+            .values()
+            .filter(|i| i.process.is_some())
+            .collect();
+        if running.is_empty() {
+            return Vec::new();
+        }
+        running.sort_by(|a, b| a.id.cmp(&b.id));
+        if let Some(cgroups) = self.containment.cgroups() {
+            return running
+                .into_iter()
+                .map(|i| InstanceUsage {
+                    instance: i.id.clone(),
+                    memory_bytes: cgroups.usage(&i.id).0,
+                    cpu_seconds: cgroups.cpu_seconds(&i.id),
+                })
+                .collect();
+        }
+        let table = crate::procfs::all_processes(std::path::Path::new("/proc"));
+        let page = tenement_proto::usage::page_size();
+        let ticks = tenement_proto::usage::clock_ticks();
+        running
+            .into_iter()
+            .map(|i| {
+                let root = i.process.as_ref().map_or(0, |p| p.pid);
+                let tree = crate::procfs::tree_of(&table, root);
+                let (mut rss, mut cpu) = (0u64, 0u64);
+                for stat in table
+                    .iter()
+                    .filter(|s| s.pid == root || tree.contains(&s.pid))
+                {
+                    rss += stat.rss_pages * page;
+                    cpu += stat.cpu_ticks;
+                }
+                InstanceUsage {
+                    instance: i.id.clone(),
+                    memory_bytes: Some(rss),
+                    cpu_seconds: Some(cpu as f64 / ticks),
+                }
+            })
+            .collect()
     }
 
     /// Before a shutdown stops them: every proxy parks the running instances (new requests

@@ -163,6 +163,7 @@ impl Registry {
                     });
                 }
             }
+            Action::Restarted(reason) => self.count_restart(id, reason),
             Action::Log(message) => {
                 tracing::info!(instance = %id, "{id}: {message}");
                 if let Some(i) = self.instances.get(id) {
@@ -439,6 +440,7 @@ impl Registry {
                 .await;
         });
 
+        let oom_baseline = self.containment.cgroups().and_then(|c| c.oom_kills(id));
         if let Some(stat) = procfs::read_stat(Path::new("/proc"), pid) {
             if let Err(e) = self.store.record_process(id, pid, stat.start_time) {
                 tracing::warn!(instance = %id, "cannot record pid file: {e}");
@@ -449,6 +451,7 @@ impl Registry {
                 pid,
                 tasks,
                 squatter,
+                oom_baseline,
             });
         }
         Ok(())
@@ -512,10 +515,18 @@ impl Registry {
                 }
                 self.event(&id, Event::Ready, now);
             }
-            ProcessEventKind::Exited(status) => {
+            ProcessEventKind::Exited(mut status) => {
                 let mut squatter = None;
+                let mut oom_killed = false;
                 if let Some(process) = i.process.take() {
                     squatter = lock(&process.squatter).take();
+                    // Read before cgroup.kill below: the count of this cgroup's whole life,
+                    // against the one at this process's start.
+                    if let (Some(before), Some(cgroups)) =
+                        (process.oom_baseline, self.containment.cgroups())
+                    {
+                        oom_killed = cgroups.oom_kills(&id).is_some_and(|after| after > before);
+                    }
                     // Normally the helper took its tree down with it; if the helper itself was
                     // killed, whatever is left of its process group goes now, so no orphan
                     // keeps the instance's port.
@@ -540,6 +551,13 @@ impl Registry {
                 // exit starts the next process (a wake arrived during the stop).
                 for waiter in i.stop_waiters.drain(..) {
                     let _ = waiter.send(());
+                }
+                if oom_killed {
+                    status.push_str(", out of memory: killed by the OOM killer at memory_max");
+                    self.counters
+                        .entry(id.service.clone())
+                        .or_default()
+                        .oom_kills += 1;
                 }
                 i.logs.push(LogStream::Event, format!("exited ({status})"));
                 i.logs.set_running(false);

@@ -54,6 +54,38 @@ def tenctl(*args, timeout=30):
     return run(TENCTL, *args, timeout=timeout)
 
 
+METRICS = "http://127.0.0.1:9464/metrics"
+
+
+def scrape():
+    """The proxy's metrics (tenement-proxy.service), or "" while it does not answer."""
+    try:
+        with urllib.request.urlopen(METRICS, timeout=10) as reply:
+            return reply.read().decode()
+    except OSError as e:
+        log(f"scrape failed: {e}")
+        return ""
+
+
+def sample(text, series):
+    """The value of `series` (its name and labels exactly as written) in `text`, or None."""
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line[len(series) + 1:])
+    return None
+
+
+def scraped_until(series, ok):
+    """Scrapes until `ok(value of series)` holds (EVENT_DEADLINE at most): (value, last text)."""
+    deadline = time.monotonic() + EVENT_DEADLINE
+    while True:
+        text = scrape()
+        value = sample(text, series)
+        if (value is not None and ok(value)) or time.monotonic() >= deadline:
+            return value, text
+        time.sleep(0.5)
+
+
 def status(instance):
     code, out, err = tenctl("status", "--json", instance)
     if code != 0:
@@ -306,9 +338,17 @@ def hog_phase(calm_cgroup, poller):
     check("memory hog: the OOM kill stayed in its own cgroup",
           bool(memcgs) and memcgs == [relative] and not global_oom,
           f"oom_memcg {memcgs}, want [{relative!r}]; global OOM lines: {len(global_oom)}")
-    check("memory hog: last_exit names SIGKILL (signal 9)",
-          re.search(r"signal 9|SIGKILL", doc.get("last_exit") or "") is not None,
+    check("memory hog: last_exit names SIGKILL (signal 9) and the OOM killer",
+          re.search(r"signal 9|SIGKILL", doc.get("last_exit") or "") is not None
+          and "out of memory" in (doc.get("last_exit") or ""),
           f"last_exit {doc.get('last_exit')!r}")
+    ooms, text = scraped_until('tenement_oom_kills_total{service="hog"}', lambda v: v >= 1)
+    crashes = sample(text, 'tenement_restarts_total{service="hog",reason="crash"}')
+    save("metrics-hog.txt", text)
+    check("metrics: the OOM kill and its restart are counted for the hog's service",
+          ooms is not None and ooms >= 1 and crashes is not None and crashes >= 1,
+          f"tenement_oom_kills_total{{service=\"hog\"}} {ooms}, "
+          f"tenement_restarts_total{{service=\"hog\",reason=\"crash\"}} {crashes}")
     check("memory hog: restarted by policy and running again",
           doc.get("restarts", 0) >= 1 and doc.get("state") == "running"
           and doc.get("pid") not in (None, first.get("pid")),
@@ -337,6 +377,15 @@ def spin_phase():
     after, t1 = keyed(f"{cgroup}/cpu.stat"), time.monotonic()
     used = (after.get("usage_usec", 0) - before.get("usage_usec", 0)) / 1e6 / (t1 - t0)
     throttled = after.get("throttled_usec", 0) - before.get("throttled_usec", 0)
+    # Per-instance series from the cgroups (metrics_per_instance = true in the guest config).
+    text = scrape()
+    save("metrics-spin.txt", text)
+    cpu = sample(text, 'tenement_instance_cpu_seconds_total{service="spin",tenant="spin:one"}')
+    memory = sample(text, 'tenement_instance_memory_bytes{service="spin",tenant="spin:one"}')
+    current = keyed(f"{cgroup}/cpu.stat").get("usage_usec", 0) / 1e6
+    check("metrics: a running instance's CPU and memory come from its cgroup",
+          cpu is not None and 0 < cpu <= current and memory is not None and memory > 0,
+          f"cpu {cpu} s (cgroup now {current:.2f} s), memory {memory} bytes")
     check("cpu_max 20%: a busy loop is throttled",
           read(f"{cgroup}/cpu.max") == "20000 100000" and throttled > 0 and used <= 0.3,
           f"cpu.max {read(f'{cgroup}/cpu.max')!r}, {used:.0%} of a CPU over {t1 - t0:.1f} s, "
@@ -391,6 +440,13 @@ def run_checks():
     left = sorted(e.name for e in os.scandir(instances) if e.is_dir())
     check("stopped instances leave no cgroup behind", left == ["calm.one"],
           f"{instances}: {left}")
+    text = scrape()
+    save("metrics-end.txt", text)
+    tenants = sorted(set(re.findall(r'^tenement_instance_memory_bytes\{[^}]*tenant="([^"]+)"', text, re.M)))
+    supervisor_rss = sample(text, 'tenement_process_resident_memory_bytes{daemon="supervisor"}')
+    check("metrics: only running instances have series, and the supervisor's own figures are there",
+          tenants == ["calm:one"] and supervisor_rss is not None and supervisor_rss > 0,
+          f"instances with series {tenants}, supervisor RSS {supervisor_rss}")
 
 
 def on_sigterm(signum, frame):
@@ -413,6 +469,7 @@ def main():
     finally:
         save("results.txt", "".join(line + "\n" for line in results))
         save("supervisor.log", run("journalctl", "-b", "-u", "tenement-supervisor", "--no-pager")[1])
+        save("proxy.log", run("journalctl", "-b", "-u", "tenement-proxy", "--no-pager")[1])
         save("dmesg.txt", run("dmesg")[1])
         save("cgroups.txt", run("sh", "-c", "cd /sys/fs/cgroup/system.slice/tenement-supervisor.service "
                                 "&& for f in cgroup.controllers cgroup.subtree_control */cgroup.controllers "

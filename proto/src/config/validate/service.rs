@@ -131,18 +131,7 @@ impl Checker<'_> {
         let restart_window = self.duration(body, "restart_window", Duration::from_secs(60));
         let backoff_base = self.duration(body, "backoff_base", Duration::from_millis(500));
         let backoff_max = self.duration(body, "backoff_max", Duration::from_secs(30));
-        let auto_spawn = match body.get("auto_spawn").map(|e| (e, &e.value)) {
-            None => false,
-            Some((_, RawValue::Boolean(b))) => *b,
-            Some((e, other)) => {
-                let message = format!(
-                    "auto_spawn must be true or false, not {}; write auto_spawn = true",
-                    other.kind()
-                );
-                self.error(e.key.span(), message);
-                false
-            }
-        };
+        let auto_spawn = self.flag(body, "auto_spawn", false);
         let isolation = body
             .get("isolation")
             .map(|_| self.choice(body, "isolation", ISOLATIONS, Isolation::Process));

@@ -15,6 +15,7 @@ const SETTINGS_KEYS: &[&str] = &[
     "runtime_dir",
     "listen",
     "metrics_listen",
+    "metrics_per_instance",
     "port_range",
     "admin_group",
     "proxy_user",
@@ -149,6 +150,7 @@ impl Checker<'_> {
             }
             None => Vec::new(),
         };
+        let metrics_per_instance = self.flag(table, "metrics_per_instance", false);
         let tls = match table
             .get("tls")
             .and_then(|e| self.table(e, "[settings.tls]"))
@@ -201,6 +203,7 @@ impl Checker<'_> {
             runtime_dir,
             listen,
             metrics_listen,
+            metrics_per_instance,
             port_range,
             admin_group,
             proxy_user,

@@ -33,18 +33,7 @@ impl Checker<'_> {
         if let Some(entry) = table.get("certificates") {
             tls.certificates = self.certificate_files(entry);
         }
-        if let Some(entry) = table.get("redirect_http") {
-            match entry.value {
-                RawValue::Boolean(b) => tls.redirect_http = b,
-                ref other => {
-                    let message = format!(
-                        "redirect_http must be true or false, not {}; write redirect_http = false",
-                        other.kind()
-                    );
-                    self.error(entry.key.span(), message);
-                }
-            }
-        }
+        tls.redirect_http = self.flag(table, "redirect_http", tls.redirect_http);
         if let Some(entry) = table.get("hsts") {
             let parsed = match &entry.value {
                 RawValue::Integer(n) => u64::try_from(*n).map(Duration::from_secs).ok(),
