@@ -16,7 +16,7 @@ use anyhow::Context as _;
 use regex::Regex;
 use serde_json::json;
 use tenement_proto::config::{Config, ConfigError, Environment};
-use tenement_proto::rpc::{LogLine, Request, Response, Route};
+use tenement_proto::rpc::{LogLine, Request, Response, Route, WeightChange};
 use tenement_proto::{InstanceId, ServiceName};
 
 use crate::client::{unexpected, Client};
@@ -133,10 +133,13 @@ impl Context {
     /// The deadline for calls that stop a process: the service's stop grace on top of the
     /// usual wait, so a long `stop_grace` is not cut short by tenctl.
     fn stop_timeout(config: &Config, instance: &InstanceId) -> Duration {
-        let grace = config
+        RPC_TIMEOUT.saturating_add(Self::stop_grace(config, instance))
+    }
+
+    fn stop_grace(config: &Config, instance: &InstanceId) -> Duration {
+        config
             .service(&instance.service)
-            .map_or(Duration::ZERO, |s| s.stop_grace);
-        RPC_TIMEOUT.saturating_add(grace)
+            .map_or(Duration::ZERO, |s| s.stop_grace)
     }
 }
 
@@ -392,6 +395,133 @@ pub fn restart(ctx: &Context, id: &str, json: bool, out: &mut dyn Write) -> anyh
         )?;
     }
     Ok(())
+}
+
+/// The weight changes of `weight` and `route`, as text or JSON.
+fn print_weights(changes: &[WeightChange], json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+    if json {
+        writeln!(out, "{}", json!({ "changes": changes }))?;
+        return Ok(());
+    }
+    for change in changes {
+        if change.from == change.to {
+            writeln!(out, "{} weight {} (unchanged)", change.instance, change.to)?;
+        } else {
+            writeln!(
+                out,
+                "{} weight {} -> {}",
+                change.instance, change.from, change.to
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// `tenctl weight`.
+pub fn weight(
+    ctx: &Context,
+    id: &str,
+    weight: u32,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let instance = parse_instance(id)?;
+    let config = ctx.load_config()?;
+    let mut client = ctx.connect(&config, Some(RPC_TIMEOUT))?;
+    match client.call(&Request::Weight { instance, weight })? {
+        Response::Weights { changes } => print_weights(&changes, json, out),
+        other => Err(unexpected("weight", &other)),
+    }
+}
+
+/// An instance of `service` named by its id (`v1`) or in full (`notes:v1`).
+fn instance_of(service: &ServiceName, text: &str) -> Result<InstanceId, UsageError> {
+    let full = if text.contains(':') {
+        text.to_owned()
+    } else {
+        format!("{service}:{text}")
+    };
+    let instance = parse_instance(&full)?;
+    if instance.service != *service {
+        return Err(UsageError(format!(
+            "{instance} is not an instance of {service}"
+        )));
+    }
+    Ok(instance)
+}
+
+/// `tenctl route SERVICE --from ID --to ID`.
+pub fn route(
+    ctx: &Context,
+    service: &str,
+    from: &str,
+    to: &str,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let service = ServiceName::new(service).map_err(|e| {
+        UsageError(format!(
+            "invalid service {:?}: {e}",
+            render::sanitize(&shorten(service))
+        ))
+    })?;
+    let from = instance_of(&service, from)?;
+    let to = instance_of(&service, to)?;
+    let config = ctx.load_config()?;
+    let mut client = ctx.connect(&config, Some(RPC_TIMEOUT))?;
+    match client.call(&Request::Route { from, to })? {
+        Response::Weights { changes } => print_weights(&changes, json, out),
+        other => Err(unexpected("route", &other)),
+    }
+}
+
+/// `tenctl deploy SERVICE:ID`.
+pub fn deploy(
+    ctx: &Context,
+    id: &str,
+    weight: u32,
+    timeout: Option<Duration>,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let instance = parse_instance(id)?;
+    let config = ctx.load_config()?;
+    // A failed deploy also stops the instance: its stop grace on top of the wait.
+    let read_timeout = timeout
+        .map_or(RPC_TIMEOUT, |t| {
+            t.min(MAX_WAKE_WAIT).saturating_add(WAKE_MARGIN)
+        })
+        .saturating_add(Context::stop_grace(&config, &instance));
+    let mut client = ctx.connect(&config, Some(read_timeout))?;
+    let request = Request::Deploy {
+        instance,
+        weight: Some(weight),
+        timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+    };
+    match client.call(&request)? {
+        Response::Deployed {
+            route,
+            started,
+            elapsed_us,
+        } => {
+            if json {
+                let mut doc = woken_json(&route, started, elapsed_us);
+                doc["weight"] = json!(route.weight);
+                writeln!(out, "{doc}")?;
+            } else {
+                writeln!(
+                    out,
+                    "deployed {} at {} with weight {} (ready and healthy in {})",
+                    route.instance,
+                    route.address,
+                    route.weight,
+                    render::elapsed(elapsed_us)
+                )?;
+            }
+            Ok(())
+        }
+        other => Err(unexpected("deploy", &other)),
+    }
 }
 
 /// `tenctl rm`.

@@ -110,6 +110,44 @@ enum Command {
         #[command(flatten)]
         output: Json,
     },
+    /// Set an instance's share of SERVICE.DOMAIN traffic: 0 (none) to 100. Kept across
+    /// restarts; the proxy routes by it at its next route push.
+    Weight {
+        /// SERVICE:ID.
+        instance: String,
+        /// 0 to 100.
+        #[arg(value_parser = parse_weight)]
+        weight: u32,
+        #[command(flatten)]
+        output: Json,
+    },
+    /// Move all of one instance's weight to another of the same service, in one step.
+    Route {
+        /// The service, for example notes.
+        service: String,
+        /// The instance losing its weight: its id (v1) or SERVICE:ID.
+        #[arg(long, value_name = "ID")]
+        from: String,
+        /// The instance getting it.
+        #[arg(long, value_name = "ID")]
+        to: String,
+        #[command(flatten)]
+        output: Json,
+    },
+    /// Register (if needed) and start an instance, wait until it is ready and healthy, and
+    /// only then give it its weight; on failure or timeout stop it and change no weight.
+    Deploy {
+        /// SERVICE:ID, for example notes:v2.
+        instance: String,
+        /// The weight it gets once healthy (0 to 100).
+        #[arg(long, default_value_t = 100, value_parser = parse_weight)]
+        weight: u32,
+        /// How long it may take to be ready and healthy, like 30s (the supervisor caps it at 2m).
+        #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
+        timeout: Option<Duration>,
+        #[command(flatten)]
+        output: Json,
+    },
     /// Stop and unregister an instance.
     Rm {
         /// SERVICE:ID.
@@ -162,6 +200,14 @@ enum Command {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+}
+
+fn parse_weight(text: &str) -> Result<u32, String> {
+    let max = tenement_proto::rpc::MAX_WEIGHT;
+    match text.parse::<u32>() {
+        Ok(weight) if weight <= max => Ok(weight),
+        _ => Err(format!("a weight is a whole number from 0 to {max}")),
+    }
 }
 
 fn parse_timeout(text: &str) -> Result<Duration, String> {
@@ -277,6 +323,23 @@ fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
             commands::restart(&ctx, &instance, output.json, out)?;
         }
         Command::Rm { instance, purge } => commands::remove(&ctx, &instance, purge, out)?,
+        Command::Weight {
+            instance,
+            weight,
+            output,
+        } => commands::weight(&ctx, &instance, weight, output.json, out)?,
+        Command::Route {
+            service,
+            from,
+            to,
+            output,
+        } => commands::route(&ctx, &service, &from, &to, output.json, out)?,
+        Command::Deploy {
+            instance,
+            weight,
+            timeout,
+            output,
+        } => commands::deploy(&ctx, &instance, weight, timeout, output.json, out)?,
         Command::Certs { output } => certs::certs(&ctx, output.json, out)?,
         Command::Ps { service, output } => {
             commands::ps(&ctx, service.as_deref(), output.json, out)?;

@@ -166,12 +166,13 @@ pub fn instance_table(instances: &[InstanceInfo]) -> String {
                 optional_duration(i.idle_s),
                 i.restarts.to_string(),
                 or_dash(&i.health),
+                i.weight.to_string(),
             ]
         })
         .collect();
     table(
         &[
-            "INSTANCE", "STATE", "PID", "ADDRESS", "UPTIME", "IDLE", "RESTARTS", "HEALTH",
+            "INSTANCE", "STATE", "PID", "ADDRESS", "UPTIME", "IDLE", "RESTARTS", "HEALTH", "WEIGHT",
         ],
         &rows,
     )
@@ -407,9 +408,9 @@ mod tests {
         let text = instance_table(&[info("notes:alice"), bob]);
         assert_eq!(
             text,
-            "INSTANCE     STATE    PID   ADDRESS          UPTIME  IDLE  RESTARTS  HEALTH\n\
-             notes:alice  running  4242  127.0.0.1:20001  5m12s   3s    0         healthy\n\
-             notes:bob    stopped  -     127.0.0.1:20001  -       -     12        -\n"
+            "INSTANCE     STATE    PID   ADDRESS          UPTIME  IDLE  RESTARTS  HEALTH   WEIGHT\n\
+             notes:alice  running  4242  127.0.0.1:20001  5m12s   3s    0         healthy  1\n\
+             notes:bob    stopped  -     127.0.0.1:20001  -       -     12        -        1\n"
         );
     }
 

@@ -13,6 +13,11 @@ use crate::ids::{InstanceId, ServiceName, TenantId};
 /// The RPC protocol version spoken by this build. See the compatibility rules in `lib.rs`.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// The largest routing weight (`tenctl weight`): weights are shares, 0 to 100.
+pub const MAX_WEIGHT: u32 = 100;
+/// The weight of a newly registered instance.
+pub const DEFAULT_WEIGHT: u32 = 100;
+
 /// Which socket a connection came in on, and so which calls it may make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -96,6 +101,27 @@ pub enum Request {
     Status {
         instance: InstanceId,
     },
+    /// Set an instance's share of `{service}.{domain}` traffic, 0 (none) to [`MAX_WEIGHT`].
+    Weight {
+        instance: InstanceId,
+        weight: u32,
+    },
+    /// Move all of `from`'s weight to `to` (the same service) in one step: `to` gets the sum
+    /// (at most [`MAX_WEIGHT`]), `from` 0.
+    Route {
+        from: InstanceId,
+        to: InstanceId,
+    },
+    /// Register `instance` if needed (with weight 0), start it, wait until it is ready and,
+    /// when its service has a health check, healthy; only then give it `weight` (default
+    /// [`DEFAULT_WEIGHT`]). On failure or timeout it is stopped and no weight changes.
+    Deploy {
+        instance: InstanceId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        weight: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
+    },
     Logs {
         instance: InstanceId,
         /// Last N lines (default: all buffered).
@@ -125,6 +151,9 @@ impl Request {
             | Request::List
             | Request::Reload
             | Request::Status { .. }
+            | Request::Weight { .. }
+            | Request::Route { .. }
+            | Request::Deploy { .. }
             | Request::Logs { .. } => role == Role::Admin,
         }
     }
@@ -147,6 +176,9 @@ impl Request {
             Request::List => "list",
             Request::Reload => "reload",
             Request::Status { .. } => "status",
+            Request::Weight { .. } => "weight",
+            Request::Route { .. } => "route",
+            Request::Deploy { .. } => "deploy",
             Request::Logs { .. } => "logs",
         }
     }
@@ -225,6 +257,18 @@ pub enum Response {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         drain: bool,
     },
+    /// Answer to `weight` and `route`: every weight that changed (or was asked for).
+    Weights {
+        changes: Vec<WeightChange>,
+    },
+    /// Answer to `deploy`: the instance is ready (and healthy) and has its weight.
+    Deployed {
+        route: Route,
+        /// Whether this call started its process.
+        started: bool,
+        /// Time from the request until the weight was given, in microseconds.
+        elapsed_us: u64,
+    },
     /// Answer to `stats`: `supervisor` and `services` in the first message, running
     /// instances 250 to a message, every message but the last with `more`.
     Stats {
@@ -259,6 +303,8 @@ impl Response {
             Response::Park { .. } => "park",
             Response::Reloaded { .. } => "reloaded",
             Response::Stats { .. } => "stats",
+            Response::Weights { .. } => "weights",
+            Response::Deployed { .. } => "deployed",
             Response::ConfigReloaded => "config_reloaded",
         }
     }
@@ -423,6 +469,14 @@ pub struct InstanceInfo {
     /// Why the instance is failed or unhealthy, when it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+/// One instance's weight before and after a `weight`, `route` or `deploy`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WeightChange {
+    pub instance: InstanceId,
+    pub from: u32,
+    pub to: u32,
 }
 
 /// The supervisor process itself, for `stats`.

@@ -15,7 +15,8 @@ use serde::Serialize;
 use tenement_proto::frame;
 use tenement_proto::rpc::{
     ActivityReport, Address, ErrorCode, InstanceInfo, InstanceState, InstanceUsage, LogLine,
-    LogStream, Request, Response, Role, Route, ServiceStats, SupervisorStats, PROTOCOL_VERSION,
+    LogStream, Request, Response, Role, Route, ServiceStats, SupervisorStats, WeightChange,
+    PROTOCOL_VERSION,
 };
 use tenement_proto::{InstanceId, ServiceName, TenantId};
 
@@ -80,6 +81,28 @@ fn requests() -> Vec<(&'static str, Request)> {
         ),
         ("request_subscribe", Request::Subscribe),
         ("request_stats", Request::Stats { instances: true }),
+        (
+            "request_weight",
+            Request::Weight {
+                instance: id("notes:v1"),
+                weight: 80,
+            },
+        ),
+        (
+            "request_route",
+            Request::Route {
+                from: id("notes:v1"),
+                to: id("notes:v2"),
+            },
+        ),
+        (
+            "request_deploy",
+            Request::Deploy {
+                instance: id("notes:v2"),
+                weight: Some(10),
+                timeout_ms: Some(30_000),
+            },
+        ),
         (
             "request_activity",
             Request::Activity {
@@ -217,6 +240,31 @@ fn responses() -> Vec<(&'static str, Response)> {
                         line: "notes listening on 127.0.0.1:20001".to_owned(),
                     },
                 ],
+            },
+        ),
+        (
+            "response_weights",
+            Response::Weights {
+                changes: vec![
+                    WeightChange {
+                        instance: id("notes:v1"),
+                        from: 100,
+                        to: 0,
+                    },
+                    WeightChange {
+                        instance: id("notes:v2"),
+                        from: 0,
+                        to: 100,
+                    },
+                ],
+            },
+        ),
+        (
+            "response_deployed",
+            Response::Deployed {
+                route: route(),
+                started: true,
+                elapsed_us: 52_000,
             },
         ),
         (

@@ -19,7 +19,7 @@ use std::time::Duration;
 use tenement_proto::frame::{self, FrameError};
 use tenement_proto::rpc::{
     ErrorCode, InstanceInfo, InstanceUsage, Request, Response, Role, ServiceStats, SupervisorStats,
-    PROTOCOL_VERSION,
+    DEFAULT_WEIGHT, PROTOCOL_VERSION,
 };
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::firewall::Firewall;
-use crate::registry::{Command, RegistryHandle, RpcError, MAX_WAKE_WAIT};
+use crate::registry::{check_weight, Command, RegistryHandle, RpcError, Weighing, MAX_WAKE_WAIT};
 
 /// How long a client has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -512,6 +512,25 @@ async fn answer(request: Request, registry: &RegistryHandle) -> Response {
                 ErrorCode::BadRequest,
                 "park_ack is only valid on a subscribed connection",
             )),
+            Request::Weight { instance, weight } => {
+                let weighing = Weighing::Set { instance, weight };
+                let changes = registry
+                    .ask(|reply| Command::Weigh { weighing, reply })
+                    .await??;
+                Ok(Response::Weights { changes })
+            }
+            Request::Route { from, to } => {
+                let weighing = Weighing::Move { from, to };
+                let changes = registry
+                    .ask(|reply| Command::Weigh { weighing, reply })
+                    .await??;
+                Ok(Response::Weights { changes })
+            }
+            Request::Deploy {
+                instance,
+                weight,
+                timeout_ms,
+            } => deploy(registry, instance, weight, timeout_ms).await,
             Request::Add { instances } => {
                 let (added, existing) = registry
                     .ask(|reply| Command::Add { instances, reply })
@@ -599,6 +618,96 @@ async fn wake(
         )),
         Ok(Ok(result)) => result.map(woken),
     }
+}
+
+/// `deploy`: registered with weight 0 if new, started, ready, healthy (when its service has a
+/// health check readiness did not already pass), and only then given its weight. A failure
+/// at any step stops the instance and changes no weight.
+async fn deploy(
+    registry: &RegistryHandle,
+    instance: tenement_proto::InstanceId,
+    weight: Option<u32>,
+    timeout_ms: Option<u64>,
+) -> Result<Response, RpcError> {
+    let weight = weight.unwrap_or(DEFAULT_WEIGHT);
+    check_weight(weight)?;
+    let began = std::time::Instant::now();
+    let wait = timeout_ms
+        .map(Duration::from_millis)
+        .unwrap_or(DEFAULT_WAKE_WAIT)
+        .min(MAX_WAKE_WAIT);
+    let deadline = tokio::time::Instant::now() + wait;
+    let id = instance.clone();
+    let plan = registry
+        .ask(|reply| Command::PrepareDeploy { instance, reply })
+        .await??;
+    let started = async {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let ms = u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX);
+        let (route, started) = match wake(registry, id.clone(), Some(ms), true).await? {
+            Response::Woken { route, started, .. } => (route, started),
+            other => {
+                return Err(RpcError::new(
+                    ErrorCode::Internal,
+                    format!("unexpected answer to a wake: {}", other.name()),
+                ))
+            }
+        };
+        if let Some((path, per_try)) = &plan.health {
+            let healthy = crate::probe::wait_healthy(&route.address, path, *per_try);
+            if tokio::time::timeout_at(deadline, healthy).await.is_err() {
+                return Err(RpcError::new(
+                    ErrorCode::WakeTimeout,
+                    format!(
+                        "{id} was ready but GET {path} did not answer 2xx within {} ms",
+                        wait.as_millis()
+                    ),
+                ));
+            }
+        }
+        Ok((route, started))
+    }
+    .await;
+    let (route, started) = match started {
+        Ok(ready) => ready,
+        Err(e) => {
+            // Stopped, weights untouched (a new instance stays registered at weight 0).
+            let stop = id.clone();
+            let _ = registry
+                .ask(|reply| Command::Stop {
+                    instance: stop,
+                    reply,
+                })
+                .await;
+            return Err(RpcError::new(
+                e.code,
+                format!(
+                    "deploy of {id} failed: {}; it is stopped and no weight changed",
+                    e.message
+                ),
+            ));
+        }
+    };
+    let weighing = Weighing::Set {
+        instance: id.clone(),
+        weight,
+    };
+    registry
+        .ask(|reply| Command::Weigh { weighing, reply })
+        .await??;
+    let route = registry
+        .ask(|reply| Command::Resolve {
+            instance: id,
+            reply,
+        })
+        .await?
+        .unwrap_or(route);
+    tracing::info!(instance = %route.instance, fresh = plan.fresh, "{}: deployed with weight {weight}", route.instance);
+    Ok(Response::Deployed {
+        route,
+        started,
+        elapsed_us: began.elapsed().as_micros() as u64,
+    })
 }
 
 /// The proxy's watch stream: route updates and park requests down, activity and park

@@ -17,7 +17,10 @@ use tenement_proto::InstanceId;
 
 use crate::procfs;
 
-const STATE_VERSION: u32 = 1;
+/// 2: weights are shares from 0 to 100 (`tenctl weight`), new instances 100. Version 1 files
+/// (every weight the 1 nothing could change) are read with their weights made 100, and written
+/// back as version 2 at the next save.
+const STATE_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StateFile {
@@ -97,11 +100,17 @@ impl StateStore {
             }
             Err(source) => return Err(StateError::Read { path, source }),
         };
-        let state: StateFile =
+        let mut state: StateFile =
             serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
                 path: path.clone(),
                 source,
             })?;
+        if state.version == 1 {
+            for instance in &mut state.instances {
+                instance.weight = tenement_proto::rpc::DEFAULT_WEIGHT;
+            }
+            state.version = STATE_VERSION;
+        }
         if state.version != STATE_VERSION {
             return Err(StateError::Version {
                 path,
@@ -249,6 +258,18 @@ mod tests {
             auto: false,
             proven: false,
         }
+    }
+
+    #[test]
+    fn a_version_1_registry_is_read_with_weights_of_100() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::open(dir.path()).expect("open");
+        let v1 = r#"{"version":1,"instances":[{"instance":"notes:alice","port":20001,"weight":1,"created_ms":5}]}"#;
+        fs::write(store.registry_path(), v1).expect("write");
+        let state = store.load().expect("load");
+        assert_eq!(state.version, STATE_VERSION);
+        assert_eq!(state.instances[0].weight, 100);
+        assert_eq!(state.instances[0].port, Some(20001));
     }
 
     #[test]

@@ -16,3 +16,4 @@ mod routing;
 mod streaming;
 mod tls;
 mod wake;
+mod weights;

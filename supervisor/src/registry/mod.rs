@@ -10,6 +10,9 @@ mod auto_spawn;
 mod instance;
 mod isolation;
 mod process;
+mod weights;
+
+pub use weights::{check_weight, DeployPlan, Weighing};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -19,7 +22,7 @@ use std::time::{Duration, Instant};
 use tenement_proto::config::{Config, ListenMode, Service};
 use tenement_proto::rpc::{
     ActivityReport, ErrorCode, InstanceInfo, InstanceUsage, LogLine, Response, RestartReason,
-    Route, ServiceStats,
+    Route, ServiceStats, WeightChange, DEFAULT_WEIGHT,
 };
 use tenement_proto::{InstanceId, ServiceName};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -101,6 +104,16 @@ pub enum Command {
     },
     List {
         reply: oneshot::Sender<Vec<InstanceInfo>>,
+    },
+    /// `weight` and `route`.
+    Weigh {
+        weighing: Weighing,
+        reply: Reply<Vec<WeightChange>>,
+    },
+    /// The first step of `deploy`: register the instance with weight 0 if it is new.
+    PrepareDeploy {
+        instance: InstanceId,
+        reply: Reply<DeployPlan>,
     },
     /// Counters per service and, with `instances`, the usage of every running instance.
     Stats {
@@ -374,7 +387,7 @@ impl Registry {
         let declared = registry.config.instances.clone();
         for id in declared {
             if !registry.instances.contains_key(&id) {
-                registry.insert_new(id, now)?;
+                registry.insert_new(id, DEFAULT_WEIGHT, now)?;
                 changed = true;
             }
         }
@@ -407,7 +420,7 @@ impl Registry {
             .is_some_and(|s| s.listen != ListenMode::Unix)
     }
 
-    fn insert_new(&mut self, id: InstanceId, now: Instant) -> Result<(), RpcError> {
+    fn insert_new(&mut self, id: InstanceId, weight: u32, now: Instant) -> Result<(), RpcError> {
         let port = if self.needs_port(&id.service) {
             let port = self
                 .ports
@@ -417,7 +430,7 @@ impl Registry {
         } else {
             None
         };
-        let instance = Instance::new(id.clone(), port, 1, now_ms(), now);
+        let instance = Instance::new(id.clone(), port, weight, now_ms(), now);
         self.instances.insert(id, instance);
         Ok(())
     }
@@ -538,6 +551,12 @@ impl Registry {
                 list.sort_by(|a, b| a.instance.cmp(&b.instance));
                 let _ = reply.send(list);
             }
+            Command::Weigh { weighing, reply } => {
+                let _ = reply.send(self.weigh(weighing));
+            }
+            Command::PrepareDeploy { instance, reply } => {
+                let _ = reply.send(self.prepare_deploy(&instance, now));
+            }
             Command::Stats { instances, reply } => {
                 let services = self.service_stats();
                 let usage = if instances {
@@ -621,6 +640,16 @@ impl Registry {
         ids: Vec<InstanceId>,
         now: Instant,
     ) -> Result<(Vec<InstanceId>, Vec<InstanceId>), RpcError> {
+        self.add_with_weight(ids, DEFAULT_WEIGHT, now)
+    }
+
+    /// [`Self::add`], new instances getting `weight`.
+    fn add_with_weight(
+        &mut self,
+        ids: Vec<InstanceId>,
+        weight: u32,
+        now: Instant,
+    ) -> Result<(Vec<InstanceId>, Vec<InstanceId>), RpcError> {
         for id in &ids {
             self.service_of(id)?;
         }
@@ -630,7 +659,7 @@ impl Registry {
         for id in ids {
             if self.instances.contains_key(&id) {
                 existing.push(id);
-            } else if let Err(e) = self.insert_new(id.clone(), now) {
+            } else if let Err(e) = self.insert_new(id.clone(), weight, now) {
                 inserted = Err(e);
                 break;
             } else {
