@@ -35,6 +35,9 @@ BENCHMARKS = [
     ("isolation overhead", "isolation_overhead.py", ["--rounds", "21"], ["--rounds", "3"]),
     ("TLS: tenement-proxy vs nginx", "tls_throughput.py", ["--rounds", "5", "--duration", "5"],
      ["--rounds", "1", "--duration", "2", "--idle", "300", "--resume", "20", "--acme-rounds", "1"]),
+    ("metrics cost: on and off, a scrape at 10,000", "metrics_cost.py", ["--rounds", "5", "--duration", "5"],
+     ["--rounds", "1", "--duration", "2", "--instances", "1000", "--running", "20", "--scrapes", "5",
+      "--scrape-rounds", "1"]),
 ]
 
 
