@@ -30,6 +30,9 @@ pub struct SocketOwner {
     pub uid: u32,
     /// Its inode: `socket:[inode]` in `/proc/PID/fd` of every process holding it.
     pub inode: u32,
+    /// For a listener, its backlog: the accept queue holds this many connections, and a SYN
+    /// that finds it full is dropped (the client retries after a second).
+    pub backlog: u32,
 }
 
 /// Every TCP socket listening on `port`, on any address, IPv4 and IPv6.
@@ -118,6 +121,7 @@ fn ask(request: InetRequest, flags: u16) -> io::Result<Vec<SocketOwner>> {
                         local: SocketAddr::new(id.source_address, id.source_port),
                         uid: response.header.uid,
                         inode: response.header.inode,
+                        backlog: response.header.send_queue,
                     });
                     if flags & NLM_F_DUMP == 0 {
                         return Ok(owners);
@@ -166,6 +170,13 @@ mod tests {
         assert_eq!(listeners.len(), 1, "{listeners:?}");
         assert_eq!(listeners[0].local, addr);
         assert_eq!(listeners[0].uid, my_uid());
+        // std listens with a backlog of 128 (capped by net.core.somaxconn).
+        let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .expect("somaxconn")
+            .trim()
+            .parse()
+            .expect("a number");
+        assert_eq!(listeners[0].backlog, 128.min(somaxconn));
         let inode = listeners[0].inode;
         let fd_link = std::fs::read_dir("/proc/self/fd")
             .expect("fds")

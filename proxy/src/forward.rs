@@ -492,7 +492,10 @@ impl Proxy {
             .await;
             match attempt {
                 Err(_) => return Err(ProxyError::UpstreamTimeout),
-                Ok(Ok(response)) => break (response, key, connection),
+                Ok(Ok(response)) => {
+                    connection.answered();
+                    break (response, key, connection);
+                }
                 Ok(Err(mut error)) => match error.take_message() {
                     // The connection was closed before the request went out: it comes back
                     // untouched and goes out on another one.

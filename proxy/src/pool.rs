@@ -11,6 +11,13 @@
 //! still written, so hyper goes on to read the answer; such a connection is never reused, and
 //! [`Connection::abandon`] ends it once its answer has been relayed.
 //!
+//! A herd of first requests to a just-woken instance (or a burst to a running one) must not
+//! overflow its accept queue: a SYN the kernel drops is retried by the client a whole second
+//! later. So new connections to a TCP instance that have not been answered yet are at most as
+//! many as its listener's backlog (read with sock_diag once per process), and the requests
+//! beyond wait here, as they would for a wake, for an answer or a connection coming back.
+//! Answered connections are kept alive and reused without that limit.
+//!
 //! Why not hyper-util's pooled client: the proxy must connect *before* it gives the request
 //! body away (a refused connect means "wake the instance and retry", which needs the request
 //! intact), and it routes to Unix sockets by instance; hyper's `conn` API gives both directly.
@@ -40,6 +47,9 @@ use crate::respond::ProxyBody;
 pub struct Connection {
     pub send: http1::SendRequest<ProxyBody>,
     state: Arc<ConnectionState>,
+    /// A new connection's place among those not answered yet (see the module's herd rule),
+    /// given back by [`Connection::answered`] or when it ends.
+    unanswered: Option<OwnedSemaphorePermit>,
 }
 
 #[derive(Default)]
@@ -58,6 +68,12 @@ impl Connection {
 
     fn reusable(&self) -> bool {
         !self.send.is_closed() && !self.write_broken()
+    }
+
+    /// The instance answered on this connection: it was accepted, and no longer counts against
+    /// the listener's accept queue.
+    pub fn answered(&mut self) {
+        self.unanswered = None;
     }
 
     /// Ends the connection now, whatever it was still doing (an early answer has been relayed
@@ -87,6 +103,17 @@ pub struct Pool {
     /// Per upstream address: how many connections may be open to it at once, and a wake-up
     /// for requests waiting because all of them are in use (an idle one came back).
     slots: Mutex<HashMap<InstanceId, Slots>>,
+    /// Per instance, for its current process: how many new connections may wait unanswered.
+    gates: Mutex<HashMap<InstanceId, Gate>>,
+}
+
+/// The new connections of one process that may be unanswered at once: as many as its
+/// listener's accept queue holds. `permits` is `None` when the listener was not found (it is
+/// then not limited).
+struct Gate {
+    generation: u64,
+    address: Address,
+    permits: Option<Arc<Semaphore>>,
 }
 
 /// Idle connections per upstream process.
@@ -175,21 +202,73 @@ impl Pool {
                     return Ok((connection, true));
                 }
             }
+            let busy = || {
+                io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!("all {cap} connections to the instance stayed busy"),
+                )
+            };
             let slot = tokio::select! {
                 slot = slots.clone().acquire_owned() => match slot {
                     Ok(slot) => slot,
                     Err(_) => return Err(io::Error::other("connection slots closed")),
                 },
                 () = &mut idle_back, if !fresh => continue,
-                () = tokio::time::sleep_until(queue_until) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::WouldBlock,
-                        format!("all {cap} connections to the instance stayed busy"),
-                    ))
-                }
+                () = tokio::time::sleep_until(queue_until) => return Err(busy()),
             };
-            return self.connect(key, slot, timeout).await.map(|c| (c, false));
+            let unanswered = match self.gate(key) {
+                None => None,
+                Some(gate) => tokio::select! {
+                    permit = gate.acquire_owned() => match permit {
+                        Ok(permit) => Some(permit),
+                        Err(_) => return Err(io::Error::other("connection gate closed")),
+                    },
+                    () = &mut idle_back, if !fresh => continue,
+                    () = tokio::time::sleep_until(queue_until) => return Err(io::Error::new(
+                        io::ErrorKind::WouldBlock,
+                        "the instance did not answer the connections it had queued",
+                    )),
+                },
+            };
+            return self
+                .connect(key, slot, unanswered, timeout)
+                .await
+                .map(|c| (c, false));
         }
+    }
+
+    /// The herd limit of `key`'s process: found with sock_diag the first time it needs a new
+    /// connection (the listener on its address owned by its uid), then kept until another
+    /// process serves the instance.
+    fn gate(&self, key: &PoolKey) -> Option<Arc<Semaphore>> {
+        let Address::Tcp(addr) = &key.address else {
+            return None;
+        };
+        let mut gates = lock(&self.gates);
+        if let Some(gate) = gates.get(&key.instance) {
+            if gate.generation == key.generation && gate.address == key.address {
+                return gate.permits.clone();
+            }
+        }
+        let backlog = tenement_proto::sockdiag::tcp_listeners(addr.port())
+            .unwrap_or_default()
+            .into_iter()
+            .find(|l| {
+                (l.local == *addr || l.local.ip().is_unspecified())
+                    && key.owner_uid.is_none_or(|uid| uid == l.uid)
+            })
+            .map(|l| l.backlog.max(1));
+        let permits = backlog.map(|n| Arc::new(Semaphore::new(n as usize)));
+        tracing::debug!(instance = %key.instance, ?backlog, "new connections unanswered at once");
+        gates.insert(
+            key.instance.clone(),
+            Gate {
+                generation: key.generation,
+                address: key.address.clone(),
+                permits: permits.clone(),
+            },
+        );
+        permits
     }
 
     /// Opens a new connection on `slot` within `timeout`. Over TCP, the socket that accepted
@@ -200,6 +279,7 @@ impl Pool {
         &self,
         key: &PoolKey,
         slot: OwnedSemaphorePermit,
+        unanswered: Option<OwnedSemaphorePermit>,
         timeout: Duration,
     ) -> io::Result<Connection> {
         let connect = async {
@@ -210,9 +290,11 @@ impl Pool {
                         check_owner(&stream, expected)?;
                     }
                     stream.set_nodelay(true)?;
-                    handshake(stream, slot).await
+                    handshake(stream, slot, unanswered).await
                 }
-                Address::Unix(path) => handshake(UnixStream::connect(path).await?, slot).await,
+                Address::Unix(path) => {
+                    handshake(UnixStream::connect(path).await?, slot, unanswered).await
+                }
             }
         };
         match tokio::time::timeout(timeout, connect).await {
@@ -245,7 +327,11 @@ fn check_owner(stream: &TcpStream, expected: u32) -> io::Result<()> {
     }
 }
 
-async fn handshake<S>(stream: S, slot: OwnedSemaphorePermit) -> io::Result<Connection>
+async fn handshake<S>(
+    stream: S,
+    slot: OwnedSemaphorePermit,
+    unanswered: Option<OwnedSemaphorePermit>,
+) -> io::Result<Connection>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -272,7 +358,11 @@ where
             () = abandon.cancelled() => tracing::debug!("upstream connection abandoned"),
         }
     });
-    Ok(Connection { send, state })
+    Ok(Connection {
+        send,
+        state,
+        unanswered,
+    })
 }
 
 /// An upstream socket whose write side may die before its read side: EPIPE or ECONNRESET on
@@ -372,6 +462,51 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteGuarded<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A listener with a backlog of 2 that accepts nothing yet: two new connections go out,
+    /// the third waits (its SYN would overflow the accept queue) until one is answered.
+    #[tokio::test]
+    async fn new_connections_wait_while_the_accept_queue_is_full() {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.1:0".parse().expect("addr"))
+            .expect("bind");
+        let listener = socket.listen(2).expect("listen");
+        let address = Address::Tcp(listener.local_addr().expect("address"));
+        let pool = Arc::new(Pool::default());
+        let key = PoolKey {
+            address,
+            generation: 1,
+            owner_uid: None,
+            instance: "app:a".parse().expect("id"),
+        };
+        let checkout = |pool: Arc<Pool>, key: PoolKey, wait_ms: u64| async move {
+            let until = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+            pool.checkout(&key, 16, true, until, Duration::from_secs(5))
+                .await
+        };
+        let (mut first, _) = checkout(pool.clone(), key.clone(), 1_000)
+            .await
+            .expect("the first");
+        let (_second, _) = checkout(pool.clone(), key.clone(), 1_000)
+            .await
+            .expect("the second");
+        let third = checkout(pool.clone(), key.clone(), 200).await;
+        assert_eq!(
+            third.err().map(|e| e.kind()),
+            Some(io::ErrorKind::WouldBlock),
+            "a third connection went out to a full accept queue"
+        );
+        // One is answered: a third may go out.
+        let waiting = tokio::spawn(checkout(pool.clone(), key.clone(), 5_000));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished());
+        first.answered();
+        let (_third, _) = waiting
+            .await
+            .expect("join")
+            .expect("the third, once one was answered");
+    }
 
     /// Many process generations come and go (each wake is a new one); the pool keeps lists
     /// for about as many as are alive, not for every one it has seen.

@@ -177,11 +177,7 @@ fn a_deploy_that_never_becomes_healthy_is_stopped_and_changes_no_weight() {
     // v3 starts and listens, but its health check fails.
     let dir = sandbox.data_dir.join("notes").join("v3");
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(
-        &dir,
-        std::os::unix::fs::PermissionsExt::from_mode(0o700),
-    )
-    .unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     std::fs::write(dir.join("health"), "fail").unwrap();
 
     let out = tenctl(&sandbox, &["deploy", "notes:v3", "--timeout", "3s"]);
