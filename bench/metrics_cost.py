@@ -462,7 +462,7 @@ def main():
     if not args.no_build:
         build()
     snapshot_binaries()
-    began = time.time()
+    began, load_before = time.time(), os.getloadavg()
     rows, checks = throughput(args, conns) if args.rounds else ({}, [])
     scale = scrape_at_scale(args) if args.scrape_rounds else None
     print(f"# metrics cost; {machine()}; {revision()}")
@@ -473,7 +473,9 @@ def main():
     if scale:
         print()
         ok = report_scale(args, *scale) and ok
-    print(f"(took {time.time() - began:.0f} s)")
+    load = lambda xs: "/".join(f"{x:.2f}" for x in xs)
+    print(f"(took {time.time() - began:.0f} s; load average 1/5/15 min at the start {load(load_before)}, "
+          f"at the end {load(os.getloadavg())})")
     return 0 if ok else 1
 
 

@@ -291,23 +291,23 @@ impl Cgroups {
     /// Processes of the instance the OOM killer has killed (`oom_kill` of memory.events), the
     /// counter of the cgroup's whole life: compare two readings.
     pub fn oom_kills(&self, id: &InstanceId) -> Option<u64> {
-        let text = fs::read_to_string(self.instance_dir(id).join("memory.events")).ok()?;
-        text.lines().find_map(|line| {
-            let (key, value) = line.split_once(' ')?;
-            (key == "oom_kill").then(|| value.trim().parse().ok())?
-        })
+        self.keyed(id, "memory.events", "oom_kill")
     }
 
     /// CPU time the instance's cgroup has used (`usage_usec` of cpu.stat, present with or
     /// without the cpu controller), in seconds.
     pub fn cpu_seconds(&self, id: &InstanceId) -> Option<f64> {
-        let text = fs::read_to_string(self.instance_dir(id).join("cpu.stat")).ok()?;
-        text.lines()
-            .find_map(|line| {
-                let (key, value) = line.split_once(' ')?;
-                (key == "usage_usec").then(|| value.trim().parse::<u64>().ok())?
-            })
+        self.keyed(id, "cpu.stat", "usage_usec")
             .map(|us| us as f64 / 1e6)
+    }
+
+    /// One value of a flat keyed file of the instance's cgroup (`key value` lines).
+    fn keyed(&self, id: &InstanceId, file: &str, key: &str) -> Option<u64> {
+        let text = fs::read_to_string(self.instance_dir(id).join(file)).ok()?;
+        text.lines().find_map(|line| {
+            let (name, value) = line.split_once(' ')?;
+            (name == key).then(|| value.trim().parse().ok())?
+        })
     }
 
     /// Kills and removes instance cgroups left by a previous supervisor.
@@ -426,6 +426,28 @@ mod tests {
         assert_eq!(read("cpu.weight"), "50");
         assert_eq!(read("cpu.max"), "150000 100000");
         assert!(dir.ends_with("instances/notes.alice"));
+    }
+
+    #[test]
+    fn oom_kills_and_cpu_time_are_read_from_the_keyed_files() {
+        let root = fake("memory");
+        fs::create_dir(root.path().join("instances")).expect("mkdir");
+        fs::write(root.path().join("instances/cgroup.subtree_control"), "").expect("write");
+        let cg = Cgroups::at(root.path(), 1).expect("setup");
+        let dir = cg.prepare(&id(), &Limits::default()).expect("prepare");
+        assert_eq!(cg.oom_kills(&id()), None, "no memory.events yet");
+        fs::write(
+            dir.join("memory.events"),
+            "low 0\nhigh 0\nmax 7\noom 2\noom_kill 2\noom_group_kill 1\n",
+        )
+        .expect("write");
+        fs::write(
+            dir.join("cpu.stat"),
+            "usage_usec 1500000\nuser_usec 1000000\nsystem_usec 500000\n",
+        )
+        .expect("write");
+        assert_eq!(cg.oom_kills(&id()), Some(2));
+        assert_eq!(cg.cpu_seconds(&id()), Some(1.5));
     }
 
     #[test]
