@@ -283,6 +283,18 @@ pub fn spawn(ctx: &Context, id: &str, json: bool, out: &mut dyn Write) -> anyhow
     Ok(())
 }
 
+/// How long tenctl waits for the answer to a call that waits `timeout` (or the
+/// supervisor's default) itself.
+fn wait_timeout(timeout: Option<Duration>) -> Duration {
+    timeout.map_or(RPC_TIMEOUT, |t| {
+        t.min(MAX_WAKE_WAIT).saturating_add(WAKE_MARGIN)
+    })
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// `tenctl wake`: start if stopped and wait until ready.
 pub fn wake(
     ctx: &Context,
@@ -293,13 +305,11 @@ pub fn wake(
 ) -> anyhow::Result<()> {
     let instance = parse_instance(id)?;
     let config = ctx.load_config()?;
-    let read_timeout = timeout.map_or(RPC_TIMEOUT, |t| {
-        t.min(MAX_WAKE_WAIT).saturating_add(WAKE_MARGIN)
-    });
+    let read_timeout = wait_timeout(timeout);
     let mut client = ctx.connect(&config, Some(read_timeout))?;
     let request = Request::Wake {
         instance,
-        timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        timeout_ms: timeout.map(millis),
     };
     let (route, started, elapsed_us) = expect_woken("wake", client.call(&request)?)?;
     if json {
@@ -487,16 +497,13 @@ pub fn deploy(
     let instance = parse_instance(id)?;
     let config = ctx.load_config()?;
     // A failed deploy also stops the instance: its stop grace on top of the wait.
-    let read_timeout = timeout
-        .map_or(RPC_TIMEOUT, |t| {
-            t.min(MAX_WAKE_WAIT).saturating_add(WAKE_MARGIN)
-        })
-        .saturating_add(Context::stop_grace(&config, &instance));
+    let read_timeout =
+        wait_timeout(timeout).saturating_add(Context::stop_grace(&config, &instance));
     let mut client = ctx.connect(&config, Some(read_timeout))?;
     let request = Request::Deploy {
         instance,
         weight: Some(weight),
-        timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        timeout_ms: timeout.map(millis),
     };
     match client.call(&request)? {
         Response::Deployed {
