@@ -224,12 +224,22 @@ fn check_request_ids(request: &Request) {
         | Request::Restart { instance }
         | Request::Remove { instance, .. }
         | Request::Status { instance }
+        | Request::Weight { instance, .. }
+        | Request::Deploy { instance, .. }
         | Request::Logs { instance, .. } => check_instance(instance),
+        Request::Route { from, to } => {
+            check_instance(from);
+            check_instance(to);
+        }
         Request::Activity { reports } => {
             reports.iter().for_each(|r| check_instance(&r.instance));
         }
         Request::Add { instances } => instances.iter().for_each(check_instance),
-        Request::Hello { .. } | Request::Subscribe | Request::List | Request::Reload => {}
+        Request::Hello { .. }
+        | Request::Subscribe
+        | Request::List
+        | Request::Reload
+        | Request::Stats { .. } => {}
     }
 }
 
@@ -247,7 +257,18 @@ fn check_response_ids(response: &Response) {
             .chain(changed)
             .chain(removed)
             .for_each(check_service),
-        Response::Woken { route, .. } | Response::Route { route } => check_route(route),
+        Response::Woken { route, .. }
+        | Response::Route { route }
+        | Response::Deployed { route, .. } => check_route(route),
+        Response::Weights { changes } => changes.iter().for_each(|c| check_instance(&c.instance)),
+        Response::Stats {
+            services,
+            instances,
+            ..
+        } => {
+            services.iter().for_each(|s| check_service(&s.service));
+            instances.iter().for_each(|u| check_instance(&u.instance));
+        }
         Response::Instances { instances, .. } => instances.iter().for_each(check_info),
         Response::Status { status } => check_info(status),
         Response::Routes {
