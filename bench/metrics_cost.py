@@ -44,7 +44,6 @@ import argparse
 import http.client
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -53,7 +52,7 @@ import time
 import loadtools
 import tenement_bench
 from loadtools import CLK_TCK, build, cpu_ticks, ensure_tools, get, keep_logs, revision, snapshot_binaries, wrk
-from tenement_bench import Sandbox, free_port, machine, median, p, proc_stats
+from tenement_bench import Sandbox, free_port, machine, median, p, proc_stats, stop
 
 HOST = "a.tiny.localhost"
 SERVICES = """
@@ -120,17 +119,6 @@ def start_proxy(sb, config, port, metrics_port=None, name="proxy"):
                 stop(proc)
                 raise RuntimeError(f"{name} did not start; see {sb.dir}/{name}.log")
             time.sleep(0.01)
-
-
-def stop(proc):
-    """SIGTERM to a process this script started, by its Popen; waits for it."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def wait_ok(port, host, timeout=15.0):

@@ -34,6 +34,18 @@ def free_port():
 DEFAULT_PORT_RANGE = "24000-25999"
 
 
+def stop(proc):
+    """SIGTERM to a process this script started, by its Popen; waits for it (15 s, then
+    SIGKILL)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Sandbox:
     """A temp dir with a config, a running supervisor and (optionally) a proxy."""
 
@@ -100,12 +112,7 @@ class Sandbox:
 
     def close(self):
         for p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop(p)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
