@@ -24,7 +24,7 @@ use crate::render;
 
 /// How long tenctl waits for an ordinary answer. Above the supervisor's cap on a wake (120 s),
 /// so a slow wake is reported by the supervisor (`wake_timeout`), not by a client timeout.
-const RPC_TIMEOUT: Duration = Duration::from_secs(130);
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(130);
 /// The supervisor's own cap on how long a wake may wait.
 const MAX_WAKE_WAIT: Duration = Duration::from_secs(120);
 /// Added to a wake's own deadline before tenctl gives up on the answer.
@@ -87,6 +87,16 @@ pub fn parse_instances(values: &[String]) -> Result<Vec<InstanceId>, UsageError>
     values.iter().map(|v| parse_instance(v)).collect()
 }
 
+/// Validates a service name.
+pub fn parse_service(value: &str) -> Result<ServiceName, UsageError> {
+    ServiceName::new(value).map_err(|e| {
+        UsageError(format!(
+            "invalid service {:?}: {e}",
+            render::sanitize(&shorten(value))
+        ))
+    })
+}
+
 /// Validates one id.
 pub fn parse_instance(value: &str) -> Result<InstanceId, UsageError> {
     InstanceId::parse(value).map_err(|e| {
@@ -126,7 +136,7 @@ impl Context {
         Config::load(&self.config, &environment()).map_err(|e| config_unusable(&self.config, &e))
     }
 
-    fn connect(&self, config: &Config, timeout: Option<Duration>) -> anyhow::Result<Client> {
+    pub fn connect(&self, config: &Config, timeout: Option<Duration>) -> anyhow::Result<Client> {
         Client::connect(&config.settings.admin_socket(), timeout)
     }
 
@@ -469,12 +479,7 @@ pub fn route(
     json: bool,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    let service = ServiceName::new(service).map_err(|e| {
-        UsageError(format!(
-            "invalid service {:?}: {e}",
-            render::sanitize(&shorten(service))
-        ))
-    })?;
+    let service = parse_service(service)?;
     let from = instance_of(&service, from)?;
     let to = instance_of(&service, to)?;
     let config = ctx.load_config()?;

@@ -11,6 +11,7 @@ mod certs;
 mod client;
 mod commands;
 mod journal;
+mod releases;
 mod render;
 
 use std::io::{self, Write};
@@ -56,6 +57,44 @@ struct Json {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// How a rollout proceeds (`deploy SERVICE`, `rollback`).
+#[derive(Debug, Clone, ClapArgs)]
+struct RolloutArgs {
+    /// Tenants that go first, then the rollout pauses for `rollout resume`: a list
+    /// (alice,bob) or a share of tenants by a stable hash of their id (5%).
+    #[arg(long, value_name = "IDS|N%")]
+    canary: Option<String>,
+    /// Shares of tenants rising to 100%, each step baked before the next: 5%,25%,100%.
+    #[arg(long, value_name = "N%,...")]
+    steps: Option<String>,
+    /// Running tenants switched at once (default 1).
+    #[arg(long, value_name = "N")]
+    max_unavailable: Option<u32>,
+    /// How long a switched tenant must stay ready, healthy and free of 5xx before the next
+    /// (default: the service's rollout_bake).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    bake: Option<Duration>,
+}
+
+impl RolloutArgs {
+    fn flags(&self) -> releases::RolloutFlags {
+        releases::RolloutFlags {
+            canary: self.canary.clone(),
+            steps: self.steps.clone(),
+            max_unavailable: self.max_unavailable,
+            bake: self.bake,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum RolloutVerb {
+    Status,
+    Pause,
+    Resume,
+    Abort,
 }
 
 #[derive(Debug, Subcommand)]
@@ -134,17 +173,64 @@ enum Command {
         #[command(flatten)]
         output: Json,
     },
-    /// Register (if needed) and start an instance, wait until it is ready and healthy, and
-    /// only then give it its weight; on failure or timeout stop it and change no weight.
+    /// SERVICE: make a release of the service as configured now (paths resolved) and roll it
+    /// out: sleeping tenants at their next wake, running ones one at a time. SERVICE:ID:
+    /// register and start that instance, wait until it is ready and healthy, and only then
+    /// give it its weight; on failure or timeout stop it and change no weight.
     Deploy {
-        /// SERVICE:ID, for example notes:v2.
-        instance: String,
-        /// The weight it gets once healthy (0 to 100).
-        #[arg(long, default_value_t = 100, value_parser = parse_weight)]
-        weight: u32,
-        /// How long it may take to be ready and healthy, like 30s (the supervisor caps it at 2m).
+        /// SERVICE (a release) or SERVICE:ID (an instance), for example notes or notes:v2.
+        target: String,
+        /// SERVICE:ID only: the weight it gets once healthy (0 to 100, default 100).
+        #[arg(long, value_parser = parse_weight)]
+        weight: Option<u32>,
+        /// SERVICE:ID only: how long it may take to be ready and healthy, like 30s (the
+        /// supervisor caps it at 2m).
         #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
         timeout: Option<Duration>,
+        #[command(flatten)]
+        rollout: RolloutArgs,
+        #[command(flatten)]
+        output: Json,
+    },
+    /// A service's releases (number, when, what changed, tenants on each) and its rollout.
+    Releases {
+        service: String,
+        #[command(flatten)]
+        output: Json,
+    },
+    /// Show, pause, resume or abort a service's rollout (abort moves the tenants it moved
+    /// back to the release they ran).
+    Rollout {
+        #[arg(value_enum)]
+        action: RolloutVerb,
+        service: String,
+        #[command(flatten)]
+        output: Json,
+    },
+    /// Roll a service back to an earlier release (default: the one before the current).
+    Rollback {
+        service: String,
+        /// The release to go back to.
+        #[arg(long, value_name = "N")]
+        to: Option<u32>,
+        #[command(flatten)]
+        rollout: RolloutArgs,
+        #[command(flatten)]
+        output: Json,
+    },
+    /// Keep an instance on a release through rollouts (it switches to it now if running).
+    Pin {
+        /// SERVICE:ID.
+        instance: String,
+        /// The release number.
+        release: u32,
+        #[command(flatten)]
+        output: Json,
+    },
+    /// Let a pinned instance follow its service's current release again.
+    Unpin {
+        /// SERVICE:ID.
+        instance: String,
         #[command(flatten)]
         output: Json,
     },
@@ -335,11 +421,62 @@ fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
             output,
         } => commands::route(&ctx, &service, &from, &to, output.json, out)?,
         Command::Deploy {
-            instance,
+            target,
             weight,
             timeout,
+            rollout,
             output,
-        } => commands::deploy(&ctx, &instance, weight, timeout, output.json, out)?,
+        } => {
+            let flags = rollout.flags();
+            if target.contains(':') {
+                if !flags.is_empty() {
+                    return Err(UsageError(
+                        "--canary, --steps, --max-unavailable and --bake are for `tenctl deploy SERVICE`; SERVICE:ID takes --weight and --timeout".to_owned(),
+                    )
+                    .into());
+                }
+                let weight = weight.unwrap_or(tenement_proto::rpc::DEFAULT_WEIGHT);
+                commands::deploy(&ctx, &target, weight, timeout, output.json, out)?;
+            } else {
+                if weight.is_some() || timeout.is_some() {
+                    return Err(UsageError(
+                        "--weight and --timeout are for `tenctl deploy SERVICE:ID`; a release is rolled out with --canary, --steps, --max-unavailable and --bake".to_owned(),
+                    )
+                    .into());
+                }
+                releases::deploy_service(&ctx, &target, &flags, output.json, out)?;
+            }
+        }
+        Command::Releases { service, output } => {
+            releases::releases(&ctx, &service, output.json, out)?;
+        }
+        Command::Rollout {
+            action,
+            service,
+            output,
+        } => {
+            let action = match action {
+                RolloutVerb::Status => tenement_proto::rpc::RolloutAction::Status,
+                RolloutVerb::Pause => tenement_proto::rpc::RolloutAction::Pause,
+                RolloutVerb::Resume => tenement_proto::rpc::RolloutAction::Resume,
+                RolloutVerb::Abort => tenement_proto::rpc::RolloutAction::Abort,
+            };
+            releases::rollout(&ctx, action, &service, output.json, out)?;
+        }
+        Command::Rollback {
+            service,
+            to,
+            rollout,
+            output,
+        } => releases::rollback(&ctx, &service, to, &rollout.flags(), output.json, out)?,
+        Command::Pin {
+            instance,
+            release,
+            output,
+        } => releases::pin(&ctx, &instance, Some(release), output.json, out)?,
+        Command::Unpin { instance, output } => {
+            releases::pin(&ctx, &instance, None, output.json, out)?;
+        }
         Command::Certs { output } => certs::certs(&ctx, output.json, out)?,
         Command::Ps { service, output } => {
             commands::ps(&ctx, service.as_deref(), output.json, out)?;

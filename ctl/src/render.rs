@@ -167,20 +167,55 @@ pub fn instance_table(instances: &[InstanceInfo]) -> String {
                 i.restarts.to_string(),
                 or_dash(&i.health),
                 i.weight.to_string(),
+                release_label(i),
             ]
         })
         .collect();
     table(
         &[
-            "INSTANCE", "STATE", "PID", "ADDRESS", "UPTIME", "IDLE", "RESTARTS", "HEALTH", "WEIGHT",
+            "INSTANCE", "STATE", "PID", "ADDRESS", "UPTIME", "IDLE", "RESTARTS", "HEALTH",
+            "WEIGHT", "RELEASE",
         ],
         &rows,
     )
 }
 
+/// The release column of `ps`: the release it runs, `3>4` while it runs 3 and should run 4,
+/// and ` pin` when pinned.
+pub fn release_label(info: &InstanceInfo) -> String {
+    let base = match (info.release, info.target_release) {
+        (Some(runs), Some(should)) if runs != should && info.pid.is_some() => {
+            format!("{runs}>{should}")
+        }
+        (_, Some(should)) => should.to_string(),
+        (Some(runs), None) => runs.to_string(),
+        (None, None) => "-".to_owned(),
+    };
+    match info.pinned {
+        Some(_) => format!("{base} pin"),
+        None => base,
+    }
+}
+
+/// The release line of `status`, in words.
+fn release_words(info: &InstanceInfo) -> String {
+    let mut text = match (info.release, info.target_release) {
+        (Some(runs), Some(should)) if runs != should && info.pid.is_some() => {
+            format!("{runs}, moving to {should}")
+        }
+        (_, Some(should)) => should.to_string(),
+        (Some(runs), None) => runs.to_string(),
+        (None, None) => "-".to_owned(),
+    };
+    if let Some(pin) = info.pinned {
+        text.push_str(&format!(" (pinned to {pin})"));
+    }
+    text
+}
+
 /// The `tenctl status` block: one aligned `key: value` line per field.
 pub fn status_block(info: &InstanceInfo) -> String {
-    let fields: [(&str, String); 20] = [
+    let fields: [(&str, String); 21] = [
         ("instance", info.instance.to_string()),
         ("state", info.state.as_str().to_owned()),
         (
@@ -194,6 +229,7 @@ pub fn status_block(info: &InstanceInfo) -> String {
         ("health", or_dash(&info.health)),
         ("in flight", info.in_flight.to_string()),
         ("weight", info.weight.to_string()),
+        ("release", release_words(info)),
         ("data dir", or_dash(&info.data_dir)),
         ("isolation", or_dash(&info.isolation)),
         (
@@ -393,6 +429,9 @@ mod tests {
             disk_bytes: None,
             last_exit: None,
             reason: None,
+            release: Some(3),
+            target_release: Some(3),
+            pinned: None,
         }
     }
 
@@ -405,12 +444,17 @@ mod tests {
         bob.idle_s = None;
         bob.health = "-".into();
         bob.restarts = 12;
-        let text = instance_table(&[info("notes:alice"), bob]);
+        bob.target_release = Some(4);
+        bob.pinned = Some(4);
+        let mut carol = info("notes:carol");
+        carol.target_release = Some(4);
+        let text = instance_table(&[info("notes:alice"), bob, carol]);
         assert_eq!(
             text,
-            "INSTANCE     STATE    PID   ADDRESS          UPTIME  IDLE  RESTARTS  HEALTH   WEIGHT\n\
-             notes:alice  running  4242  127.0.0.1:20001  5m12s   3s    0         healthy  1\n\
-             notes:bob    stopped  -     127.0.0.1:20001  -       -     12        -        1\n"
+            "INSTANCE     STATE    PID   ADDRESS          UPTIME  IDLE  RESTARTS  HEALTH   WEIGHT  RELEASE\n\
+             notes:alice  running  4242  127.0.0.1:20001  5m12s   3s    0         healthy  1       3\n\
+             notes:bob    stopped  -     127.0.0.1:20001  -       -     12        -        1       4 pin\n\
+             notes:carol  running  4242  127.0.0.1:20001  5m12s   3s    0         healthy  1       3>4\n"
         );
     }
 
@@ -421,16 +465,17 @@ mod tests {
         alice.disk_bytes = Some(3 << 20);
         let text = status_block(&alice);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 20);
+        assert_eq!(lines.len(), 21);
         assert_eq!(lines[0], "instance:  notes:alice");
         assert_eq!(lines[8], "in flight: 1");
-        assert_eq!(lines[12], "uid:       61184");
-        assert_eq!(lines[14], "limits:    memory_max=64MiB pids_max=64");
-        assert_eq!(lines[15], "memory:    12.0 MiB");
-        assert_eq!(lines[16], "pids:      3");
-        assert_eq!(lines[17], "disk:      3.0 MiB (data directory)");
-        assert_eq!(lines[18], "last exit: signal 9 (SIGKILL)");
-        assert_eq!(lines[19], "reason:    -");
+        assert_eq!(lines[10], "release:   3");
+        assert_eq!(lines[13], "uid:       61184");
+        assert_eq!(lines[15], "limits:    memory_max=64MiB pids_max=64");
+        assert_eq!(lines[16], "memory:    12.0 MiB");
+        assert_eq!(lines[17], "pids:      3");
+        assert_eq!(lines[18], "disk:      3.0 MiB (data directory)");
+        assert_eq!(lines[19], "last exit: signal 9 (SIGKILL)");
+        assert_eq!(lines[20], "reason:    -");
         assert!(lines.iter().all(|l| l.as_bytes().get(10) == Some(&b' ')));
     }
 

@@ -140,6 +140,9 @@ fn info(instance: &str, state: InstanceState) -> InstanceInfo {
         disk_bytes: None,
         last_exit: None,
         reason: None,
+        release: Some(1),
+        target_release: Some(1),
+        pinned: None,
     }
 }
 

@@ -122,6 +122,39 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_ms: Option<u64>,
     },
+    /// Make a release of `service` from its current definition (paths resolved now) and
+    /// roll it out; refused when nothing changed since the current release or while a
+    /// rollout of the service is not finished.
+    Release {
+        service: ServiceName,
+        #[serde(default, skip_serializing_if = "RolloutOptions::is_default")]
+        options: RolloutOptions,
+    },
+    /// The releases of `service` and its rollout, if any.
+    Releases {
+        service: ServiceName,
+    },
+    /// Control the rollout of `service`: pause, resume or abort it (abort moves the tenants
+    /// it switched back to where they were).
+    Rollout {
+        service: ServiceName,
+        action: RolloutAction,
+    },
+    /// Roll `service` back to release `to` (default: the one before the current one).
+    Rollback {
+        service: ServiceName,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<u32>,
+        #[serde(default, skip_serializing_if = "RolloutOptions::is_default")]
+        options: RolloutOptions,
+    },
+    /// Keep `instance` on `release` through rollouts (`None`: unpin, back to the service's
+    /// current release at its next start).
+    Pin {
+        instance: InstanceId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        release: Option<u32>,
+    },
     Logs {
         instance: InstanceId,
         /// Last N lines (default: all buffered).
@@ -154,6 +187,11 @@ impl Request {
             | Request::Weight { .. }
             | Request::Route { .. }
             | Request::Deploy { .. }
+            | Request::Release { .. }
+            | Request::Releases { .. }
+            | Request::Rollout { .. }
+            | Request::Rollback { .. }
+            | Request::Pin { .. }
             | Request::Logs { .. } => role == Role::Admin,
         }
     }
@@ -179,6 +217,11 @@ impl Request {
             Request::Weight { .. } => "weight",
             Request::Route { .. } => "route",
             Request::Deploy { .. } => "deploy",
+            Request::Release { .. } => "release",
+            Request::Releases { .. } => "releases",
+            Request::Rollout { .. } => "rollout",
+            Request::Rollback { .. } => "rollback",
+            Request::Pin { .. } => "pin",
             Request::Logs { .. } => "logs",
         }
     }
@@ -269,6 +312,16 @@ pub enum Response {
         /// Time from the request until the weight was given, in microseconds.
         elapsed_us: u64,
     },
+    /// Answer to `release`, `releases`, `rollout`, `rollback` and `pin`: the service's
+    /// releases, newest last, and its latest rollout.
+    Releases {
+        service: ServiceName,
+        /// The release new and unpinned tenants run.
+        current: u32,
+        releases: Vec<ReleaseInfo>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rollout: Option<Box<RolloutInfo>>,
+    },
     /// Answer to `stats`: `supervisor` and `services` in the first message, running
     /// instances 250 to a message, every message but the last with `more`.
     Stats {
@@ -305,6 +358,7 @@ impl Response {
             Response::Stats { .. } => "stats",
             Response::Weights { .. } => "weights",
             Response::Deployed { .. } => "deployed",
+            Response::Releases { .. } => "releases",
             Response::ConfigReloaded => "config_reloaded",
         }
     }
@@ -469,6 +523,98 @@ pub struct InstanceInfo {
     /// Why the instance is failed or unhealthy, when it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The release its process runs (or last ran), and the one it should run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_release: Option<u32>,
+    /// The release it is pinned to (`tenctl pin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<u32>,
+}
+
+/// How a rollout proceeds; unset fields take the service's settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutOptions {
+    /// Tenants that go first, then the rollout pauses for `rollout resume`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub canary: Vec<TenantId>,
+    /// A share of tenants (by a stable hash of the id) that goes first, then a pause.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_percent: Option<u32>,
+    /// Shares of tenants, rising to 100, each step baked before the next without a pause.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<u32>,
+    /// Running tenants switched at once (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unavailable: Option<u32>,
+    /// How long a switched tenant must stay well (default: the service's `rollout_bake`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bake_ms: Option<u64>,
+}
+
+impl RolloutOptions {
+    pub fn is_default(&self) -> bool {
+        *self == RolloutOptions::default()
+    }
+}
+
+/// What `rollout` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutAction {
+    Status,
+    Pause,
+    Resume,
+    Abort,
+}
+
+/// One release of a service, for `releases`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseInfo {
+    pub number: u32,
+    /// Milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    /// What made it: `config` (the first), `deploy`, `reload` or `rollback`.
+    pub origin: String,
+    /// The definition's keys that differ from the release before it.
+    pub changes: Vec<String>,
+    /// The command line, paths resolved.
+    pub command: String,
+    pub workdir: String,
+    /// Tenants that should run it, and of those how many run it now.
+    pub tenants: u32,
+    pub running: u32,
+}
+
+/// The state of a service's latest rollout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutInfo {
+    /// The release being rolled out.
+    pub release: u32,
+    /// `running`, `paused`, `done` or `aborted`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// 1-based step, and how many there are.
+    pub step: u32,
+    pub steps: u32,
+    /// Tenants moved to the release by this rollout, and those of the current step still to go.
+    pub moved: u32,
+    pub pending: u32,
+    /// Tenants being switched right now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub switching: Vec<InstanceId>,
+    /// Tenants that failed on the release and went back, with why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<RolloutFailure>,
+    pub started_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutFailure {
+    pub instance: InstanceId,
+    pub reason: String,
 }
 
 /// One instance's weight before and after a `weight`, `route` or `deploy`.
@@ -560,6 +706,9 @@ pub struct ActivityReport {
     /// 2xx or 3xx status (an `auto_spawn` instance that never does is removed after a while).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub succeeded: u64,
+    /// Of those, how many the instance answered with a 5xx status (a rollout's bake).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub server_errors: u64,
 }
 
 fn is_zero(n: &u64) -> bool {

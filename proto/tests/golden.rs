@@ -15,8 +15,8 @@ use serde::Serialize;
 use tenement_proto::frame;
 use tenement_proto::rpc::{
     ActivityReport, Address, ErrorCode, InstanceInfo, InstanceState, InstanceUsage, LogLine,
-    LogStream, Request, Response, Role, Route, ServiceStats, SupervisorStats, WeightChange,
-    PROTOCOL_VERSION,
+    LogStream, ReleaseInfo, Request, Response, Role, RolloutAction, RolloutFailure, RolloutInfo,
+    RolloutOptions, Route, ServiceStats, SupervisorStats, WeightChange, PROTOCOL_VERSION,
 };
 use tenement_proto::{InstanceId, ServiceName, TenantId};
 
@@ -104,6 +104,41 @@ fn requests() -> Vec<(&'static str, Request)> {
             },
         ),
         (
+            "request_release",
+            Request::Release {
+                service: ServiceName::new("notes").unwrap(),
+                options: RolloutOptions {
+                    canary: vec![TenantId::new("alice").unwrap()],
+                    canary_percent: None,
+                    steps: Vec::new(),
+                    max_unavailable: Some(2),
+                    bake_ms: Some(10_000),
+                },
+            },
+        ),
+        (
+            "request_rollout",
+            Request::Rollout {
+                service: ServiceName::new("notes").unwrap(),
+                action: RolloutAction::Pause,
+            },
+        ),
+        (
+            "request_rollback",
+            Request::Rollback {
+                service: ServiceName::new("notes").unwrap(),
+                to: Some(3),
+                options: RolloutOptions::default(),
+            },
+        ),
+        (
+            "request_pin",
+            Request::Pin {
+                instance: id("notes:alice"),
+                release: Some(3),
+            },
+        ),
+        (
             "request_activity",
             Request::Activity {
                 reports: vec![ActivityReport {
@@ -111,6 +146,7 @@ fn requests() -> Vec<(&'static str, Request)> {
                     in_flight: 2,
                     started: 7,
                     succeeded: 5,
+                    server_errors: 1,
                 }],
             },
         ),
@@ -184,8 +220,45 @@ fn responses() -> Vec<(&'static str, Response)> {
                     disk_bytes: None,
                     last_exit: Some("exit status 3".to_owned()),
                     reason: None,
+                    release: Some(3),
+                    target_release: Some(4),
+                    pinned: None,
                 }],
                 more: false,
+            },
+        ),
+        (
+            "response_releases",
+            Response::Releases {
+                service: ServiceName::new("notes").unwrap(),
+                current: 4,
+                releases: vec![ReleaseInfo {
+                    number: 4,
+                    created_ms: 1_700_000_000_000,
+                    origin: "deploy".to_owned(),
+                    changes: vec!["workdir".to_owned()],
+                    command: "/srv/notes/releases/43/server --port {port}".to_owned(),
+                    workdir: "/srv/notes/releases/43".to_owned(),
+                    tenants: 20,
+                    running: 5,
+                }],
+                rollout: Some(Box::new(RolloutInfo {
+                    release: 4,
+                    state: "paused".to_owned(),
+                    reason: Some(
+                        "notes:carol failed on release 4: migrate exited with status 1".to_owned(),
+                    ),
+                    step: 1,
+                    steps: 1,
+                    moved: 19,
+                    pending: 0,
+                    switching: Vec::new(),
+                    failed: vec![RolloutFailure {
+                        instance: id("notes:carol"),
+                        reason: "migrate exited with status 1".to_owned(),
+                    }],
+                    started_ms: 1_700_000_000_000,
+                })),
             },
         ),
         (

@@ -539,6 +539,8 @@ impl Proxy {
         strip_hop_by_hop(&mut parts.headers);
         if parts.status.is_success() || parts.status.is_redirection() {
             entry.note_success();
+        } else if parts.status.is_server_error() {
+            entry.note_server_error();
         }
         if progress.answered_early() {
             // The instance answered before the request body was all out (and may have closed

@@ -345,16 +345,7 @@ impl Link {
 }
 
 async fn send_activity(table: &Table, out: &tokio::sync::mpsc::Sender<Request>) {
-    let reports: Vec<ActivityReport> = table
-        .activity()
-        .into_iter()
-        .map(|(instance, started, in_flight, succeeded)| ActivityReport {
-            instance,
-            in_flight,
-            started,
-            succeeded,
-        })
-        .collect();
+    let reports: Vec<ActivityReport> = table.activity();
     if !reports.is_empty() {
         let _ = out.send(Request::Activity { reports }).await;
     }

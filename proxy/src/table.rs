@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::lock;
-use tenement_proto::rpc::{Address, InstanceState, Route};
+use tenement_proto::rpc::{ActivityReport, Address, InstanceState, Route};
 use tenement_proto::{InstanceId, ServiceName};
 use tokio::sync::watch;
 
@@ -52,6 +52,8 @@ pub struct Entry {
     reported: AtomicU64,
     /// Answers with a 2xx or 3xx status since the last activity report.
     succeeded: AtomicU64,
+    /// Answers with a 5xx status from the instance since the last activity report.
+    server_errors: AtomicU64,
     /// The in-flight count as of the last report, so its drop to 0 is reported too.
     reported_in_flight: AtomicU32,
     /// The wake in progress, shared by every request that needs it.
@@ -80,6 +82,7 @@ impl Entry {
             started: AtomicU64::new(0),
             reported: AtomicU64::new(0),
             succeeded: AtomicU64::new(0),
+            server_errors: AtomicU64::new(0),
             reported_in_flight: AtomicU32::new(0),
             wake: Mutex::new(None),
             metrics: std::sync::OnceLock::new(),
@@ -163,17 +166,33 @@ impl Entry {
         self.succeeded.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Requests started and answers that succeeded since the last call, and the in-flight
-    /// count, when any of them is news.
-    pub fn take_activity(&self) -> Option<(u64, u32, u64)> {
+    /// The instance answered a request with a 5xx status (a rollout's bake watches these).
+    pub fn note_server_error(&self) {
+        self.server_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// What happened since the last call (requests started, answers that succeeded or were
+    /// 5xx) and the in-flight count, when any of it is news.
+    pub fn take_activity(&self) -> Option<ActivityReport> {
         let started = self.started.load(Ordering::Acquire);
         let before = self.reported.swap(started, Ordering::AcqRel);
         let in_flight = self.in_flight();
         let previous = self.reported_in_flight.swap(in_flight, Ordering::AcqRel);
         let succeeded = self.succeeded.swap(0, Ordering::AcqRel);
+        let server_errors = self.server_errors.swap(0, Ordering::AcqRel);
         let started = started.wrapping_sub(before);
-        (started > 0 || in_flight > 0 || previous != in_flight || succeeded > 0)
-            .then_some((started, in_flight, succeeded))
+        (started > 0
+            || in_flight > 0
+            || previous != in_flight
+            || succeeded > 0
+            || server_errors > 0)
+            .then(|| ActivityReport {
+                instance: self.id.clone(),
+                in_flight,
+                started,
+                succeeded,
+                server_errors,
+            })
     }
 }
 
@@ -331,15 +350,12 @@ impl Table {
 
     /// Entries with activity to report: something started since the last report or still in
     /// flight.
-    pub fn activity(&self) -> Vec<(InstanceId, u64, u32, u64)> {
+    pub fn activity(&self) -> Vec<ActivityReport> {
         let inner = read(&self.inner);
         inner
             .entries
             .values()
-            .filter_map(|e| {
-                let (started, in_flight, succeeded) = e.take_activity()?;
-                Some((e.id.clone(), started, in_flight, succeeded))
-            })
+            .filter_map(|e| e.take_activity())
             .collect()
     }
 }
@@ -398,13 +414,17 @@ mod tests {
         drop(a);
         let report = table.activity();
         assert_eq!(report.len(), 1);
-        assert_eq!((report[0].1, report[0].2), (2, 1));
+        assert_eq!((report[0].started, report[0].in_flight), (2, 1));
         let report = table.activity();
-        assert_eq!((report[0].1, report[0].2), (0, 1), "only in flight remains");
+        assert_eq!(
+            (report[0].started, report[0].in_flight),
+            (0, 1),
+            "only in flight remains"
+        );
         drop(_b);
         let report = table.activity();
         assert_eq!(
-            (report[0].1, report[0].2),
+            (report[0].started, report[0].in_flight),
             (0, 0),
             "the drop to zero is news"
         );

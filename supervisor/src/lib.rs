@@ -16,6 +16,8 @@ pub mod ports;
 pub mod probe;
 pub mod procfs;
 pub mod registry;
+pub mod releases;
+pub mod rollout;
 pub mod rpc_server;
 pub mod spawn;
 pub mod state;

@@ -91,6 +91,10 @@ pub enum Event {
     Stop,
     /// An operator asked for a restart (also clears `failed`).
     Restart,
+    /// A rollout moves the running instance to another release: requests are held in the
+    /// proxy (a drain park), those in flight finish (at most `stop_grace`), then the process
+    /// stops and starts again at once.
+    Switch,
     /// The proxy reported activity: `in_flight` open now, `started` new since the last report.
     Activity {
         in_flight: u32,
@@ -126,6 +130,9 @@ pub enum Action {
     FailWaiters(WaitError),
     /// Ask the proxy to park the instance before an idle stop.
     SendPark(u64),
+    /// Ask the proxy to park the instance whatever is in flight (new requests wait, those
+    /// inside finish) before a switch.
+    SendDrain(u64),
     /// The routed state changed: push a route update to proxies.
     PublishRoute,
     /// A lifecycle event worth a log line.
@@ -154,6 +161,8 @@ enum StopReason {
     Restart,
     /// The port was taken by someone else: start again at once on a new one.
     Relocate,
+    /// A rollout's switch: start again at once (on the release the registry now gives).
+    Switch,
     /// Banned (`Event::Ban`): failed once stopped, whatever the restart policy.
     Ban(String),
     /// A policy failure: go to unhealthy (backoff) or failed.
@@ -170,6 +179,13 @@ enum Phase {
         since: Instant,
         /// A park request waiting for the proxy's answer.
         parking: Option<u64>,
+    },
+    /// Running, parked for a switch: waiting for the requests in flight to finish.
+    Draining {
+        since: Instant,
+        park_id: u64,
+        /// Every proxy has parked it (and reported what was in flight then).
+        parked: bool,
     },
     Stopping {
         reason: StopReason,
@@ -228,7 +244,7 @@ impl Lifecycle {
             Phase::Stopped => InstanceState::Stopped,
             Phase::Starting { .. } => InstanceState::Starting,
             Phase::Running { .. } => InstanceState::Running,
-            Phase::Stopping { .. } => InstanceState::Stopping,
+            Phase::Draining { .. } | Phase::Stopping { .. } => InstanceState::Stopping,
             Phase::Unhealthy { .. } => InstanceState::Unhealthy,
             Phase::Failed { .. } => InstanceState::Failed,
         }
@@ -325,6 +341,10 @@ impl Lifecycle {
                     actions.push(Action::FailWaiters(WaitError::Stopped));
                     self.begin_stop(StopReason::Operator, now, policy, &mut actions);
                 }
+                Phase::Draining { .. } => {
+                    actions.push(Action::FailWaiters(WaitError::Stopped));
+                    self.begin_stop(StopReason::Operator, now, policy, &mut actions);
+                }
                 Phase::Stopping {
                     ref mut then_start,
                     ref mut reason,
@@ -345,7 +365,7 @@ impl Lifecycle {
                 self.reset_failures();
                 self.last_failure = None;
                 match self.phase {
-                    Phase::Starting { .. } | Phase::Running { .. } => {
+                    Phase::Starting { .. } | Phase::Running { .. } | Phase::Draining { .. } => {
                         self.begin_stop(StopReason::Restart, now, policy, &mut actions);
                     }
                     // Whatever the stop was for (idle, operator, a failure), start again as
@@ -356,6 +376,20 @@ impl Lifecycle {
                     }
                 }
             }
+            Event::Switch => {
+                if let Phase::Running { .. } = self.phase {
+                    let park_id = self.next_park_id;
+                    self.next_park_id += 1;
+                    self.park_sent_at = None;
+                    self.phase = Phase::Draining {
+                        since: now,
+                        park_id,
+                        parked: false,
+                    };
+                    actions.push(Action::Log("switching release: draining".to_owned()));
+                    actions.push(Action::SendDrain(park_id));
+                }
+            }
             Event::Activity { in_flight, started } => {
                 // New requests, open ones, or the last open ones just ending: the idle clock
                 // starts again from now (a websocket closing after an hour is not an hour idle).
@@ -363,8 +397,20 @@ impl Lifecycle {
                     self.last_activity = now;
                 }
                 self.in_flight = in_flight;
+                self.maybe_drained(now, policy, &mut actions);
             }
             Event::ParkAnswered { park_id, accepted } => {
+                if let Phase::Draining {
+                    park_id: pending,
+                    ref mut parked,
+                    ..
+                } = self.phase
+                {
+                    if pending == park_id && accepted {
+                        *parked = true;
+                    }
+                    self.maybe_drained(now, policy, &mut actions);
+                }
                 if let Phase::Running {
                     parking: Some(pending),
                     ..
@@ -383,7 +429,7 @@ impl Lifecycle {
                 }
             }
             Event::PortTaken => match self.phase {
-                Phase::Starting { .. } | Phase::Running { .. } => {
+                Phase::Starting { .. } | Phase::Running { .. } | Phase::Draining { .. } => {
                     actions.push(Action::Log(
                         "another program listens on this instance's port: moving to a new port"
                             .to_owned(),
@@ -409,6 +455,15 @@ impl Lifecycle {
         {
             self.set_parking(None);
             self.last_activity = now;
+        }
+    }
+
+    /// A draining instance stops once every proxy parked it and nothing is in flight.
+    fn maybe_drained(&mut self, now: Instant, policy: &Policy, actions: &mut Vec<Action>) {
+        if let Phase::Draining { parked: true, .. } = self.phase {
+            if self.in_flight == 0 {
+                self.begin_stop(StopReason::Switch, now, policy, actions);
+            }
         }
     }
 
@@ -446,8 +501,8 @@ impl Lifecycle {
                 actions.push(Action::FailWaiters(WaitError::Failed(reason.clone())));
             }
             // Starting: the waiter joins the start in progress. Unhealthy: it waits for the
-            // scheduled restart (or its own deadline).
-            Phase::Starting { .. } | Phase::Unhealthy { .. } => {}
+            // scheduled restart (or its own deadline). Draining: it waits for the switch.
+            Phase::Starting { .. } | Phase::Unhealthy { .. } | Phase::Draining { .. } => {}
         }
     }
 
@@ -507,6 +562,7 @@ impl Lifecycle {
                 self.note_healthy_period(since, now, policy);
                 self.fail(Failure::Crashed(status), now, policy, actions);
             }
+            Phase::Draining { .. } => self.fail(Failure::Crashed(status), now, policy, actions),
             Phase::Stopping {
                 reason, then_start, ..
             } => match reason {
@@ -515,7 +571,7 @@ impl Lifecycle {
                     self.restarts += 1;
                     self.start(now, policy, actions);
                 }
-                StopReason::Relocate => self.start(now, policy, actions),
+                StopReason::Relocate | StopReason::Switch => self.start(now, policy, actions),
                 StopReason::Ban(reason) => {
                     actions.push(Action::FailWaiters(WaitError::Failed(reason.clone())));
                     self.phase = Phase::Failed { reason };
@@ -664,6 +720,14 @@ impl Lifecycle {
                     actions.push(Action::SendPark(park_id));
                 }
             }
+            Phase::Draining { since, .. } if now >= since + policy.stop_grace => {
+                actions.push(Action::Log(format!(
+                    "requests still in flight {} ms after the switch began: stopping anyway",
+                    policy.stop_grace.as_millis()
+                )));
+                self.begin_stop(StopReason::Switch, now, policy, actions);
+            }
+            Phase::Draining { .. } => self.maybe_drained(now, policy, actions),
             Phase::Stopping {
                 kill_at: Some(kill_at),
                 ref reason,

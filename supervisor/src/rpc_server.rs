@@ -28,7 +28,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::firewall::Firewall;
-use crate::registry::{check_weight, Command, RegistryHandle, RpcError, Weighing, MAX_WAKE_WAIT};
+use crate::registry::{
+    check_weight, Command, RegistryHandle, ReleaseCall, RpcError, Weighing, MAX_WAKE_WAIT,
+};
 
 /// How long a client has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -531,6 +533,30 @@ async fn answer(request: Request, registry: &RegistryHandle) -> Response {
                 weight,
                 timeout_ms,
             } => deploy(registry, instance, weight, timeout_ms).await,
+            Request::Release { service, options } => {
+                release_call(registry, ReleaseCall::Release { service, options }).await
+            }
+            Request::Releases { service } => {
+                release_call(registry, ReleaseCall::Releases { service }).await
+            }
+            Request::Rollout { service, action } => {
+                release_call(registry, ReleaseCall::Rollout { service, action }).await
+            }
+            Request::Rollback {
+                service,
+                to,
+                options,
+            } => {
+                let call = ReleaseCall::Rollback {
+                    service,
+                    to,
+                    options,
+                };
+                release_call(registry, call).await
+            }
+            Request::Pin { instance, release } => {
+                release_call(registry, ReleaseCall::Pin { instance, release }).await
+            }
             Request::Add { instances } => {
                 let (added, existing) = registry
                     .ask(|reply| Command::Add { instances, reply })
@@ -618,6 +644,13 @@ async fn wake(
         )),
         Ok(Ok(result)) => result.map(woken),
     }
+}
+
+/// One of the release calls, answered with the service's releases.
+async fn release_call(registry: &RegistryHandle, call: ReleaseCall) -> Result<Response, RpcError> {
+    registry
+        .ask(|reply| Command::Releases { call, reply })
+        .await?
 }
 
 /// `deploy`: registered with weight 0 if new, started, ready, healthy (when its service has a

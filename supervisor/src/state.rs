@@ -12,20 +12,37 @@ use std::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
-use tenement_proto::InstanceId;
+use tenement_proto::{InstanceId, ServiceName};
+
+use crate::releases::History;
+use crate::rollout::Rollout;
 
 use crate::procfs;
 
-/// 2: weights are shares from 0 to 100 (`tenctl weight`), new instances 100. Version 1 files
-/// (every weight the 1 nothing could change) are read with their weights made 100, and written
-/// back as version 2 at the next save.
-const STATE_VERSION: u32 = 2;
+/// 3: releases and rollouts per service, each instance's release, target, pin and last
+/// migration. Version 2 files (weights, no releases) are read as they are: every service gets
+/// its first release from the config and every instance runs it. Version 1 files (every
+/// weight the 1 nothing could change) are read with their weights made 100. Both are written
+/// back as version 3 at the next save.
+const STATE_VERSION: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StateFile {
     pub version: u32,
     pub instances: Vec<PersistedInstance>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub services: BTreeMap<ServiceName, PersistedService>,
+}
+
+/// A service's releases and its latest rollout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PersistedService {
+    pub history: History,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,6 +62,21 @@ pub struct PersistedInstance {
     /// Has answered a request with a 2xx or 3xx status at least once.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub proven: bool,
+    /// The release it should run; `None` in version 2 files: the service's current one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<u32>,
+    /// The release its last process ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<u32>,
+    /// The release whose `migrate` last succeeded for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrated: Option<u32>,
+    /// Moved by a rollout and not yet proven on its target: the release to go back to if it
+    /// fails there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trial: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +128,7 @@ impl StateStore {
                 return Ok(StateFile {
                     version: STATE_VERSION,
                     instances: Vec::new(),
+                    services: BTreeMap::new(),
                 })
             }
             Err(source) => return Err(StateError::Read { path, source }),
@@ -109,6 +142,9 @@ impl StateStore {
             for instance in &mut state.instances {
                 instance.weight = tenement_proto::rpc::DEFAULT_WEIGHT;
             }
+            state.version = 2;
+        }
+        if state.version == 2 {
             state.version = STATE_VERSION;
         }
         if state.version != STATE_VERSION {
@@ -121,11 +157,16 @@ impl StateStore {
     }
 
     /// Replaces the registry atomically.
-    pub fn save(&self, instances: Vec<PersistedInstance>) -> Result<(), StateError> {
+    pub fn save(
+        &self,
+        instances: Vec<PersistedInstance>,
+        services: BTreeMap<ServiceName, PersistedService>,
+    ) -> Result<(), StateError> {
         let path = self.registry_path();
         let state = StateFile {
             version: STATE_VERSION,
             instances,
+            services,
         };
         let bytes = serde_json::to_vec_pretty(&state).map_err(|e| StateError::Write {
             path: path.clone(),
@@ -257,6 +298,11 @@ mod tests {
             uid: None,
             auto: false,
             proven: false,
+            target: None,
+            release: None,
+            pinned: None,
+            migrated: None,
+            trial: None,
         }
     }
 
@@ -278,7 +324,10 @@ mod tests {
         let store = StateStore::open(dir.path()).expect("open");
         assert!(store.load().expect("empty").instances.is_empty());
         store
-            .save(vec![entry("notes:alice", 20001), entry("notes:bob", 20002)])
+            .save(
+                vec![entry("notes:alice", 20001), entry("notes:bob", 20002)],
+                BTreeMap::new(),
+            )
             .expect("save");
         let loaded = store.load().expect("load");
         assert_eq!(loaded.instances.len(), 2);

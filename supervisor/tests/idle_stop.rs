@@ -62,6 +62,7 @@ fn idle_stop_waits_for_in_flight_requests_and_the_proxys_park_answer() {
             in_flight: 1,
             started: 1,
             succeeded: 0,
+            server_errors: 0,
         }],
     });
     let app = served_pid(tcp_addr(&route));
@@ -94,6 +95,7 @@ fn idle_stop_waits_for_in_flight_requests_and_the_proxys_park_answer() {
             in_flight: 0,
             started: 0,
             succeeded: 0,
+            server_errors: 0,
         }],
     });
     let ended = Instant::now();

@@ -275,7 +275,8 @@ pub enum ListenMode {
 }
 
 /// How the supervisor knows a start finished.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ReadyMode {
     /// The address accepts a connection.
     Tcp,
@@ -285,7 +286,8 @@ pub enum ReadyMode {
     Notify,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Isolation {
     Process,
     Namespace,
@@ -337,10 +339,30 @@ pub struct Service {
     /// `env`: where secrets go, since the config file is readable by the proxy and tenctl.
     pub env_file: Option<PathBuf>,
     pub limits: Limits,
+    /// Run before the app starts on a release it has not run yet (once per tenant per
+    /// release), with the instance's own environment, user and isolation: `command` words.
+    pub migrate: Option<Vec<Template>>,
+    /// How long `migrate` may run.
+    pub migrate_timeout: Duration,
+    /// What a reload that changes the service's release does to its running instances.
+    pub rollout: RolloutPolicy,
+    /// How long a tenant switched by a rollout must stay ready, healthy and free of 5xx
+    /// answers before the rollout moves on.
+    pub rollout_bake: Duration,
+}
+
+/// What a reload that changes a service's definition does to its running instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutPolicy {
+    /// A new release and a rollout: one tenant at a time, sleeping ones at their next wake.
+    Rolling,
+    /// A new release, and every running instance restarts on it at once.
+    Restart,
 }
 
 /// Whether an instance shares the host's network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Network {
     Host,
     /// Its own network namespace with only loopback.
@@ -348,7 +370,7 @@ pub enum Network {
 }
 
 /// Resource limits of one instance: cgroup v2 controls and rlimits. `None`: not limited.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Limits {
     /// memory.max, bytes.
     pub memory_max: Option<u64>,

@@ -1182,3 +1182,76 @@ fn restarts_are_counted_by_reason_and_only_when_they_happen() {
     h.send(600_000, Tick);
     assert_eq!(h.restarted, []);
 }
+
+// --- a rollout's switch ---
+
+#[test]
+fn a_switch_drains_holds_wakes_then_stops_and_starts_at_once() {
+    let mut h = running(policy());
+    h.script(&[
+        (1_000, activity(2, 5), &[], S::Running),
+        (1_010, Switch, &[SendDrain(1)], S::Stopping),
+        // Requests arriving now wait for the new process.
+        (1_020, Wake, &[], S::Stopping),
+        (1_030, park(1, true), &[], S::Stopping),
+        (1_040, activity(1, 0), &[], S::Stopping),
+        (
+            1_050,
+            activity(0, 0),
+            &[Terminate, PublishRoute],
+            S::Stopping,
+        ),
+        (1_100, exited(), &[Spawn, PublishRoute], S::Starting),
+        (1_200, Spawned, &[], S::Starting),
+        (1_300, Ready, &[WakeWaiters, PublishRoute], S::Running),
+    ]);
+    assert_eq!(h.lc.restarts, 0, "a switch is not a restart");
+    assert!(h.restarted.is_empty());
+}
+
+#[test]
+fn a_switch_waits_for_the_park_before_trusting_an_idle_count() {
+    let mut h = running(policy());
+    h.script(&[
+        (1_000, Switch, &[SendDrain(1)], S::Stopping),
+        // Nothing in flight, but the proxy has not parked yet: a request may be entering.
+        (1_010, activity(0, 0), &[], S::Stopping),
+        (
+            1_020,
+            park(1, true),
+            &[Terminate, PublishRoute],
+            S::Stopping,
+        ),
+    ]);
+}
+
+#[test]
+fn a_switch_stops_anyway_after_stop_grace() {
+    let mut h = running(policy());
+    h.script(&[
+        (1_000, activity(1, 1), &[], S::Running),
+        (1_000, Switch, &[SendDrain(1)], S::Stopping),
+        (1_010, park(1, true), &[], S::Stopping),
+        (5_999, Tick, &[], S::Stopping),
+        (6_000, Tick, &[Terminate, PublishRoute], S::Stopping),
+    ]);
+}
+
+#[test]
+fn a_crash_while_draining_is_a_crash() {
+    let mut h = running(policy());
+    h.script(&[
+        (1_000, Switch, &[SendDrain(1)], S::Stopping),
+        (1_010, exited(), &[PublishRoute], S::Unhealthy),
+    ]);
+}
+
+#[test]
+fn a_switch_of_an_instance_that_is_not_running_does_nothing() {
+    let mut h = Harness::new(policy());
+    h.script(&[
+        (0, Switch, &[], S::Stopped),
+        (1, Wake, &[Spawn, PublishRoute], S::Starting),
+        (2, Switch, &[], S::Starting),
+    ]);
+}

@@ -81,6 +81,18 @@ pub struct Instance {
     pub stop_waiters: Vec<oneshot::Sender<()>>,
     /// Set by `rm`: remove (and purge the data if true) once stopped.
     pub removal: Option<(bool, oneshot::Sender<Result<(), RpcError>>)>,
+    /// The release it should run (see `releases.rs`); its next start runs this one.
+    pub target: u32,
+    /// The release its current or last process runs.
+    pub release: Option<u32>,
+    /// Kept on this release through rollouts (`tenctl pin`).
+    pub pinned: Option<u32>,
+    /// The release whose `migrate` last succeeded for it.
+    pub migrated: Option<u32>,
+    /// Moved by a rollout and not yet proven on `target`: where it goes back if it fails.
+    pub trial: Option<u32>,
+    /// The current process is the release's `migrate`, not the app.
+    pub migrating: bool,
 }
 
 impl Instance {
@@ -113,6 +125,12 @@ impl Instance {
             health_running: false,
             stop_waiters: Vec::new(),
             removal: None,
+            target: 1,
+            release: None,
+            pinned: None,
+            migrated: None,
+            trial: None,
+            migrating: false,
         }
     }
 
@@ -192,6 +210,9 @@ impl Instance {
             disk_bytes: None,
             last_exit: self.last_exit.clone(),
             reason: self.lifecycle.reason(),
+            release: self.release,
+            target_release: Some(self.target),
+            pinned: self.pinned,
         }
     }
 }

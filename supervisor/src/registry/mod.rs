@@ -10,6 +10,7 @@ mod auto_spawn;
 mod instance;
 mod isolation;
 mod process;
+mod releases;
 mod weights;
 
 pub use weights::{check_weight, DeployPlan, Weighing};
@@ -115,6 +116,11 @@ pub enum Command {
         instance: InstanceId,
         reply: Reply<DeployPlan>,
     },
+    /// `release`, `releases`, `rollout`, `rollback` and `pin`.
+    Releases {
+        call: ReleaseCall,
+        reply: Reply<Response>,
+    },
     /// Counters per service and, with `instances`, the usage of every running instance.
     Stats {
         instances: bool,
@@ -160,6 +166,30 @@ pub enum Command {
     },
     /// From the tasks watching a process.
     Process(ProcessEvent),
+}
+
+/// The release calls, as the registry takes them.
+pub enum ReleaseCall {
+    Release {
+        service: ServiceName,
+        options: tenement_proto::rpc::RolloutOptions,
+    },
+    Releases {
+        service: ServiceName,
+    },
+    Rollout {
+        service: ServiceName,
+        action: tenement_proto::rpc::RolloutAction,
+    },
+    Rollback {
+        service: ServiceName,
+        to: Option<u32>,
+        options: tenement_proto::rpc::RolloutOptions,
+    },
+    Pin {
+        instance: InstanceId,
+        release: Option<u32>,
+    },
 }
 
 /// What a reload changed.
@@ -275,6 +305,10 @@ pub struct Registry {
     warned_limits: HashSet<tenement_proto::ServiceName>,
     /// Restarts and OOM kills per service since this supervisor started (`stats`).
     counters: HashMap<ServiceName, ServiceCounters>,
+    /// Each service's releases and latest rollout (`releases.rs`).
+    services: BTreeMap<ServiceName, crate::state::PersistedService>,
+    /// Tenants being switched by a rollout, or baking on their new release.
+    switches: HashMap<InstanceId, releases::Switch>,
     tx: mpsc::Sender<Command>,
     rx: mpsc::Receiver<Command>,
 }
@@ -355,11 +389,15 @@ impl Registry {
             next_sweep: None,
             warned_limits: HashSet::new(),
             counters: HashMap::new(),
+            services: saved.services,
+            switches: HashMap::new(),
             tx: tx.clone(),
             rx,
         };
+        let had_releases = !registry.services.is_empty();
+        registry.ensure_releases();
+        let mut changed = !had_releases && !registry.services.is_empty();
         let now = Instant::now();
-        let mut changed = false;
         for entry in saved.instances {
             if registry.instances.contains_key(&entry.instance) {
                 changed = true;
@@ -382,6 +420,13 @@ impl Registry {
             instance.uid = entry.uid;
             instance.auto = entry.auto;
             instance.proven = entry.proven;
+            instance.target = entry
+                .target
+                .unwrap_or_else(|| registry.current_release(&entry.instance.service));
+            instance.release = entry.release;
+            instance.pinned = entry.pinned;
+            instance.migrated = entry.migrated;
+            instance.trial = entry.trial;
             registry.instances.insert(entry.instance, instance);
         }
         let declared = registry.config.instances.clone();
@@ -430,7 +475,8 @@ impl Registry {
         } else {
             None
         };
-        let instance = Instance::new(id.clone(), port, weight, now_ms(), now);
+        let mut instance = Instance::new(id.clone(), port, weight, now_ms(), now);
+        instance.target = self.current_release(&id.service);
         self.instances.insert(id, instance);
         Ok(())
     }
@@ -447,11 +493,16 @@ impl Registry {
                 uid: i.uid,
                 auto: i.auto,
                 proven: i.proven,
+                target: Some(i.target),
+                release: i.release,
+                pinned: i.pinned,
+                migrated: i.migrated,
+                trial: i.trial,
             })
             .collect();
         entries.sort_by(|a, b| a.instance.cmp(&b.instance));
         self.store
-            .save(entries)
+            .save(entries, self.services.clone())
             .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))
     }
 
@@ -554,6 +605,26 @@ impl Registry {
             Command::Weigh { weighing, reply } => {
                 let _ = reply.send(self.weigh(weighing));
             }
+            Command::Releases { call, reply } => {
+                let result = match call {
+                    ReleaseCall::Release { service, options } => {
+                        self.make_release(&service, options, "deploy")
+                    }
+                    ReleaseCall::Releases { service } => self
+                        .service_of_name(&service)
+                        .map(|_| self.releases_response(&service)),
+                    ReleaseCall::Rollout { service, action } => {
+                        self.rollout_action(&service, action)
+                    }
+                    ReleaseCall::Rollback {
+                        service,
+                        to,
+                        options,
+                    } => self.rollback(&service, to, options),
+                    ReleaseCall::Pin { instance, release } => self.pin(&instance, release),
+                };
+                let _ = reply.send(result);
+            }
             Command::PrepareDeploy { instance, reply } => {
                 let _ = reply.send(self.prepare_deploy(&instance, now));
             }
@@ -604,6 +675,9 @@ impl Registry {
             Command::Unsubscribe { watcher } => self.unsubscribe(watcher, now),
             Command::Activity { reports } => {
                 self.note_successes(&reports);
+                for report in &reports {
+                    self.note_server_errors(&report.instance, report.server_errors, now);
+                }
                 for report in reports {
                     self.event(
                         &report.instance,
@@ -1021,6 +1095,7 @@ impl Registry {
             self.event(&id, Event::Tick, now);
             self.maybe_check_health(&id, now);
         }
+        self.drive_rollouts(now);
     }
 
     /// Reads the config file again and applies it: new services are available at once,
@@ -1077,13 +1152,39 @@ impl Registry {
             .filter(|name| !new.services.contains_key(*name))
             .cloned()
             .collect();
-        self.config = Arc::new(new);
+        let old = std::mem::replace(&mut self.config, Arc::new(new));
+        self.ensure_releases();
+        // A changed definition is a new release, rolled out as the service's `rollout` says;
+        // a changed `listen` restarts the running instances; other changes (idle, restart
+        // policy, the proxy's limits) apply without touching a process.
+        let mut restart: HashSet<ServiceName> = HashSet::new();
+        for name in &report.changed {
+            let listen_changed = match (old.service(name), self.config.service(name)) {
+                (Some(a), Some(b)) => a.listen != b.listen,
+                _ => false,
+            };
+            if listen_changed {
+                restart.insert(name.clone());
+            }
+            if let Some(release) = self.release_on_reload(name) {
+                if restart.contains(name) {
+                    continue;
+                }
+                if self.config.service(name).map(|s| s.rollout)
+                    == Some(tenement_proto::config::RolloutPolicy::Restart)
+                {
+                    restart.insert(name.clone());
+                } else {
+                    tracing::info!(service = %name, release, "{name}: release {release} made by the reload");
+                }
+            }
+        }
         let affected: Vec<(InstanceId, Event)> = self
             .instances
             .values()
             .filter(|i| i.process.is_some())
             .filter_map(|i| {
-                if report.changed.contains(&i.id.service) {
+                if restart.contains(&i.id.service) {
                     Some((i.id.clone(), Event::Restart))
                 } else if report.removed.contains(&i.id.service) {
                     Some((i.id.clone(), Event::Stop))

@@ -29,14 +29,15 @@ use super::instance::{
     SquatSeen, WakeOk,
 };
 use super::isolation;
-use super::{policy, Command, ProcessEvent, ProcessEventKind, Registry, RpcError};
+use super::{Command, ProcessEvent, ProcessEventKind, Registry, RpcError};
 use crate::lock;
 
 impl Registry {
     /// Feeds one event to an instance's lifecycle and carries out what it decides.
     pub(super) fn event(&mut self, id: &InstanceId, event: Event, now: Instant) {
-        let policy = match self.config.service(&id.service) {
-            Some(service) => policy(service),
+        let config = self.config.clone();
+        let policy = match config.service(&id.service) {
+            Some(service) => self.policy_for(id, service),
             None => {
                 // A service removed from the config: its instances can still stop (and a
                 // reload stops them), but never start again.
@@ -68,6 +69,7 @@ impl Registry {
             self.act(id, action, now);
         }
         self.settle_stop_waiters(id);
+        self.check_trial(id, now);
     }
 
     fn act(&mut self, id: &InstanceId, action: Action, now: Instant) {
@@ -105,6 +107,11 @@ impl Registry {
             }
             Action::FailWaiters(error) => {
                 if let Some(i) = self.instances.get_mut(id) {
+                    if i.trial.is_some() && error != WaitError::Stopped {
+                        // It failed on a release it is trying: it goes back to the one
+                        // before (`check_trial`), which then answers those waiting.
+                        return;
+                    }
                     let error = match error {
                         WaitError::StartFailed(failure) => {
                             let tail = i.logs.tail_text(5);
@@ -128,7 +135,8 @@ impl Registry {
                     }
                 }
             }
-            Action::SendPark(park_id) => {
+            Action::SendPark(park_id) | Action::SendDrain(park_id) => {
+                let drain = matches!(action, Action::SendDrain(_));
                 if self.watchers.is_empty() {
                     // No proxy, so nothing can be in flight.
                     self.event(
@@ -149,7 +157,7 @@ impl Registry {
                     self.broadcast(Response::Park {
                         instance: id.clone(),
                         park_id,
-                        drain: false,
+                        drain,
                     });
                 }
             }
@@ -195,9 +203,16 @@ impl Registry {
     fn try_start(&mut self, id: &InstanceId, now: Instant) -> Result<(), String> {
         let config = self.config.clone();
         let settings = &config.settings;
-        let service = config
-            .service(&id.service)
+        let service = self
+            .service_for(id)
             .ok_or_else(|| format!("no service {}", id.service))?;
+        let service = &service;
+        // A release's `migrate` runs first, once per tenant per release, as the app would.
+        let (target, migrate) = match self.instances.get(id) {
+            Some(i) if i.migrated != Some(i.target) => (i.target, service.migrate.clone()),
+            Some(i) => (i.target, None),
+            None => return Err(format!("{id} vanished")),
+        };
         let plan = self.plan_isolation(id, service)?;
         let (uid, gid) = (plan.spec.uid, plan.spec.gid);
         // Who will own the listening socket: the app (as its uid), or this supervisor, which
@@ -265,7 +280,7 @@ impl Registry {
             };
             port = Some(p);
             self.sync_firewall();
-            if service.listen == ListenMode::Activate {
+            if service.listen == ListenMode::Activate && migrate.is_none() {
                 listener = Some(l);
             }
         }
@@ -277,8 +292,8 @@ impl Registry {
             let _ = std::fs::remove_file(path);
             let _ = std::fs::remove_file(served_socket_path(settings, id));
         }
-        let notify_path =
-            (service.ready == ReadyMode::Notify).then(|| notify_socket_path(settings, id));
+        let notify_path = (service.ready == ReadyMode::Notify && migrate.is_none())
+            .then(|| notify_socket_path(settings, id));
         let notify = match &notify_path {
             Some(path) => {
                 prepare_socket_dir(path)?;
@@ -307,7 +322,13 @@ impl Registry {
         };
         // An app that runs as another user gets the standard PATH, not root's (which may
         // point into directories it cannot enter, and is root's business anyway).
-        let mut spec = spawn::build_spec(settings, service, id, &endpoints, |name| {
+        let migrate_service = migrate.as_ref().map(|words| {
+            let mut s = service.clone();
+            s.argv = words.clone();
+            s
+        });
+        let run = migrate_service.as_ref().unwrap_or(service);
+        let mut spec = spawn::build_spec(settings, run, id, &endpoints, |name| {
             if name == "PATH" && uid.is_some() {
                 return None;
             }
@@ -341,14 +362,23 @@ impl Registry {
         instance.generation += 1;
         let generation = instance.generation;
         instance.start_began = Some(now);
+        instance.migrating = migrate.is_some();
+        if migrate.is_none() {
+            instance.release = Some(target);
+        }
         instance.next_health = service
             .health
             .as_ref()
             .map(|_| now + service.health_interval);
         let logs = instance.logs.clone();
         logs.set_running(true);
-        logs.push(LogStream::Event, format!("started (pid {pid})"));
-        tracing::info!(instance = %id, pid, "{id}: started (pid {pid})");
+        let what = if migrate.is_some() {
+            format!("migrate for release {target}")
+        } else {
+            format!("release {target}")
+        };
+        logs.push(LogStream::Event, format!("started {what} (pid {pid})"));
+        tracing::info!(instance = %id, pid, release = target, "{id}: started {what} (pid {pid})");
 
         let mut tasks = Vec::new();
         if let Some(stdout) = child.stdout.take() {
@@ -380,6 +410,7 @@ impl Registry {
             None => instance.address(service.listen, settings),
         };
         let ready_now = service.listen == ListenMode::Activate && service.ready == ReadyMode::Tcp;
+        let watch_readiness = migrate.is_none();
         let tx = self.tx.clone();
         let event_id = id.clone();
         let event = move |kind| {
@@ -401,8 +432,8 @@ impl Registry {
         let taken_event = event.clone();
         let squatter = SquatSeen::default();
         let seen = squatter.clone();
-        tasks.push(
-            tokio::spawn(async move {
+        if watch_readiness {
+            tasks.push(readiness(async move {
                 if !ready_now {
                     match (ready_mode, notify) {
                         (ReadyMode::Notify, Some(socket)) => probe::wait_notify(&socket).await,
@@ -422,9 +453,8 @@ impl Registry {
                     }
                 }
                 let _ = ready_tx.send(ready_event).await;
-            })
-            .abort_handle(),
-        );
+            }));
+        }
         let exit_id = id.clone();
         tokio::spawn(async move {
             let status = match child.wait().await {
@@ -514,8 +544,15 @@ impl Registry {
                     tracing::info!(instance = %id, ready_ms = ms, "{id}: ready in {ms:.1} ms");
                 }
                 self.event(&id, Event::Ready, now);
+                self.trial_ready(&id, now);
+            }
+            ProcessEventKind::Exited(status)
+                if i.migrating && i.lifecycle.state() == InstanceState::Starting =>
+            {
+                self.migrate_exited(&id, status, now);
             }
             ProcessEventKind::Exited(mut status) => {
+                i.migrating = false;
                 let mut squatter = None;
                 let mut oom_killed = false;
                 if let Some(process) = i.process.take() {
@@ -609,6 +646,59 @@ impl Registry {
         }
     }
 
+    /// The release's `migrate` ended while the instance starts: on success it is recorded (it
+    /// never runs again for this tenant and release) and the app starts; on failure the start
+    /// fails with its status, and the instance's trial (if a rollout moved it) sends it back.
+    fn migrate_exited(&mut self, id: &InstanceId, status: String, now: Instant) {
+        let Some(i) = self.instances.get_mut(id) else {
+            return;
+        };
+        i.migrating = false;
+        if let Some(process) = i.process.take() {
+            // The helper took its tree down with it; what is left of the group goes now.
+            let _ = killpg(Pid::from_raw(process.pid), Signal::SIGKILL);
+            for task in process.tasks {
+                task.abort();
+            }
+        }
+        self.store.forget_process(id);
+        let Some(i) = self.instances.get_mut(id) else {
+            return;
+        };
+        let target = i.target;
+        let took = i
+            .start_began
+            .map_or(0, |began| now.duration_since(began).as_millis());
+        if exited_cleanly(&status) {
+            i.migrated = Some(target);
+            i.logs.push(
+                LogStream::Event,
+                format!("migrate for release {target} finished in {took} ms"),
+            );
+            tracing::info!(instance = %id, release = target, "{id}: migrate for release {target} finished in {took} ms");
+            if let Err(e) = self.save() {
+                let error = format!("migrate finished but cannot be recorded: {e}");
+                self.event(id, Event::SpawnFailed(error), now);
+                return;
+            }
+            if let Err(error) = self.try_start(id, now) {
+                tracing::warn!(instance = %id, "{error}");
+                if let Some(i) = self.instances.get(id) {
+                    i.logs
+                        .push(LogStream::Event, format!("could not start: {error}"));
+                }
+                self.event(id, Event::SpawnFailed(error), now);
+            }
+        } else {
+            i.logs.set_running(false);
+            let error = format!("migrate for release {target} failed ({status})");
+            i.logs.push(LogStream::Event, error.clone());
+            i.last_exit = Some(error.clone());
+            tracing::warn!(instance = %id, release = target, "{id}: {error}");
+            self.event(id, Event::SpawnFailed(error), now);
+        }
+    }
+
     /// A stranger listens on `id`'s port while it starts or runs: a security event naming it,
     /// and the instance moves to a new port and starts again at once (`Event::PortTaken`).
     fn port_taken(&mut self, id: &InstanceId, port: u16, uid: u32, pids: &[i32], now: Instant) {
@@ -679,17 +769,9 @@ impl Registry {
 
     /// Starts a health probe when one is due; each runs in its own task.
     pub(super) fn maybe_check_health(&mut self, id: &InstanceId, now: Instant) {
-        let Some(service) = self.config.service(&id.service) else {
+        let Some((path, interval, timeout, listen)) = self.health_of(id) else {
             return;
         };
-        let Some(path) = service.health.clone() else {
-            return;
-        };
-        let (interval, timeout, listen) = (
-            service.health_interval,
-            service.health_timeout,
-            service.listen,
-        );
         let settings = self.config.settings.clone();
         let Some(i) = self.instances.get_mut(id) else {
             return;
@@ -717,6 +799,18 @@ impl Registry {
                 .await;
         });
     }
+}
+
+/// Runs a readiness check off the actor; aborted with the process it watches.
+fn readiness(
+    check: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio::task::AbortHandle {
+    tokio::spawn(check).abort_handle()
+}
+
+/// Whether an exit status (as [`describe_exit`] words it) is a success.
+pub fn exited_cleanly(status: &str) -> bool {
+    status == "exit status 0"
 }
 
 /// Waits until every listener on `port` is the instance's (its uid `own_uid`, or a socket of

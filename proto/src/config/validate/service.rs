@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::{show, toml_key, Checker, RawEntry, RawTable, RawValue, Span};
-use crate::config::{Isolation, Limits, ListenMode, Network, ReadyMode, Service, Template};
+use crate::config::{
+    Isolation, Limits, ListenMode, Network, ReadyMode, RolloutPolicy, Service, Template,
+};
 use crate::ids::ServiceName;
 
 const SERVICE_KEYS: &[&str] = &[
@@ -43,6 +45,10 @@ const SERVICE_KEYS: &[&str] = &[
     "nofile",
     "nproc",
     "tmp_size",
+    "migrate",
+    "migrate_timeout",
+    "rollout",
+    "rollout_bake",
     "env",
 ];
 const NETWORKS: &[(&str, Network)] = &[("host", Network::Host), ("none", Network::None)];
@@ -70,6 +76,10 @@ const LISTEN_MODES: &[(&str, ListenMode)] = &[
     ("tcp", ListenMode::Tcp),
     ("unix", ListenMode::Unix),
     ("activate", ListenMode::Activate),
+];
+const ROLLOUT_POLICIES: &[(&str, RolloutPolicy)] = &[
+    ("rolling", RolloutPolicy::Rolling),
+    ("restart", RolloutPolicy::Restart),
 ];
 const READY_MODES: &[(&str, ReadyMode)] = &[
     ("tcp", ReadyMode::Tcp),
@@ -172,6 +182,20 @@ impl Checker<'_> {
             nproc: self.opt_count(body, "nproc", 1..=4_194_304),
             tmp_size: self.opt_size(body, "tmp_size"),
         };
+        let migrate = body
+            .get("migrate")
+            .and_then(|e| self.command_words(e, "migrate"));
+        let migrate_timeout = self.duration(body, "migrate_timeout", Duration::from_secs(300));
+        let rollout = self.choice(body, "rollout", ROLLOUT_POLICIES, RolloutPolicy::Rolling);
+        let rollout_bake = self.duration(body, "rollout_bake", Duration::from_secs(5));
+        if migrate_timeout.is_zero() {
+            let message = "migrate_timeout must be more than 0; write migrate_timeout = \"5m\"";
+            self.error(
+                body.get("migrate_timeout")
+                    .map_or_else(|| entry.key.span(), |e| e.key.span()),
+                message.to_owned(),
+            );
+        }
         if network == Some(Network::None) && listen == ListenMode::Tcp {
             let message = "network = \"none\" leaves the app no way to be reached over TCP; use listen = \"activate\" or listen = \"unix\"";
             self.error(
@@ -250,7 +274,43 @@ impl Checker<'_> {
             writable,
             env_file,
             limits,
+            migrate,
+            migrate_timeout,
+            rollout,
+            rollout_bake,
         })
+    }
+
+    /// A command line such as `migrate = "python3 migrate.py {data_dir}"`: words split
+    /// without a shell, each a template.
+    fn command_words(&mut self, entry: &RawEntry, key: &str) -> Option<Vec<Template>> {
+        let span = entry.key.span();
+        let text = self.string(entry)?;
+        let words = match shell_words::split(text) {
+            Ok(words) if !words.is_empty() => words,
+            Ok(_) => {
+                let message =
+                    format!("{key} is empty; write the program to run, like {key} = \"./migrate\"");
+                self.error(span, message);
+                return None;
+            }
+            Err(e) => {
+                let message = format!("{key} has unbalanced quotes ({e}); close the quote");
+                self.error(span, message);
+                return None;
+            }
+        };
+        let mut argv = Vec::with_capacity(words.len());
+        for word in words {
+            match Template::parse(&word) {
+                Ok(t) => argv.push(t),
+                Err(e) => {
+                    self.error(span.clone(), format!("{key}: {e}"));
+                    return None;
+                }
+            }
+        }
+        Some(argv)
     }
 
     /// `"50%"` of one CPU (up to `"6400%"`), for cpu_max.
