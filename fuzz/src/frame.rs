@@ -226,7 +226,20 @@ fn check_request_ids(request: &Request) {
         | Request::Status { instance }
         | Request::Weight { instance, .. }
         | Request::Deploy { instance, .. }
+        | Request::Pin { instance, .. }
         | Request::Logs { instance, .. } => check_instance(instance),
+        Request::Release { service, options }
+        | Request::Rollback {
+            service, options, ..
+        } => {
+            check_service(service);
+            for tenant in &options.canary {
+                if let Err(e) = validate_label("tenant id", tenant.as_str()) {
+                    panic!("decoded a canary with an invalid tenant id {tenant:?}: {e}");
+                }
+            }
+        }
+        Request::Releases { service } | Request::Rollout { service, .. } => check_service(service),
         Request::Route { from, to } => {
             check_instance(from);
             check_instance(to);
@@ -278,6 +291,18 @@ fn check_response_ids(response: &Response) {
             removed.iter().for_each(check_instance);
         }
         Response::Park { instance, .. } => check_instance(instance),
+        Response::Releases {
+            service, rollout, ..
+        } => {
+            check_service(service);
+            if let Some(rollout) = rollout {
+                rollout.switching.iter().for_each(check_instance);
+                rollout
+                    .failed
+                    .iter()
+                    .for_each(|f| check_instance(&f.instance));
+            }
+        }
         Response::Hello { .. }
         | Response::Ok
         | Response::Error { .. }
