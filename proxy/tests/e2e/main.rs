@@ -12,6 +12,7 @@ mod early;
 mod hardening;
 mod hostile_requests;
 mod metrics;
+mod releases;
 mod routing;
 mod streaming;
 mod tls;

@@ -150,8 +150,6 @@ impl Registry {
         options: RolloutOptions,
     ) -> Result<Response, RpcError> {
         self.service_of_name(service)?;
-        self.refuse_if_rolling(service)?;
-        let options = self.check_options(service, options)?;
         let entry = self.services_entry(service)?;
         let before = entry.clone();
         let current = entry.history.current;
@@ -174,6 +172,8 @@ impl Registry {
                 format!("release {to} is already {service}'s current release"),
             ));
         }
+        self.refuse_if_rolling(service)?;
+        let options = self.check_options(service, options)?;
         self.begin_rollout(service, to, options, before)
     }
 
