@@ -95,8 +95,9 @@ pub enum Request {
     /// Every registered instance.
     List,
     /// Re-read the config file: add, change and remove services; instances of unchanged
-    /// services are not touched, running instances of changed ones restart, those of removed
-    /// ones stop. A file with errors is refused and the running config stays.
+    /// services are not touched, a changed definition becomes a release rolled out by the
+    /// service's `rollout` setting, running instances of removed services stop. A file with
+    /// errors is refused and the running config stays.
     Reload,
     Status {
         instance: InstanceId,
@@ -645,6 +646,27 @@ pub struct ServiceStats {
     /// Runs of its instances that ended in the kernel's OOM killer.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub oom_kills: u64,
+    /// The release unpinned tenants run once rolled out to (0 from an older supervisor).
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub release: u32,
+    /// Its latest rollout, while it is running or paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutProgress>,
+}
+
+/// How far a service's rollout has come, for the metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutProgress {
+    pub release: u32,
+    pub paused: bool,
+    pub moved: u32,
+    pub pending: u32,
+    pub switching: u32,
+    pub failed: u32,
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Why an instance was started again.
@@ -658,17 +680,20 @@ pub enum RestartReason {
     Health,
     /// `tenctl restart`.
     Operator,
-    /// A config reload changed its service.
+    /// A config reload changed its service (`rollout = "restart"`, or `listen` changed).
     Reload,
+    /// A rollout switched it to another release (also `abort` and `pin` switching it back).
+    Rollout,
 }
 
 impl RestartReason {
-    pub const ALL: [RestartReason; 5] = [
+    pub const ALL: [RestartReason; 6] = [
         RestartReason::Crash,
         RestartReason::StartFailed,
         RestartReason::Health,
         RestartReason::Operator,
         RestartReason::Reload,
+        RestartReason::Rollout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -678,6 +703,7 @@ impl RestartReason {
             RestartReason::Health => "health",
             RestartReason::Operator => "operator",
             RestartReason::Reload => "reload",
+            RestartReason::Rollout => "rollout",
         }
     }
 }

@@ -16,7 +16,8 @@ use tenement_proto::frame;
 use tenement_proto::rpc::{
     ActivityReport, Address, ErrorCode, InstanceInfo, InstanceState, InstanceUsage, LogLine,
     LogStream, ReleaseInfo, Request, Response, Role, RolloutAction, RolloutFailure, RolloutInfo,
-    RolloutOptions, Route, ServiceStats, SupervisorStats, WeightChange, PROTOCOL_VERSION,
+    RolloutOptions, RolloutProgress, Route, ServiceStats, SupervisorStats, WeightChange,
+    PROTOCOL_VERSION,
 };
 use tenement_proto::{InstanceId, ServiceName, TenantId};
 
@@ -355,6 +356,15 @@ fn responses() -> Vec<(&'static str, Response)> {
                         .into_iter()
                         .collect(),
                     oom_kills: 1,
+                    release: 4,
+                    rollout: Some(RolloutProgress {
+                        release: 4,
+                        paused: false,
+                        moved: 19,
+                        pending: 1,
+                        switching: 1,
+                        failed: 0,
+                    }),
                 }],
                 instances: vec![InstanceUsage {
                     instance: id("notes:alice"),

@@ -582,6 +582,12 @@ impl Collector for Scraped {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceStatus {
+    service: String,
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServiceReason {
     service: String,
     reason: &'static str,
@@ -598,7 +604,7 @@ fn supervisor_families(
     counters(
         encoder,
         "tenement_restarts",
-        "Restarts of instances by service and reason (crash, start_failed, health, operator, reload), since the supervisor started",
+        "Restarts of instances by service and reason (crash, start_failed, health, operator, reload, rollout), since the supervisor started",
         report.services.iter().flat_map(|s| {
             RestartReason::ALL.iter().map(|reason| {
                 (
@@ -622,6 +628,65 @@ fn supervisor_families(
                 },
                 s.oom_kills,
             )
+        }),
+    )?;
+    let service_label = |s: &tenement_proto::rpc::ServiceStats| ServiceLabel {
+        service: s.service.as_str().to_owned(),
+    };
+    gauges(
+        encoder,
+        "tenement_release_current",
+        "The release of each service that unpinned tenants run once a rollout has reached them",
+        report
+            .services
+            .iter()
+            .filter(|s| s.release > 0)
+            .map(|s| (service_label(s), i64::from(s.release))),
+    )?;
+    gauges(
+        encoder,
+        "tenement_rollout_release",
+        "The release a running or paused rollout is moving tenants to, by service",
+        report
+            .services
+            .iter()
+            .filter_map(|s| Some((service_label(s), i64::from(s.rollout.as_ref()?.release)))),
+    )?;
+    gauges(
+        encoder,
+        "tenement_rollout_paused",
+        "1 while a service's rollout is paused (a canary step done, an operator, or a tenant that failed)",
+        report
+            .services
+            .iter()
+            .filter_map(|s| Some((service_label(s), i64::from(s.rollout.as_ref()?.paused)))),
+    )?;
+    gauges(
+        encoder,
+        "tenement_rollout_tenants",
+        "Tenants of a running or paused rollout by status: moved, pending (in the current step, still to move), switching (switching or baking), failed",
+        report.services.iter().flat_map(|s| {
+            let progress = s.rollout.clone();
+            let service = s.service.as_str().to_owned();
+            progress.into_iter().flat_map(move |p| {
+                let service = service.clone();
+                [
+                    ("moved", p.moved),
+                    ("pending", p.pending),
+                    ("switching", p.switching),
+                    ("failed", p.failed),
+                ]
+                .into_iter()
+                .map(move |(status, n)| {
+                    (
+                        ServiceStatus {
+                            service: service.clone(),
+                            status,
+                        },
+                        i64::from(n),
+                    )
+                })
+            })
         }),
     )?;
     let label = |usage: &InstanceUsage| InstanceLabel {

@@ -272,21 +272,36 @@ fn restarts_by_reason_bytes_and_per_instance_series_come_and_go() {
         "{answer:?}"
     );
     assert_eq!(restarts("operator"), Some(1.0));
-    // A reload that changes the service restarts its running instance.
+    // A reload that changes the service with `rollout = "restart"` restarts its running
+    // instance; with the default, a rollout switches it.
     let config = std::fs::read_to_string(&sandbox.config_path).unwrap();
-    std::fs::write(
-        &sandbox.config_path,
+    let reload = |admin: &mut Admin, text: String| {
+        std::fs::write(&sandbox.config_path, text).unwrap();
+        let answer = admin.call(tenement_proto::rpc::Request::Reload);
+        assert!(
+            matches!(answer, tenement_proto::rpc::Response::Reloaded { .. }),
+            "{answer:?}"
+        );
+    };
+    reload(
+        &mut admin,
         config.replace(
             "[service.notes]\n",
-            "[service.notes]\nstop_grace = \"3s\"\n",
+            "[service.notes]\nstop_grace = \"3s\"\nrollout = \"restart\"\n",
         ),
-    )
-    .unwrap();
-    let answer = admin.call(tenement_proto::rpc::Request::Reload);
-    assert!(
-        matches!(answer, tenement_proto::rpc::Response::Reloaded { .. }),
-        "{answer:?}"
     );
+    assert_eq!(restarts("reload"), Some(1.0));
+    assert_eq!(restarts("rollout"), Some(0.0));
+    assert!(wait_until(EVENT_DEADLINE, || admin.state("notes:alice")
+        == tenement_proto::rpc::InstanceState::Running));
+    reload(
+        &mut admin,
+        config.replace(
+            "[service.notes]\n",
+            "[service.notes]\nstop_grace = \"4s\"\n",
+        ),
+    );
+    assert_eq!(restarts("rollout"), Some(1.0));
     assert_eq!(restarts("reload"), Some(1.0));
     assert_eq!(restarts("crash"), Some(1.0));
     assert_eq!(restarts("health"), Some(0.0));

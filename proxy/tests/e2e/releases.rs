@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::net::SocketAddr;
+
 use serde_json::Value;
 
 use crate::support::*;
@@ -216,7 +218,11 @@ fn a_rollout_switches_running_tenants_one_at_a_time_without_failing_a_request() 
             .map(|(_, v)| v.as_str())
             .collect();
         versions.dedup();
-        assert_eq!(versions, ["1", "2"], "{tenant}: never 1 again once 2 answered");
+        assert_eq!(
+            versions,
+            ["1", "2"],
+            "{tenant}: never 1 again once 2 answered"
+        );
         assert_eq!(migrations(&sandbox, tenant), "1\n2\n", "{tenant}");
     }
     // The sleeping ones come up on release 2 at their next request, migrated once.
@@ -248,7 +254,12 @@ fn a_failing_migrate_sends_that_tenant_back_and_pauses_then_resume_finishes() {
     let ids: Vec<String> = ["a", "b", "c"].iter().map(|s| (*s).to_owned()).collect();
     let sandbox = Sandbox::new(&with_instances(&ids));
     release_dir(&sandbox, 1);
-    let (_supervisor, _proxy) = sandbox.start();
+    let _supervisor = sandbox.start_supervisor();
+    let metrics = SocketAddr::from(([127, 0, 0, 1], sandbox.spare_port()));
+    let mut command = sandbox.proxy_command();
+    command.arg("--metrics-listen").arg(metrics.to_string());
+    let _proxy = sandbox.start_proxy_with(command);
+    crate::tls::accepting(metrics);
     for tenant in &ids {
         assert_eq!(version(&sandbox, tenant), "1");
     }
@@ -277,6 +288,18 @@ fn a_failing_migrate_sends_that_tenant_back_and_pauses_then_resume_finishes() {
     assert_eq!((t["a"], t["b"], t["c"]), (2, 1, 1));
     let text = tenctl_ok(&sandbox, &["rollout", "status", "notes"]);
     assert!(text.contains("failed: notes:b: "), "{text}");
+    // The metrics say so too.
+    let scraped = get(metrics, "metrics", "/metrics").text();
+    for series in [
+        "tenement_rollout_paused{service=\"notes\"} 1",
+        "tenement_rollout_release{service=\"notes\"} 2",
+        "tenement_release_current{service=\"notes\"} 2",
+        "tenement_rollout_tenants{service=\"notes\",status=\"failed\"} 1",
+        "tenement_rollout_tenants{service=\"notes\",status=\"moved\"} 2",
+        "tenement_restarts_total{service=\"notes\",reason=\"rollout\"} 2",
+    ] {
+        assert!(scraped.contains(series), "{series} not in\n{scraped}");
+    }
 
     // Bad input while paused: one line, nothing changed.
     for (args, says) in [

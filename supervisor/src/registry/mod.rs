@@ -1240,6 +1240,8 @@ impl Registry {
                         .map(|r| (r.as_str().to_owned(), counters.restarts[*r as usize]))
                         .collect(),
                     oom_kills: counters.oom_kills,
+                    release: self.services.get(name).map_or(0, |s| s.history.current),
+                    rollout: self.rollout_progress(name),
                 }
             })
             .collect()

@@ -293,7 +293,7 @@ impl Registry {
         }
         let now = Instant::now();
         for id in moved_back {
-            self.event(&id, Event::Switch, now);
+            self.switch(&id, now);
         }
         tracing::info!(service = %service, action = ?action, "{service}: rollout {action:?}");
         self.drive_rollout(service, now);
@@ -365,7 +365,7 @@ impl Registry {
             None => format!("unpinned: follows release {current}"),
         });
         if switch {
-            self.event(id, Event::Switch, Instant::now());
+            self.switch(id, Instant::now());
         }
         Ok(self.releases_response(&id.service))
     }
@@ -448,6 +448,28 @@ impl Registry {
             releases,
             rollout,
         }
+    }
+
+    /// The progress of `service`'s rollout while it is running or paused.
+    pub(super) fn rollout_progress(
+        &self,
+        service: &ServiceName,
+    ) -> Option<tenement_proto::rpc::RolloutProgress> {
+        let r = self
+            .services
+            .get(service)?
+            .rollout
+            .as_ref()
+            .filter(|r| r.state.unfinished())?;
+        let views = self.tenant_views(service);
+        Some(tenement_proto::rpc::RolloutProgress {
+            release: r.release,
+            paused: matches!(r.state, rollout::State::Paused(_)),
+            moved: r.moved.len() as u32,
+            pending: r.pending(&views).len() as u32,
+            switching: views.iter().filter(|v| v.busy).count() as u32,
+            failed: r.failed.len() as u32,
+        })
     }
 
     fn tenant_views(&self, service: &ServiceName) -> Vec<rollout::Tenant> {
@@ -543,8 +565,20 @@ impl Registry {
             tracing::warn!(service = %service, "cannot save the rollout: {e}");
         }
         for id in switch {
-            self.event(&id, Event::Switch, now);
+            self.switch(&id, now);
         }
+    }
+
+    /// Switches a running instance to its target release (counted as a `rollout` restart).
+    fn switch(&mut self, id: &InstanceId, now: Instant) {
+        if self
+            .instances
+            .get(id)
+            .is_some_and(|i| i.lifecycle.state() == InstanceState::Running)
+        {
+            self.count_restart(id, tenement_proto::rpc::RestartReason::Rollout);
+        }
+        self.event(id, Event::Switch, now);
     }
 
     /// An instance on trial became ready on its new release: its bake begins (with a health
