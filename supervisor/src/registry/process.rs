@@ -107,7 +107,10 @@ impl Registry {
             }
             Action::FailWaiters(error) => {
                 if let Some(i) = self.instances.get_mut(id) {
-                    if i.trial.is_some() && error != WaitError::Stopped {
+                    if i.trial.is_some()
+                        && i.release == Some(i.target)
+                        && error != WaitError::Stopped
+                    {
                         // It failed on a release it is trying: it goes back to the one
                         // before (`check_trial`), which then answers those waiting.
                         return;
@@ -213,6 +216,10 @@ impl Registry {
             Some(i) => (i.target, None),
             None => return Err(format!("{id} vanished")),
         };
+        if let Some(i) = self.instances.get_mut(id) {
+            // The release this start tries, whether or not it gets as far as a process.
+            i.release = Some(target);
+        }
         let plan = self.plan_isolation(id, service)?;
         let (uid, gid) = (plan.spec.uid, plan.spec.gid);
         // Who will own the listening socket: the app (as its uid), or this supervisor, which
@@ -363,9 +370,6 @@ impl Registry {
         let generation = instance.generation;
         instance.start_began = Some(now);
         instance.migrating = migrate.is_some();
-        if migrate.is_none() {
-            instance.release = Some(target);
-        }
         instance.next_health = service
             .health
             .as_ref()

@@ -617,7 +617,15 @@ impl Registry {
         let Some(i) = self.instances.get(id) else {
             return;
         };
-        if i.trial.is_none() {
+        // Judged only on a run of the release it is trying: a tenant that was already failed
+        // or backing off when the rollout moved it is not the release's fault.
+        if i.trial.is_none() || i.release != Some(i.target) {
+            return;
+        }
+        if i.process.is_none() && i.lifecycle.state() == InstanceState::Stopped {
+            // Stopped in the middle of its switch (an operator, an idle stop): it proves
+            // itself at its next start; the rollout does not wait for it.
+            self.switches.remove(id);
             return;
         }
         let baking = self
