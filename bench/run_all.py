@@ -38,6 +38,8 @@ BENCHMARKS = [
     ("metrics cost: on and off, a scrape at 10,000", "metrics_cost.py", ["--rounds", "5", "--duration", "5"],
      ["--rounds", "1", "--duration", "2", "--instances", "1000", "--running", "20", "--scrapes", "5",
       "--scrape-rounds", "1"]),
+    ("rollout across 1,000 tenants, 20 running under load", "rollout.py", [],
+     ["--tenants", "200", "--running", "5", "--bake", "1s", "--releases", "4"]),
 ]
 
 

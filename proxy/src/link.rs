@@ -333,6 +333,7 @@ impl Link {
                     Some(Ok(_)) => {}
                 },
                 _ = report.tick() => send_activity(table, &out_tx).await,
+                () = table.drained() => send_activity(table, &out_tx).await,
             }
             if writer_task.is_finished() {
                 break Ok(());

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use crate::lock;
 use tenement_proto::rpc::{ActivityReport, Address, InstanceState, Route};
 use tenement_proto::{InstanceId, ServiceName};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 const PARKED: u64 = 1 << 63;
 
@@ -60,6 +60,8 @@ pub struct Entry {
     pub wake: Mutex<Option<watch::Receiver<WakeOutcome>>>,
     /// The metric handles of its service, looked up once.
     pub metrics: std::sync::OnceLock<Arc<crate::metrics::ServiceHandles>>,
+    /// The table's: woken when a drained instance's last request ends.
+    drained: Arc<Notify>,
 }
 
 /// Held while a request (or an upgraded connection) is in flight; dropping it ends it.
@@ -69,12 +71,17 @@ pub struct InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.entry.gate.fetch_sub(1, Ordering::AcqRel);
+        let before = self.entry.gate.fetch_sub(1, Ordering::AcqRel);
+        if before == PARKED | 1 {
+            // The last request of an instance parked for a drain (a rollout's switch): the
+            // supervisor waits for this, so it is reported now rather than at the next tick.
+            self.entry.drained.notify_one();
+        }
     }
 }
 
 impl Entry {
-    fn new(id: InstanceId, route: RouteInfo) -> Self {
+    fn new(id: InstanceId, route: RouteInfo, drained: Arc<Notify>) -> Self {
         Self {
             id,
             route: Mutex::new(route),
@@ -86,6 +93,7 @@ impl Entry {
             reported_in_flight: AtomicU32::new(0),
             wake: Mutex::new(None),
             metrics: std::sync::OnceLock::new(),
+            drained,
         }
     }
 
@@ -209,6 +217,8 @@ pub struct Table {
     parks: AtomicU64,
     /// A complete snapshot has been received on the current watch stream.
     synced: watch::Sender<bool>,
+    /// Notified when the last request of an instance parked for a drain ends.
+    drained: Arc<Notify>,
 }
 
 impl Default for Table {
@@ -217,11 +227,18 @@ impl Default for Table {
             inner: RwLock::default(),
             parks: AtomicU64::new(0),
             synced: watch::channel(false).0,
+            drained: Arc::new(Notify::new()),
         }
     }
 }
 
 impl Table {
+    /// Resolves when a drained instance's last request has ended since the last call (the
+    /// watch stream then reports activity at once).
+    pub async fn drained(&self) {
+        self.drained.notified().await;
+    }
+
     pub fn get(&self, id: &InstanceId) -> Option<Arc<Entry>> {
         read(&self.inner).entries.get(id).cloned()
     }
@@ -275,7 +292,11 @@ impl Table {
             entry.set_route(route.into());
             return entry.clone();
         }
-        let entry = Arc::new(Entry::new(route.instance.clone(), route.into()));
+        let entry = Arc::new(Entry::new(
+            route.instance.clone(),
+            route.into(),
+            self.drained.clone(),
+        ));
         inner.entries.insert(route.instance.clone(), entry.clone());
         inner
             .by_service
@@ -377,6 +398,7 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn route(id: &str, state: InstanceState, weight: u32, generation: u64) -> Route {
         Route {
@@ -403,6 +425,23 @@ mod tests {
         // A new process lifts the park.
         table.upsert(&route("notes:alice", InstanceState::Running, 1, 2));
         assert!(entry.try_enter().is_some());
+    }
+
+    #[tokio::test]
+    async fn the_last_request_of_a_drained_instance_is_reported_at_once() {
+        let table = Table::default();
+        let entry = table.upsert(&route("notes:alice", InstanceState::Running, 1, 1));
+        let (a, b) = (entry.try_enter(), entry.try_enter());
+        entry.park_for_drain();
+        assert!(entry.try_enter().is_none(), "nothing new enters");
+        drop(a);
+        let early = tokio::time::timeout(Duration::from_millis(50), table.drained()).await;
+        assert!(early.is_err(), "one request is still in flight");
+        drop(b);
+        tokio::time::timeout(Duration::from_secs(5), table.drained())
+            .await
+            .expect("the drop to zero wakes the watch stream");
+        assert_eq!(entry.in_flight(), 0);
     }
 
     #[test]
