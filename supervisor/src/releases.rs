@@ -42,6 +42,8 @@ pub struct Definition {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migrate: Option<Vec<Template>>,
     pub migrate_timeout: Duration,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub snapshot: bool,
 }
 
 impl Definition {
@@ -74,6 +76,7 @@ impl Definition {
             limits: service.limits,
             migrate,
             migrate_timeout: service.migrate_timeout,
+            snapshot: service.snapshot,
         }
     }
 
@@ -98,6 +101,7 @@ impl Definition {
         service.limits = self.limits;
         service.migrate = self.migrate.clone();
         service.migrate_timeout = self.migrate_timeout;
+        service.snapshot = self.snapshot;
         service
     }
 
@@ -134,7 +138,9 @@ impl Definition {
         );
         note(self.limits != before.limits, "limits");
         note(
-            self.migrate != before.migrate || self.migrate_timeout != before.migrate_timeout,
+            self.migrate != before.migrate
+                || self.migrate_timeout != before.migrate_timeout
+                || self.snapshot != before.snapshot,
             "migrate",
         );
         changed
@@ -268,6 +274,7 @@ mod tests {
             limits: Limits::default(),
             migrate: None,
             migrate_timeout: Duration::from_secs(300),
+            snapshot: false,
         }
     }
 

@@ -77,6 +77,21 @@ pub struct PersistedInstance {
     /// fails there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trial: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotRecord>,
+}
+
+/// A copy of an instance's data directory taken before a release's `migrate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    /// The release whose `migrate` ran after it.
+    pub release: u32,
+    /// The instance's last migrated release when the copy was taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrated: Option<u32>,
+    /// The instance failed on that release: its next start puts the copy back first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restore: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -303,6 +318,7 @@ mod tests {
             pinned: None,
             migrated: None,
             trial: None,
+            snapshot: None,
         }
     }
 

@@ -344,6 +344,9 @@ pub struct Service {
     pub migrate: Option<Vec<Template>>,
     /// How long `migrate` may run.
     pub migrate_timeout: Duration,
+    /// Copy the tenant's data directory before `migrate`, and put the copy back if the
+    /// tenant fails on the release.
+    pub snapshot: bool,
     /// What a reload that changes the service's release does to its running instances.
     pub rollout: RolloutPolicy,
     /// How long a tenant switched by a rollout must stay ready, healthy and free of 5xx

@@ -4,7 +4,7 @@
 //! release directory holds its own copy of the binary and a `VERSION` file that `/version`
 //! answers with, so which release serves a tenant is visible from outside. `migrate` appends
 //! the release's version to the tenant's `migrations` file and fails when the tenant's data
-//! directory holds `fail-migrate`.
+//! directory holds `fail-migrate`; `snapshot = true` copies the data directory before it.
 
 #![allow(clippy::unwrap_used)]
 
@@ -29,6 +29,7 @@ ready = "tcp"
 health = "/health"
 health_interval = "1s"
 rollout_bake = "1s"
+snapshot = true
 migrate = "sh -c 'cat VERSION >> {data_dir}/{id}/migrations && test ! -e {data_dir}/{id}/fail-migrate'"
 "#;
 
@@ -280,9 +281,19 @@ fn a_failing_migrate_sends_that_tenant_back_and_pauses_then_resume_finishes() {
     assert_eq!(version(&sandbox, "a"), "2");
     assert_eq!(version(&sandbox, "b"), "1");
     assert_eq!(version(&sandbox, "c"), "1");
+    // b's data is the copy taken before its migrate: the failed migrate's line is gone, and
+    // what it left is kept aside.
     assert_eq!(
         std::fs::read_to_string(b_data.join("notes.txt")).unwrap(),
         "b's data"
+    );
+    assert_eq!(migrations(&sandbox, "b"), "1\n");
+    let failed = sandbox.data_dir.join("notes/.b.failed/migrations");
+    assert_eq!(std::fs::read_to_string(failed).unwrap(), "1\n2\n");
+    let log = tenctl_ok(&sandbox, &["logs", "notes:b"]);
+    assert!(
+        log.contains("data directory restored from the copy taken before release 2's migrate"),
+        "{log}"
     );
     let t = targets(&sandbox);
     assert_eq!((t["a"], t["b"], t["c"]), (2, 1, 1));
@@ -325,8 +336,8 @@ fn a_failing_migrate_sends_that_tenant_back_and_pauses_then_resume_finishes() {
     assert_eq!(migrations(&sandbox, "a"), "1\n2\n");
     assert_eq!(
         migrations(&sandbox, "b"),
-        "1\n2\n2\n",
-        "failed once, then once more"
+        "1\n2\n",
+        "the failed run was undone"
     );
     assert_eq!(migrations(&sandbox, "c"), "1\n2\n");
 }
@@ -395,6 +406,11 @@ fn canaries_pins_rollback_and_a_supervisor_killed_mid_rollout() {
     assert_eq!(doc["current"], 1);
     assert!(targets(&sandbox).values().all(|r| *r == 1));
     assert_eq!(version(&sandbox, "t4"), "1");
+    // Migrations run forward only: t1 ran release 2's; back on 1, nothing runs, and its data
+    // (kept: a rollback is not a failure) is not restored from the snapshot.
+    assert_eq!(migrations(&sandbox, "t1"), "2\n");
+    assert_eq!(version(&sandbox, "t1"), "1");
+    assert_eq!(migrations(&sandbox, "t1"), "2\n");
 
     // A reload that changes the definition is a release of its own, rolled out.
     let config = std::fs::read_to_string(&sandbox.config_path).unwrap();

@@ -93,6 +93,19 @@ pub struct Instance {
     pub trial: Option<u32>,
     /// The current process is the release's `migrate`, not the app.
     pub migrating: bool,
+    /// The current process copies the data directory before `migrate` (`snapshot`).
+    pub snapshotting: bool,
+    /// The snapshot of the data directory kept for a release's `migrate`, if any.
+    pub snapshot: Option<crate::state::SnapshotRecord>,
+}
+
+impl Instance {
+    /// Whether its next start runs its target release's `migrate` first (if the release has
+    /// one): migrations run forward, once per release; a tenant going back to an older
+    /// release does not run that release's `migrate` again.
+    pub fn migrate_due(&self) -> bool {
+        self.migrated.is_none_or(|m| m < self.target)
+    }
 }
 
 impl Instance {
@@ -131,6 +144,8 @@ impl Instance {
             migrated: None,
             trial: None,
             migrating: false,
+            snapshotting: false,
+            snapshot: None,
         }
     }
 
@@ -241,6 +256,16 @@ pub fn served_socket_path(settings: &Settings, id: &InstanceId) -> PathBuf {
         .runtime_dir
         .join("sockets")
         .join(format!("{}.{}.sock", id.service, id.id))
+}
+
+/// Where the copy of an instance's data directory taken before a `migrate` is kept, beside
+/// the data directory (a tenant id never starts with a dot), and where it is copied first.
+pub fn snapshot_paths(settings: &Settings, id: &InstanceId) -> (PathBuf, PathBuf) {
+    let root = settings.data_dir.join(id.service.as_str());
+    (
+        root.join(format!(".{}.snapshot", id.id)),
+        root.join(format!(".{}.snapshot.tmp", id.id)),
+    )
 }
 
 /// The sd_notify socket of an instance with `ready = "notify"`.

@@ -427,6 +427,7 @@ impl Registry {
             instance.pinned = entry.pinned;
             instance.migrated = entry.migrated;
             instance.trial = entry.trial;
+            instance.snapshot = entry.snapshot;
             registry.instances.insert(entry.instance, instance);
         }
         let declared = registry.config.instances.clone();
@@ -498,6 +499,7 @@ impl Registry {
                 pinned: i.pinned,
                 migrated: i.migrated,
                 trial: i.trial,
+                snapshot: i.snapshot,
             })
             .collect();
         entries.sort_by(|a, b| a.instance.cmp(&b.instance));
@@ -910,6 +912,9 @@ impl Registry {
         let mut dirs = vec![runtime];
         if purge {
             dirs.push(self.config.settings.instance_data_dir(id));
+            let (snapshot, tmp) = instance::snapshot_paths(&self.config.settings, id);
+            let failed = tmp.with_file_name(format!(".{}.failed", id.id));
+            dirs.extend([snapshot, tmp, failed]);
         }
         for dir in dirs {
             match std::fs::remove_dir_all(&dir) {

@@ -25,8 +25,8 @@ use crate::spawn::{self, Endpoints};
 use crate::{ports, procfs};
 
 use super::instance::{
-    app_socket_path, instance_runtime_dir, notify_socket_path, served_socket_path, Process,
-    SquatSeen, WakeOk,
+    app_socket_path, instance_runtime_dir, notify_socket_path, served_socket_path, snapshot_paths,
+    Process, SquatSeen, WakeOk,
 };
 use super::isolation;
 use super::{Command, ProcessEvent, ProcessEventKind, Registry, RpcError};
@@ -212,13 +212,23 @@ impl Registry {
         let service = &service;
         // A release's `migrate` runs first, once per tenant per release, as the app would.
         let (target, migrate) = match self.instances.get(id) {
-            Some(i) if i.migrated != Some(i.target) => (i.target, service.migrate.clone()),
+            Some(i) if i.migrate_due() => (i.target, service.migrate.clone()),
             Some(i) => (i.target, None),
             None => return Err(format!("{id} vanished")),
         };
         if let Some(i) = self.instances.get_mut(id) {
             // The release this start tries, whether or not it gets as far as a process.
             i.release = Some(target);
+        }
+        self.restore_if_due(id)?;
+        let snapshot_due = migrate.is_some()
+            && service.snapshot
+            && self
+                .instances
+                .get(id)
+                .is_some_and(|i| i.snapshot.is_none_or(|s| s.release != target));
+        if snapshot_due {
+            return self.start_snapshot(id, target, now);
         }
         let plan = self.plan_isolation(id, service)?;
         let (uid, gid) = (plan.spec.uid, plan.spec.gid);
@@ -555,8 +565,14 @@ impl Registry {
             {
                 self.migrate_exited(&id, status, now);
             }
+            ProcessEventKind::Exited(status)
+                if i.snapshotting && i.lifecycle.state() == InstanceState::Starting =>
+            {
+                self.snapshot_exited(&id, status, now);
+            }
             ProcessEventKind::Exited(mut status) => {
                 i.migrating = false;
+                i.snapshotting = false;
                 let mut squatter = None;
                 let mut oom_killed = false;
                 if let Some(process) = i.process.take() {
@@ -646,6 +662,180 @@ impl Registry {
                         self.event(&id, Event::HealthFailed(detail), now);
                     }
                 }
+            }
+        }
+    }
+
+    /// `snapshot = true`: before a release's `migrate`, the instance's data directory is
+    /// copied beside it (`cp -a --reflink=auto`, as the supervisor's user, so the copy keeps
+    /// owners and modes). The copy is this start's first process: a stop or a deadline ends
+    /// it like any other.
+    fn start_snapshot(&mut self, id: &InstanceId, target: u32, now: Instant) -> Result<(), String> {
+        let settings = &self.config.settings;
+        let data = settings.instance_data_dir(id);
+        spawn::ensure_data_dir(&data).map_err(|e| e.to_string())?;
+        let (_, tmp) = snapshot_paths(settings, id);
+        remove_aside(&tmp)?;
+        let mut child = tokio::process::Command::new("cp")
+            .arg("-a")
+            .arg("--reflink=auto")
+            .arg("--")
+            .arg(&data)
+            .arg(&tmp)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("cannot run cp for the snapshot: {e}"))?;
+        let pid = child.id().map(|p| p as i32).ok_or("cp exited at once")?;
+        let instance = self
+            .instances
+            .get_mut(id)
+            .ok_or_else(|| format!("{id} vanished"))?;
+        instance.generation += 1;
+        let generation = instance.generation;
+        instance.start_began = Some(now);
+        instance.snapshotting = true;
+        let logs = instance.logs.clone();
+        logs.set_running(true);
+        let message = format!("copying the data directory before release {target}'s migrate");
+        logs.push(LogStream::Event, message.clone());
+        tracing::info!(instance = %id, release = target, "{id}: {message}");
+        let mut tasks = Vec::new();
+        if let Some(stderr) = child.stderr.take() {
+            tasks.push(
+                tokio::spawn(read_lines(stderr, logs, LogStream::Stderr, id.clone()))
+                    .abort_handle(),
+            );
+        }
+        let (tx, exit_id) = (self.tx.clone(), id.clone());
+        tokio::spawn(async move {
+            let status = match child.wait().await {
+                Ok(status) => describe_exit(status),
+                Err(e) => format!("wait failed: {e}"),
+            };
+            let _ = tx
+                .send(Command::Process(ProcessEvent {
+                    instance: exit_id,
+                    generation,
+                    kind: ProcessEventKind::Exited(status),
+                }))
+                .await;
+        });
+        instance.process = Some(Process {
+            pid,
+            tasks,
+            squatter: SquatSeen::default(),
+            oom_baseline: None,
+        });
+        Ok(())
+    }
+
+    /// A tenant that failed on a release whose `migrate` had a snapshot gets its data
+    /// directory back before it starts again: the directory as the failed release left it is
+    /// kept beside it as `.ID.failed` (the one before that is deleted), the copy takes its
+    /// place, and the last migrated release is the one before that `migrate`.
+    fn restore_if_due(&mut self, id: &InstanceId) -> Result<(), String> {
+        let Some(record) = self
+            .instances
+            .get(id)
+            .and_then(|i| i.snapshot)
+            .filter(|s| s.restore)
+        else {
+            return Ok(());
+        };
+        let settings = &self.config.settings;
+        let data = settings.instance_data_dir(id);
+        let (snapshot, _) = snapshot_paths(settings, id);
+        let failed = data
+            .parent()
+            .map(|root| root.join(format!(".{}.failed", id.id)))
+            .ok_or("a data directory without a parent")?;
+        if std::fs::symlink_metadata(&snapshot).is_err() {
+            return Err(format!(
+                "the snapshot {} to restore is missing",
+                snapshot.display()
+            ));
+        }
+        remove_aside(&failed)?;
+        if std::fs::symlink_metadata(&data).is_ok() {
+            std::fs::rename(&data, &failed)
+                .map_err(|e| format!("cannot move {} aside: {e}", data.display()))?;
+        }
+        std::fs::rename(&snapshot, &data)
+            .map_err(|e| format!("cannot restore {}: {e}", data.display()))?;
+        let Some(i) = self.instances.get_mut(id) else {
+            return Ok(());
+        };
+        i.snapshot = None;
+        i.migrated = record.migrated;
+        let message = format!(
+            "data directory restored from the copy taken before release {}'s migrate (what release {} left is in {})",
+            record.release,
+            record.release,
+            failed.display()
+        );
+        i.logs.push(LogStream::Event, message.clone());
+        tracing::info!(instance = %id, "{id}: {message}");
+        self.save().map_err(|e| e.to_string())
+    }
+
+    /// The snapshot's copy ended while the instance starts: on success it replaces the
+    /// previous snapshot and the start goes on with `migrate`; on failure the start fails.
+    fn snapshot_exited(&mut self, id: &InstanceId, status: String, now: Instant) {
+        let settings = self.config.settings.clone();
+        let Some(i) = self.instances.get_mut(id) else {
+            return;
+        };
+        i.snapshotting = false;
+        if let Some(process) = i.process.take() {
+            for task in process.tasks {
+                task.abort();
+            }
+        }
+        let target = i.target;
+        let took = i
+            .start_began
+            .map_or(0, |began| now.duration_since(began).as_millis());
+        let (snapshot, tmp) = snapshot_paths(&settings, id);
+        let kept = if exited_cleanly(&status) {
+            remove_aside(&snapshot).and_then(|()| {
+                std::fs::rename(&tmp, &snapshot)
+                    .map_err(|e| format!("cannot keep the snapshot {}: {e}", snapshot.display()))
+            })
+        } else {
+            Err(format!("the copy of the data directory failed ({status})"))
+        };
+        let Some(i) = self.instances.get_mut(id) else {
+            return;
+        };
+        match kept {
+            Ok(()) => {
+                i.snapshot = Some(crate::state::SnapshotRecord {
+                    release: target,
+                    migrated: i.migrated,
+                    restore: false,
+                });
+                let message = format!("data directory copied in {took} ms");
+                i.logs.push(LogStream::Event, message.clone());
+                tracing::info!(instance = %id, "{id}: {message}");
+                let started = self
+                    .save()
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| self.try_start(id, now));
+                if let Err(error) = started {
+                    tracing::warn!(instance = %id, "{error}");
+                    self.event(id, Event::SpawnFailed(error), now);
+                }
+            }
+            Err(error) => {
+                i.logs.set_running(false);
+                i.logs.push(LogStream::Event, error.clone());
+                i.last_exit = Some(error.clone());
+                tracing::warn!(instance = %id, "{id}: {error}");
+                let _ = remove_aside(&tmp);
+                self.event(id, Event::SpawnFailed(error), now);
             }
         }
     }
@@ -803,6 +993,27 @@ impl Registry {
                 .await;
         });
     }
+}
+
+/// Moves `path` (a directory or file, if there) out of the way at once and deletes it off the
+/// actor: a large data directory's copy must not stall the registry.
+pub fn remove_aside(path: &Path) -> Result<(), String> {
+    if std::fs::symlink_metadata(path).is_err() {
+        return Ok(());
+    }
+    let mut trash = path.as_os_str().to_owned();
+    trash.push(format!(".trash-{}", crate::logs::now_ms()));
+    let trash = std::path::PathBuf::from(trash);
+    std::fs::rename(path, &trash)
+        .map_err(|e| format!("cannot move {} aside: {e}", path.display()))?;
+    tokio::task::spawn_blocking(move || {
+        if trash.is_dir() {
+            let _ = std::fs::remove_dir_all(&trash);
+        } else {
+            let _ = std::fs::remove_file(&trash);
+        }
+    });
+    Ok(())
 }
 
 /// Runs a readiness check off the actor; aborted with the process it watches.

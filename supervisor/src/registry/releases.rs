@@ -110,7 +110,7 @@ impl Registry {
         if let Some(d) = self.definition(&id.service, i.target) {
             p.startup_timeout = d.startup_timeout;
             p.stop_grace = d.stop_grace;
-            if d.migrate.is_some() && i.migrated != Some(i.target) {
+            if d.migrate.is_some() && i.migrate_due() {
                 p.startup_timeout += d.migrate_timeout;
             }
         }
@@ -696,6 +696,11 @@ impl Registry {
         };
         let failed_on = i.target;
         i.target = previous;
+        if let Some(record) = i.snapshot.as_mut().filter(|s| s.release == failed_on) {
+            // Its data goes back to the copy taken before the release's migrate, at its next
+            // start (once its process is gone).
+            record.restore = true;
+        }
         let message =
             format!("failed on release {failed_on} ({reason}); back to release {previous}");
         i.logs.push(LogStream::Event, message.clone());

@@ -47,6 +47,7 @@ const SERVICE_KEYS: &[&str] = &[
     "tmp_size",
     "migrate",
     "migrate_timeout",
+    "snapshot",
     "rollout",
     "rollout_bake",
     "env",
@@ -186,6 +187,7 @@ impl Checker<'_> {
             .get("migrate")
             .and_then(|e| self.command_words(e, "migrate"));
         let migrate_timeout = self.duration(body, "migrate_timeout", Duration::from_secs(300));
+        let snapshot = self.flag(body, "snapshot", false);
         let rollout = self.choice(body, "rollout", ROLLOUT_POLICIES, RolloutPolicy::Rolling);
         let rollout_bake = self.duration(body, "rollout_bake", Duration::from_secs(5));
         if migrate_timeout.is_zero() {
@@ -276,6 +278,7 @@ impl Checker<'_> {
             limits,
             migrate,
             migrate_timeout,
+            snapshot,
             rollout,
             rollout_bake,
         })
