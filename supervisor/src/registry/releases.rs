@@ -26,6 +26,14 @@ const MAX_UNAVAILABLE: u32 = 1000;
 /// The longest bake.
 const MAX_BAKE: Duration = Duration::from_secs(24 * 3600);
 
+/// A tenant an abort moves back: what to undo if the registry cannot be saved.
+struct MovedBack {
+    id: InstanceId,
+    target: u32,
+    trial: Option<u32>,
+    switch: bool,
+}
+
 /// A tenant being switched by a rollout or baking on its new release.
 #[derive(Debug, Clone)]
 pub struct Switch {
@@ -277,53 +285,67 @@ impl Registry {
                 entry.history.current = rollout.from;
             }
         }
-        let moved_back = if action == RolloutAction::Abort {
-            let moved = entry
-                .rollout
-                .as_ref()
-                .map(|r| r.moved.clone())
-                .unwrap_or_default();
-            self.move_back(service, &moved)
-        } else {
-            Vec::new()
+        let moved_back = match entry.rollout.as_ref() {
+            Some(r) if action == RolloutAction::Abort => {
+                let (aborted, from, moved) = (r.release, r.from, r.moved.clone());
+                self.move_back(service, aborted, from, &moved)
+            }
+            _ => Vec::new(),
         };
         if let Err(e) = self.save() {
             self.services.insert(service.clone(), before);
+            for back in &moved_back {
+                if let Some(i) = self.instances.get_mut(&back.id) {
+                    (i.target, i.trial) = (back.target, back.trial);
+                }
+            }
             return Err(e);
         }
         let now = Instant::now();
-        for id in moved_back {
-            self.switch(&id, now);
+        for back in moved_back {
+            self.switches.remove(&back.id);
+            if back.switch {
+                self.switch(&back.id, now);
+            }
         }
         tracing::info!(service = %service, action = ?action, "{service}: rollout {action:?}");
         self.drive_rollout(service, now);
         Ok(self.releases_response(service))
     }
 
-    /// Aborting: every tenant the rollout moved goes back to the release it was on. Returns
-    /// those that run and must switch.
+    /// Aborting: every tenant of the service on the aborted release goes back, those the
+    /// rollout moved to the release each ran before, those registered during it to `from`.
+    /// Returns each one's previous target and trial (to undo a failed save), and whether it
+    /// runs and must switch.
     fn move_back(
         &mut self,
         service: &ServiceName,
+        aborted: u32,
+        from: u32,
         moved: &BTreeMap<TenantId, u32>,
-    ) -> Vec<InstanceId> {
-        let mut running = Vec::new();
-        for (tenant, previous) in moved {
-            let id = InstanceId::new(service.clone(), tenant.clone());
-            let Some(i) = self.instances.get_mut(&id) else {
-                continue;
-            };
-            if i.pinned.is_some() || i.target == *previous {
+    ) -> Vec<MovedBack> {
+        let mut back = Vec::new();
+        for i in self
+            .instances
+            .values_mut()
+            .filter(|i| &i.id.service == service && i.pinned.is_none() && i.target == aborted)
+        {
+            let previous = moved.get(&i.id.id).copied().unwrap_or(from);
+            if previous == aborted {
                 continue;
             }
-            i.target = *previous;
+            back.push(MovedBack {
+                id: i.id.clone(),
+                target: i.target,
+                trial: i.trial,
+                switch: i.release != Some(previous)
+                    && i.lifecycle.state() == InstanceState::Running,
+            });
+            i.target = previous;
             i.trial = None;
-            self.switches.remove(&id);
-            if i.release != Some(*previous) && i.lifecycle.state() == InstanceState::Running {
-                running.push(id);
-            }
         }
-        running
+        back.sort_by(|a, b| a.id.cmp(&b.id));
+        back
     }
 
     /// `tenctl pin INSTANCE N` / `unpin`.
@@ -523,10 +545,12 @@ impl Registry {
         let Some(rollout) = entry.rollout.as_mut() else {
             return;
         };
+        let rollout_before = rollout.clone();
         let state_before = rollout.state.clone();
         let moves = rollout.plan(&views);
         let (release, bake) = (rollout.release, rollout.bake);
         let mut switch = Vec::new();
+        let mut undo = Vec::new();
         for m in &moves {
             let (Move::Retarget(tenant) | Move::Switch(tenant)) = m;
             let id = InstanceId::new(service.clone(), tenant.clone());
@@ -534,21 +558,12 @@ impl Registry {
                 continue;
             };
             let from = i.target;
+            undo.push((id.clone(), from, i.trial));
             rollout.moved.entry(tenant.clone()).or_insert(from);
             i.target = release;
             i.trial = Some(from);
             if let Move::Switch(_) = m {
-                self.switches.insert(
-                    id.clone(),
-                    Switch {
-                        began: now,
-                        from,
-                        to: release,
-                        bake,
-                        bake_until: None,
-                    },
-                );
-                switch.push(id);
+                switch.push((id, from));
             }
         }
         let state_after = rollout.state.clone();
@@ -562,9 +577,34 @@ impl Registry {
             });
         }
         if let Err(e) = self.save() {
-            tracing::warn!(service = %service, "cannot save the rollout: {e}");
+            // Nothing moves that the registry file does not say: undone, and paused.
+            for (id, target, trial) in undo {
+                if let Some(i) = self.instances.get_mut(&id) {
+                    (i.target, i.trial) = (target, trial);
+                }
+            }
+            if let Some(r) = self
+                .services
+                .get_mut(service)
+                .and_then(|s| s.rollout.as_mut())
+            {
+                *r = rollout_before;
+                r.state = rollout::State::Paused(format!("cannot save the registry: {e}"));
+            }
+            tracing::warn!(service = %service, "rollout of release {release} paused: cannot save the registry: {e}");
+            return;
         }
-        for id in switch {
+        for (id, from) in switch {
+            self.switches.insert(
+                id.clone(),
+                Switch {
+                    began: now,
+                    from,
+                    to: release,
+                    bake,
+                    bake_until: None,
+                },
+            );
             self.switch(&id, now);
         }
     }
@@ -720,8 +760,17 @@ impl Registry {
         if let Err(e) = self.save() {
             tracing::warn!(instance = %id, "cannot save: {e}");
         }
-        // Back on the release it came from, now: waiting requests are served by it.
-        self.event(id, Event::Restart, now);
+        // Back on the release it came from, now: waiting requests are served by it. A tenant
+        // still running (it failed its bake) is drained first, like any switch.
+        let running = self
+            .instances
+            .get(id)
+            .is_some_and(|i| i.lifecycle.state() == InstanceState::Running);
+        if running {
+            self.switch(id, now);
+        } else {
+            self.event(id, Event::Restart, now);
+        }
     }
 
     /// A reload changed `service`: a new release if its definition changed, rolled out by
