@@ -89,6 +89,10 @@ pub struct SnapshotRecord {
     /// The instance's last migrated release when the copy was taken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migrated: Option<u32>,
+    /// Taken while the instance was on trial for that release (moved by a rollout): only
+    /// such a copy is ever put back, and only if that trial fails.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub on_trial: bool,
     /// The instance failed on that release: its next start puts the copy back first.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub restore: bool,

@@ -437,6 +437,15 @@ impl Registry {
                 changed = true;
             }
         }
+        // A service whose definition changed while the supervisor was away gets a release of
+        // it now (origin `config`), rolled out by its `rollout` setting: every instance is
+        // stopped at this point, so each simply starts on it at its next wake.
+        let names: Vec<ServiceName> = registry.config.services.keys().cloned().collect();
+        for name in names {
+            if registry.release_on_reload(&name, "config").is_some() {
+                tracing::info!(service = %name, "{name}: its definition changed since the last run: release {} made", registry.current_release(&name));
+            }
+        }
         // Instances whose port was lost (range changed) get a new one.
         let missing: Vec<InstanceId> = registry
             .instances
@@ -886,6 +895,7 @@ impl Registry {
             return Ok(());
         };
         self.active.remove(id);
+        self.switches.remove(id);
         if let Err(e) = self.save() {
             self.instances.insert(id.clone(), instance);
             return Err(e);
@@ -1171,7 +1181,7 @@ impl Registry {
             if listen_changed {
                 restart.insert(name.clone());
             }
-            if let Some(release) = self.release_on_reload(name) {
+            if let Some(release) = self.release_on_reload(name, "reload") {
                 if restart.contains(name) {
                     continue;
                 }

@@ -109,7 +109,7 @@ impl Registry {
                 if let Some(i) = self.instances.get_mut(id) {
                     if i.trial.is_some()
                         && i.release == Some(i.target)
-                        && error != WaitError::Stopped
+                        && matches!(error, WaitError::StartFailed(_))
                     {
                         // It failed on a release it is trying: it goes back to the one
                         // before (`check_trial`), which then answers those waiting.
@@ -676,6 +676,23 @@ impl Registry {
         spawn::ensure_data_dir(&data).map_err(|e| e.to_string())?;
         let (_, tmp) = snapshot_paths(settings, id);
         remove_aside(&tmp)?;
+        // The copy runs as the supervisor's user: it must not fill the file system that the
+        // registry is written to. Refused unless the data directory fits in what is free
+        // (a reflink copy would need less, but that cannot be known beforehand).
+        let needed = procfs::disk_usage(&data);
+        if let Some(root) = data.parent() {
+            let stat = nix::sys::statvfs::statvfs(root)
+                .map_err(|e| format!("cannot read the free space of {}: {e}", root.display()))?;
+            let free = (stat.blocks_available() as u64).saturating_mul(stat.fragment_size() as u64);
+            if needed.saturating_mul(11) / 10 > free {
+                return Err(format!(
+                    "no room for a snapshot of the data directory: it holds {} MiB, {} MiB are free on {}",
+                    needed >> 20,
+                    free >> 20,
+                    root.display()
+                ));
+            }
+        }
         let mut child = tokio::process::Command::new("cp")
             .arg("-a")
             .arg("--reflink=auto")
@@ -753,10 +770,21 @@ impl Registry {
             .map(|root| root.join(format!(".{}.failed", id.id)))
             .ok_or("a data directory without a parent")?;
         if std::fs::symlink_metadata(&snapshot).is_err() {
-            return Err(format!(
-                "the snapshot {} to restore is missing",
+            // Deleted by hand, or already put back by a run whose save failed: the data stays
+            // as it is, said once.
+            let message = format!(
+                "the copy {} to put back is missing; the data directory stays as it is",
                 snapshot.display()
-            ));
+            );
+            tracing::warn!(instance = %id, "{id}: {message}");
+            if let Some(i) = self.instances.get_mut(id) {
+                i.snapshot = None;
+                i.logs.push(LogStream::Event, message);
+            }
+            if let Err(e) = self.save() {
+                tracing::warn!(instance = %id, "cannot save: {e}");
+            }
+            return Ok(());
         }
         remove_aside(&failed)?;
         if std::fs::symlink_metadata(&data).is_ok() {
@@ -794,7 +822,8 @@ impl Registry {
                 task.abort();
             }
         }
-        let target = i.target;
+        // The release the copy was started for (the target may have moved since: a pin, an abort).
+        let target = i.release.unwrap_or(i.target);
         let took = i
             .start_began
             .map_or(0, |began| now.duration_since(began).as_millis());
@@ -815,6 +844,7 @@ impl Registry {
                 i.snapshot = Some(crate::state::SnapshotRecord {
                     release: target,
                     migrated: i.migrated,
+                    on_trial: i.trial.is_some(),
                     restore: false,
                 });
                 let message = format!("data directory copied in {took} ms");
@@ -859,7 +889,8 @@ impl Registry {
         let Some(i) = self.instances.get_mut(id) else {
             return;
         };
-        let target = i.target;
+        // The release the migrate was started for (the target may have moved since).
+        let target = i.release.unwrap_or(i.target);
         let took = i
             .start_began
             .map_or(0, |began| now.duration_since(began).as_millis());

@@ -339,7 +339,10 @@ impl Registry {
                 target: i.target,
                 trial: i.trial,
                 switch: i.release != Some(previous)
-                    && i.lifecycle.state() == InstanceState::Running,
+                    && matches!(
+                        i.lifecycle.state(),
+                        InstanceState::Running | InstanceState::Starting
+                    ),
             });
             i.target = previous;
             i.trial = None;
@@ -374,7 +377,10 @@ impl Registry {
         i.target = release.unwrap_or(current);
         i.trial = None;
         let switch = i.release.is_some_and(|r| r != i.target)
-            && i.lifecycle.state() == InstanceState::Running;
+            && matches!(
+                i.lifecycle.state(),
+                InstanceState::Running | InstanceState::Starting
+            );
         if let Err(e) = self.save() {
             if let Some(i) = self.instances.get_mut(id) {
                 (i.pinned, i.target, i.trial) = before;
@@ -609,16 +615,20 @@ impl Registry {
         }
     }
 
-    /// Switches a running instance to its target release (counted as a `rollout` restart).
+    /// Moves a running instance to its target release (counted as a `rollout` restart): a
+    /// drained switch, or a plain restart for one still starting (it serves nobody yet).
     fn switch(&mut self, id: &InstanceId, now: Instant) {
-        if self
-            .instances
-            .get(id)
-            .is_some_and(|i| i.lifecycle.state() == InstanceState::Running)
-        {
-            self.count_restart(id, tenement_proto::rpc::RestartReason::Rollout);
+        match self.instances.get(id).map(|i| i.lifecycle.state()) {
+            Some(InstanceState::Running) => {
+                self.count_restart(id, tenement_proto::rpc::RestartReason::Rollout);
+                self.event(id, Event::Switch, now);
+            }
+            Some(InstanceState::Starting) => {
+                self.count_restart(id, tenement_proto::rpc::RestartReason::Rollout);
+                self.event(id, Event::Restart, now);
+            }
+            _ => {}
         }
-        self.event(id, Event::Switch, now);
     }
 
     /// An instance on trial became ready on its new release: its bake begins (with a health
@@ -648,7 +658,7 @@ impl Registry {
             bake,
             bake_until: None,
         });
-        switch.bake_until = Some(now + switch.bake);
+        switch.bake_until = Some(now.checked_add(switch.bake).unwrap_or(now + MAX_BAKE));
     }
 
     /// After each lifecycle event: an instance on trial that failed on its release (its start,
@@ -657,15 +667,20 @@ impl Registry {
         let Some(i) = self.instances.get(id) else {
             return;
         };
-        // Judged only on a run of the release it is trying: a tenant that was already failed
-        // or backing off when the rollout moved it is not the release's fault.
-        if i.trial.is_none() || i.release != Some(i.target) {
+        let on_target = i.release == Some(i.target);
+        let state = i.lifecycle.state();
+        if self.switches.contains_key(id)
+            && (state == InstanceState::Stopped || (state == InstanceState::Failed && !on_target))
+        {
+            // Stopped in the middle of its switch (an operator, an idle stop), or its old
+            // process failed for good while draining: it proves itself at its next start on
+            // the release; the rollout does not wait for it.
+            self.switches.remove(id);
             return;
         }
-        if i.process.is_none() && i.lifecycle.state() == InstanceState::Stopped {
-            // Stopped in the middle of its switch (an operator, an idle stop): it proves
-            // itself at its next start; the rollout does not wait for it.
-            self.switches.remove(id);
+        // Judged only on a run of the release it is trying: a tenant that was already failed
+        // or backing off when the rollout moved it is not the release's fault.
+        if i.trial.is_none() || !on_target {
             return;
         }
         let baking = self
@@ -711,6 +726,16 @@ impl Registry {
             return;
         }
         i.trial = None;
+        // Its copy from before the migrate is for a failed trial only: it goes now (space).
+        if i.snapshot.take().is_some() {
+            let (copy, _) = super::instance::snapshot_paths(&self.config.settings, id);
+            if let Err(e) = super::process::remove_aside(&copy) {
+                tracing::warn!(instance = %id, "{e}");
+            }
+        }
+        let Some(i) = self.instances.get_mut(id) else {
+            return;
+        };
         let elapsed = now.duration_since(switch.began);
         let message = format!(
             "switched from release {} to {} in {} ms",
@@ -736,7 +761,11 @@ impl Registry {
         };
         let failed_on = i.target;
         i.target = previous;
-        if let Some(record) = i.snapshot.as_mut().filter(|s| s.release == failed_on) {
+        if let Some(record) = i
+            .snapshot
+            .as_mut()
+            .filter(|s| s.release == failed_on && s.on_trial)
+        {
             // Its data goes back to the copy taken before the release's migrate, at its next
             // start (once its process is gone).
             record.restore = true;
@@ -761,45 +790,52 @@ impl Registry {
             tracing::warn!(instance = %id, "cannot save: {e}");
         }
         // Back on the release it came from, now: waiting requests are served by it. A tenant
-        // still running (it failed its bake) is drained first, like any switch.
-        let running = self
-            .instances
-            .get(id)
-            .is_some_and(|i| i.lifecycle.state() == InstanceState::Running);
-        if running {
-            self.switch(id, now);
-        } else {
-            self.event(id, Event::Restart, now);
+        // still running (it failed its bake) is drained first, like any switch; one that
+        // failed to start starts again at once. One being stopped or removed, or failed for
+        // good (a ban), is left as it is: it starts on its previous release when it is next
+        // asked to.
+        match self.instances.get(id).map(|i| i.lifecycle.state()) {
+            Some(InstanceState::Running) => self.switch(id, now),
+            Some(InstanceState::Unhealthy) => self.event(id, Event::Restart, now),
+            _ => {}
         }
     }
 
     /// A reload changed `service`: a new release if its definition changed, rolled out by
     /// its `rollout` policy (`restart`: every tenant that is not pinned gets it at once, the
     /// caller restarts the running ones). Returns the new release's number.
-    pub(super) fn release_on_reload(&mut self, service: &ServiceName) -> Option<u32> {
+    pub(super) fn release_on_reload(&mut self, service: &ServiceName, origin: &str) -> Option<u32> {
         let live = self.config.service(service)?.clone();
         let entry = self.services.get_mut(service)?;
         let before = entry.clone();
-        let number = entry
-            .history
-            .add(Definition::of(&live), "reload", now_ms())?;
+        let number = entry.history.add(Definition::of(&live), origin, now_ms())?;
         if live.rollout == tenement_proto::config::RolloutPolicy::Restart {
             entry.history.current = number;
             if let Some(r) = entry.rollout.as_mut().filter(|r| r.state.unfinished()) {
                 r.state = rollout::State::Aborted;
             }
+            let mut undo = Vec::new();
             for i in self
                 .instances
                 .values_mut()
                 .filter(|i| &i.id.service == service && i.pinned.is_none())
             {
+                undo.push((i.id.clone(), i.target, i.trial));
                 i.target = number;
                 i.trial = None;
             }
-            self.switches.retain(|id, _| &id.service != service);
             if let Err(e) = self.save() {
-                tracing::warn!(service = %service, "cannot save release {number}: {e}");
+                // Not saved, not made: the running instances are not restarted either.
+                self.services.insert(service.clone(), before);
+                for (id, target, trial) in undo {
+                    if let Some(i) = self.instances.get_mut(&id) {
+                        (i.target, i.trial) = (target, trial);
+                    }
+                }
+                tracing::warn!(service = %service, "release {number} not made: cannot save the registry: {e}");
+                return None;
             }
+            self.switches.retain(|id, _| &id.service != service);
             return Some(number);
         }
         // A rollout still going is overtaken by this one: tenants not yet moved go straight to

@@ -190,10 +190,20 @@ impl Checker<'_> {
         let snapshot = self.flag(body, "snapshot", false);
         let rollout = self.choice(body, "rollout", ROLLOUT_POLICIES, RolloutPolicy::Rolling);
         let rollout_bake = self.duration(body, "rollout_bake", Duration::from_secs(5));
-        if migrate_timeout.is_zero() {
-            let message = "migrate_timeout must be more than 0; write migrate_timeout = \"5m\"";
+        let day = Duration::from_secs(24 * 3600);
+        if migrate_timeout.is_zero() || migrate_timeout > day {
+            let message =
+                "migrate_timeout must be more than 0 and at most 24h; write migrate_timeout = \"5m\"";
             self.error(
                 body.get("migrate_timeout")
+                    .map_or_else(|| entry.key.span(), |e| e.key.span()),
+                message.to_owned(),
+            );
+        }
+        if rollout_bake > day {
+            let message = "rollout_bake must be at most 24h; write rollout_bake = \"5s\"";
+            self.error(
+                body.get("rollout_bake")
                     .map_or_else(|| entry.key.span(), |e| e.key.span()),
                 message.to_owned(),
             );
