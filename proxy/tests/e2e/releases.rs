@@ -448,3 +448,21 @@ fn canaries_pins_rollback_and_a_supervisor_killed_mid_rollout() {
     }
     assert!(Path::new(&sandbox.root.join("current")).exists());
 }
+
+#[test]
+fn a_definition_changed_while_the_supervisor_was_away_is_a_release_at_its_start() {
+    let sandbox = Sandbox::new(&with_instances(&["a".to_owned()]));
+    release_dir(&sandbox, 1);
+    let supervisor = sandbox.start_supervisor();
+    let _proxy = sandbox.start_proxy();
+    assert_eq!(version(&sandbox, "a"), "1");
+    supervisor.terminate(Duration::from_secs(20));
+    // `current` moved while it was stopped: the definition it resolves to is new.
+    release_dir(&sandbox, 2);
+    let _supervisor = sandbox.start_supervisor();
+    let doc = wait_rollout(&sandbox, "done", Duration::from_secs(30));
+    assert_eq!(doc["current"], 2);
+    assert_eq!(doc["releases"][1]["origin"], "config");
+    assert_eq!(version(&sandbox, "a"), "2");
+    assert_eq!(migrations(&sandbox, "a"), "1\n2\n");
+}
