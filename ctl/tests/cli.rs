@@ -284,9 +284,9 @@ fn ps_filters_by_service_and_prints_a_table_or_json() {
     let out = s.tenctl(&["ps", "notes"]);
     assert_eq!(
         text(&out.stdout),
-        "INSTANCE     STATE    PID   ADDRESS          UPTIME  IDLE  RESTARTS  HEALTH   WEIGHT\n\
-         notes:alice  running  4242  127.0.0.1:20001  5m12s   -     0         healthy  1\n\
-         notes:bob    stopped  -     127.0.0.1:20001  -       -     0         healthy  1\n"
+        "INSTANCE     STATE    PID   ADDRESS          UPTIME  IDLE  RESTARTS  HEALTH   WEIGHT  RELEASE\n\
+         notes:alice  running  4242  127.0.0.1:20001  5m12s   -     0         healthy  1       1\n\
+         notes:bob    stopped  -     127.0.0.1:20001  -       -     0         healthy  1       1\n"
     );
 
     let s = setup();
