@@ -10,7 +10,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,26 +31,6 @@ rollout_bake = "1s"
 snapshot = true
 migrate = "sh -c 'cat VERSION >> {data_dir}/{id}/migrations && test ! -e {data_dir}/{id}/fail-migrate'"
 "#;
-
-fn tenctl(sandbox: &Sandbox, args: &[&str]) -> Output {
-    Command::new(tenctl_binary())
-        .arg("--config")
-        .arg(&sandbox.config_path)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn tenctl_ok(sandbox: &Sandbox, args: &[&str]) -> String {
-    let out = tenctl(sandbox, args);
-    assert!(
-        out.status.success(),
-        "tenctl {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// `releases/N` with a copy of tiny-http (a copy, so each release's program is its own file)
 /// and `VERSION`, and `current` pointing at it.

@@ -6,7 +6,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::process::{Command, Output};
 use std::time::Duration;
 
 use crate::support::*;
@@ -25,27 +24,6 @@ FIXTURE_HEALTH_FILE = "{data_dir}/{id}/health"
 [instances]
 notes = ["v1"]
 "#;
-
-fn tenctl(sandbox: &Sandbox, args: &[&str]) -> Output {
-    Command::new(tenctl_binary())
-        .arg("--config")
-        .arg(&sandbox.config_path)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-/// `tenctl ARGS` that must succeed; its stdout.
-fn tenctl_ok(sandbox: &Sandbox, args: &[&str]) -> String {
-    let out = tenctl(sandbox, args);
-    assert!(
-        out.status.success(),
-        "tenctl {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Every instance's weight, as the supervisor reports it.
 fn weights(admin: &mut Admin) -> BTreeMap<String, u32> {

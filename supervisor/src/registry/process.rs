@@ -469,20 +469,7 @@ impl Registry {
                 let _ = ready_tx.send(ready_event).await;
             }));
         }
-        let exit_id = id.clone();
-        tokio::spawn(async move {
-            let status = match child.wait().await {
-                Ok(status) => describe_exit(status),
-                Err(e) => format!("wait failed: {e}"),
-            };
-            let _ = tx
-                .send(Command::Process(ProcessEvent {
-                    instance: exit_id,
-                    generation,
-                    kind: ProcessEventKind::Exited(status),
-                }))
-                .await;
-        });
+        watch_exit(child, tx, id.clone(), generation);
 
         let oom_baseline = self.containment.cgroups().and_then(|c| c.oom_kills(id));
         if let Some(stat) = procfs::read_stat(Path::new("/proc"), pid) {
@@ -726,20 +713,7 @@ impl Registry {
                     .abort_handle(),
             );
         }
-        let (tx, exit_id) = (self.tx.clone(), id.clone());
-        tokio::spawn(async move {
-            let status = match child.wait().await {
-                Ok(status) => describe_exit(status),
-                Err(e) => format!("wait failed: {e}"),
-            };
-            let _ = tx
-                .send(Command::Process(ProcessEvent {
-                    instance: exit_id,
-                    generation,
-                    kind: ProcessEventKind::Exited(status),
-                }))
-                .await;
-        });
+        watch_exit(child, self.tx.clone(), id.clone(), generation);
         instance.process = Some(Process {
             pid,
             tasks,
@@ -1045,6 +1019,28 @@ pub fn remove_aside(path: &Path) -> Result<(), String> {
         }
     });
     Ok(())
+}
+
+/// Waits for a process of an instance to exit and tells the registry how it ended.
+fn watch_exit(
+    mut child: tokio::process::Child,
+    tx: tokio::sync::mpsc::Sender<Command>,
+    instance: InstanceId,
+    generation: u64,
+) {
+    tokio::spawn(async move {
+        let status = match child.wait().await {
+            Ok(status) => describe_exit(status),
+            Err(e) => format!("wait failed: {e}"),
+        };
+        let _ = tx
+            .send(Command::Process(ProcessEvent {
+                instance,
+                generation,
+                kind: ProcessEventKind::Exited(status),
+            }))
+            .await;
+    });
 }
 
 /// Runs a readiness check off the actor; aborted with the process it watches.

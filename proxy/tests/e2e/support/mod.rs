@@ -26,7 +26,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -382,6 +382,28 @@ impl Drop for Sandbox {
 }
 
 /// Whether `pid` exists and is not a zombie.
+/// `tenctl --config SANDBOX ARGS`, run to its end.
+pub fn tenctl(sandbox: &Sandbox, args: &[&str]) -> Output {
+    Command::new(tenctl_binary())
+        .arg("--config")
+        .arg(&sandbox.config_path)
+        .args(args)
+        .output()
+        .expect("run tenctl")
+}
+
+/// `tenctl ARGS` that must succeed; its stdout.
+pub fn tenctl_ok(sandbox: &Sandbox, args: &[&str]) -> String {
+    let out = tenctl(sandbox, args);
+    assert!(
+        out.status.success(),
+        "tenctl {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 pub fn pid_alive(pid: i32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
