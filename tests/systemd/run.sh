@@ -382,6 +382,21 @@ check deb.journal_has_instance_lines sh_in '
     out=$(journalctl --no-pager -o cat TENEMENT_INSTANCE=notes:alice)
     echo "$out" | tail -5
     echo "$out" | grep -q "notes listening on" && echo "$out" | grep -qi "ready"'
+# A reload that changes notes' definition is a release, rolled out: alice (running) is
+# switched, which is one event in alice's journal and one entry of the supervisor's with its
+# outcome as a field.
+check deb.rollout_switch_in_journal sh_in '
+    set -e
+    curl -sS -f --max-time 30 -H "Host: alice.notes.localhost" http://127.0.0.1/ >/dev/null
+    sed -i "/^\[service.notes\]\$/a stop_grace = \"9s\"" /etc/tenement/tenement.toml
+    systemctl reload tenement-supervisor.service
+    for i in $(seq 1 120); do
+        if tenctl releases notes --json | python3 -c "import json,sys; d=json.load(sys.stdin); sys.exit(0 if (d.get(\"rollout\") or {}).get(\"state\") == \"done\" else 1)"; then break; fi
+        sleep 0.5
+    done
+    tenctl releases notes
+    journalctl --no-pager -o cat TENEMENT_INSTANCE=notes:alice | grep "switched from release 1 to 2"
+    journalctl --no-pager -o cat -u tenement-supervisor F_OUTCOME=ok | grep "notes:alice"'
 dump_container_logs
 
 stage "deb: restarts under load"
