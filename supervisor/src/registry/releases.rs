@@ -119,7 +119,7 @@ impl Registry {
             p.startup_timeout = d.startup_timeout;
             p.stop_grace = d.stop_grace;
             if d.migrate.is_some() && i.migrate_due() {
-                p.startup_timeout += d.migrate_timeout;
+                p.startup_timeout = p.startup_timeout.saturating_add(d.migrate_timeout);
             }
         }
         p
