@@ -178,11 +178,19 @@ impl StateStore {
     /// Replaces the registry atomically.
     pub fn save(
         &self,
-        instances: Vec<PersistedInstance>,
-        services: BTreeMap<ServiceName, PersistedService>,
+        instances: &[PersistedInstance],
+        services: &BTreeMap<ServiceName, PersistedService>,
     ) -> Result<(), StateError> {
+        /// [`StateFile`], borrowed: the registry is written without copying its releases.
+        #[derive(Serialize)]
+        struct Borrowed<'a> {
+            version: u32,
+            instances: &'a [PersistedInstance],
+            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+            services: &'a BTreeMap<ServiceName, PersistedService>,
+        }
         let path = self.registry_path();
-        let state = StateFile {
+        let state = Borrowed {
             version: STATE_VERSION,
             instances,
             services,
@@ -345,8 +353,8 @@ mod tests {
         assert!(store.load().expect("empty").instances.is_empty());
         store
             .save(
-                vec![entry("notes:alice", 20001), entry("notes:bob", 20002)],
-                BTreeMap::new(),
+                &[entry("notes:alice", 20001), entry("notes:bob", 20002)],
+                &BTreeMap::new(),
             )
             .expect("save");
         let loaded = store.load().expect("load");

@@ -91,12 +91,19 @@ pub struct Instance {
     pub migrated: Option<u32>,
     /// Moved by a rollout and not yet proven on `target`: where it goes back if it fails.
     pub trial: Option<u32>,
-    /// The current process is the release's `migrate`, not the app.
-    pub migrating: bool,
-    /// The current process copies the data directory before `migrate` (`snapshot`).
-    pub snapshotting: bool,
+    /// Which step of a start the current process is.
+    pub step: StartStep,
     /// The snapshot of the data directory kept for a release's `migrate`, if any.
     pub snapshot: Option<crate::state::SnapshotRecord>,
+}
+
+/// The steps of a start, each the instance's process in turn: the copy of its data directory
+/// (`snapshot`), the release's `migrate`, then the app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartStep {
+    Snapshot,
+    Migrate,
+    App,
 }
 
 impl Instance {
@@ -143,8 +150,7 @@ impl Instance {
             pinned: None,
             migrated: None,
             trial: None,
-            migrating: false,
-            snapshotting: false,
+            step: StartStep::App,
             snapshot: None,
         }
     }

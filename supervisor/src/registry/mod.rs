@@ -513,7 +513,7 @@ impl Registry {
             .collect();
         entries.sort_by(|a, b| a.instance.cmp(&b.instance));
         self.store
-            .save(entries, self.services.clone())
+            .save(&entries, &self.services)
             .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))
     }
 

@@ -26,7 +26,7 @@ use crate::{ports, procfs};
 
 use super::instance::{
     app_socket_path, instance_runtime_dir, notify_socket_path, served_socket_path, snapshot_paths,
-    Process, SquatSeen, WakeOk,
+    Process, SquatSeen, StartStep, WakeOk,
 };
 use super::isolation;
 use super::{Command, ProcessEvent, ProcessEventKind, Registry, RpcError};
@@ -379,7 +379,11 @@ impl Registry {
         instance.generation += 1;
         let generation = instance.generation;
         instance.start_began = Some(now);
-        instance.migrating = migrate.is_some();
+        instance.step = if migrate.is_some() {
+            StartStep::Migrate
+        } else {
+            StartStep::App
+        };
         instance.next_health = service
             .health
             .as_ref()
@@ -447,27 +451,31 @@ impl Registry {
         let squatter = SquatSeen::default();
         let seen = squatter.clone();
         if watch_readiness {
-            tasks.push(readiness(async move {
-                if !ready_now {
-                    match (ready_mode, notify) {
-                        (ReadyMode::Notify, Some(socket)) => probe::wait_notify(&socket).await,
-                        (ReadyMode::Health, _) => {
-                            probe::wait_healthy(&address, &health_path, per_try).await
+            tasks.push(
+                tokio::spawn(async move {
+                    if !ready_now {
+                        match (ready_mode, notify) {
+                            (ReadyMode::Notify, Some(socket)) => probe::wait_notify(&socket).await,
+                            (ReadyMode::Health, _) => {
+                                probe::wait_healthy(&address, &health_path, per_try).await
+                            }
+                            _ => probe::wait_accepting(&address).await,
                         }
-                        _ => probe::wait_accepting(&address).await,
                     }
-                }
-                if let Some(port) = check_port {
-                    if let Some((uid, pids)) = wait_own_listener(port, listener_uid, pid).await {
-                        *lock(&seen) = Some((uid, pids.clone()));
-                        let _ = ready_tx
-                            .send(taken_event(ProcessEventKind::PortTaken { port, uid, pids }))
-                            .await;
-                        return;
+                    if let Some(port) = check_port {
+                        if let Some((uid, pids)) = wait_own_listener(port, listener_uid, pid).await
+                        {
+                            *lock(&seen) = Some((uid, pids.clone()));
+                            let _ = ready_tx
+                                .send(taken_event(ProcessEventKind::PortTaken { port, uid, pids }))
+                                .await;
+                            return;
+                        }
                     }
-                }
-                let _ = ready_tx.send(ready_event).await;
-            }));
+                    let _ = ready_tx.send(ready_event).await;
+                })
+                .abort_handle(),
+            );
         }
         watch_exit(child, tx, id.clone(), generation);
 
@@ -548,18 +556,19 @@ impl Registry {
                 self.trial_ready(&id, now);
             }
             ProcessEventKind::Exited(status)
-                if i.migrating && i.lifecycle.state() == InstanceState::Starting =>
+                if i.step == StartStep::Migrate
+                    && i.lifecycle.state() == InstanceState::Starting =>
             {
                 self.migrate_exited(&id, status, now);
             }
             ProcessEventKind::Exited(status)
-                if i.snapshotting && i.lifecycle.state() == InstanceState::Starting =>
+                if i.step == StartStep::Snapshot
+                    && i.lifecycle.state() == InstanceState::Starting =>
             {
                 self.snapshot_exited(&id, status, now);
             }
             ProcessEventKind::Exited(mut status) => {
-                i.migrating = false;
-                i.snapshotting = false;
+                i.step = StartStep::App;
                 let mut squatter = None;
                 let mut oom_killed = false;
                 if let Some(process) = i.process.take() {
@@ -700,7 +709,7 @@ impl Registry {
         instance.generation += 1;
         let generation = instance.generation;
         instance.start_began = Some(now);
-        instance.snapshotting = true;
+        instance.step = StartStep::Snapshot;
         let logs = instance.logs.clone();
         logs.set_running(true);
         let message = format!("copying the data directory before release {target}'s migrate");
@@ -790,7 +799,7 @@ impl Registry {
         let Some(i) = self.instances.get_mut(id) else {
             return;
         };
-        i.snapshotting = false;
+        i.step = StartStep::App;
         if let Some(process) = i.process.take() {
             for task in process.tasks {
                 task.abort();
@@ -851,7 +860,7 @@ impl Registry {
         let Some(i) = self.instances.get_mut(id) else {
             return;
         };
-        i.migrating = false;
+        i.step = StartStep::App;
         if let Some(process) = i.process.take() {
             // The helper took its tree down with it; what is left of the group goes now.
             let _ = killpg(Pid::from_raw(process.pid), Signal::SIGKILL);
@@ -1041,13 +1050,6 @@ fn watch_exit(
             }))
             .await;
     });
-}
-
-/// Runs a readiness check off the actor; aborted with the process it watches.
-fn readiness(
-    check: impl std::future::Future<Output = ()> + Send + 'static,
-) -> tokio::task::AbortHandle {
-    tokio::spawn(check).abort_handle()
 }
 
 /// Whether an exit status (as [`describe_exit`] words it) is a success.
