@@ -140,6 +140,12 @@ impl Context {
         Client::connect(&config.settings.admin_socket(), timeout)
     }
 
+    /// A connection for a call that needs nothing else from the config.
+    pub fn client(&self, timeout: Option<Duration>) -> anyhow::Result<Client> {
+        let config = self.load_config()?;
+        self.connect(&config, timeout)
+    }
+
     /// The deadline for calls that stop a process: the service's stop grace on top of the
     /// usual wait, so a long `stop_grace` is not cut short by tenctl.
     fn stop_timeout(config: &Config, instance: &InstanceId) -> Duration {
@@ -589,12 +595,15 @@ pub fn ps(
     let config = ctx.load_config()?;
     let mut client = ctx.connect(&config, Some(RPC_TIMEOUT))?;
     let mut instances = Vec::new();
-    let mut reply = client.call(&Request::List)?;
+    let mut reply = client.call(&Request::List {
+        query: Default::default(),
+    })?;
     loop {
         match reply {
             Response::Instances {
                 instances: chunk,
                 more,
+                ..
             } => {
                 instances.extend(chunk);
                 if !more {

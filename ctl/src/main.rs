@@ -13,6 +13,7 @@ mod commands;
 mod journal;
 mod releases;
 mod render;
+mod tokens;
 
 use std::io::{self, Write};
 use std::path::PathBuf;
@@ -32,7 +33,8 @@ Exit status:
   1  the supervisor could not be reached, or refused or failed the request
   2  bad usage: invalid arguments, instance id, service name, regex or config file
   3  unknown service or instance (unknown_service, unknown_instance)
-  4  the instance could not be woken (wake_failed, wake_timeout, instance_failed)";
+  4  the instance could not be woken (wake_failed, wake_timeout, instance_failed)
+  5  the API refused the token (unauthenticated, forbidden, rate_limited)";
 
 /// Control tenement: add, wake, stop and inspect instances.
 #[derive(Debug, Parser)]
@@ -281,10 +283,46 @@ enum Command {
         #[command(flatten)]
         output: Json,
     },
+    /// Tokens of the management API: create (the secret is shown once), list, revoke.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Print a shell completion script (the packages install them).
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Mint a token and print it once, alone on stdout.
+    Create {
+        /// What it may reach: admin, service:NAME or tenant:SERVICE:ID.
+        #[arg(long, value_name = "SCOPE")]
+        scope: String,
+        /// It may read (list, status, logs) but never change anything.
+        #[arg(long)]
+        read_only: bool,
+        /// It stops working after this long: 30d, 12h, 90m (default: never).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        expires: Option<Duration>,
+        /// A name to know it by in `token ls` and the audit log.
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+        #[command(flatten)]
+        output: Json,
+    },
+    /// Every token: id, name, scope, access, created, last used, expiry; never a secret.
+    #[command(alias = "list")]
+    Ls {
+        #[command(flatten)]
+        output: Json,
+    },
+    /// Revoke a token (and end its dashboard sessions) at once.
+    #[command(alias = "remove")]
+    Rm {
+        /// The token's id, as `token ls` shows it.
+        id: String,
     },
 }
 
@@ -309,6 +347,7 @@ fn remote_exit_status(code: ErrorCode) -> u8 {
     match code {
         ErrorCode::UnknownService | ErrorCode::UnknownInstance => 3,
         ErrorCode::WakeFailed | ErrorCode::WakeTimeout | ErrorCode::InstanceFailed => 4,
+        ErrorCode::Unauthenticated | ErrorCode::Forbidden | ErrorCode::RateLimited => 5,
         ErrorCode::BadRequest
         | ErrorCode::FrameTooLarge
         | ErrorCode::UnsupportedVersion
@@ -386,6 +425,23 @@ fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
         config: args.config.clone(),
     };
     match args.command {
+        Command::Token(TokenCommand::Create {
+            scope,
+            read_only,
+            expires,
+            name,
+            output,
+        }) => {
+            let options = tokens::CreateOptions {
+                scope: &scope,
+                read_only,
+                expires,
+                name: name.as_deref(),
+            };
+            tokens::create(&ctx, &options, output.json, out, &mut io::stderr())?;
+        }
+        Command::Token(TokenCommand::Ls { output }) => tokens::list(&ctx, output.json, out)?,
+        Command::Token(TokenCommand::Rm { id }) => tokens::remove(&ctx, &id, out)?,
         Command::Completions { shell } => {
             // Into a buffer first: clap_complete panics on a write error (`| head`).
             let mut script = Vec::new();

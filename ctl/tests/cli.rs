@@ -273,10 +273,14 @@ fn ps_filters_by_service_and_prints_a_table_or_json() {
                     info("blog:ann", InstanceState::Running),
                 ],
                 more: true,
+                next: None,
+                total: None,
             },
             Response::Instances {
                 instances: vec![info("notes:alice", InstanceState::Running)],
                 more: false,
+                next: None,
+                total: None,
             },
         ]
     };
@@ -307,6 +311,8 @@ fn ps_filters_by_service_and_prints_a_table_or_json() {
         vec![Response::Instances {
             instances: vec![],
             more: false,
+            next: None,
+            total: None,
         }]
     });
     let out = s.tenctl(&["ps"]);
@@ -319,6 +325,8 @@ fn ps_filters_by_service_and_prints_a_table_or_json() {
         vec![Response::Instances {
             instances: vec![],
             more: false,
+            next: None,
+            total: None,
         }]
     });
     assert_eq!(text(&s.tenctl(&["ps", "--json"]).stdout), "[]\n");

@@ -248,11 +248,30 @@ fn check_request_ids(request: &Request) {
             reports.iter().for_each(|r| check_instance(&r.instance));
         }
         Request::Add { instances } => instances.iter().for_each(check_instance),
+        Request::List { query } => {
+            query.service.iter().for_each(check_service);
+            query.after.iter().for_each(check_instance);
+        }
+        Request::TokenCreate { scope, .. } => check_scope(scope),
+        Request::Authed { call, .. } => check_request_ids(call),
         Request::Hello { .. }
         | Request::Subscribe
-        | Request::List
         | Request::Reload
-        | Request::Stats { .. } => {}
+        | Request::Stats { .. }
+        | Request::TokenList
+        | Request::TokenRemove { .. }
+        | Request::Whoami
+        | Request::Login
+        | Request::Logout => {}
+    }
+}
+
+fn check_scope(scope: &tenement_proto::auth::Scope) {
+    use tenement_proto::auth::Scope;
+    match scope {
+        Scope::Admin => {}
+        Scope::Service(service) => check_service(service),
+        Scope::Tenant(instance) => check_instance(instance),
     }
 }
 
@@ -282,7 +301,16 @@ fn check_response_ids(response: &Response) {
             services.iter().for_each(|s| check_service(&s.service));
             instances.iter().for_each(|u| check_instance(&u.instance));
         }
-        Response::Instances { instances, .. } => instances.iter().for_each(check_info),
+        Response::Instances {
+            instances, next, ..
+        } => {
+            instances.iter().for_each(check_info);
+            next.iter().for_each(check_instance);
+        }
+        Response::TokenCreated { info, .. } | Response::Identity { token: info, .. } => {
+            check_scope(&info.scope)
+        }
+        Response::Tokens { tokens } => tokens.iter().for_each(|t| check_scope(&t.scope)),
         Response::Status { status } => check_info(status),
         Response::Routes {
             routes, removed, ..

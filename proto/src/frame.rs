@@ -200,7 +200,9 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let req = Request::List;
+        let req = Request::List {
+            query: Default::default(),
+        };
         let bytes = encode(&req).expect("encode");
         let mut r: &[u8] = &bytes;
         let back: Request = read_message(&mut r).expect("decode");

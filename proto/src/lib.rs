@@ -1,6 +1,7 @@
 //! tenement-proto: everything that crosses a tenement process boundary.
 //!
 //! - [`ids`]: validated service names, tenant ids and instance ids.
+//! - [`auth`]: management API tokens: scopes, ids and the form a caller holds.
 //! - [`rpc`]: the messages of the supervisor's two RPC roles (proxy and admin).
 //! - [`frame`]: length-prefixed JSON framing with a size cap checked before allocation.
 //! - [`config`]: `tenement.toml`, parsed strictly and validated with file:line errors.
@@ -34,6 +35,7 @@
 #![forbid(unsafe_code)]
 
 pub mod atomic;
+pub mod auth;
 pub mod certs;
 pub mod config;
 pub mod frame;

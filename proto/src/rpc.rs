@@ -8,6 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::{Scope, Secret, TokenId, TokenInfo};
 use crate::ids::{InstanceId, ServiceName, TenantId};
 
 /// The RPC protocol version spoken by this build. See the compatibility rules in `lib.rs`.
@@ -92,8 +93,11 @@ pub enum Request {
         instance: InstanceId,
         purge: bool,
     },
-    /// Every registered instance.
-    List,
+    /// Every registered instance, or with a query the matching ones a page at a time.
+    List {
+        #[serde(default, skip_serializing_if = "ListQuery::is_default")]
+        query: ListQuery,
+    },
     /// Re-read the config file: add, change and remove services; instances of unchanged
     /// services are not touched, a changed definition becomes a release rolled out by the
     /// service's `rollout` setting, running instances of removed services stop. A file with
@@ -164,6 +168,65 @@ pub enum Request {
         #[serde(default)]
         follow: bool,
     },
+
+    // ---- tokens (admin role, or an admin token through `authed`) ----
+    /// Mint a token; the answer carries its secret, the only time it is ever shown.
+    TokenCreate {
+        scope: Scope,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        read_only: bool,
+        /// Seconds from now until it expires (default: never).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lifetime_s: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    TokenList,
+    /// Revoke a token and every dashboard session opened with it, at once.
+    TokenRemove {
+        id: TokenId,
+    },
+
+    // ---- the management API: the proxy forwards a caller's call with its credential ----
+    /// `call` made by the holder of `credential` (a token or a dashboard session) from
+    /// `peer`; the supervisor checks the credential and its scope, and failed checks are
+    /// limited per peer address.
+    Authed {
+        credential: Secret,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        peer: Option<std::net::IpAddr>,
+        call: Box<Request>,
+    },
+    /// Inside `authed` only: the credential's token and scope.
+    Whoami,
+    /// Inside `authed` with a token only: open a dashboard session with its scope.
+    Login,
+    /// Inside `authed` with a session only: end it.
+    Logout,
+}
+
+/// Which instances `list` answers with, for the API's pages and the dashboard's search.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceName>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<InstanceState>,
+    /// A part of the instance id, `ali` for `notes:alice`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search: Option<String>,
+    /// Only instances after this one (ids sort as `service:id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<InstanceId>,
+    /// At most this many; the last message's `next` says where the next page starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+impl ListQuery {
+    pub fn is_default(&self) -> bool {
+        *self == ListQuery::default()
+    }
 }
 
 impl Request {
@@ -176,13 +239,15 @@ impl Request {
             | Request::Subscribe
             | Request::Activity { .. }
             | Request::ParkAck { .. }
-            | Request::Stats { .. } => true,
+            | Request::Stats { .. }
+            | Request::Authed { .. } => true,
+            Request::Whoami | Request::Login | Request::Logout => false,
             Request::Add { .. }
             | Request::Spawn { .. }
             | Request::Stop { .. }
             | Request::Restart { .. }
             | Request::Remove { .. }
-            | Request::List
+            | Request::List { .. }
             | Request::Reload
             | Request::Status { .. }
             | Request::Weight { .. }
@@ -193,7 +258,121 @@ impl Request {
             | Request::Rollout { .. }
             | Request::Rollback { .. }
             | Request::Pin { .. }
-            | Request::Logs { .. } => role == Role::Admin,
+            | Request::Logs { .. }
+            | Request::TokenCreate { .. }
+            | Request::TokenList
+            | Request::TokenRemove { .. } => role == Role::Admin,
+        }
+    }
+
+    /// Whether a caller of the management API may make this call at all (its scope decides
+    /// the rest): the admin calls, `wake` and the session calls; never the proxy's own
+    /// plumbing nor a nested `authed`.
+    pub fn api_call(&self) -> bool {
+        match self {
+            Request::Hello { .. }
+            | Request::Resolve { .. }
+            | Request::Subscribe
+            | Request::Activity { .. }
+            | Request::ParkAck { .. }
+            | Request::Stats { .. }
+            | Request::Authed { .. } => false,
+            Request::Wake { .. }
+            | Request::Add { .. }
+            | Request::Spawn { .. }
+            | Request::Stop { .. }
+            | Request::Restart { .. }
+            | Request::Remove { .. }
+            | Request::List { .. }
+            | Request::Reload
+            | Request::Status { .. }
+            | Request::Weight { .. }
+            | Request::Route { .. }
+            | Request::Deploy { .. }
+            | Request::Release { .. }
+            | Request::Releases { .. }
+            | Request::Rollout { .. }
+            | Request::Rollback { .. }
+            | Request::Pin { .. }
+            | Request::Logs { .. }
+            | Request::TokenCreate { .. }
+            | Request::TokenList
+            | Request::TokenRemove { .. }
+            | Request::Whoami
+            | Request::Login
+            | Request::Logout => true,
+        }
+    }
+
+    /// Whether the call changes anything (a read-only token may not make it; an audit
+    /// event records it). `rollout` with `status` only reads.
+    pub fn mutates(&self) -> bool {
+        match self {
+            Request::Hello { .. }
+            | Request::Resolve { .. }
+            | Request::Subscribe
+            | Request::Activity { .. }
+            | Request::ParkAck { .. }
+            | Request::Stats { .. }
+            | Request::List { .. }
+            | Request::Status { .. }
+            | Request::Releases { .. }
+            | Request::Logs { .. }
+            | Request::TokenList
+            | Request::Whoami
+            | Request::Login
+            | Request::Logout => false,
+            Request::Rollout { action, .. } => *action != RolloutAction::Status,
+            Request::Authed { call, .. } => call.mutates(),
+            Request::Wake { .. }
+            | Request::Add { .. }
+            | Request::Spawn { .. }
+            | Request::Stop { .. }
+            | Request::Restart { .. }
+            | Request::Remove { .. }
+            | Request::Reload
+            | Request::Weight { .. }
+            | Request::Route { .. }
+            | Request::Deploy { .. }
+            | Request::Release { .. }
+            | Request::Rollback { .. }
+            | Request::Pin { .. }
+            | Request::TokenCreate { .. }
+            | Request::TokenRemove { .. } => true,
+        }
+    }
+
+    /// What the call acts on, for the audit log and scope checks: an instance, a service,
+    /// a token, or nothing in particular.
+    pub fn target(&self) -> Option<String> {
+        match self {
+            Request::Wake { instance, .. }
+            | Request::Resolve { instance }
+            | Request::Spawn { instance }
+            | Request::Stop { instance }
+            | Request::Restart { instance }
+            | Request::Remove { instance, .. }
+            | Request::Status { instance }
+            | Request::Weight { instance, .. }
+            | Request::Deploy { instance, .. }
+            | Request::Pin { instance, .. }
+            | Request::Logs { instance, .. } => Some(instance.to_string()),
+            Request::Route { from, to } => Some(format!("{from}>{to}")),
+            Request::Add { instances } => Some(
+                instances
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            Request::Release { service, .. }
+            | Request::Releases { service }
+            | Request::Rollout { service, .. }
+            | Request::Rollback { service, .. } => Some(service.to_string()),
+            Request::TokenCreate { scope, .. } => Some(scope.to_string()),
+            Request::TokenRemove { id } => Some(id.to_string()),
+            Request::Authed { call, .. } => call.target(),
+            _ => None,
         }
     }
 
@@ -212,7 +391,7 @@ impl Request {
             Request::Stop { .. } => "stop",
             Request::Restart { .. } => "restart",
             Request::Remove { .. } => "remove",
-            Request::List => "list",
+            Request::List { .. } => "list",
             Request::Reload => "reload",
             Request::Status { .. } => "status",
             Request::Weight { .. } => "weight",
@@ -224,6 +403,13 @@ impl Request {
             Request::Rollback { .. } => "rollback",
             Request::Pin { .. } => "pin",
             Request::Logs { .. } => "logs",
+            Request::TokenCreate { .. } => "token_create",
+            Request::TokenList => "token_list",
+            Request::TokenRemove { .. } => "token_remove",
+            Request::Authed { .. } => "authed",
+            Request::Whoami => "whoami",
+            Request::Login => "login",
+            Request::Logout => "logout",
         }
     }
 }
@@ -270,6 +456,13 @@ pub enum Response {
         instances: Vec<InstanceInfo>,
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         more: bool,
+        /// On the last message of a `list` with a `limit`: the `after` of the next page, when
+        /// there is one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<InstanceId>,
+        /// On the last message of a `list` with a query: how many instances match it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        total: Option<u32>,
     },
     Status {
         status: Box<InstanceInfo>,
@@ -338,6 +531,24 @@ pub enum Response {
     /// Supervisor -> proxy on a watch stream: the config file was reloaded (`tenctl reload`,
     /// SIGHUP); the proxy reads it again (new services, domains, body limits).
     ConfigReloaded,
+    /// Answer to `token_create`: the token, shown this once, and what it is.
+    TokenCreated {
+        token: Secret,
+        info: TokenInfo,
+    },
+    /// Answer to `token_list`, oldest first.
+    Tokens {
+        tokens: Vec<TokenInfo>,
+    },
+    /// Answer to `whoami` and `login`: the token behind the credential and, for a session,
+    /// the session and when it ends.
+    Identity {
+        token: TokenInfo,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session: Option<Secret>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session_expires_ms: Option<u64>,
+    },
 }
 
 impl Response {
@@ -361,6 +572,9 @@ impl Response {
             Response::Deployed { .. } => "deployed",
             Response::Releases { .. } => "releases",
             Response::ConfigReloaded => "config_reloaded",
+            Response::TokenCreated { .. } => "token_created",
+            Response::Tokens { .. } => "tokens",
+            Response::Identity { .. } => "identity",
         }
     }
 }
@@ -392,6 +606,12 @@ pub enum ErrorCode {
     /// The instance is being removed or the supervisor is shutting down.
     Unavailable,
     Internal,
+    /// No credential, or one that is malformed, unknown, expired or revoked.
+    Unauthenticated,
+    /// The credential is good but its scope does not cover the call.
+    Forbidden,
+    /// Too many failed credentials from this address; try again later.
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -410,6 +630,9 @@ impl ErrorCode {
             ErrorCode::InstanceFailed => "instance_failed",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 }

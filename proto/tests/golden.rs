@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tenement_proto::auth::{Secret, TokenId, TokenInfo};
 use tenement_proto::frame;
+use tenement_proto::rpc::ListQuery;
 use tenement_proto::rpc::{
     ActivityReport, Address, ErrorCode, InstanceInfo, InstanceState, InstanceUsage, LogLine,
     LogStream, ReleaseInfo, Request, Response, Role, RolloutAction, RolloutFailure, RolloutInfo,
@@ -39,6 +41,18 @@ fn route() -> Route {
         weight: 1,
         generation: 3,
         owner_uid: Some(61184),
+    }
+}
+
+fn token_info() -> TokenInfo {
+    TokenInfo {
+        id: TokenId::new("0123456789abcdef").unwrap(),
+        name: Some("ci".to_owned()),
+        scope: "service:notes".parse().unwrap(),
+        read_only: true,
+        created_ms: 1_700_000_000_000,
+        expires_ms: Some(1_702_592_000_000),
+        last_used_ms: Some(1_700_000_060_000),
     }
 }
 
@@ -71,7 +85,53 @@ fn requests() -> Vec<(&'static str, Request)> {
                 instances: vec![id("notes:alice"), id("notes:bob")],
             },
         ),
-        ("request_list", Request::List),
+        (
+            "request_list",
+            Request::List {
+                query: Default::default(),
+            },
+        ),
+        (
+            "request_list_query",
+            Request::List {
+                query: ListQuery {
+                    service: Some(ServiceName::new("notes").unwrap()),
+                    state: Some(InstanceState::Running),
+                    search: Some("ali".to_owned()),
+                    after: Some(id("notes:al")),
+                    limit: Some(100),
+                },
+            },
+        ),
+        (
+            "request_token_create",
+            Request::TokenCreate {
+                scope: "tenant:notes:alice".parse().unwrap(),
+                read_only: true,
+                lifetime_s: Some(2_592_000),
+                name: Some("ci".to_owned()),
+            },
+        ),
+        ("request_token_list", Request::TokenList),
+        (
+            "request_token_remove",
+            Request::TokenRemove {
+                id: TokenId::new("0123456789abcdef").unwrap(),
+            },
+        ),
+        (
+            "request_authed",
+            Request::Authed {
+                credential: Secret(format!("tnm_0123456789abcdef_{}", "5".repeat(64))),
+                peer: Some("203.0.113.9".parse().unwrap()),
+                call: Box::new(Request::Status {
+                    instance: id("notes:alice"),
+                }),
+            },
+        ),
+        ("request_whoami", Request::Whoami),
+        ("request_login", Request::Login),
+        ("request_logout", Request::Logout),
         (
             "request_logs",
             Request::Logs {
@@ -226,6 +286,38 @@ fn responses() -> Vec<(&'static str, Response)> {
                     pinned: None,
                 }],
                 more: false,
+                next: None,
+                total: None,
+            },
+        ),
+        (
+            "response_instances_page",
+            Response::Instances {
+                instances: Vec::new(),
+                more: false,
+                next: Some(id("notes:bob")),
+                total: Some(10_000),
+            },
+        ),
+        (
+            "response_token_created",
+            Response::TokenCreated {
+                token: Secret(format!("tnm_0123456789abcdef_{}", "5".repeat(64))),
+                info: token_info(),
+            },
+        ),
+        (
+            "response_tokens",
+            Response::Tokens {
+                tokens: vec![token_info()],
+            },
+        ),
+        (
+            "response_identity",
+            Response::Identity {
+                token: token_info(),
+                session: Some(Secret(format!("tns_fedcba9876543210_{}", "a".repeat(64)))),
+                session_expires_ms: Some(1_700_043_200_000),
             },
         ),
         (
@@ -449,7 +541,10 @@ fn every_golden_file_is_checked() {
 
 #[test]
 fn a_frame_is_a_big_endian_length_then_the_json() {
-    let bytes = frame::encode(&Request::List).unwrap();
+    let bytes = frame::encode(&Request::List {
+        query: Default::default(),
+    })
+    .unwrap();
     let json = br#"{"type":"list"}"#;
     assert_eq!(&bytes[..4], &(json.len() as u32).to_be_bytes());
     assert_eq!(&bytes[..4], &[0, 0, 0, 15]);

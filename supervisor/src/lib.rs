@@ -23,6 +23,7 @@ pub mod spawn;
 pub mod state;
 pub mod sys;
 pub mod systemd;
+pub mod tokens;
 
 /// Locks `m`, also when a thread panicked while holding it: every lock here guards plain data
 /// left consistent between statements, and a proxy or supervisor that stops serving over one

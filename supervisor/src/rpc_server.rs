@@ -27,10 +27,14 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use tenement_proto::auth::{Scope, Secret};
+
 use crate::firewall::Firewall;
 use crate::registry::{
-    check_weight, Command, RegistryHandle, ReleaseCall, RpcError, Weighing, MAX_WAKE_WAIT,
+    check_weight, Command, ListPage, RegistryHandle, ReleaseCall, RpcError, TokenCall, Weighing,
+    MAX_WAKE_WAIT,
 };
+use crate::tokens::Grant;
 
 /// How long a client has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -43,6 +47,8 @@ const DEFAULT_WAKE_WAIT: Duration = Duration::from_secs(60);
 /// only a client that is gone or hostile waits this long. Streams (`subscribe`,
 /// `logs --follow`) are meant to live long and are bounded by the caps below instead.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a log stream opened with a token checks that the token is still good.
+const STREAM_RECHECK: Duration = Duration::from_secs(2);
 /// Connections `proxy.sock` serves at once. A proxy holds one watch stream and one connection
 /// per wake or resolve in flight (concurrent wakes of an instance share one), and an old and a
 /// new proxy overlap during a restart: 256 is far above that, and small enough that a
@@ -342,6 +348,25 @@ async fn connection(
             respond(&mut writer, &reply).await?;
             continue;
         }
+        // A call of the management API: the credential and its scope are checked here, on
+        // every call, whatever the proxy that forwarded it thinks.
+        let (request, grant) = match request {
+            Request::Authed {
+                credential,
+                peer,
+                call,
+            } => match authorize(&registry, credential, peer, &call).await {
+                Ok(grant) => (*call, Some(grant)),
+                Err(e) => {
+                    if call.mutates() {
+                        audit(&Actor::Refused { peer }, &call, e.code.as_str());
+                    }
+                    respond(&mut writer, &from_rpc(e)).await?;
+                    continue;
+                }
+            },
+            other => (other, None),
+        };
         match request {
             Request::Subscribe => return watch(reader, writer, registry).await,
             Request::Logs {
@@ -363,22 +388,33 @@ async fn connection(
                     Ok(logs) => {
                         respond(&mut writer, &Response::Logs { lines: logs.lines }).await?;
                         if let Some(feed) = logs.follow {
+                            let recheck = grant.map(|grant| (registry.clone(), grant));
                             return tokio::select! {
                                 () = shutdown.cancelled() => Ok(()),
-                                result = follow_logs(reader, writer, feed) => result,
+                                result = follow_logs(reader, writer, feed, recheck) => result,
                             };
                         }
                     }
                 }
             }
-            Request::List => match registry.ask(|reply| Command::List { reply }).await {
-                Err(e) => respond(&mut writer, &from_rpc(e)).await?,
-                // A client that stops reading must not hold up the supervisor's shutdown.
-                Ok(instances) => tokio::select! {
-                    () = shutdown.cancelled() => return Ok(()),
-                    sent = send_instances(&mut writer, instances) => sent?,
-                },
-            },
+            Request::List { query } => {
+                let scope = grant.map_or(Scope::Admin, |g| g.scope);
+                match registry
+                    .ask(|reply| Command::List {
+                        scope,
+                        query,
+                        reply,
+                    })
+                    .await
+                {
+                    Err(e) => respond(&mut writer, &from_rpc(e)).await?,
+                    // A client that stops reading must not hold up the supervisor's shutdown.
+                    Ok(page) => tokio::select! {
+                        () = shutdown.cancelled() => return Ok(()),
+                        sent = send_instances(&mut writer, page) => sent?,
+                    },
+                }
+            }
             Request::Stats { instances } => {
                 match registry
                     .ask(|reply| Command::Stats { instances, reply })
@@ -392,7 +428,19 @@ async fn connection(
                 }
             }
             other => {
-                let reply = answer(other, &registry).await;
+                let audited = other.mutates().then(|| other.clone());
+                let reply = answer(other, &registry, grant.as_ref()).await;
+                if let Some(call) = audited {
+                    let actor = match &grant {
+                        Some(grant) => Actor::Token(grant),
+                        None => Actor::Local { uid: cred.uid() },
+                    };
+                    let result = match &reply {
+                        Response::Error { code, .. } => code.as_str(),
+                        _ => "ok",
+                    };
+                    audit(&actor, &call, result);
+                }
                 if shutdown.is_cancelled() {
                     // The answer may be "shutting down"; the caller learns more by seeing the
                     // connection close and asking the next supervisor.
@@ -404,20 +452,97 @@ async fn connection(
     }
 }
 
+/// Checks a management API credential and whether its scope covers `call`.
+async fn authorize(
+    registry: &RegistryHandle,
+    credential: Secret,
+    peer: Option<std::net::IpAddr>,
+    call: &Request,
+) -> Result<Grant, RpcError> {
+    let grant = registry
+        .ask(|reply| Command::Authenticate {
+            credential,
+            peer,
+            reply,
+        })
+        .await??;
+    crate::tokens::permit(&grant, call)?;
+    Ok(grant)
+}
+
+/// Who made a call, for the audit log.
+enum Actor<'a> {
+    Token(&'a Grant),
+    /// A caller of the admin socket.
+    Local {
+        uid: u32,
+    },
+    /// A credential that did not pass.
+    Refused {
+        peer: Option<std::net::IpAddr>,
+    },
+}
+
+/// One audit event: who did what to what, and how it ended. Never a secret: a token is named
+/// by its public id.
+fn audit(actor: &Actor<'_>, call: &Request, result: &str) {
+    let action = call.name();
+    let target = call.target().unwrap_or_default();
+    let (token, scope, by) = match actor {
+        Actor::Token(grant) => (
+            grant.token.to_string(),
+            grant.scope.to_string(),
+            format!("token {} ({})", grant.token, grant.scope),
+        ),
+        Actor::Local { uid } => (
+            "-".to_owned(),
+            "local".to_owned(),
+            format!("uid {uid} on the admin socket"),
+        ),
+        Actor::Refused { peer } => (
+            "-".to_owned(),
+            "-".to_owned(),
+            match peer {
+                Some(peer) => format!("a refused credential from {peer}"),
+                None => "a refused credential".to_owned(),
+            },
+        ),
+    };
+    tracing::info!(
+        target: "tenement::audit",
+        audit_token = %token,
+        audit_scope = %scope,
+        audit_action = action,
+        audit_target = %target,
+        audit_result = result,
+        "audit: {action} {target} by {by}: {result}"
+    );
+}
+
 /// Instances per `Instances` message: each frame stays far below the 1 MiB cap (an entry is a
 /// few hundred bytes) however many instances are registered.
 const INSTANCES_PER_MESSAGE: usize = 250;
 
-/// The answer to `list`: every instance, in messages of at most [`INSTANCES_PER_MESSAGE`].
-async fn send_instances(
-    writer: &mut OwnedWriteHalf,
-    instances: Vec<InstanceInfo>,
-) -> Result<(), FrameError> {
-    let mut rest = instances.into_iter().peekable();
+/// The answer to `list`: the page, in messages of at most [`INSTANCES_PER_MESSAGE`], the last
+/// one with where the next page starts and how many match.
+async fn send_instances(writer: &mut OwnedWriteHalf, page: ListPage) -> Result<(), FrameError> {
+    let mut rest = page.instances.into_iter().peekable();
+    let (mut next, mut total) = (page.next, page.total);
     loop {
         let instances: Vec<InstanceInfo> = rest.by_ref().take(INSTANCES_PER_MESSAGE).collect();
         let more = rest.peek().is_some();
-        respond(writer, &Response::Instances { instances, more }).await?;
+        let (next, total) = if more {
+            (None, None)
+        } else {
+            (next.take(), total.take())
+        };
+        let message = Response::Instances {
+            instances,
+            more,
+            next,
+            total,
+        };
+        respond(writer, &message).await?;
         if !more {
             return Ok(());
         }
@@ -481,8 +606,9 @@ async fn respond(writer: &mut OwnedWriteHalf, response: &Response) -> Result<(),
     }
 }
 
-/// One request, one response.
-async fn answer(request: Request, registry: &RegistryHandle) -> Response {
+/// One request, one response. `grant`: what the management API caller's credential allows
+/// (already checked against the request), `None` on the admin and proxy sockets.
+async fn answer(request: Request, registry: &RegistryHandle, grant: Option<&Grant>) -> Response {
     let result: Result<Response, RpcError> = async {
         match request {
             Request::Hello { .. } => Err(RpcError::new(
@@ -595,10 +721,45 @@ async fn answer(request: Request, registry: &RegistryHandle) -> Response {
                     status: Box::new(status),
                 })
             }
-            // Handled by the caller.
-            Request::Subscribe | Request::Logs { .. } | Request::List | Request::Stats { .. } => {
-                Err(RpcError::new(ErrorCode::Internal, "misrouted request"))
+            Request::TokenCreate {
+                scope,
+                read_only,
+                lifetime_s,
+                name,
+            } => {
+                let call = TokenCall::Create {
+                    scope,
+                    read_only,
+                    lifetime_s,
+                    name,
+                };
+                token_call(registry, call).await
             }
+            Request::TokenList => token_call(registry, TokenCall::List).await,
+            Request::TokenRemove { id } => token_call(registry, TokenCall::Remove { id }).await,
+            Request::Whoami | Request::Login | Request::Logout => {
+                let Some(grant) = grant.cloned() else {
+                    return Err(RpcError::new(
+                        ErrorCode::BadRequest,
+                        format!("{} is only valid inside authed", request.name()),
+                    ));
+                };
+                let call = match request {
+                    Request::Whoami => TokenCall::Whoami(grant),
+                    Request::Login => TokenCall::Login(grant),
+                    _ => TokenCall::Logout(grant),
+                };
+                token_call(registry, call).await
+            }
+            Request::Authed { .. } => Err(RpcError::new(
+                ErrorCode::BadRequest,
+                "authed calls do not nest",
+            )),
+            // Handled by the caller.
+            Request::Subscribe
+            | Request::Logs { .. }
+            | Request::List { .. }
+            | Request::Stats { .. } => Err(RpcError::new(ErrorCode::Internal, "misrouted request")),
         }
     }
     .await;
@@ -644,6 +805,12 @@ async fn wake(
         )),
         Ok(Ok(result)) => result.map(woken),
     }
+}
+
+async fn token_call(registry: &RegistryHandle, call: TokenCall) -> Result<Response, RpcError> {
+    registry
+        .ask(|reply| Command::Tokens { call, reply })
+        .await?
 }
 
 /// One of the release calls, answered with the service's releases.
@@ -812,12 +979,26 @@ async fn follow_logs(
     mut reader: OwnedReadHalf,
     mut writer: OwnedWriteHalf,
     mut feed: tokio::sync::broadcast::Receiver<tenement_proto::rpc::LogLine>,
+    recheck: Option<(RegistryHandle, Grant)>,
 ) -> Result<(), FrameError> {
     use tokio::io::AsyncReadExt;
     use tokio::sync::broadcast::error::RecvError;
     let mut probe = [0u8; 64];
+    let mut every = tokio::time::interval(STREAM_RECHECK);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            // A stream opened with a token ends soon after the token is revoked or expires.
+            _ = every.tick(), if recheck.is_some() => {
+                if let Some((registry, grant)) = &recheck {
+                    let grant = grant.clone();
+                    let valid = registry.ask(|reply| Command::StillValid { grant, reply }).await.unwrap_or(false);
+                    if !valid {
+                        let reply = error(ErrorCode::Unauthenticated, "the token or session of this stream was revoked or has expired");
+                        return frame::write_message_async(&mut writer, &reply).await;
+                    }
+                }
+            }
             line = feed.recv() => match line {
                 Ok(line) => frame::write_message_async(&mut writer, &Response::Logs { lines: vec![line] }).await?,
                 Err(RecvError::Lagged(n)) => {

@@ -19,6 +19,7 @@ use tenement_proto::{InstanceId, ServiceName};
 
 use crate::releases::History;
 use crate::rollout::Rollout;
+use crate::tokens::StoredToken;
 
 use crate::procfs;
 
@@ -27,7 +28,10 @@ use crate::procfs;
 /// its first release from the config and every instance runs it. Version 1 files (every
 /// weight the 1 nothing could change) are read with their weights made 100. Both are written
 /// back as version 3 at the next save.
-const STATE_VERSION: u32 = 3;
+///
+/// 4: the management API's tokens (hashes only). A version 3 file has none and is read as it
+/// is; a supervisor of version 3 refuses a version 4 file rather than drop its tokens.
+const STATE_VERSION: u32 = 4;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StateFile {
@@ -35,6 +39,9 @@ pub struct StateFile {
     pub instances: Vec<PersistedInstance>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub services: BTreeMap<ServiceName, PersistedService>,
+    /// The management API's tokens, hashed (`tokens.rs`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tokens: Vec<StoredToken>,
 }
 
 /// A service's releases and its latest rollout.
@@ -148,6 +155,7 @@ impl StateStore {
                     version: STATE_VERSION,
                     instances: Vec::new(),
                     services: BTreeMap::new(),
+                    tokens: Vec::new(),
                 })
             }
             Err(source) => return Err(StateError::Read { path, source }),
@@ -163,7 +171,7 @@ impl StateStore {
             }
             state.version = 2;
         }
-        if state.version == 2 {
+        if state.version == 2 || state.version == 3 {
             state.version = STATE_VERSION;
         }
         if state.version != STATE_VERSION {
@@ -180,6 +188,7 @@ impl StateStore {
         &self,
         instances: &[PersistedInstance],
         services: &BTreeMap<ServiceName, PersistedService>,
+        tokens: &[StoredToken],
     ) -> Result<(), StateError> {
         /// [`StateFile`], borrowed: the registry is written without copying its releases.
         #[derive(Serialize)]
@@ -188,12 +197,15 @@ impl StateStore {
             instances: &'a [PersistedInstance],
             #[serde(skip_serializing_if = "BTreeMap::is_empty")]
             services: &'a BTreeMap<ServiceName, PersistedService>,
+            #[serde(skip_serializing_if = "<[StoredToken]>::is_empty")]
+            tokens: &'a [StoredToken],
         }
         let path = self.registry_path();
         let state = Borrowed {
             version: STATE_VERSION,
             instances,
             services,
+            tokens,
         };
         let bytes = serde_json::to_vec_pretty(&state).map_err(|e| StateError::Write {
             path: path.clone(),
@@ -355,6 +367,7 @@ mod tests {
             .save(
                 &[entry("notes:alice", 20001), entry("notes:bob", 20002)],
                 &BTreeMap::new(),
+                &[],
             )
             .expect("save");
         let loaded = store.load().expect("load");

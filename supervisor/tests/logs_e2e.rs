@@ -93,7 +93,13 @@ fn logs_follow_streams_new_lines_until_the_client_leaves() {
     });
     assert!(got_stop, "the stop never reached the follower: {seen:?}");
     // Any input ends the stream; the supervisor closes the connection.
-    frame::write_message(follower.stream(), &Request::List).unwrap();
+    frame::write_message(
+        follower.stream(),
+        &Request::List {
+            query: Default::default(),
+        },
+    )
+    .unwrap();
     expect_closed(follower.stream());
     assert_eq!(c.ps().len(), 1);
 }

@@ -294,7 +294,9 @@ fn admin_calls_on_the_proxy_socket_are_wrong_role_and_the_connection_continues()
     let mut p = Client::proxy(&sb);
     assert_eq!(p.role, Role::Proxy);
     for request in [
-        Request::List,
+        Request::List {
+            query: Default::default(),
+        },
         Request::Spawn {
             instance: iid("notes:mallory"),
         },

@@ -421,7 +421,7 @@ fn requests() -> Result<Vec<(&'static str, Request)>, Box<dyn std::error::Error>
                 purge: true,
             },
         ),
-        ("list", Request::List),
+        ("list", Request::List { query: Default::default() }),
         ("reload", Request::Reload),
         (
             "status",
@@ -534,6 +534,8 @@ fn responses() -> Result<Vec<(&'static str, Response)>, Box<dyn std::error::Erro
             Response::Instances {
                 instances: vec![info.clone()],
                 more: true,
+                next: None,
+                total: None,
             },
         ),
         (

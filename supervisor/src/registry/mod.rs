@@ -6,6 +6,7 @@
 //! [`Lifecycle`](crate::lifecycle::Lifecycle); this module carries out its actions
 //! (see `process.rs`) and answers callers.
 
+mod access;
 mod auto_spawn;
 mod instance;
 mod isolation;
@@ -34,8 +35,12 @@ use crate::lifecycle::{Event, Policy};
 use crate::ports::PortAllocator;
 use crate::state::{PersistedInstance, StateStore};
 
+use crate::tokens::Grant;
+pub use access::{ListPage, TokenCall, MAX_PAGE};
 pub use instance::WakeOk;
 use instance::{Instance, Waiter, WakeReply};
+use tenement_proto::auth::{Scope, Secret};
+use tenement_proto::rpc::ListQuery;
 
 /// How often deadlines (startup, grace, backoff, idle, health) are checked.
 const TICK: Duration = Duration::from_millis(50);
@@ -103,8 +108,27 @@ pub enum Command {
         purge: bool,
         reply: Reply<()>,
     },
+    /// The instances `scope` covers that match `query`, in id order.
     List {
-        reply: oneshot::Sender<Vec<InstanceInfo>>,
+        scope: Scope,
+        query: ListQuery,
+        reply: oneshot::Sender<ListPage>,
+    },
+    /// Check a management API credential from `peer`.
+    Authenticate {
+        credential: Secret,
+        peer: Option<std::net::IpAddr>,
+        reply: Reply<Grant>,
+    },
+    /// Whether a grant's token (and session) is still there and unexpired, for streams.
+    StillValid {
+        grant: Grant,
+        reply: oneshot::Sender<bool>,
+    },
+    /// Tokens and sessions (`access.rs`).
+    Tokens {
+        call: TokenCall,
+        reply: Reply<Response>,
     },
     /// `weight` and `route`.
     Weigh {
@@ -309,6 +333,8 @@ pub struct Registry {
     services: BTreeMap<ServiceName, crate::state::PersistedService>,
     /// Tenants being switched by a rollout, or baking on their new release.
     switches: HashMap<InstanceId, releases::Switch>,
+    /// The management API's tokens and sessions (`access.rs`).
+    tokens: crate::tokens::Tokens,
     tx: mpsc::Sender<Command>,
     rx: mpsc::Receiver<Command>,
 }
@@ -391,6 +417,7 @@ impl Registry {
             counters: HashMap::new(),
             services: saved.services,
             switches: HashMap::new(),
+            tokens: crate::tokens::Tokens::load(saved.tokens),
             tx: tx.clone(),
             rx,
         };
@@ -513,7 +540,7 @@ impl Registry {
             .collect();
         entries.sort_by(|a, b| a.instance.cmp(&b.instance));
         self.store
-            .save(&entries, &self.services)
+            .save(&entries, &self.services, &self.tokens.persisted())
             .map_err(|e| RpcError::new(ErrorCode::Internal, e.to_string()))
     }
 
@@ -598,20 +625,25 @@ impl Registry {
                 purge,
                 reply,
             } => self.remove(instance, purge, reply, now),
-            Command::List { reply } => {
-                let apps = app_pids(&self.instances);
-                let mut list: Vec<InstanceInfo> = self
-                    .instances
-                    .values()
-                    .map(|i| {
-                        let mut info =
-                            i.info(self.address_of(i), &self.config.settings, &apps, now);
-                        self.describe_isolation(&mut info);
-                        info
-                    })
-                    .collect();
-                list.sort_by(|a, b| a.instance.cmp(&b.instance));
-                let _ = reply.send(list);
+            Command::List {
+                scope,
+                query,
+                reply,
+            } => {
+                let _ = reply.send(self.list(&scope, &query, now));
+            }
+            Command::Authenticate {
+                credential,
+                peer,
+                reply,
+            } => {
+                let _ = reply.send(self.authenticate(&credential, peer, now));
+            }
+            Command::StillValid { grant, reply } => {
+                let _ = reply.send(self.tokens.still_valid(&grant, now_ms()));
+            }
+            Command::Tokens { call, reply } => {
+                let _ = reply.send(self.token_call(call));
             }
             Command::Weigh { weighing, reply } => {
                 let _ = reply.send(self.weigh(weighing));

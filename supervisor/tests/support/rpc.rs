@@ -139,10 +139,14 @@ impl Client {
     /// Every registered instance: `list` is answered in several messages.
     pub fn ps(&mut self) -> Vec<InstanceInfo> {
         let mut all = Vec::new();
-        let mut reply = self.call(Request::List);
+        let mut reply = self.call(Request::List {
+            query: Default::default(),
+        });
         loop {
             match reply {
-                Response::Instances { instances, more } => {
+                Response::Instances {
+                    instances, more, ..
+                } => {
                     all.extend(instances);
                     if !more {
                         return all;
