@@ -1,6 +1,7 @@
 //! tenement-proto: everything that crosses a tenement process boundary.
 //!
 //! - [`ids`]: validated service names, tenant ids and instance ids.
+//! - [`api`]: the management API's HTTP form of each call, both ways.
 //! - [`auth`]: management API tokens: scopes, ids and the form a caller holds.
 //! - [`rpc`]: the messages of the supervisor's two RPC roles (proxy and admin).
 //! - [`frame`]: length-prefixed JSON framing with a size cap checked before allocation.
@@ -34,6 +35,7 @@
 //!    kept from an older release is affected.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod atomic;
 pub mod auth;
 pub mod certs;

@@ -80,6 +80,11 @@ pub struct Proxy {
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
+/// Whether a path at `{domain}` is the management API's.
+fn is_api(path: &str) -> bool {
+    path == "/api" || path.starts_with("/api/")
+}
+
 /// How a request reached the proxy.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer {
@@ -178,6 +183,9 @@ impl Proxy {
         }
         let deadline = Instant::now() + settings.wake_timeout;
         let entry = match target {
+            Target::Home if is_api(request.uri().path()) => {
+                return Ok(crate::api::serve(self, request, peer, &settings).await)
+            }
             Target::Home => return Ok(self.home_page()),
             Target::NoMatch => return Err(ProxyError::UnknownHost),
             Target::Instance(id) => {

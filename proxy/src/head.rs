@@ -162,6 +162,24 @@ pub fn client_scheme(headers: &HeaderMap, peer: Peer, trusted: &[IpAddr]) -> &'s
     }
 }
 
+/// The client's address: the peer's, or, when the peer is a trusted proxy, the last address
+/// in its `X-Forwarded-For` (the one that proxy saw; anything before it the client could have
+/// written).
+pub fn client_ip(headers: &HeaderMap, peer: Peer, trusted: &[IpAddr]) -> IpAddr {
+    let ip = peer.addr.ip().to_canonical();
+    if peer.tenant || !trusted.contains(&ip) {
+        return ip;
+    }
+    headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .last()
+        .and_then(|last| last.trim().parse::<IpAddr>().ok())
+        .map_or(ip, |forwarded| forwarded.to_canonical())
+}
+
 /// Hop-by-hop headers out; X-Forwarded-For/-Proto/-Host and Forwarded set for this hop,
 /// replacing what an untrusted client sent.
 pub fn prepare_headers(headers: &mut HeaderMap, peer: Peer, raw_host: &str, trusted: &[IpAddr]) {

@@ -7,6 +7,7 @@
 
 pub mod acme;
 pub mod admission;
+pub mod api;
 pub mod forward;
 pub mod head;
 pub mod host;

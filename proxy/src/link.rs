@@ -46,7 +46,7 @@ impl Link {
     }
 
     /// Connects and says hello, retrying until `deadline` while the supervisor is away.
-    async fn connect(&self, deadline: Instant) -> Result<UnixStream, ProxyError> {
+    pub(crate) async fn connect(&self, deadline: Instant) -> Result<UnixStream, ProxyError> {
         let mut pause = Duration::from_millis(5);
         loop {
             // A supervisor at its connection cap leaves us in its backlog: bounded by the

@@ -508,6 +508,11 @@ fn audit(actor: &Actor<'_>, call: &Request, result: &str) {
             },
         ),
     };
+    let what = if target.is_empty() {
+        action.to_owned()
+    } else {
+        format!("{action} {target}")
+    };
     tracing::info!(
         target: "tenement::audit",
         audit_token = %token,
@@ -515,7 +520,7 @@ fn audit(actor: &Actor<'_>, call: &Request, result: &str) {
         audit_action = action,
         audit_target = %target,
         audit_result = result,
-        "audit: {action} {target} by {by}: {result}"
+        "audit: {what} by {by}: {result}"
     );
 }
 

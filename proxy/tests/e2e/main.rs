@@ -8,6 +8,7 @@
 mod support;
 
 mod acme;
+mod api;
 mod early;
 mod hardening;
 mod hostile_requests;
