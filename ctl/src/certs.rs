@@ -80,6 +80,12 @@ fn relative(at: u64) -> String {
 
 /// `tenctl certs`.
 pub fn certs(ctx: &Context, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+    if ctx.remote.is_some() {
+        return Err(crate::commands::UsageError(
+            "certs reads the proxy's files on its own machine; run it there (the metrics' tenement_certificate_expiry_seconds shows the same from afar)".to_owned(),
+        )
+        .into());
+    }
     let config = ctx.load_config()?;
     let tls = &config.settings.tls;
     let files: Vec<FileCert> = tls.certificates.iter().map(read_file_cert).collect();

@@ -1,5 +1,6 @@
-//! The admin-socket client: connect, say hello, send a request, read its answer or a stream of
-//! answers.
+//! The supervisor client: connect, say hello, send a request, read its answer or a stream of
+//! answers. On the admin socket here; through the management API with `--remote`
+//! (`remote.rs`), behind the same [`Client`].
 //!
 //! Blocking std I/O on a `UnixStream` with read and write deadlines; no async runtime. Every
 //! failure becomes one line that says what failed and how to fix it: socket missing,
@@ -32,9 +33,65 @@ impl fmt::Display for RemoteError {
 
 impl std::error::Error for RemoteError {}
 
-/// One connection to the supervisor's admin socket, past the hello.
-#[derive(Debug)]
+/// One connection to the supervisor: its admin socket, past the hello, or the management
+/// API of a remote tenement (`--remote`).
 pub struct Client {
+    inner: Inner,
+}
+
+enum Inner {
+    Local(Local),
+    Remote(Box<crate::remote::RemoteClient>),
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.inner {
+            Inner::Local(local) => write!(f, "Client({})", local.socket.display()),
+            Inner::Remote(_) => f.write_str("Client(remote)"),
+        }
+    }
+}
+
+impl Client {
+    /// Connects to `socket` and exchanges hellos. `timeout` bounds every later read and write
+    /// (`None`: wait forever, for `logs --follow`).
+    pub fn connect(socket: &Path, timeout: Option<Duration>) -> anyhow::Result<Client> {
+        Ok(Client {
+            inner: Inner::Local(Local::connect(socket, timeout)?),
+        })
+    }
+
+    /// The management API of `remote`; `timeout` bounds each call (`None`: a stream).
+    pub fn remote(
+        remote: &crate::remote::Remote,
+        timeout: Option<Duration>,
+    ) -> anyhow::Result<Client> {
+        Ok(Client {
+            inner: Inner::Remote(Box::new(crate::remote::RemoteClient::new(remote, timeout)?)),
+        })
+    }
+
+    /// Sends one request and reads its one answer; `Response::Error` becomes a [`RemoteError`].
+    pub fn call(&mut self, request: &Request) -> anyhow::Result<Response> {
+        match &mut self.inner {
+            Inner::Local(local) => local.call(request),
+            Inner::Remote(remote) => remote.call(request),
+        }
+    }
+
+    /// The next message of a stream (the rest of a `list`, `logs --follow`), `None` when the
+    /// supervisor ends it. `Response::Error` becomes a [`RemoteError`].
+    pub fn next_streamed(&mut self) -> anyhow::Result<Option<Response>> {
+        match &mut self.inner {
+            Inner::Local(local) => local.next_streamed(),
+            Inner::Remote(remote) => remote.next_streamed(),
+        }
+    }
+}
+
+/// The admin socket.
+struct Local {
     stream: UnixStream,
     socket: PathBuf,
     timeout: Option<Duration>,
@@ -48,10 +105,8 @@ fn os_error_text(e: &io::Error) -> String {
     }
 }
 
-impl Client {
-    /// Connects to `socket` and exchanges hellos. `timeout` bounds every later read and write
-    /// (`None`: wait forever, for `logs --follow`).
-    pub fn connect(socket: &Path, timeout: Option<Duration>) -> anyhow::Result<Client> {
+impl Local {
+    fn connect(socket: &Path, timeout: Option<Duration>) -> anyhow::Result<Local> {
         let stream = match UnixStream::connect(socket) {
             Ok(stream) => stream,
             Err(e) => return Err(connect_error(socket, &e)),
@@ -60,7 +115,7 @@ impl Client {
             .set_read_timeout(timeout)
             .and_then(|()| stream.set_write_timeout(timeout))
             .with_context(|| format!("cannot set a deadline on {}", socket.display()))?;
-        let mut client = Client {
+        let mut client = Local {
             stream,
             socket: socket.to_path_buf(),
             timeout,
@@ -92,8 +147,7 @@ impl Client {
         }
     }
 
-    /// Sends one request and reads its one answer; `Response::Error` becomes a [`RemoteError`].
-    pub fn call(&mut self, request: &Request) -> anyhow::Result<Response> {
+    fn call(&mut self, request: &Request) -> anyhow::Result<Response> {
         self.send(request)?;
         match self.receive()? {
             Some(Response::Error { code, message }) => Err(RemoteError { code, message }.into()),
@@ -106,9 +160,7 @@ impl Client {
         }
     }
 
-    /// The next message of a stream (`logs --follow`), `None` when the supervisor ends it.
-    /// `Response::Error` becomes a [`RemoteError`].
-    pub fn next_streamed(&mut self) -> anyhow::Result<Option<Response>> {
+    fn next_streamed(&mut self) -> anyhow::Result<Option<Response>> {
         match self.receive()? {
             Some(Response::Error { code, message }) => Err(RemoteError { code, message }.into()),
             other => Ok(other),

@@ -59,6 +59,8 @@ impl std::error::Error for NotFound {}
 pub struct Context {
     /// The config file, which says where the admin socket is.
     pub config: PathBuf,
+    /// `--remote`: talk to a tenement elsewhere through its management API instead.
+    pub remote: Option<crate::remote::Remote>,
 }
 
 /// The facts about this machine and caller that config defaults depend on, found exactly as
@@ -136,26 +138,51 @@ impl Context {
         Config::load(&self.config, &environment()).map_err(|e| config_unusable(&self.config, &e))
     }
 
-    pub fn connect(&self, config: &Config, timeout: Option<Duration>) -> anyhow::Result<Client> {
-        Client::connect(&config.settings.admin_socket(), timeout)
+    /// The config file when tenctl talks to this machine's supervisor; `None` with
+    /// `--remote`, where the remote tenement's file is not ours to read.
+    pub fn local_config(&self) -> Result<Option<Config>, UsageError> {
+        match self.remote {
+            Some(_) => Ok(None),
+            None => self.load_config().map(Some),
+        }
+    }
+
+    /// The admin socket `config` names, or the remote tenement's API.
+    pub fn connect(
+        &self,
+        config: Option<&Config>,
+        timeout: Option<Duration>,
+    ) -> anyhow::Result<Client> {
+        match (&self.remote, config) {
+            (Some(remote), _) => Client::remote(remote, timeout),
+            (None, Some(config)) => Client::connect(&config.settings.admin_socket(), timeout),
+            (None, None) => {
+                let config = self.load_config()?;
+                Client::connect(&config.settings.admin_socket(), timeout)
+            }
+        }
     }
 
     /// A connection for a call that needs nothing else from the config.
     pub fn client(&self, timeout: Option<Duration>) -> anyhow::Result<Client> {
-        let config = self.load_config()?;
-        self.connect(&config, timeout)
+        self.connect(None, timeout)
     }
 
     /// The deadline for calls that stop a process: the service's stop grace on top of the
     /// usual wait, so a long `stop_grace` is not cut short by tenctl.
-    fn stop_timeout(config: &Config, instance: &InstanceId) -> Duration {
+    fn stop_timeout(config: Option<&Config>, instance: &InstanceId) -> Duration {
         RPC_TIMEOUT.saturating_add(Self::stop_grace(config, instance))
     }
 
-    fn stop_grace(config: &Config, instance: &InstanceId) -> Duration {
-        config
-            .service(&instance.service)
-            .map_or(Duration::ZERO, |s| s.stop_grace)
+    /// A service's stop grace; with `--remote`, where the config is not at hand, a minute
+    /// (the API itself waits at most three).
+    fn stop_grace(config: Option<&Config>, instance: &InstanceId) -> Duration {
+        match config {
+            Some(config) => config
+                .service(&instance.service)
+                .map_or(Duration::ZERO, |s| s.stop_grace),
+            None => Duration::from_secs(60),
+        }
     }
 }
 
@@ -223,8 +250,8 @@ pub fn validate(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<
 /// `tenctl add`.
 pub fn add(ctx: &Context, ids: &[String], json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let instances = parse_instances(ids)?;
-    let config = ctx.load_config()?;
-    let mut client = ctx.connect(&config, Some(RPC_TIMEOUT))?;
+    let config = ctx.local_config()?;
+    let mut client = ctx.connect(config.as_ref(), Some(RPC_TIMEOUT))?;
     let request = Request::Add {
         instances: instances.clone(),
     };
@@ -275,8 +302,8 @@ fn expect_woken(what: &str, response: Response) -> anyhow::Result<(Route, bool, 
 /// `tenctl spawn`: register if needed and start.
 pub fn spawn(ctx: &Context, id: &str, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let instance = parse_instance(id)?;
-    let config = ctx.load_config()?;
-    let mut client = ctx.connect(&config, Some(RPC_TIMEOUT))?;
+    let config = ctx.local_config()?;
+    let mut client = ctx.connect(config.as_ref(), Some(RPC_TIMEOUT))?;
     let (route, started, elapsed_us) =
         expect_woken("spawn", client.call(&Request::Spawn { instance })?)?;
     if json {
@@ -320,9 +347,9 @@ pub fn wake(
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     let instance = parse_instance(id)?;
-    let config = ctx.load_config()?;
+    let config = ctx.local_config()?;
     let read_timeout = wait_timeout(timeout);
-    let mut client = ctx.connect(&config, Some(read_timeout))?;
+    let mut client = ctx.connect(config.as_ref(), Some(read_timeout))?;
     let request = Request::Wake {
         instance,
         timeout_ms: timeout.map(millis),
@@ -350,9 +377,9 @@ pub fn wake(
 /// `tenctl stop`.
 pub fn stop(ctx: &Context, id: &str, out: &mut dyn Write) -> anyhow::Result<()> {
     let instance = parse_instance(id)?;
-    let config = ctx.load_config()?;
-    let timeout = Context::stop_timeout(&config, &instance);
-    let mut client = ctx.connect(&config, Some(timeout))?;
+    let config = ctx.local_config()?;
+    let timeout = Context::stop_timeout(config.as_ref(), &instance);
+    let mut client = ctx.connect(config.as_ref(), Some(timeout))?;
     match client.call(&Request::Stop {
         instance: instance.clone(),
     })? {
@@ -364,8 +391,8 @@ pub fn stop(ctx: &Context, id: &str, out: &mut dyn Write) -> anyhow::Result<()> 
 
 /// `tenctl reload`.
 pub fn reload(ctx: &Context, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
-    let config = ctx.load_config()?;
-    let mut client = ctx.connect(&config, None)?;
+    let config = ctx.local_config()?;
+    let mut client = ctx.connect(config.as_ref(), None)?;
     match client.call(&Request::Reload)? {
         Response::Reloaded {
             added,
@@ -404,9 +431,9 @@ pub fn reload(ctx: &Context, json: bool, out: &mut dyn Write) -> anyhow::Result<
 /// `tenctl restart`.
 pub fn restart(ctx: &Context, id: &str, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let instance = parse_instance(id)?;
-    let config = ctx.load_config()?;
-    let timeout = Context::stop_timeout(&config, &instance);
-    let mut client = ctx.connect(&config, Some(timeout))?;
+    let config = ctx.local_config()?;
+    let timeout = Context::stop_timeout(config.as_ref(), &instance);
+    let mut client = ctx.connect(config.as_ref(), Some(timeout))?;
     let (route, started, elapsed_us) =
         expect_woken("restart", client.call(&Request::Restart { instance })?)?;
     if json {
@@ -452,8 +479,8 @@ pub fn weight(
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     let instance = parse_instance(id)?;
-    let config = ctx.load_config()?;
-    let mut client = ctx.connect(&config, Some(RPC_TIMEOUT))?;
+    let config = ctx.local_config()?;
+    let mut client = ctx.connect(config.as_ref(), Some(RPC_TIMEOUT))?;
     match client.call(&Request::Weight { instance, weight })? {
         Response::Weights { changes } => print_weights(&changes, json, out),
         other => Err(unexpected("weight", &other)),
@@ -488,8 +515,8 @@ pub fn route(
     let service = parse_service(service)?;
     let from = instance_of(&service, from)?;
     let to = instance_of(&service, to)?;
-    let config = ctx.load_config()?;
-    let mut client = ctx.connect(&config, Some(RPC_TIMEOUT))?;
+    let config = ctx.local_config()?;
+    let mut client = ctx.connect(config.as_ref(), Some(RPC_TIMEOUT))?;
     match client.call(&Request::Route { from, to })? {
         Response::Weights { changes } => print_weights(&changes, json, out),
         other => Err(unexpected("route", &other)),
@@ -506,11 +533,11 @@ pub fn deploy(
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     let instance = parse_instance(id)?;
-    let config = ctx.load_config()?;
+    let config = ctx.local_config()?;
     // A failed deploy also stops the instance: its stop grace on top of the wait.
     let read_timeout =
-        wait_timeout(timeout).saturating_add(Context::stop_grace(&config, &instance));
-    let mut client = ctx.connect(&config, Some(read_timeout))?;
+        wait_timeout(timeout).saturating_add(Context::stop_grace(config.as_ref(), &instance));
+    let mut client = ctx.connect(config.as_ref(), Some(read_timeout))?;
     let request = Request::Deploy {
         instance,
         weight: Some(weight),
@@ -545,27 +572,27 @@ pub fn deploy(
 /// `tenctl rm`.
 pub fn remove(ctx: &Context, id: &str, purge: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let instance = parse_instance(id)?;
-    let config = ctx.load_config()?;
-    let timeout = Context::stop_timeout(&config, &instance);
-    let mut client = ctx.connect(&config, Some(timeout))?;
+    let config = ctx.local_config()?;
+    let timeout = Context::stop_timeout(config.as_ref(), &instance);
+    let mut client = ctx.connect(config.as_ref(), Some(timeout))?;
     let request = Request::Remove {
         instance: instance.clone(),
         purge,
     };
+    let data_dir = config.as_ref().map_or_else(String::new, |c| {
+        format!(" {}", c.settings.instance_data_dir(&instance).display())
+    });
     match client.call(&request)? {
-        Response::Ok if purge => writeln!(
-            out,
-            "removed {instance} and deleted its data dir {}",
-            config.settings.instance_data_dir(&instance).display()
-        )?,
+        Response::Ok if purge => {
+            writeln!(out, "removed {instance} and deleted its data dir{data_dir}")?
+        }
         Response::Ok => writeln!(
             out,
-            "removed {instance} (its data dir {} is kept; rm --purge deletes it)",
-            config.settings.instance_data_dir(&instance).display()
+            "removed {instance} (its data dir{data_dir} is kept; rm --purge deletes it)"
         )?,
         other => return Err(unexpected("rm", &other)),
     }
-    if config.instances.contains(&instance) {
+    if let Some(config) = config.as_ref().filter(|c| c.instances.contains(&instance)) {
         writeln!(
             out,
             "note: {instance} is declared in [instances] of {}; the supervisor registers it again when it restarts unless you remove it there",
@@ -592,8 +619,8 @@ pub fn ps(
             })
         })
         .transpose()?;
-    let config = ctx.load_config()?;
-    let mut client = ctx.connect(&config, Some(RPC_TIMEOUT))?;
+    let config = ctx.local_config()?;
+    let mut client = ctx.connect(config.as_ref(), Some(RPC_TIMEOUT))?;
     let mut instances = Vec::new();
     let mut reply = client.call(&Request::List {
         query: Default::default(),
@@ -622,7 +649,11 @@ pub fn ps(
     instances.sort_by(|a, b| a.instance.cmp(&b.instance));
     // A typo in the filter is an error, not an empty list. Only when nothing matched: the
     // supervisor may still run instances of a service since removed from the file.
-    if let Some(s) = service.as_ref().filter(|s| config.service(s).is_none()) {
+    let unknown = service
+        .as_ref()
+        .zip(config.as_ref())
+        .filter(|(s, config)| config.service(s).is_none());
+    if let Some((s, config)) = unknown {
         if instances.is_empty() {
             return Err(NotFound(format!(
                 "no service {s} in {}; add [service.{s}]",
@@ -653,8 +684,8 @@ pub fn ps(
 /// `tenctl status`.
 pub fn status(ctx: &Context, id: &str, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let instance = parse_instance(id)?;
-    let config = ctx.load_config()?;
-    let mut client = ctx.connect(&config, Some(RPC_TIMEOUT))?;
+    let config = ctx.local_config()?;
+    let mut client = ctx.connect(config.as_ref(), Some(RPC_TIMEOUT))?;
     let status = match client.call(&Request::Status { instance })? {
         Response::Status { status } => *status,
         other => return Err(unexpected("status", &other)),
@@ -731,10 +762,10 @@ pub fn last_matching<'a>(
 pub fn logs(ctx: &Context, options: &LogsOptions, out: &mut dyn Write) -> anyhow::Result<()> {
     let instance = parse_instance(&options.instance)?;
     let grep = options.grep.as_deref().map(compile_grep).transpose()?;
-    let config = ctx.load_config()?;
+    let config = ctx.local_config()?;
     // Under systemd the journal has every line (and what survived restarts of the
-    // supervisor); the supervisor's buffer is the fallback.
-    if crate::journal::has_entries(&instance) {
+    // supervisor); the supervisor's buffer is the fallback, and what a remote API serves.
+    if config.is_some() && crate::journal::has_entries(&instance) {
         return crate::journal::logs(&instance, grep.as_ref(), options, out);
     }
     let since_ms = options.since.map(|d| {
@@ -745,7 +776,7 @@ pub fn logs(ctx: &Context, options: &LogsOptions, out: &mut dyn Write) -> anyhow
         now.saturating_sub(d.as_millis() as u64)
     });
     let timeout = (!options.follow).then_some(RPC_TIMEOUT);
-    let mut client = ctx.connect(&config, timeout)?;
+    let mut client = ctx.connect(config.as_ref(), timeout)?;
     // With --grep, -n counts matching lines, so all buffered lines are needed to find them.
     let request = Request::Logs {
         instance,

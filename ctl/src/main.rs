@@ -12,6 +12,7 @@ mod client;
 mod commands;
 mod journal;
 mod releases;
+mod remote;
 mod render;
 mod tokens;
 
@@ -50,6 +51,16 @@ struct Args {
         value_name = "FILE"
     )]
     config: PathBuf,
+    /// Drive a tenement elsewhere through its management API: its bare domain, like
+    /// https://example.com. The token comes from --token-file or TENEMENT_TOKEN.
+    #[arg(long, env = "TENEMENT_URL", global = true, value_name = "URL")]
+    remote: Option<String>,
+    /// A file whose first line is the API token (for --remote).
+    #[arg(long, env = "TENEMENT_TOKEN_FILE", global = true, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// PEM certificates to trust for --remote instead of the public roots (a private CA).
+    #[arg(long, env = "TENEMENT_CA_FILE", global = true, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -421,8 +432,18 @@ fn stdout_closed(err: &anyhow::Error) -> bool {
 }
 
 fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
+    let remote = match &args.remote {
+        Some(url) => Some(remote::Remote::new(
+            url,
+            args.token_file.as_deref(),
+            std::env::var("TENEMENT_TOKEN").ok(),
+            args.ca_file.clone(),
+        )?),
+        None => None,
+    };
     let ctx = Context {
         config: args.config.clone(),
+        remote,
     };
     match args.command {
         Command::Token(TokenCommand::Create {

@@ -154,8 +154,7 @@ pub fn pin(
 }
 
 fn call(ctx: &Context, request: Request, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
-    let config = ctx.load_config()?;
-    let mut client = ctx.connect(&config, Some(RPC_TIMEOUT))?;
+    let mut client = ctx.client(Some(RPC_TIMEOUT))?;
     let name = request.name();
     match client.call(&request)? {
         Response::Releases {

@@ -1,5 +1,6 @@
 //! `GET .../logs?follow=true` as Server-Sent Events: each `logs` message of the supervisor's
-//! stream is one `data:` event (the same JSON as the non-streaming answer), an error that
+//! stream is one `data:` event (the same JSON as the non-streaming answer; the first, the
+//! buffered lines, even when there are none), an error that
 //! ends the stream (the token revoked, the instance removed) is an `error` event, and a
 //! comment every 15 s keeps idle connections open through other proxies.
 
@@ -50,9 +51,11 @@ fn event(kind: Option<&str>, json: &str) -> Bytes {
     }
 }
 
-fn logs_event(lines: Vec<rpc::LogLine>, search: Option<&str>) -> Option<Bytes> {
+/// The event of one `logs` message; `None` when the search leaves no line (`always`: the
+/// backlog, which a client waits for even when it is empty).
+fn logs_event(lines: Vec<rpc::LogLine>, search: Option<&str>, always: bool) -> Option<Bytes> {
     let lines = matching(lines, search);
-    if lines.is_empty() {
+    if lines.is_empty() && !always {
         return None;
     }
     let json = serde_json::to_string(&rpc::Response::Logs { lines }).ok()?;
@@ -81,7 +84,7 @@ pub async fn follow(
     let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
     // An open comment first, so the client sees the stream start even with no backlog.
     let _ = tx.try_send(Bytes::from_static(b": tenement log stream\n\n"));
-    if let Some(first) = logs_event(backlog, search.as_deref()) {
+    if let Some(first) = logs_event(backlog, search.as_deref(), true) {
         let _ = tx.try_send(first);
     }
     tokio::spawn(async move {
@@ -93,7 +96,7 @@ pub async fn follow(
                 () = tx.closed() => return,
                 _ = keep_alive.tick() => Some(Bytes::from_static(b": keep-alive\n\n")),
                 message = frame::read_message_async::<_, rpc::Response>(&mut stream) => match message {
-                    Ok(rpc::Response::Logs { lines }) => logs_event(lines, search.as_deref()),
+                    Ok(rpc::Response::Logs { lines }) => logs_event(lines, search.as_deref(), false),
                     Ok(rpc::Response::Error { code, message }) => {
                         let e = super::from_rpc(code, message);
                         let _ = tx.send(event(Some("error"), &e.body().to_string())).await;

@@ -18,6 +18,10 @@ const APPS: &str = r#"
 command = "@TINY@"
 [service.wiki]
 command = "@TINY@"
+# Registered by the thousand, never started: a Unix socket each, so no port is used up.
+[service.many]
+command = "@TINY@"
+listen = "unix"
 "#;
 
 /// One API request on a new connection; `extra` are more header lines.
@@ -672,4 +676,149 @@ fn bad_input_gets_a_clean_4xx() {
         "the tenant's host answered with the API: {}",
         reply.text()
     );
+}
+
+/// `tenctl --remote URL ARGS` with `token` in TENEMENT_TOKEN.
+fn remote_tenctl(sandbox: &Sandbox, token: &str, args: &[&str]) -> std::process::Output {
+    let url = format!("http://localhost:{}", sandbox.proxy_addr.port());
+    std::process::Command::new(tenctl_binary())
+        .arg("--remote")
+        .arg(&url)
+        .args(args)
+        .env("TENEMENT_TOKEN", token)
+        .env_remove("TENEMENT_URL")
+        .env_remove("TENEMENT_TOKEN_FILE")
+        .env_remove("TENEMENT_CONFIG")
+        .output()
+        .expect("run tenctl --remote")
+}
+
+/// Runs a verb locally and remotely until both print the same (a second may tick between
+/// two runs and change an uptime); the two outputs of the last try.
+fn local_and_remote(sandbox: &Sandbox, token: &str, args: &[&str]) -> (String, String) {
+    let mut last = (String::new(), String::new());
+    for _ in 0..5 {
+        let local = tenctl_ok(sandbox, args);
+        let out = remote_tenctl(sandbox, token, args);
+        assert!(
+            out.status.success(),
+            "tenctl --remote {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let remote = String::from_utf8_lossy(&out.stdout).into_owned();
+        if remote == local {
+            return (local, remote);
+        }
+        last = (local, remote);
+    }
+    last
+}
+
+#[test]
+fn remote_tenctl_prints_what_local_tenctl_prints() {
+    let sb = Sandbox::new(APPS);
+    let _daemons = sb.start();
+    tenctl_ok(&sb, &["add", "notes:alice", "notes:bob", "wiki:carol"]);
+    tenctl_ok(&sb, &["wake", "notes:alice"]);
+    let admin = mint(&sb, &["--scope", "admin"]);
+    for args in [
+        &["ps"][..],
+        &["ps", "--json"],
+        &["ps", "notes"],
+        &["status", "notes:alice"],
+        &["status", "notes:bob", "--json"],
+        &["logs", "notes:alice"],
+        &["logs", "notes:alice", "-n", "1", "--grep", "listening"],
+        &["releases", "notes"],
+    ] {
+        let (local, remote) = local_and_remote(&sb, &admin, args);
+        assert_eq!(remote, local, "tenctl {args:?}");
+    }
+    // More than one page (1,000) of instances: tenctl follows the pages.
+    let many: Vec<String> = (0..1050).map(|n| format!("many:m{n:04}")).collect();
+    let mut args = vec!["add"];
+    args.extend(many.iter().map(String::as_str));
+    tenctl_ok(&sb, &args);
+    let (local, remote) = local_and_remote(&sb, &admin, &["ps", "many", "--json"]);
+    assert!(remote == local, "ps of 1,050 instances differs");
+    let listed: Value = serde_json::from_str(&remote).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1050);
+    // wake prints how long the wake took: the same line but for that figure.
+    let figure = without_figure;
+    let local = tenctl_ok(&sb, &["wake", "notes:alice"]);
+    let out = remote_tenctl(&sb, &admin, &["wake", "notes:alice"]);
+    assert!(out.status.success());
+    assert_eq!(
+        figure(&String::from_utf8_lossy(&out.stdout)),
+        figure(&local),
+        "wake"
+    );
+    let out = remote_tenctl(&sb, &admin, &["wake", "wiki:carol"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("wiki:carol ready in "));
+    assert!(tenctl_ok(&sb, &["status", "wiki:carol", "--json"]).contains("\"state\": \"running\""));
+    // token ls differs in one thing only: the remote call itself is the token's last use.
+    let out = remote_tenctl(&sb, &admin, &["token", "ls"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(token_id(&admin)));
+
+    // A tenant token through tenctl: its own instance, and the refusal says why, exit 5.
+    let alice = mint(&sb, &["--scope", "tenant:notes:alice"]);
+    let out = remote_tenctl(&sb, &alice, &["ps"]);
+    assert!(out.status.success());
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listed.contains("notes:alice") && !listed.contains("notes:bob"),
+        "{listed}"
+    );
+    let out = remote_tenctl(&sb, &alice, &["status", "notes:bob"]);
+    assert_eq!(out.status.code(), Some(5));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("may not status notes:bob"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let out = remote_tenctl(&sb, &alice, &["token", "create", "--scope", "admin"]);
+    assert_eq!(out.status.code(), Some(5));
+
+    // logs --follow through the API: new lines arrive, and the stream ends when the token
+    // is revoked, with the reason.
+    let url = format!("http://localhost:{}", sb.proxy_addr.port());
+    let mut follower = std::process::Command::new(tenctl_binary())
+        .args(["--remote", &url, "logs", "-f", "notes:bob"])
+        .env("TENEMENT_TOKEN", &admin)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tenctl_ok(&sb, &["wake", "notes:bob"]);
+    let stdout = follower.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let seen = rx
+        .iter()
+        .find(|l| l.contains("tiny-http listening"))
+        .is_some();
+    assert!(seen);
+    tenctl_ok(&sb, &["token", "rm", token_id(&admin)]);
+    let status = follower.wait().unwrap();
+    assert_eq!(status.code(), Some(5));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut follower.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(err.contains("revoked or has expired"), "{err}");
+}
+
+/// `wake`'s line with its figure (`ready in 0.4 ms`) taken out.
+fn without_figure(text: &str) -> String {
+    let Some(start) = text.find("ready in ") else {
+        return text.to_owned();
+    };
+    let rest = &text[start + "ready in ".len()..];
+    let end = rest.find(" (").unwrap_or(rest.len());
+    format!("{}ready in _{}", &text[..start], &rest[end..])
 }
