@@ -12,7 +12,9 @@ use serde_json::{json, Value};
 
 use crate::auth::{Scope, TokenId};
 use crate::ids::{InstanceId, ServiceName};
-use crate::rpc::{ErrorCode, InstanceState, ListQuery, Request, RolloutAction, RolloutOptions};
+use crate::rpc::{
+    ErrorCode, InstanceState, ListQuery, ListSort, Request, RolloutAction, RolloutOptions,
+};
 
 /// Where the API lives under `{domain}`.
 pub const PREFIX: &str = "/api/v1";
@@ -126,6 +128,12 @@ pub fn to_http(request: &Request) -> Option<HttpCall> {
             }
             if let Some(limit) = query.limit {
                 c.query.push(("limit", limit.to_string()));
+            }
+            if let Some(sort) = query.sort {
+                c.query.push(("sort", sort.as_str().to_owned()));
+            }
+            if let Some(offset) = query.offset {
+                c.query.push(("offset", offset.to_string()));
             }
             c
         }
@@ -411,7 +419,18 @@ impl<'a> Query<'a> {
 }
 
 fn list_query(q: &Query<'_>) -> Result<ListQuery, ApiError> {
-    q.only(&["service", "state", "search", "after", "limit"])?;
+    q.only(&[
+        "service", "state", "search", "after", "limit", "sort", "offset",
+    ])?;
+    let sort = match q.get("sort") {
+        None => None,
+        Some(text) => Some(
+            ListSort::ALL
+                .into_iter()
+                .find(|s| s.as_str() == text)
+                .ok_or_else(|| ApiError::bad("sort is one of id, state, restarts, active"))?,
+        ),
+    };
     let state = match q.get("state") {
         None => None,
         Some(text) => Some(
@@ -434,6 +453,8 @@ fn list_query(q: &Query<'_>) -> Result<ListQuery, ApiError> {
         search,
         after: q.get("after").map(instance).transpose()?,
         limit: Some(q.number("limit")?.unwrap_or(DEFAULT_PAGE)),
+        sort,
+        offset: q.number("offset")?,
     })
 }
 
@@ -681,6 +702,8 @@ mod tests {
                     search: Some("a b&c=d".to_owned()),
                     after: Some(id("notes:al")),
                     limit: Some(7),
+                    sort: Some(ListSort::Restarts),
+                    offset: Some(14),
                 },
             },
             Request::Add {

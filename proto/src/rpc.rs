@@ -221,6 +221,44 @@ pub struct ListQuery {
     /// At most this many; the last message's `next` says where the next page starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,
+    /// The order (default: by id, the only one `after` and `next` page through).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sort: Option<ListSort>,
+    /// Skip this many matching instances first (pages of the other orders).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u32>,
+}
+
+/// The orders `list` can answer in; ties are broken by id.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListSort {
+    #[default]
+    Id,
+    /// Running first, then starting, unhealthy, stopping, failed, stopped.
+    State,
+    /// Most restarts first.
+    Restarts,
+    /// Most recently active first (running instances; the others after).
+    Active,
+}
+
+impl ListSort {
+    pub const ALL: [ListSort; 4] = [
+        ListSort::Id,
+        ListSort::State,
+        ListSort::Restarts,
+        ListSort::Active,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListSort::Id => "id",
+            ListSort::State => "state",
+            ListSort::Restarts => "restarts",
+            ListSort::Active => "active",
+        }
+    }
 }
 
 impl ListQuery {

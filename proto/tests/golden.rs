@@ -14,13 +14,13 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tenement_proto::auth::{Secret, TokenId, TokenInfo};
 use tenement_proto::frame;
-use tenement_proto::rpc::ListQuery;
 use tenement_proto::rpc::{
     ActivityReport, Address, ErrorCode, InstanceInfo, InstanceState, InstanceUsage, LogLine,
     LogStream, ReleaseInfo, Request, Response, Role, RolloutAction, RolloutFailure, RolloutInfo,
     RolloutOptions, RolloutProgress, Route, ServiceStats, SupervisorStats, WeightChange,
     PROTOCOL_VERSION,
 };
+use tenement_proto::rpc::{ListQuery, ListSort};
 use tenement_proto::{InstanceId, ServiceName, TenantId};
 
 fn golden_dir() -> PathBuf {
@@ -100,6 +100,8 @@ fn requests() -> Vec<(&'static str, Request)> {
                     search: Some("ali".to_owned()),
                     after: Some(id("notes:al")),
                     limit: Some(100),
+                    sort: Some(ListSort::Restarts),
+                    offset: Some(200),
                 },
             },
         ),

@@ -78,6 +78,8 @@ pub struct Proxy {
     /// Certificates from ACME, whose HTTP-01 challenges plain HTTP answers.
     pub acme: Option<Arc<crate::acme::Acme>>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The wakes of the last hour, for the dashboard.
+    pub recent_wakes: Arc<crate::recent::RecentWakes>,
 }
 
 /// Whether a path at `{domain}` is the management API's.
@@ -186,7 +188,9 @@ impl Proxy {
             Target::Home if is_api(request.uri().path()) => {
                 return Ok(crate::api::serve(self, request, peer, &settings).await)
             }
-            Target::Home => return Ok(self.home_page()),
+            Target::Home => {
+                return Ok(crate::dashboard::serve(self, request, peer, &settings).await)
+            }
             Target::NoMatch => return Err(ProxyError::UnknownHost),
             Target::Instance(id) => {
                 let policy = settings
@@ -308,17 +312,6 @@ impl Proxy {
         })
     }
 
-    fn home_page(&self) -> Response<ProxyBody> {
-        let (instances, running) = self.table.counts();
-        let text = format!("tenement\n{instances} instances, {running} running\n");
-        let mut response = Response::new(full(text));
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        response
-    }
-
     /// Enters the instance, waking it first if it is not serving.
     async fn enter(
         &self,
@@ -353,6 +346,7 @@ impl Proxy {
                     let (tx, rx) = tokio::sync::watch::channel(None);
                     *slot = Some(rx.clone());
                     let link = self.link.clone();
+                    let recent = self.recent_wakes.clone();
                     let entry = entry.clone();
                     let handles = entry
                         .metrics
@@ -362,6 +356,7 @@ impl Proxy {
                         let began = Instant::now();
                         let result = link.wake(&entry.id, deadline).await;
                         handles.wake(result.is_ok(), began.elapsed());
+                        recent.record(&entry.id, result.is_ok(), began.elapsed());
                         if let Ok(route) = &result {
                             entry.set_route(route.clone());
                             // The supervisor says it runs: any park it asked for is over.

@@ -8,6 +8,7 @@
 pub mod acme;
 pub mod admission;
 pub mod api;
+pub mod dashboard;
 pub mod forward;
 pub mod head;
 pub mod host;
@@ -16,6 +17,7 @@ pub mod listeners;
 pub mod metrics;
 pub mod pool;
 pub mod privilege;
+pub mod recent;
 pub mod relay;
 pub mod respond;
 pub mod server;

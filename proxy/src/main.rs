@@ -275,6 +275,7 @@ async fn serve(
         https: certificates.clone().zip(https_port),
         acme: acme.clone(),
         metrics: metrics.clone(),
+        recent_wakes: Arc::default(),
     });
     // Reading the config again: asked by the supervisor after `tenctl reload`, or by SIGHUP.
     let reload: Arc<dyn Fn() + Send + Sync> = {

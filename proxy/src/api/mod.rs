@@ -6,7 +6,7 @@
 //! the supervisor decides whether the token may make it. Answers are the RPC response as
 //! JSON; a log stream with `follow` is Server-Sent Events (`sse.rs`).
 
-mod sse;
+pub(crate) mod sse;
 
 use std::net::IpAddr;
 use std::time::Duration;

@@ -9,6 +9,7 @@ mod support;
 
 mod acme;
 mod api;
+mod dashboard;
 mod early;
 mod hardening;
 mod hostile_requests;

@@ -85,7 +85,7 @@ notes = ["alice"]
             404,
         ),
         (
-            "the domain itself: the status page",
+            "the domain itself: the dashboard's login page",
             b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
             200,
         ),
@@ -95,7 +95,11 @@ notes = ["alice"]
         assert_eq!(reply.status(), status, "{what}: {}", reply.text());
     }
     let home = get(addr, "localhost", "/");
-    assert!(home.text().starts_with("tenement"), "{}", home.text());
+    assert!(home.text().contains("Log in"), "{}", home.text());
+    assert!(
+        !home.text().contains("notes:alice"),
+        "the login page shows no data"
+    );
 
     assert_eq!(
         sandbox.data_listing(),
@@ -132,20 +136,37 @@ command = "@TINY@"
 notes = ["a", "b"]
 "#;
 
-/// The status page's instance count: the proxy has its route table.
-fn wait_for_routes(sandbox: &Sandbox, instances: usize) {
-    let expected = format!("{instances} instances");
+/// The proxy's route table holds `instances` (its own `tenement_instances` gauge, on a
+/// metrics listener at `metrics`).
+fn wait_for_routes(metrics: std::net::SocketAddr, instances: usize) {
     let synced = wait_until(EVENT_DEADLINE, || {
-        try_get(sandbox.proxy_addr, "localhost", "/").is_ok_and(|r| r.text().contains(&expected))
+        let Ok(reply) = try_get(metrics, "metrics", "/metrics") else {
+            return false;
+        };
+        let total: f64 = reply
+            .text()
+            .lines()
+            .filter(|l| l.starts_with("tenement_instances{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        total as usize == instances
     });
-    assert!(synced, "the proxy never listed {expected}");
+    assert!(
+        synced,
+        "the proxy's route table never held {instances} instances"
+    );
 }
 
 #[test]
 fn service_host_picks_a_running_instance() {
     let sandbox = Sandbox::new(TWO_NOTES);
-    let (_supervisor, _proxy) = sandbox.start();
-    wait_for_routes(&sandbox, 2);
+    let supervisor = sandbox.start_supervisor();
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], sandbox.spare_port()));
+    let mut command = sandbox.proxy_command();
+    command.arg("--metrics-listen").arg(metrics.to_string());
+    let proxy = sandbox.start_proxy_with(command);
+    let _daemons = (supervisor, proxy);
+    wait_for_routes(metrics, 2);
     let addr = sandbox.proxy_addr;
     let mut admin = sandbox.admin();
 

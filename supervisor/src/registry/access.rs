@@ -5,10 +5,10 @@
 use std::time::Instant;
 
 use tenement_proto::auth::{Scope, Secret};
-use tenement_proto::rpc::{ErrorCode, InstanceInfo, ListQuery, Response};
+use tenement_proto::rpc::{ErrorCode, InstanceInfo, InstanceState, ListQuery, ListSort, Response};
 use tenement_proto::InstanceId;
 
-use super::{app_pids, now_ms, Registry, RpcError};
+use super::{app_pids, now_ms, Instance, Registry, RpcError};
 use crate::tokens::Grant;
 
 /// The most instances one page of `list` holds; a larger `limit` is cut to it.
@@ -43,10 +43,22 @@ pub enum TokenCall {
     Logout(Grant),
 }
 
+/// The order of `sort=state`: what is up first.
+fn state_rank(state: InstanceState) -> u8 {
+    match state {
+        InstanceState::Running => 0,
+        InstanceState::Starting => 1,
+        InstanceState::Unhealthy => 2,
+        InstanceState::Stopping => 3,
+        InstanceState::Failed => 4,
+        InstanceState::Stopped => 5,
+    }
+}
+
 impl Registry {
     pub(super) fn list(&self, scope: &Scope, query: &ListQuery, now: Instant) -> ListPage {
         let search = query.search.as_deref().filter(|s| !s.is_empty());
-        let mut matching: Vec<&InstanceId> = self
+        let mut matching: Vec<&Instance> = self
             .instances
             .values()
             .filter(|i| {
@@ -55,19 +67,38 @@ impl Registry {
                     && query.state.is_none_or(|s| s == i.lifecycle.state())
                     && search.is_none_or(|s| i.id.to_string().contains(s))
             })
-            .map(|i| &i.id)
             .collect();
-        matching.sort();
+        match query.sort.unwrap_or(ListSort::Id) {
+            ListSort::Id => matching.sort_by(|a, b| a.id.cmp(&b.id)),
+            ListSort::State => matching.sort_by_key(|i| (state_rank(i.lifecycle.state()), &i.id)),
+            ListSort::Restarts => {
+                matching.sort_by_key(|i| (std::cmp::Reverse(i.lifecycle.restarts), &i.id))
+            }
+            ListSort::Active => matching.sort_by_key(|i| {
+                let running = i.lifecycle.state() == InstanceState::Running;
+                (
+                    !running,
+                    std::cmp::Reverse(running.then(|| i.lifecycle.last_activity())),
+                    &i.id,
+                )
+            }),
+        }
+        let matching: Vec<&InstanceId> = matching.into_iter().map(|i| &i.id).collect();
         let total = (!query.is_default()).then_some(matching.len() as u32);
+        let by_id = query.sort.is_none_or(|s| s == ListSort::Id);
         let start = match &query.after {
-            Some(after) => matching.partition_point(|id| *id <= after),
-            None => 0,
+            Some(after) if by_id => matching.partition_point(|id| *id <= after),
+            _ => 0,
         };
+        let start = start
+            .saturating_add(query.offset.unwrap_or(0) as usize)
+            .min(matching.len());
         let limit = query
             .limit
             .map_or(usize::MAX, |l| l.clamp(1, MAX_PAGE) as usize);
         let page = &matching[start..];
-        let next = (page.len() > limit).then(|| page[limit - 1].clone());
+        // `next` pages by id; the other orders page with `offset`.
+        let next = (by_id && page.len() > limit).then(|| page[limit - 1].clone());
         let apps = app_pids(&self.instances);
         let instances = page
             .iter()
