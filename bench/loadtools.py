@@ -81,9 +81,10 @@ def snapshot_binaries():
 
 
 def build():
-    """Builds what these benchmarks run (not tenctl: they never call it)."""
+    """Builds what these benchmarks run (tenctl too: api.py and rollout.py call it)."""
     subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "tenement-supervisor",
-                    "-p", "tenement-proxy", "-p", "tenement-fixtures"], cwd=ROOT, check=True)
+                    "-p", "tenement-proxy", "-p", "tenctl", "-p", "tenement-fixtures"], cwd=ROOT,
+                   check=True)
 
 
 def revision():

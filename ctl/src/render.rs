@@ -215,7 +215,7 @@ fn release_words(info: &InstanceInfo) -> String {
 
 /// The `tenctl status` block: one aligned `key: value` line per field.
 pub fn status_block(info: &InstanceInfo) -> String {
-    let fields: [(&str, String); 21] = [
+    let fields: [(&str, String); 22] = [
         ("instance", info.instance.to_string()),
         ("state", info.state.as_str().to_owned()),
         (
@@ -244,6 +244,11 @@ pub fn status_block(info: &InstanceInfo) -> String {
                 || "-".to_owned(),
                 |b| format!("{:.1} MiB", b as f64 / 1048576.0),
             ),
+        ),
+        (
+            "cpu",
+            info.cpu_seconds
+                .map_or_else(|| "-".to_owned(), |s| format!("{s:.2} s")),
         ),
         (
             "pids",
@@ -427,6 +432,7 @@ mod tests {
             memory_bytes: Some(12 << 20),
             pids: Some(3),
             disk_bytes: None,
+            cpu_seconds: None,
             last_exit: None,
             reason: None,
             release: Some(3),
@@ -463,19 +469,21 @@ mod tests {
         let mut alice = info("notes:alice");
         alice.last_exit = Some("signal 9 (SIGKILL)".into());
         alice.disk_bytes = Some(3 << 20);
+        alice.cpu_seconds = Some(1.234);
         let text = status_block(&alice);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 21);
+        assert_eq!(lines.len(), 22);
         assert_eq!(lines[0], "instance:  notes:alice");
         assert_eq!(lines[8], "in flight: 1");
         assert_eq!(lines[10], "release:   3");
         assert_eq!(lines[13], "uid:       61184");
         assert_eq!(lines[15], "limits:    memory_max=64MiB pids_max=64");
         assert_eq!(lines[16], "memory:    12.0 MiB");
-        assert_eq!(lines[17], "pids:      3");
-        assert_eq!(lines[18], "disk:      3.0 MiB (data directory)");
-        assert_eq!(lines[19], "last exit: signal 9 (SIGKILL)");
-        assert_eq!(lines[20], "reason:    -");
+        assert_eq!(lines[17], "cpu:       1.23 s");
+        assert_eq!(lines[18], "pids:      3");
+        assert_eq!(lines[19], "disk:      3.0 MiB (data directory)");
+        assert_eq!(lines[20], "last exit: signal 9 (SIGKILL)");
+        assert_eq!(lines[21], "reason:    -");
         assert!(lines.iter().all(|l| l.as_bytes().get(10) == Some(&b' ')));
     }
 

@@ -138,6 +138,7 @@ fn info(instance: &str, state: InstanceState) -> InstanceInfo {
         memory_bytes: None,
         pids: None,
         disk_bytes: None,
+        cpu_seconds: None,
         last_exit: None,
         reason: None,
         release: Some(1),

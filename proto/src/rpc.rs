@@ -779,6 +779,9 @@ pub struct InstanceInfo {
     /// Bytes its data directory takes on disk (`status` only; `ps` leaves it out).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_bytes: Option<u64>,
+    /// CPU time its cgroup has used since it started (`status` only, while it runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<f64>,
     /// Last exit, for example `exit status 1` or `signal 9 (SIGKILL)`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_exit: Option<String>,

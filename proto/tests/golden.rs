@@ -281,6 +281,7 @@ fn responses() -> Vec<(&'static str, Response)> {
                     memory_bytes: None,
                     pids: None,
                     disk_bytes: None,
+                    cpu_seconds: None,
                     last_exit: Some("exit status 3".to_owned()),
                     reason: None,
                     release: Some(3),

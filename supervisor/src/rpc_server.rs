@@ -428,7 +428,10 @@ async fn connection(
                 }
             }
             other => {
-                let audited = other.mutates().then(|| other.clone());
+                // What an operator did (a token's holder, or a caller of the admin socket); the
+                // proxy's own wakes are traffic, not acts.
+                let audited = (other.mutates() && (grant.is_some() || role == Role::Admin))
+                    .then(|| other.clone());
                 let reply = answer(other, &registry, grant.as_ref()).await;
                 if let Some(call) = audited {
                     let actor = match &grant {

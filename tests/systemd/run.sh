@@ -397,6 +397,22 @@ check deb.rollout_switch_in_journal sh_in '
     tenctl releases notes
     journalctl --no-pager -o cat TENEMENT_INSTANCE=notes:alice | grep "switched from release 1 to 2"
     journalctl --no-pager -o cat -u tenement-supervisor F_OUTCOME=ok | grep "notes:alice"'
+# The management API through the packaged proxy: a tenant token restarts its own instance,
+# is refused another, the act is an audit event in the real journal with the token's public
+# id as a field, and the secret is in neither the journal nor the registry file.
+check deb.api_token_audited_never_logged sh_in '
+    set -e
+    token=$(tenctl token create --scope tenant:notes:alice --name rig)
+    secret=${token##*_}
+    id=$(echo "$token" | cut -d_ -f2)
+    code=$(curl -sS -o /dev/null -w %{http_code} --max-time 60 -X POST -H "Host: localhost" -H "Authorization: Bearer $token" http://127.0.0.1/api/v1/instances/notes:alice/restart)
+    echo "restart: $code"; [ "$code" = 200 ]
+    code=$(curl -sS -o /dev/null -w %{http_code} --max-time 30 -H "Host: localhost" -H "Authorization: Bearer $token" http://127.0.0.1/api/v1/instances/notes:bob)
+    echo "another tenant: $code"; [ "$code" = 403 ]
+    journalctl --no-pager -o cat -u tenement-supervisor F_AUDIT_TOKEN=$id F_AUDIT_ACTION=restart | grep "restart notes:alice by token $id"
+    if journalctl --no-pager -o cat | grep -qF "$secret"; then echo "the secret is in the journal"; exit 1; fi
+    if grep -qF "$secret" /var/lib/tenement/state/registry.json; then echo "the secret is in the registry"; exit 1; fi
+    grep -q "$id" /var/lib/tenement/state/registry.json'
 dump_container_logs
 
 stage "deb: restarts under load"

@@ -112,11 +112,13 @@ fn bearer(headers: &HeaderMap) -> Result<Secret, ApiError> {
     let value = headers
         .get(header::AUTHORIZATION)
         .ok_or_else(|| unauthenticated("this call needs a token: Authorization: Bearer tnm_..."))?;
+    // The scheme is case-insensitive (RFC 9110, 11.1).
     let text = value
         .to_str()
         .ok()
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
         .ok_or_else(|| unauthenticated("the Authorization header must read Bearer TOKEN"))?;
     if auth::split_credential(text).is_none() {
         return Err(unauthenticated(

@@ -73,6 +73,7 @@
       set("restarts", info.restarts);
       set("health", info.health);
       set("memory", bytes(info.memory_bytes));
+      set("cpu", info.cpu_seconds === undefined ? "-" : info.cpu_seconds.toFixed(2) + " s");
       set("pids", info.pids ?? "-");
     } catch (e) {
       // The next round tries again.

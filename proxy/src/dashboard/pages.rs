@@ -418,6 +418,7 @@ pub fn tenant(
                     dt { "Restarts" } dd data-field="restarts" { (info.restarts) }
                     dt { "Health" } dd data-field="health" { (info.health) }
                     dt { "Memory" } dd data-field="memory" { (bytes(info.memory_bytes)) }
+                    dt { "CPU" } dd data-field="cpu" { (info.cpu_seconds.map_or_else(|| "-".to_owned(), |s| format!("{s:.2} s"))) }
                     dt { "Processes" } dd data-field="pids" { (info.pids.map_or_else(|| "-".to_owned(), |p| p.to_string())) }
                     dt { "Isolation" } dd { (info.isolation) }
                     @if let Some(reason) = &info.reason { dt { "Reason" } dd.error { (reason) } }

@@ -229,6 +229,7 @@ impl Instance {
             memory_bytes: None,
             pids: None,
             disk_bytes: None,
+            cpu_seconds: None,
             last_exit: self.last_exit.clone(),
             reason: self.lifecycle.reason(),
             release: self.release,

@@ -690,6 +690,12 @@ impl Registry {
                         info.disk_bytes = Some(crate::procfs::disk_usage(
                             &self.config.settings.instance_data_dir(&instance),
                         ));
+                        if info.pid.is_some() {
+                            info.cpu_seconds = self
+                                .containment
+                                .cgroups()
+                                .and_then(|cgroups| cgroups.cpu_seconds(&instance));
+                        }
                         Ok(info)
                     }
                     None => Err(RpcError::unknown(&instance)),
