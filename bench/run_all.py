@@ -40,6 +40,8 @@ BENCHMARKS = [
       "--scrape-rounds", "1"]),
     ("rollout across 1,000 tenants, 20 running under load", "rollout.py", [],
      ["--tenants", "200", "--running", "5", "--bake", "1s", "--releases", "4"]),
+    ("management API and dashboard at 10,000 registered", "api.py", [],
+     ["--rounds", "1", "--calls", "200", "--instances", "1000", "--page-requests", "5", "--duration", "2"]),
 ]
 
 
