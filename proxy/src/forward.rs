@@ -80,6 +80,8 @@ pub struct Proxy {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The wakes of the last hour, for the dashboard.
     pub recent_wakes: Arc<crate::recent::RecentWakes>,
+    /// Supervisor connections the API and the dashboard may hold (`api::SLOTS`).
+    pub api_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Whether a path at `{domain}` is the management API's.

@@ -276,6 +276,7 @@ async fn serve(
         acme: acme.clone(),
         metrics: metrics.clone(),
         recent_wakes: Arc::default(),
+        api_slots: Arc::new(tokio::sync::Semaphore::new(tenement_proxy::api::SLOTS)),
     });
     // Reading the config again: asked by the supervisor after `tenctl reload`, or by SIGHUP.
     let reload: Arc<dyn Fn() + Send + Sync> = {

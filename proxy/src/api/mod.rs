@@ -211,12 +211,36 @@ fn unavailable() -> ApiError {
     ApiError::new(503, "unavailable", "the supervisor is not reachable")
 }
 
-/// A connection to the supervisor with the call sent on it.
+/// Connections to the supervisor the API and the dashboard may hold at once (calls and log
+/// streams together). `proxy.sock` serves 256: the rest stay for the proxy's own wakes, so
+/// however many calls and streams token holders open, requests can still wake tenants.
+pub const SLOTS: usize = 96;
+/// How long a call waits for a slot before it is refused with 503.
+const SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A connection to the supervisor with a call sent on it, and the slot it holds.
+pub(crate) struct Open {
+    pub stream: UnixStream,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Takes a slot, connects and sends the call.
 pub(crate) async fn open(
     proxy: &Proxy,
     authed: &rpc::Request,
     deadline: Instant,
-) -> Result<UnixStream, ApiError> {
+) -> Result<Open, ApiError> {
+    let busy = || {
+        ApiError::new(
+            503,
+            "unavailable",
+            "too many management calls and log streams at once; try again shortly",
+        )
+    };
+    let slot = tokio::time::timeout(SLOT_WAIT, proxy.api_slots.clone().acquire_owned())
+        .await
+        .map_err(|_| busy())?
+        .map_err(|_| busy())?;
     let mut stream = proxy
         .link
         .connect(deadline)
@@ -226,7 +250,10 @@ pub(crate) async fn open(
         .await
         .map_err(|_| unavailable())?
         .map_err(|_| unavailable())?;
-    Ok(stream)
+    Ok(Open {
+        stream,
+        _slot: slot,
+    })
 }
 
 /// Reads one answer; an `error` answer becomes the [`ApiError`] of its code.
@@ -254,8 +281,9 @@ pub(crate) async fn exchange(
     authed: &rpc::Request,
     deadline: Instant,
 ) -> Result<rpc::Response, ApiError> {
-    let mut stream = open(proxy, authed, deadline).await?;
-    let mut answer = receive(&mut stream, deadline).await?;
+    let mut open = open(proxy, authed, deadline).await?;
+    let stream = &mut open.stream;
+    let mut answer = receive(stream, deadline).await?;
     while let rpc::Response::Instances {
         instances,
         more: true,
@@ -263,7 +291,7 @@ pub(crate) async fn exchange(
     } = &mut answer
     {
         let mut so_far = std::mem::take(instances);
-        match receive(&mut stream, deadline).await? {
+        match receive(stream, deadline).await? {
             rpc::Response::Instances {
                 instances,
                 more,

@@ -70,8 +70,8 @@ pub async fn follow(
     search: Option<String>,
     deadline: Instant,
 ) -> Result<Response<ProxyBody>, ApiError> {
-    let mut stream = open(proxy, &authed, deadline).await?;
-    let backlog = match receive(&mut stream, deadline).await? {
+    let mut open = open(proxy, &authed, deadline).await?;
+    let backlog = match receive(&mut open.stream, deadline).await? {
         rpc::Response::Logs { lines } => lines,
         other => {
             return Err(ApiError::new(
@@ -88,6 +88,8 @@ pub async fn follow(
         let _ = tx.try_send(first);
     }
     tokio::spawn(async move {
+        // The whole of it, slot and all: the slot is given back when the stream ends.
+        let mut open = open;
         let mut keep_alive = tokio::time::interval(KEEP_ALIVE);
         keep_alive.tick().await;
         loop {
@@ -95,7 +97,7 @@ pub async fn follow(
                 // The client went away: dropping the connection ends the supervisor's side.
                 () = tx.closed() => return,
                 _ = keep_alive.tick() => Some(Bytes::from_static(b": keep-alive\n\n")),
-                message = frame::read_message_async::<_, rpc::Response>(&mut stream) => match message {
+                message = frame::read_message_async::<_, rpc::Response>(&mut open.stream) => match message {
                     Ok(rpc::Response::Logs { lines }) => logs_event(lines, search.as_deref(), false),
                     Ok(rpc::Response::Error { code, message }) => {
                         let e = super::from_rpc(code, message);

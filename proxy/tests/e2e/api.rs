@@ -822,3 +822,42 @@ fn without_figure(text: &str) -> String {
     let end = rest.find(" (").unwrap_or(rest.len());
     format!("{}ready in _{}", &text[..start], &rest[end..])
 }
+
+#[test]
+fn log_streams_cannot_starve_wakes() {
+    let sb = Sandbox::new(APPS);
+    let _daemons = sb.start();
+    tenctl_ok(&sb, &["add", "notes:alice", "notes:bob"]);
+    let alice = mint(&sb, &["--scope", "tenant:notes:alice"]);
+    // A token holder opens more log streams than the API may hold supervisor connections for.
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for _ in 0..100 {
+        let mut stream = connect(sb.proxy_addr).unwrap();
+        write!(
+            stream,
+            "GET /api/v1/instances/notes:alice/logs?follow=true HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {alice}\r\n\r\n"
+        )
+        .unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut status = String::new();
+        reader.read_line(&mut status).unwrap();
+        if status.starts_with("HTTP/1.1 503") {
+            refused += 1;
+        } else {
+            assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+            open.push(stream);
+        }
+    }
+    assert_eq!(open.len(), 96, "streams held");
+    assert_eq!(refused, 4);
+    // Requests still wake tenants: the proxy's own calls have their connections.
+    let body = get_ok(sb.proxy_addr, "bob.notes.localhost", "/");
+    assert_eq!(body, "hello from notes:bob");
+    // Streams that end give their connections back.
+    open.clear();
+    let ok = wait_until(EVENT_DEADLINE, || {
+        api(&sb, "GET", "/api/v1/whoami", &alice, None).status() == 200
+    });
+    assert!(ok, "the API never had a connection again");
+}
