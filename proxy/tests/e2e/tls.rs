@@ -694,3 +694,46 @@ fn a_proxy_with_a_missing_certificate_file_refuses_to_start_with_its_name() {
         "{stderr}"
     );
 }
+
+#[test]
+fn remote_tenctl_verifies_the_chain_over_https() {
+    let https = Https::start(
+        r#"certificates = [{ cert = "@TLS@/home.pem", key = "@TLS@/home.key" }]"#,
+        |pki| {
+            pki.issue("home", &["localhost"]);
+        },
+    );
+    let ca = https.pki.dir.join("ca.pem");
+    std::fs::write(&ca, https.pki.ca.pem()).unwrap();
+    let token = tenctl_ok(&https.sandbox, &["token", "create", "--scope", "admin"])
+        .trim()
+        .to_owned();
+    let url = format!("https://localhost:{}", https.addr.port());
+    let remote = |extra: &[&str]| {
+        Command::new(tenctl_binary())
+            .arg("--remote")
+            .arg(&url)
+            .args(extra)
+            .env("TENEMENT_TOKEN", &token)
+            .env_remove("TENEMENT_CA_FILE")
+            .output()
+            .unwrap()
+    };
+    // Against the test's CA: the same list as on this machine.
+    let out = remote(&["--ca-file", ca.to_str().unwrap(), "ps"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        tenctl_ok(&https.sandbox, &["ps"])
+    );
+    // Without it, the public roots do not know the CA: one line, and nothing was sent.
+    let out = remote(&["ps"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("cannot reach {url}")), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}
