@@ -357,9 +357,15 @@ async fn connection(
                 call,
             } => match authorize(&registry, credential, peer, &call).await {
                 Ok(grant) => (*call, Some(grant)),
-                Err(e) => {
+                Err((e, grant)) => {
                     if call.mutates() {
-                        audit(&Actor::Refused { peer }, &call, e.code.as_str());
+                        // A good token out of its scope is named; a bad credential by where
+                        // it came from.
+                        let actor = match &grant {
+                            Some(grant) => Actor::Token(grant),
+                            None => Actor::Refused { peer },
+                        };
+                        audit(&actor, &call, e.code.as_str());
                     }
                     respond(&mut writer, &from_rpc(e)).await?;
                     continue;
@@ -455,22 +461,27 @@ async fn connection(
     }
 }
 
-/// Checks a management API credential and whether its scope covers `call`.
+/// Checks a management API credential and whether its scope covers `call`. A refusal
+/// carries the grant when the credential itself was good (the call was out of its scope).
 async fn authorize(
     registry: &RegistryHandle,
     credential: Secret,
     peer: Option<std::net::IpAddr>,
     call: &Request,
-) -> Result<Grant, RpcError> {
+) -> Result<Grant, (RpcError, Option<Grant>)> {
     let grant = registry
         .ask(|reply| Command::Authenticate {
             credential,
             peer,
             reply,
         })
-        .await??;
-    crate::tokens::permit(&grant, call)?;
-    Ok(grant)
+        .await
+        .and_then(|checked| checked)
+        .map_err(|e| (e, None))?;
+    match crate::tokens::permit(&grant, call) {
+        Ok(()) => Ok(grant),
+        Err(e) => Err((e, Some(grant))),
+    }
 }
 
 /// Who made a call, for the audit log.

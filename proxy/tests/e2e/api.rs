@@ -400,6 +400,14 @@ fn every_verb_answers_by_scope() {
         log.contains("audit: token_create tenant:notes:bob by token"),
         "{log}"
     );
+    // A refusal of a good token is audited with its id; a bad credential with its address.
+    assert!(
+        log.contains(&format!(
+            "audit: wake notes:bob by token {} (tenant:notes:alice): forbidden",
+            token_id(&alice)
+        )),
+        "{log}"
+    );
     assert!(log.contains("audit: reload by token"), "{log}");
     let registry = std::fs::read_to_string(sb.state_dir.join("registry.json")).unwrap();
     let proxy_log = sb.proxy_log();
