@@ -376,12 +376,41 @@ fn stream_name(stream: LogStream) -> &'static str {
     }
 }
 
+/// The most of one log line a page shows.
+const LINE_CHARS: usize = 2000;
+/// The most log text the tenant page holds, so it stays far below 100 KB however long an
+/// app's lines are (the live tail adds to it in the browser, not on the server).
+const TAIL_BYTES: usize = 48 * 1024;
+
+fn shortened(text: &str) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(LINE_CHARS) {
+        Some((at, _)) => format!("{}…", &text[..at]).into(),
+        None => text.into(),
+    }
+}
+
 fn log_line(line: &LogLine) -> Markup {
     html! {
         div class={ "line " (stream_name(line.stream)) } {
-            span.ts { (utc(line.ts_ms)) } " " (line.line)
+            span.ts { (utc(line.ts_ms)) } " " (shortened(&line.line))
         }
     }
+}
+
+/// The newest of `lines` that fit in [`TAIL_BYTES`] (at most 200), oldest first.
+fn tail<'a>(lines: &[&'a LogLine]) -> Vec<&'a LogLine> {
+    let mut budget = TAIL_BYTES;
+    let mut kept: Vec<&LogLine> = Vec::new();
+    for line in lines.iter().rev().take(200) {
+        let cost = line.line.len().min(LINE_CHARS * 4) + 80;
+        if cost > budget {
+            break;
+        }
+        budget -= cost;
+        kept.push(line);
+    }
+    kept.reverse();
+    kept
 }
 
 pub fn tenant(
@@ -399,7 +428,7 @@ pub fn tenant(
         .iter()
         .filter(|l| search.is_empty() || l.line.contains(search))
         .collect();
-    let tail = &shown[shown.len().saturating_sub(200)..];
+    let tail = tail(&shown);
     let may_act = !viewer.token.read_only;
     let title = info.instance.to_string();
     layout(
@@ -453,12 +482,15 @@ pub fn tenant(
                     span #live.muted {}
                 }
                 div #log.log data-stream={ "/ui/logs/" (info.instance) } {
-                    @for line in tail { (log_line(line)) }
+                    @for line in &tail { (log_line(line)) }
                 }
             }
         },
     )
 }
+
+/// Releases a service shows, newest first (`tenctl releases` has them all).
+const RELEASES_SHOWN: usize = 30;
 
 /// One service's releases for the services page.
 pub struct ServiceReleases {
@@ -488,16 +520,19 @@ pub fn services(viewer: &Viewer, shown: &[ServiceReleases]) -> String {
                     table {
                         thead { tr { th { "Release" } th { "Made" } th { "Origin" } th { "Tenants" } th { "Running" } th { "Changes" } th { "Command" } } }
                         tbody {
-                            @for r in s.releases.iter().rev() {
+                            @for r in s.releases.iter().rev().take(RELEASES_SHOWN) {
                                 tr {
                                     td { (r.number) @if r.number == s.current { " (current)" } }
                                     td { (utc(r.created_ms)) } td { (r.origin) }
                                     td.num { (r.tenants) } td.num { (r.running) }
                                     td { @if r.changes.is_empty() { "-" } @else { (r.changes.join(", ")) } }
-                                    td { code { (r.command) } }
+                                    td { code { (shortened(&r.command)) } }
                                 }
                             }
                         }
+                    }
+                    @if s.releases.len() > RELEASES_SHOWN {
+                        p.muted { (s.releases.len() - RELEASES_SHOWN) " older releases: " code { "tenctl releases " (s.service) } }
                     }
                 }
             }
@@ -518,5 +553,22 @@ mod tests {
         assert_eq!(utc(1_764_756_000_000), "2025-12-03 10:00:00 UTC");
         assert_eq!(bytes(Some(3 << 20)), "3.0 MiB");
         assert_eq!(bytes(None), "-");
+    }
+
+    #[test]
+    fn the_log_tail_stays_small_however_long_the_lines() {
+        let long = LogLine {
+            ts_ms: 0,
+            stream: LogStream::Stdout,
+            line: "x".repeat(100_000),
+        };
+        let lines: Vec<&LogLine> = std::iter::repeat_n(&long, 1000).collect();
+        let kept = tail(&lines);
+        let html: usize = kept.iter().map(|l| log_line(l).into_string().len()).sum();
+        assert!(
+            !kept.is_empty() && html < 64 * 1024,
+            "{} lines, {html} bytes",
+            kept.len()
+        );
     }
 }
