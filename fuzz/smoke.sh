@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 fuzz_dir=$(pwd)
 seconds=${1:-${FUZZ_SECONDS:-5}}
-targets=(host frame config template http_head)
+targets=(host frame config template http_head api_request)
 export CARGO_TARGET_DIR="$fuzz_dir/target/afl"
 smoke_dir="$fuzz_dir/target/smoke"
 mkdir -p "$smoke_dir"

@@ -7,6 +7,7 @@
 //! test: a finding is reported, never worked around silently (see [`known`]).
 #![forbid(unsafe_code)]
 
+pub mod api_request;
 pub mod config;
 pub mod frame;
 pub mod host;
@@ -25,6 +26,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("config", config::check),
     ("template", template::check),
     ("http_head", http_head::check),
+    ("api_request", api_request::check),
 ];
 
 /// The target called `name`.

@@ -45,3 +45,8 @@ fn template_corpus_and_regressions_pass() {
 fn http_head_corpus_and_regressions_pass() {
     replay("http_head");
 }
+
+#[test]
+fn api_request_corpus_and_regressions_pass() {
+    replay("api_request");
+}

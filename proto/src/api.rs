@@ -322,12 +322,34 @@ struct RollbackBody {
     options: RolloutOptions,
 }
 
+/// `text` as one line of at most 200 characters: control characters escaped. Decoding
+/// errors quote what the client sent, newlines included.
+fn one_line(text: &str) -> String {
+    let mut out = String::new();
+    for c in text.chars() {
+        if out.len() >= 200 {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn bad_json(e: &serde_json::Error) -> ApiError {
+    ApiError::bad(format!("bad JSON body: {}", one_line(&e.to_string())))
+}
+
 /// A JSON body as `T`; an empty body is `T::default()` where `empty` allows it.
 fn body<T: DeserializeOwned>(bytes: &[u8], empty: Option<T>) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return empty.ok_or_else(|| ApiError::bad("this call needs a JSON body"));
     }
-    serde_json::from_slice(bytes).map_err(|e| ApiError::bad(format!("bad JSON body: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| bad_json(&e))
 }
 
 /// Refuses a rollout body with a key [`RolloutOptions`] (and `to`, where `with_to`) does
@@ -344,7 +366,7 @@ fn rollout_keys(bytes: &[u8], with_to: bool) -> Result<(), ApiError> {
         return Ok(());
     }
     let map: serde_json::Map<String, Value> =
-        serde_json::from_slice(bytes).map_err(|e| ApiError::bad(format!("bad JSON body: {e}")))?;
+        serde_json::from_slice(bytes).map_err(|e| bad_json(&e))?;
     match map
         .keys()
         .find(|k| !(KEYS.contains(&k.as_str()) || (with_to && k.as_str() == "to")))
@@ -472,7 +494,7 @@ pub fn from_http(
             "not_found",
             format!(
                 "no API call at {} (see docs/API.md)",
-                path.chars().take(80).collect::<String>()
+                one_line(&path.chars().take(80).collect::<String>())
             ),
         )
     };
@@ -486,7 +508,10 @@ pub fn from_http(
         ApiError::new(
             405,
             "method_not_allowed",
-            format!("{method} is not allowed here; use {allowed}"),
+            format!(
+                "{} is not allowed here; use {allowed}",
+                one_line(&method.chars().take(20).collect::<String>())
+            ),
         )
     };
     let request = match segments.as_slice() {

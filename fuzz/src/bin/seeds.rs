@@ -132,6 +132,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     frame(&mut indexed, 1, 0x5, 1, &block);
     write("http_head", "h2_static_table", &indexed)?;
 
+    for (name, bytes) in api_requests()? {
+        write("api_request", &format!("api_{name}"), &bytes)?;
+    }
+
     println!("wrote {written} seed files under {}", corpus.display());
     Ok(())
 }
@@ -421,7 +425,12 @@ fn requests() -> Result<Vec<(&'static str, Request)>, Box<dyn std::error::Error>
                 purge: true,
             },
         ),
-        ("list", Request::List { query: Default::default() }),
+        (
+            "list",
+            Request::List {
+                query: Default::default(),
+            },
+        ),
         ("reload", Request::Reload),
         (
             "status",
@@ -432,12 +441,92 @@ fn requests() -> Result<Vec<(&'static str, Request)>, Box<dyn std::error::Error>
         (
             "logs",
             Request::Logs {
-                instance: alice,
+                instance: alice.clone(),
                 lines: Some(100),
                 follow: true,
             },
         ),
+        (
+            "list_query",
+            serde_json::from_value(serde_json::json!({
+                "type": "list",
+                "query": {"service": "notes", "state": "running", "search": "ali",
+                          "after": "notes:al", "limit": 100, "sort": "restarts", "offset": 5}
+            }))?,
+        ),
+        (
+            "token_create",
+            serde_json::from_value(serde_json::json!({
+                "type": "token_create", "scope": "tenant:notes:alice", "read_only": true,
+                "lifetime_s": 3600, "name": "ci"
+            }))?,
+        ),
+        (
+            "authed",
+            Request::Authed {
+                credential: tenement_proto::auth::Secret(format!(
+                    "tnm_0123456789abcdef_{}",
+                    "5".repeat(64)
+                )),
+                peer: Some("203.0.113.9".parse()?),
+                call: Box::new(Request::Status { instance: alice }),
+            },
+        ),
     ])
+}
+
+/// API requests as `METHOD\nPATH[?QUERY]\nBODY`: every call of the API's own table, and a
+/// few a stranger would try.
+/// Named seed files.
+type Seeds = Vec<(String, Vec<u8>)>;
+
+fn api_requests() -> Result<Seeds, Box<dyn std::error::Error>> {
+    let mut out = Vec::new();
+    for (name, request) in requests()? {
+        let Some(http) = tenement_proto::api::to_http(&request) else {
+            continue;
+        };
+        let query: Vec<String> = http.query.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let target = if query.is_empty() {
+            http.path.clone()
+        } else {
+            format!("{}?{}", http.path, query.join("&"))
+        };
+        let body = http.body.map(|b| b.to_string()).unwrap_or_default();
+        out.push((
+            name.to_owned(),
+            format!("{}\n{target}\n{body}", http.method).into_bytes(),
+        ));
+    }
+    for (name, text) in [
+        (
+            "traversal",
+            "GET\n/api/v1/instances/..%2F..%2Fetc%2Fpasswd\n",
+        ),
+        (
+            "tokens_create",
+            "POST\n/api/v1/tokens\n{\"scope\":\"service:notes\",\"lifetime_s\":60}",
+        ),
+        (
+            "rollback",
+            "POST\n/api/v1/services/notes/rollback\n{\"to\":2,\"steps\":[5,100]}",
+        ),
+        (
+            "page",
+            "GET\n/api/v1/instances?service=notes&sort=active&offset=100&limit=1000\n",
+        ),
+        (
+            "logs_search",
+            "GET\n/api/v1/instances/notes:alice/logs?search=a%20b&follow=true\n",
+        ),
+        (
+            "bad_json",
+            "POST\n/api/v1/instances\n{\"instances\":[\"notes:a\"",
+        ),
+    ] {
+        out.push((name.to_owned(), text.as_bytes().to_vec()));
+    }
+    Ok(out)
 }
 
 fn responses() -> Result<Vec<(&'static str, Response)>, Box<dyn std::error::Error>> {

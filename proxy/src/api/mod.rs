@@ -137,13 +137,13 @@ async fn handle(
     let client = transport_allows_credentials(request.headers(), peer, settings)?;
     let credential = bearer(request.headers())?;
     let (parts, body) = request.into_parts();
-    let query: Vec<(String, String)> = parts
-        .uri
-        .query()
-        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-        .unwrap_or_default();
     let bytes = read_body(body).await?;
-    let call = api::from_http(parts.method.as_str(), parts.uri.path(), &query, &bytes)?;
+    let (call, query) = parse_call(
+        parts.method.as_str(),
+        parts.uri.path(),
+        parts.uri.query(),
+        &bytes,
+    )?;
     let search = query
         .iter()
         .rev()
@@ -175,6 +175,22 @@ async fn handle(
     let body = serde_json::to_vec(&answer)
         .map_err(|e| ApiError::new(500, "internal", format!("cannot encode the answer: {e}")))?;
     Ok(json_response(StatusCode::OK, body))
+}
+
+/// The RPC call of an API request, from its method, path, raw query and body as received,
+/// with the query's decoded pairs. What a stranger with anything shaped like a token reaches
+/// before the supervisor is asked (the `api_request` fuzz target drives it).
+pub fn parse_call(
+    method: &str,
+    path: &str,
+    query: Option<&str>,
+    body: &[u8],
+) -> Result<(rpc::Request, Vec<(String, String)>), ApiError> {
+    let query: Vec<(String, String)> = query
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    let call = api::from_http(method, path, &query, body)?;
+    Ok((call, query))
 }
 
 /// The lines that contain `search` (all of them without one).
