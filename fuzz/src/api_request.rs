@@ -10,7 +10,7 @@
 //!   `logout`), every id in it is valid (they were decoded through the validating types), and
 //!   its HTTP form (`to_http`, what `tenctl --remote` sends) parses back to an equal call.
 
-use tenement_proto::api::{from_http, to_http};
+use tenement_proto::api::round_trip;
 use tenement_proto::rpc::Request;
 use tenement_proxy::api::parse_call;
 
@@ -49,17 +49,8 @@ pub fn check(data: &[u8]) {
             ),
         "{method} {target} became {call:?}"
     );
-    let http = to_http(&call).unwrap_or_else(|| panic!("{call:?} has no HTTP form"));
-    let pairs: Vec<(String, String)> = http
-        .query
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), v.clone()))
-        .collect();
-    let body = http
-        .body
-        .map(|b| serde_json::to_vec(&b).expect("a JSON value encodes"))
-        .unwrap_or_default();
-    let again = from_http(http.method, &http.path, &pairs, &body)
+    let again = round_trip(&call)
+        .unwrap_or_else(|| panic!("{call:?} has no HTTP form"))
         .unwrap_or_else(|e| panic!("{call:?} does not parse back from its HTTP form: {e:?}"));
     assert_eq!(
         again, call,

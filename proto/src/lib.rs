@@ -3,6 +3,7 @@
 //! - [`ids`]: validated service names, tenant ids and instance ids.
 //! - [`api`]: the management API's HTTP form of each call, both ways.
 //! - [`auth`]: management API tokens: scopes, ids and the form a caller holds.
+//! - [`display`]: durations and dates as tenctl and the dashboard show them.
 //! - [`rpc`]: the messages of the supervisor's two RPC roles (proxy and admin).
 //! - [`frame`]: length-prefixed JSON framing with a size cap checked before allocation.
 //! - [`config`]: `tenement.toml`, parsed strictly and validated with file:line errors.
@@ -40,6 +41,7 @@ pub mod atomic;
 pub mod auth;
 pub mod certs;
 pub mod config;
+pub mod display;
 pub mod frame;
 pub mod ids;
 #[cfg(feature = "rlimit")]

@@ -8,29 +8,15 @@ use std::time::Duration;
 use maud::{html, Markup, DOCTYPE};
 use tenement_proto::api::ApiError;
 use tenement_proto::auth::Scope;
+use tenement_proto::display::{days_to_civil, human_duration};
 use tenement_proto::rpc::{InstanceInfo, InstanceState, ListSort, LogLine, LogStream};
 use tenement_proto::ServiceName;
 
 use super::{Filters, Listed, Overview, Viewer, PAGE_ROWS};
 use crate::recent::quantile;
 
-/// Seconds as the two largest units: `45s`, `3m12s`, `5h2m`, `2d4h`.
-fn duration(secs: u64) -> String {
-    let (big, big_unit, small, small_unit) = match secs {
-        0..=59 => return format!("{secs}s"),
-        60..=3599 => (secs / 60, "m", secs % 60, "s"),
-        3600..=86_399 => (secs / 3600, "h", (secs % 3600) / 60, "m"),
-        _ => (secs / 86_400, "d", (secs % 86_400) / 3600, "h"),
-    };
-    if small == 0 {
-        format!("{big}{big_unit}")
-    } else {
-        format!("{big}{big_unit}{small}{small_unit}")
-    }
-}
-
 fn opt_duration(secs: Option<u64>) -> String {
-    secs.map_or_else(|| "-".to_owned(), duration)
+    secs.map_or_else(|| "-".to_owned(), human_duration)
 }
 
 fn millis(d: Duration) -> String {
@@ -49,18 +35,8 @@ fn bytes(n: Option<u64>) -> String {
 /// `2026-12-03 10:00:00 UTC` from milliseconds since the epoch.
 fn utc(ms: u64) -> String {
     let secs = ms / 1000;
-    let days = (secs / 86_400) as i64;
+    let (year, month, day) = days_to_civil(i64::try_from(secs / 86_400).unwrap_or(i64::MAX));
     let rest = secs % 86_400;
-    // Days to a civil date (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
     format!(
         "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
         rest / 3600,
@@ -546,9 +522,6 @@ mod tests {
 
     #[test]
     fn durations_and_dates_read_well() {
-        assert_eq!(duration(45), "45s");
-        assert_eq!(duration(192), "3m12s");
-        assert_eq!(duration(7200), "2h");
         assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(utc(1_764_756_000_000), "2025-12-03 10:00:00 UTC");
         assert_eq!(bytes(Some(3 << 20)), "3.0 MiB");
