@@ -23,6 +23,7 @@ pub mod respond;
 pub mod server;
 pub mod table;
 pub mod tls;
+pub mod workers;
 
 /// Locks `m`, also when a thread panicked while holding it: every lock here guards plain data
 /// left consistent between statements, and a proxy or supervisor that stops serving over one

@@ -23,6 +23,7 @@ use tenement_proxy::forward::{self, Peer, Proxy, ServicePolicy};
 use tenement_proxy::listeners::{self, Listener};
 use tenement_proxy::metrics::{Metrics, Snapshot};
 use tenement_proxy::server::{self, HEADER_READ_TIMEOUT};
+use tenement_proxy::workers::{self, Workers};
 use tenement_proxy::{acme, link, privilege, tls};
 
 /// tenement's front door: routes `{id}.{service}.{domain}` to instances, waking them.
@@ -53,6 +54,10 @@ struct Args {
     /// SIGTERM; the proxy exits as soon as the last one has ended.
     #[arg(long, default_value_t = 10)]
     shutdown_grace: u64,
+    /// Threads serving clients, each with its own event loop accepting from every listener;
+    /// default: one per CPU the proxy may run on.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    workers: Option<u16>,
 }
 
 fn main() -> ExitCode {
@@ -102,19 +107,27 @@ fn run(args: Args) -> anyhow::Result<()> {
         tracing::warn!("cannot raise the open-file limit: {e}");
     }
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // Clients are served on the workers; this runtime runs what is not about one client.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    runtime.block_on(serve(
+    let workers = Workers::start(
+        args.workers
+            .map_or_else(workers::default_count, usize::from),
+    )
+    .context("cannot start the worker threads")?;
+    let served = runtime.block_on(serve(
         config,
         environment,
         listeners,
+        &workers,
         Duration::from_secs(args.shutdown_grace),
         args.tls_self_signed,
         from_systemd,
-    ))
+    ));
+    workers.stop();
+    served
 }
 
 /// `--tls-self-signed`: the names its certificate covers under `config`.
@@ -182,6 +195,7 @@ async fn serve(
     config: Config,
     environment: Environment,
     listeners: Vec<Listener>,
+    workers: &Workers,
     grace: Duration,
     tls_self_signed: bool,
     from_systemd: bool,
@@ -352,13 +366,7 @@ async fn serve(
             )));
             continue;
         }
-        let proxy = proxy.clone();
-        let builder = builder.clone();
-        let graceful = graceful.clone();
-        let shutdown = shutdown.clone();
-        let admission = admission.clone();
-        let scheme = listener.scheme;
-        let tls = match (scheme, &tls_config) {
+        let tls = match (listener.scheme, &tls_config) {
             ("https", Some(config)) => Some(Handshake {
                 config: config.clone(),
                 store: certificates.clone(),
@@ -366,100 +374,35 @@ async fn serve(
             }),
             _ => None,
         };
-        let socket = tokio::net::TcpListener::from_std(listener.socket)
-            .context("cannot register a listening socket")?;
-        accept_tasks.push(tokio::spawn(async move {
-            loop {
-                // A slot first: past max_connections, connections wait in the kernel.
-                let slot = tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    slot = admission.slot() => slot,
-                };
-                let accepted = tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    accepted = socket.accept() => accepted,
-                };
-                let (stream, addr) = match accepted {
-                    Ok(pair) => pair,
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                };
-                let Some(ticket) = admission.admit(slot, addr.ip()) else {
-                    tracing::debug!(peer = %addr, "closed: the client holds max_connections_per_client already");
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                // A trusted proxy on this host (a TLS terminator on loopback) is only trusted
-                // if the connection is not a tenant's.
-                let ip = addr.ip().to_canonical();
-                let settings = proxy.settings.load();
-                let tenant = ip.is_loopback()
-                    && settings.trusted_proxies.contains(&ip)
-                    && settings.tenant_uids.is_tenant(&stream);
-                drop(settings);
-                let peer = Peer {
-                    addr,
-                    scheme,
-                    tenant,
-                };
-                let proxy_for_names = proxy.clone();
-                let proxy = proxy.clone();
-                let builder = builder.clone();
-                // Taken now, so the shutdown waits for this connection even while it is still
-                // being sniffed or shaking hands.
-                let watcher = graceful.watcher();
-                let tls = tls.clone();
-                let open = tenement_proxy::metrics::Held::new(proxy.metrics.connections.clone());
-                tokio::spawn(async move {
-                    let _ticket = ticket;
-                    let _open = open;
-                    let service = hyper::service::service_fn(move |request| {
-                        proxy.clone().handle(request, peer)
-                    });
-                    let ended = match tls {
-                        None => {
-                            // hyper-util reads the first bytes to tell HTTP/1 from HTTP/2 with
-                            // no deadline of its own; a client that sends nothing must not
-                            // hold a socket.
-                            let started = tokio::time::timeout(
-                                HEADER_READ_TIMEOUT,
-                                server::first_bytes(&stream),
-                            )
-                            .await;
-                            if !matches!(started, Ok(true)) {
-                                return;
-                            }
-                            let connection = builder
-                                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                                .into_owned();
-                            watcher.watch(connection).await
-                        }
-                        Some(handshake) => {
-                            let Some(stream) =
-                                tls_handshake(&handshake, &proxy_for_names, stream, addr).await
-                            else {
-                                return;
-                            };
-                            let connection = builder
-                                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                                .into_owned();
-                            watcher.watch(connection).await
-                        }
-                    };
-                    if let Err(e) = ended {
-                        tracing::debug!(peer = %addr, "connection ended: {e}");
-                    }
-                });
-            }
-        }));
+        listener
+            .socket
+            .set_nonblocking(true)
+            .context("cannot make a listening socket non-blocking")?;
+        // Every worker accepts from the same socket (a descriptor each, registered with its
+        // own event loop); the kernel gives each new connection to one of them.
+        for handle in workers.handles() {
+            let socket = listener
+                .socket
+                .try_clone()
+                .context("cannot share a listening socket with the workers")?;
+            let front = Front {
+                proxy: proxy.clone(),
+                builder: builder.clone(),
+                graceful: graceful.clone(),
+                shutdown: shutdown.clone(),
+                admission: admission.clone(),
+            };
+            accept_tasks.push(handle.spawn(accept_loop(
+                front,
+                socket,
+                listener.scheme,
+                tls.clone(),
+            )));
+        }
     }
 
     sd_notify_quietly(&[sd_notify::NotifyState::Ready]);
-    tokio::spawn(watchdog(shutdown.clone()));
+    tokio::spawn(watchdog(shutdown.clone(), workers.liveness()));
 
     wait_for_signal().await;
     tracing::info!(
@@ -598,6 +541,123 @@ async fn serve_metrics(
                 .timer(hyper_util::rt::TokioTimer::new())
                 .serve_connection(TokioIo::new(stream), service);
             let _ = tokio::time::timeout(Duration::from_secs(60), connection).await;
+        });
+    }
+}
+
+/// What every accept loop shares.
+#[derive(Clone)]
+struct Front {
+    proxy: Arc<Proxy>,
+    builder: Arc<hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>>,
+    graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
+    shutdown: CancellationToken,
+    admission: Arc<Admission>,
+}
+
+/// Accepts clients from one listener on the worker it runs on, and serves each there until
+/// `shutdown`.
+async fn accept_loop(
+    front: Front,
+    socket: std::net::TcpListener,
+    scheme: &'static str,
+    tls: Option<Handshake>,
+) {
+    let Front {
+        proxy,
+        builder,
+        graceful,
+        shutdown,
+        admission,
+    } = front;
+    let socket = match tokio::net::TcpListener::from_std(socket) {
+        Ok(socket) => socket,
+        Err(e) => {
+            tracing::error!("cannot register a listening socket: {e}");
+            return;
+        }
+    };
+    loop {
+        // A slot first: past max_connections, connections wait in the kernel.
+        let slot = tokio::select! {
+            () = shutdown.cancelled() => return,
+            slot = admission.slot() => slot,
+        };
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = socket.accept() => accepted,
+        };
+        let (stream, addr) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let Some(ticket) = admission.admit(slot, addr.ip()) else {
+            tracing::debug!(peer = %addr, "closed: the client holds max_connections_per_client already");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        // A trusted proxy on this host (a TLS terminator on loopback) is only trusted
+        // if the connection is not a tenant's.
+        let ip = addr.ip().to_canonical();
+        let settings = proxy.settings.load();
+        let tenant = ip.is_loopback()
+            && settings.trusted_proxies.contains(&ip)
+            && settings.tenant_uids.is_tenant(&stream);
+        drop(settings);
+        let peer = Peer {
+            addr,
+            scheme,
+            tenant,
+        };
+        let proxy_for_names = proxy.clone();
+        let proxy = proxy.clone();
+        let builder = builder.clone();
+        // Taken now, so the shutdown waits for this connection even while it is still
+        // being sniffed or shaking hands.
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        let open = tenement_proxy::metrics::Held::new(proxy.metrics.connections.clone());
+        tokio::spawn(async move {
+            let _ticket = ticket;
+            let _open = open;
+            let service =
+                hyper::service::service_fn(move |request| proxy.clone().handle(request, peer));
+            let ended = match tls {
+                None => {
+                    // hyper-util reads the first bytes to tell HTTP/1 from HTTP/2 with
+                    // no deadline of its own; a client that sends nothing must not
+                    // hold a socket.
+                    let started =
+                        tokio::time::timeout(HEADER_READ_TIMEOUT, server::first_bytes(&stream))
+                            .await;
+                    if !matches!(started, Ok(true)) {
+                        return;
+                    }
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    watcher.watch(connection).await
+                }
+                Some(handshake) => {
+                    let Some(stream) =
+                        tls_handshake(&handshake, &proxy_for_names, stream, addr).await
+                    else {
+                        return;
+                    };
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    watcher.watch(connection).await
+                }
+            };
+            if let Err(e) = ended {
+                tracing::debug!(peer = %addr, "connection ended: {e}");
+            }
         });
     }
 }
@@ -757,9 +817,9 @@ fn sd_notify_quietly(states: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
-/// WATCHDOG=1 at half the interval systemd asked for, from a task on the runtime that serves
-/// requests: if the runtime stalls, the pings stop.
-async fn watchdog(shutdown: CancellationToken) {
+/// WATCHDOG=1 at half the interval systemd asked for, while every worker's event loop runs:
+/// if one stalls (or this runtime does), the pings stop.
+async fn watchdog(shutdown: CancellationToken, workers: Arc<workers::Liveness>) {
     let mut usec = 0;
     if !sd_notify::watchdog_enabled(false, &mut usec) {
         return;
@@ -768,7 +828,13 @@ async fn watchdog(shutdown: CancellationToken) {
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(period) => sd_notify_quietly(&[sd_notify::NotifyState::Watchdog]),
+            () = tokio::time::sleep(period) => {
+                if workers.all_alive() {
+                    sd_notify_quietly(&[sd_notify::NotifyState::Watchdog]);
+                } else {
+                    tracing::error!("a worker thread stopped running: no watchdog ping");
+                }
+            }
         }
     }
 }

@@ -116,10 +116,12 @@ struct Gate {
     permits: Option<Arc<Semaphore>>,
 }
 
-/// Idle connections per upstream process.
+/// Idle connections per upstream process, one list per worker (`workers::current`): a
+/// connection is driven by a task on the worker that opened it, so a request served on the
+/// same worker hands off to it without waking another thread.
 #[derive(Default)]
 struct Idle {
-    lists: HashMap<PoolKey, Vec<Connection>>,
+    lists: HashMap<PoolKey, Vec<Vec<Connection>>>,
     /// How many lists were left after the last sweep: the next one comes when there are
     /// twice as many, so the dead connections of stopped processes are dropped at the pace
     /// instances wake, whatever their number.
@@ -131,13 +133,18 @@ struct Idle {
 type Slots = (u32, Arc<Semaphore>, Arc<Notify>);
 
 impl Pool {
-    /// An idle connection that is still open, if any.
+    /// An idle connection that is still open, if any: this worker's first, else another
+    /// worker's (rather than a new one while every connection the cap allows is idle there).
     fn take(&self, key: &PoolKey) -> Option<Connection> {
         let mut idle = lock(&self.idle);
-        let list = idle.lists.get_mut(key)?;
-        while let Some(connection) = list.pop() {
-            if connection.reusable() && connection.send.is_ready() {
-                return Some(connection);
+        let lists = idle.lists.get_mut(key)?;
+        let own = crate::workers::current();
+        let order = (own..lists.len()).chain(0..own.min(lists.len()));
+        for index in order {
+            while let Some(connection) = lists[index].pop() {
+                if connection.reusable() && connection.send.is_ready() {
+                    return Some(connection);
+                }
             }
         }
         None
@@ -153,14 +160,21 @@ impl Pool {
         if idle.lists.len() >= (2 * idle.after_sweep).max(64) {
             // Forget upstreams whose connections all closed (stopped processes, old
             // generations).
-            idle.lists.retain(|_, list| {
-                list.retain(Connection::reusable);
-                !list.is_empty()
+            idle.lists.retain(|_, lists| {
+                for list in lists.iter_mut() {
+                    list.retain(Connection::reusable);
+                }
+                lists.iter().any(|list| !list.is_empty())
             });
             idle.after_sweep = idle.lists.len();
         }
         let instance = key.instance.clone();
-        let list = idle.lists.entry(key).or_default();
+        let own = crate::workers::current();
+        let lists = idle.lists.entry(key).or_default();
+        if lists.len() <= own {
+            lists.resize_with(own + 1, Vec::new);
+        }
+        let list = &mut lists[own];
         if list.len() < MAX_IDLE_PER_UPSTREAM {
             list.push(connection);
             drop(idle);

@@ -292,3 +292,64 @@ mirror = ["a", "b"]
     });
     assert!(stopped, "mirror:a never stopped once the proxy had gone");
 }
+
+/// The names of a process's threads (`comm` of each task).
+fn thread_names(pid: i32) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the proxy's tasks")
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn workers_serve_clients_side_by_side_and_a_bad_count_is_refused() {
+    let sandbox = Sandbox::new(WEB);
+    let _supervisor = sandbox.start_supervisor();
+    let mut command = sandbox.proxy_command();
+    command.args(["--workers", "3"]);
+    let proxy = sandbox.start_proxy_with(command);
+    let workers: Vec<String> = thread_names(proxy.pid())
+        .into_iter()
+        .filter(|name| name.starts_with("worker-"))
+        .collect();
+    assert_eq!(workers, ["worker-0", "worker-1", "worker-2"]);
+
+    // Many keep-alive clients at once, each on whichever worker accepted it, sharing one
+    // instance's upstream connections: every request answered.
+    let clients: Vec<_> = (0..24)
+        .map(|_| {
+            let addr = sandbox.proxy_addr;
+            thread::spawn(move || {
+                let stream = connect(addr).expect("connect");
+                for _ in 0..20 {
+                    (&stream)
+                        .write_all(b"GET / HTTP/1.1\r\nHost: alice.web.localhost\r\n\r\n")
+                        .expect("send");
+                    let reply = read_reply(&stream).expect("reply");
+                    assert_eq!(reply.status(), 200);
+                    assert_eq!(reply.text().trim_end(), "hello from web:alice");
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().expect("a client failed");
+    }
+
+    // A count out of range is refused before anything starts.
+    for bad in ["0", "1025", "many"] {
+        let output = Command::new(proxy_binary())
+            .args(["--workers", bad, "--listen", "127.0.0.1:1"])
+            .output()
+            .expect("run tenement-proxy");
+        assert_eq!(output.status.code(), Some(2), "--workers {bad}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("--workers"),
+            "--workers {bad}: the error names the flag: {stderr}"
+        );
+    }
+}
