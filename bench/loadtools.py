@@ -221,15 +221,37 @@ def wrk(port, connections, duration, host=None, path="/", threads=1, timeout=Non
     return res
 
 
+def h2load(port, connections, duration, host, path="/"):
+    """Runs h2load once over cleartext HTTP/2 (prior knowledge), one stream at a time per
+    connection (like an HTTP/1.1 keep-alive client); returns rps, mean_us, requests, errors."""
+    args = ["h2load", "-c", str(connections), "-m", "1", "-D", str(duration),
+            f"--connect-to=127.0.0.1:{port}", f"http://{host}{path}"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=duration + 60)
+    out = r.stdout
+    if r.returncode != 0:
+        raise RuntimeError(f"h2load failed ({r.returncode}): {r.stderr.strip()}\n{out}")
+    done = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                     r"(\d+) failed, (\d+) errored", out)
+    statuses = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    mean = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", out)
+    rate = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", out)
+    res = {"raw": out, "requests": int(done.group(3)), "rps": float(rate.group(1))}
+    res["mean_us"] = _us(mean.group(1)) if mean else float("nan")
+    res["errors"] = (int(done.group(5)) + int(done.group(6))
+                     + sum(int(x) for x in statuses.groups()[2:]))
+    return res
+
+
 class Nginx:
     """nginx in the foreground with a generated config in its own temp dir: 2 workers, an
     upstream with keepalive 64, HTTP/1.1 to the upstream, Connection "" (so upstream
     connections are reused). Never daemonizes; stop() ends it."""
 
     def __init__(self, upstream_port, workers=2, keepalive=64, tls=None, access_log=None,
-                 worker_connections=4096, http_extra=""):
+                 worker_connections=4096, http_extra="", h2c=False):
         """tls: (cert, key) to terminate TLS (HTTP/2 too) with; access_log: a file to log
-        `$ssl_session_reused` to; http_extra: more lines for the http block."""
+        `$ssl_session_reused` to; http_extra: more lines for the http block; h2c: also serve
+        cleartext HTTP/2 (prior knowledge) on a second port, `self.h2c_port`."""
         self.dir = tempfile.mkdtemp(prefix="tenement-bench-nginx-")
         os.chmod(self.dir, 0o755)
         self.port = free_port()
@@ -247,6 +269,11 @@ class Nginx:
         ssl_session_tickets on;"""
         else:
             listen = f"listen 127.0.0.1:{self.port};"
+        self.h2c_port = None
+        if h2c:
+            # nginx serves only HTTP/2 on a cleartext port marked http2: a port of its own.
+            self.h2c_port = free_port()
+            listen += f"\n        listen 127.0.0.1:{self.h2c_port} http2;"
         conf = f"""
 {user}
 worker_processes {workers};

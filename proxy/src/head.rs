@@ -97,6 +97,10 @@ fn origin_form(method: &http::Method, target: &Uri) -> Result<Uri, ProxyError> {
     if !path.starts_with('/') {
         return Err(ProxyError::BadTarget);
     }
+    if target.scheme().is_none() && target.authority().is_none() {
+        // Already origin-form (what HTTP/1 clients send): shared, not parsed again.
+        return Ok(target.clone());
+    }
     let origin = match target.query() {
         Some(query) => Uri::try_from(format!("{path}?{query}")),
         None => Uri::try_from(path),
@@ -143,7 +147,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
+    remove_named(headers, &HOP_BY_HOP);
+}
+
+/// Removes every header named in `names` (lower case). It looks at the names present, a
+/// handful, rather than looking each of a long list up (a parse and a hash each, twice per
+/// request), and allocates only when one is there.
+fn remove_named(headers: &mut HeaderMap, names: &[&str]) {
+    let present: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| names.contains(&name.as_str()))
+        .cloned()
+        .collect();
+    for name in present {
         headers.remove(name);
     }
 }
@@ -205,19 +221,18 @@ pub fn prepare_headers(headers: &mut HeaderMap, peer: Peer, raw_host: &str, trus
     let prior_real_ip = if trusted_peer {
         headers.get(X_REAL_IP).cloned()
     } else {
-        for name in CLIENT_CLAIMS {
-            headers.remove(name);
-        }
+        remove_named(headers, &CLIENT_CLAIMS);
         None
     };
-    for name in [
-        &X_FORWARDED_FOR,
-        &X_FORWARDED_PROTO,
-        &X_FORWARDED_HOST,
-        &FORWARDED,
-    ] {
-        headers.remove(name);
-    }
+    remove_named(
+        headers,
+        &[
+            X_FORWARDED_FOR.as_str(),
+            X_FORWARDED_PROTO.as_str(),
+            X_FORWARDED_HOST.as_str(),
+            FORWARDED.as_str(),
+        ],
+    );
     let ip_text = client_ip.to_string();
     match prior_real_ip {
         Some(value) => {

@@ -36,7 +36,7 @@ use tenement_proto::rpc::Address;
 use tenement_proto::InstanceId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio_util::sync::CancellationToken;
 
 use crate::lock;
@@ -50,6 +50,9 @@ pub struct Connection {
     /// A new connection's place among those not answered yet (see the module's herd rule),
     /// given back by [`Connection::answered`] or when it ends.
     unanswered: Option<OwnedSemaphorePermit>,
+    /// The worker whose runtime drives the connection (`workers::current` when it was made):
+    /// it goes back to that worker's idle list.
+    worker: usize,
 }
 
 #[derive(Default)]
@@ -133,15 +136,19 @@ struct Idle {
 type Slots = (u32, Arc<Semaphore>, Arc<Notify>);
 
 impl Pool {
-    /// An idle connection that is still open, if any: this worker's first, else another
-    /// worker's (rather than a new one while every connection the cap allows is idle there).
-    fn take(&self, key: &PoolKey) -> Option<Connection> {
+    /// An idle connection that is still open, if any: this worker's, or with `borrow` another
+    /// worker's when this one has none (driven from the other thread, so only when the cap
+    /// allows no new one of its own).
+    fn take(&self, key: &PoolKey, borrow: bool) -> Option<Connection> {
         let mut idle = lock(&self.idle);
         let lists = idle.lists.get_mut(key)?;
         let own = crate::workers::current();
-        let order = (own..lists.len()).chain(0..own.min(lists.len()));
-        for index in order {
-            while let Some(connection) = lists[index].pop() {
+        let others = (0..lists.len()).filter(|&index| borrow && index != own);
+        for index in std::iter::once(own).chain(others) {
+            let Some(list) = lists.get_mut(index) else {
+                continue;
+            };
+            while let Some(connection) = list.pop() {
                 if connection.reusable() && connection.send.is_ready() {
                     return Some(connection);
                 }
@@ -169,7 +176,7 @@ impl Pool {
             idle.after_sweep = idle.lists.len();
         }
         let instance = key.instance.clone();
-        let own = crate::workers::current();
+        let own = connection.worker;
         let lists = idle.lists.entry(key).or_default();
         if lists.len() <= own {
             lists.resize_with(own + 1, Vec::new);
@@ -212,7 +219,7 @@ impl Pool {
             // Registered before looking, so an idle connection put back meanwhile is not missed.
             idle_back.as_mut().enable();
             if !fresh {
-                if let Some(connection) = self.take(key) {
+                if let Some(connection) = self.take(key, false) {
                     return Ok((connection, true));
                 }
             }
@@ -222,13 +229,28 @@ impl Pool {
                     format!("all {cap} connections to the instance stayed busy"),
                 )
             };
-            let slot = tokio::select! {
-                slot = slots.clone().acquire_owned() => match slot {
-                    Ok(slot) => slot,
-                    Err(_) => return Err(io::Error::other("connection slots closed")),
-                },
-                () = &mut idle_back, if !fresh => continue,
-                () = tokio::time::sleep_until(queue_until) => return Err(busy()),
+            // A new connection of this worker's own while the cap allows one; at the cap,
+            // another worker's idle one, or the first slot or connection that comes back.
+            let slot = match slots.clone().try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(TryAcquireError::Closed) => {
+                    return Err(io::Error::other("connection slots closed"))
+                }
+                Err(TryAcquireError::NoPermits) => {
+                    if !fresh {
+                        if let Some(connection) = self.take(key, true) {
+                            return Ok((connection, true));
+                        }
+                    }
+                    tokio::select! {
+                        slot = slots.clone().acquire_owned() => match slot {
+                            Ok(slot) => slot,
+                            Err(_) => return Err(io::Error::other("connection slots closed")),
+                        },
+                        () = &mut idle_back, if !fresh => continue,
+                        () = tokio::time::sleep_until(queue_until) => return Err(busy()),
+                    }
+                }
             };
             let unanswered = match self.gate(key) {
                 None => None,
@@ -376,6 +398,7 @@ where
         send,
         state,
         unanswered,
+        worker: crate::workers::current(),
     })
 }
 
@@ -555,5 +578,70 @@ mod tests {
             lists <= 128,
             "{lists} lists kept for 1,000 generations, one alive"
         );
+    }
+
+    /// Each worker keeps its own connections: a worker with none of its own opens one while
+    /// the cap allows, rather than drive another worker's from its thread; at the cap it
+    /// borrows one, which goes back to the worker that drives it.
+    #[test]
+    fn idle_connections_stay_with_the_worker_that_drives_them() {
+        let workers = crate::workers::Workers::start(2).expect("workers");
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = Address::Tcp(std_listener.local_addr().expect("address"));
+        // Accepted and held open, never answered: the connections only need to exist.
+        let held = std::thread::spawn(move || {
+            std_listener
+                .incoming()
+                .take(3)
+                .map(|s| s.expect("accept"))
+                .collect::<Vec<_>>()
+        });
+        let pool = Arc::new(Pool::default());
+        let key = PoolKey {
+            address,
+            generation: 1,
+            owner_uid: None,
+            instance: "app:a".parse().expect("id"),
+        };
+        // Checks out on worker `on` with `cap`, puts the connection back, and says whether it
+        // was kept alive and which worker drives it.
+        let round = |key: &PoolKey, on: usize, cap: u32| {
+            let (pool, key) = (pool.clone(), key.clone());
+            let (tx, rx) = std::sync::mpsc::channel();
+            workers.handles()[on].spawn(async move {
+                let until = tokio::time::Instant::now() + Duration::from_secs(5);
+                let (mut connection, reused) = pool
+                    .checkout(&key, cap, false, until, Duration::from_secs(5))
+                    .await
+                    .expect("checkout");
+                connection.answered();
+                let driver = connection.worker;
+                pool.put(key, connection);
+                tx.send((reused, driver)).expect("send");
+            });
+            rx.recv().expect("recv")
+        };
+        assert_eq!(round(&key, 0, 2), (false, 0), "worker 0 opens its own");
+        assert_eq!(round(&key, 0, 2), (true, 0), "and keeps using it");
+        assert_eq!(
+            round(&key, 1, 2),
+            (false, 1),
+            "worker 1 opens its own under the cap"
+        );
+        assert_eq!(round(&key, 1, 2), (true, 1));
+        assert_eq!(round(&key, 0, 2), (true, 0), "each has its own");
+
+        // An instance allowed one connection: worker 1 borrows worker 0's, which goes back to
+        // worker 0's list.
+        let one = PoolKey {
+            instance: "app:b".parse().expect("id"),
+            ..key.clone()
+        };
+        assert_eq!(round(&one, 0, 1), (false, 0));
+        assert_eq!(round(&one, 1, 1), (true, 0), "borrowed at the cap");
+        assert_eq!(round(&one, 0, 1), (true, 0), "and given back to worker 0");
+        drop(pool);
+        workers.stop();
+        let _ = held.join();
     }
 }
