@@ -272,8 +272,11 @@ class Nginx:
         self.h2c_port = None
         if h2c:
             # nginx serves only HTTP/2 on a cleartext port marked http2: a port of its own.
+            # Without keepalive_requests it ends an HTTP/2 connection after 1,000 requests,
+            # and h2load does not reconnect (a run would count 1,000 requests per client).
             self.h2c_port = free_port()
             listen += f"\n        listen 127.0.0.1:{self.h2c_port} http2;"
+            http_extra += "\n    keepalive_requests 1000000;"
         conf = f"""
 {user}
 worker_processes {workers};
