@@ -129,6 +129,15 @@ def proxied_sandbox(services_toml, port_range=DEFAULT_PORT_RANGE):
     return sb
 
 
+def add_and_wake(sb, instance="tiny:a"):
+    """Registers `instance` and wakes it over the sandbox's admin socket; returns the client."""
+    rpc = sb.admin()
+    rpc.call({"type": "add", "instances": [instance]})
+    reply = rpc.call({"type": "wake", "instance": instance})
+    assert reply["type"] == "woken", reply
+    return rpc
+
+
 def wait_proxy_synced(sb, host, timeout=10.0):
     """Waits until a request for `host` through the proxy answers 200 (table synced, woken)."""
     deadline = time.time() + timeout

@@ -51,7 +51,7 @@ import time
 
 import loadtools
 import tenement_bench
-from loadtools import CLK_TCK, build, cpu_ticks, ensure_tools, get, keep_logs, revision, snapshot_binaries, wrk
+from loadtools import add_and_wake, CLK_TCK, build, cpu_ticks, ensure_tools, get, keep_logs, revision, snapshot_binaries, wrk
 from tenement_bench import Sandbox, free_port, machine, median, p, proc_stats, stop
 
 HOST = "a.tiny.localhost"
@@ -190,10 +190,7 @@ def throughput(args, conns):
     rows = {}  # (mode, c) -> [per-round dicts]
     checks = []
     try:
-        rpc = sb.admin()
-        rpc.call({"type": "add", "instances": ["tiny:a"]})
-        reply = rpc.call({"type": "wake", "instance": "tiny:a"})
-        assert reply["type"] == "woken", reply
+        rpc = add_and_wake(sb)
         rpc.close()
         for r in range(args.rounds):
             order = MODES if r % 2 == 0 else MODES[::-1]

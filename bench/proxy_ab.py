@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from loadtools import build, Nginx, ensure_tools, proxied_sandbox, revision, snapshot_binaries, \
+from loadtools import add_and_wake, build, Nginx, ensure_tools, proxied_sandbox, revision, snapshot_binaries, \
     start_tiny_http, wait_proxy_synced, wrk
 from tenement_bench import free_port, machine, median
 
@@ -67,10 +67,7 @@ def main():
     try:
         nginx = Nginx(tiny_port)
         sb = proxied_sandbox(SERVICES)
-        rpc = sb.admin()
-        rpc.call({"type": "add", "instances": ["tiny:a"]})
-        reply = rpc.call({"type": "wake", "instance": "tiny:a"})
-        assert reply["type"] == "woken", reply
+        rpc = add_and_wake(sb)
         wait_proxy_synced(sb, HOST)
         # B: the same config, its own port; a second proxy of the same supervisor.
         b_port = free_port()

@@ -23,7 +23,7 @@ import argparse
 import os
 import sys
 
-from loadtools import build, Nginx, cpu_ticks, CLK_TCK, ensure_tools, h2load, proxied_sandbox, \
+from loadtools import add_and_wake, build, Nginx, cpu_ticks, CLK_TCK, ensure_tools, h2load, proxied_sandbox, \
     revision, snapshot_binaries, start_tiny_http, wait_proxy_synced, wrk
 from tenement_bench import machine, median
 
@@ -59,10 +59,7 @@ def main():
     try:
         nginx = Nginx(tiny_port, h2c=True)
         sb = proxied_sandbox(SERVICES)
-        rpc = sb.admin()
-        rpc.call({"type": "add", "instances": ["tiny:a"]})
-        reply = rpc.call({"type": "wake", "instance": "tiny:a"})
-        assert reply["type"] == "woken", reply
+        rpc = add_and_wake(sb)
         wait_proxy_synced(sb, HOST)
         proxy_pid = sb.proxy.pid
         ports = {"direct": tiny_port, "nginx": nginx.port, "tenement": sb.proxy_port,

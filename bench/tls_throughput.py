@@ -66,7 +66,7 @@ import urllib.request
 
 import loadtools
 import tenement_bench
-from loadtools import CLK_TCK, Nginx, build, cpu_ticks, ensure_tools, revision, \
+from loadtools import add_and_wake, CLK_TCK, Nginx, build, cpu_ticks, ensure_tools, revision, \
     snapshot_binaries, start_tiny_http
 from tenement_bench import Sandbox, free_port, machine, median
 
@@ -832,10 +832,7 @@ def main():
     try:
         nginx = TlsNginx(tiny_port, cert, key)
         proxy = TlsProxy(SERVICES, tls_toml, settings_extra="max_connections_per_client = 100000\n")
-        rpc = proxy.sb.admin()
-        rpc.call({"type": "add", "instances": ["tiny:a"]})
-        reply = rpc.call({"type": "wake", "instance": "tiny:a"})
-        assert reply["type"] == "woken", reply
+        rpc = add_and_wake(proxy.sb)
         servers = {"nginx": nginx, "tenement": proxy}
         ctx = client_context(pki.ca)
 

@@ -500,6 +500,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteGuarded<S> {
 mod tests {
     use super::*;
 
+    /// The key of `instance`'s first process at `address`, with no owner check.
+    fn key_of(address: Address, instance: &str) -> PoolKey {
+        PoolKey {
+            address,
+            generation: 1,
+            owner_uid: None,
+            instance: instance.parse().expect("id"),
+        }
+    }
+
     /// A listener with a backlog of 2 that accepts nothing yet: two new connections go out,
     /// the third waits (its SYN would overflow the accept queue) until one is answered.
     #[tokio::test]
@@ -511,12 +521,7 @@ mod tests {
         let listener = socket.listen(2).expect("listen");
         let address = Address::Tcp(listener.local_addr().expect("address"));
         let pool = Arc::new(Pool::default());
-        let key = PoolKey {
-            address,
-            generation: 1,
-            owner_uid: None,
-            instance: "app:a".parse().expect("id"),
-        };
+        let key = key_of(address, "app:a");
         let checkout = |pool: Arc<Pool>, key: PoolKey, wait_ms: u64| async move {
             let until = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
             pool.checkout(&key, 16, true, until, Duration::from_secs(5))
@@ -597,12 +602,7 @@ mod tests {
                 .collect::<Vec<_>>()
         });
         let pool = Arc::new(Pool::default());
-        let key = PoolKey {
-            address,
-            generation: 1,
-            owner_uid: None,
-            instance: "app:a".parse().expect("id"),
-        };
+        let key = key_of(address, "app:a");
         // Checks out on worker `on` with `cap`, puts the connection back, and says whether it
         // was kept alive and which worker drives it.
         let round = |key: &PoolKey, on: usize, cap: u32| {
