@@ -385,6 +385,12 @@ async fn serve(
                 .socket
                 .try_clone()
                 .context("cannot share a listening socket with the workers")?;
+            // Registered with the worker's event loop now, so a failure stops the start.
+            let socket = {
+                let _worker = handle.enter();
+                tokio::net::TcpListener::from_std(socket)
+            }
+            .context("cannot register a listening socket")?;
             let front = Front {
                 proxy: proxy.clone(),
                 builder: builder.clone(),
@@ -555,11 +561,11 @@ struct Front {
     admission: Arc<Admission>,
 }
 
-/// Accepts clients from one listener on the worker it runs on, and serves each there until
-/// `shutdown`.
+/// Accepts clients from one listener (registered with the event loop of the worker it runs
+/// on), and serves each there until `shutdown`.
 async fn accept_loop(
     front: Front,
-    socket: std::net::TcpListener,
+    socket: tokio::net::TcpListener,
     scheme: &'static str,
     tls: Option<Handshake>,
 ) {
@@ -570,13 +576,6 @@ async fn accept_loop(
         shutdown,
         admission,
     } = front;
-    let socket = match tokio::net::TcpListener::from_std(socket) {
-        Ok(socket) => socket,
-        Err(e) => {
-            tracing::error!("cannot register a listening socket: {e}");
-            return;
-        }
-    };
     loop {
         // A slot first: past max_connections, connections wait in the kernel.
         let slot = tokio::select! {

@@ -311,11 +311,18 @@ fn workers_serve_clients_side_by_side_and_a_bad_count_is_refused() {
     let mut command = sandbox.proxy_command();
     command.args(["--workers", "3"]);
     let proxy = sandbox.start_proxy_with(command);
-    let workers: Vec<String> = thread_names(proxy.pid())
-        .into_iter()
-        .filter(|name| name.starts_with("worker-"))
-        .collect();
-    assert_eq!(workers, ["worker-0", "worker-1", "worker-2"]);
+    // The listening socket accepts connections (the kernel completes them) before every
+    // worker thread has run far enough to be named: wait for the names.
+    let workers = || -> Vec<String> {
+        thread_names(proxy.pid())
+            .into_iter()
+            .filter(|name| name.starts_with("worker-"))
+            .collect()
+    };
+    let named = wait_until(Duration::from_secs(10), || {
+        workers() == ["worker-0", "worker-1", "worker-2"]
+    });
+    assert!(named, "the proxy's worker threads: {:?}", workers());
 
     // Many keep-alive clients at once, each on whichever worker accepted it, sharing one
     // instance's upstream connections: every request answered.
