@@ -379,7 +379,10 @@ async fn serve(
             .set_nonblocking(true)
             .context("cannot make a listening socket non-blocking")?;
         // Every worker accepts from the same socket (a descriptor each, registered with its
-        // own event loop); the kernel gives each new connection to one of them.
+        // own event loop), one at a time: the turn passes in order from worker to worker, so
+        // new connections are spread evenly and only the worker whose turn it is holds an
+        // admission slot while it waits (max_connections counts connections, not waiters).
+        let turn = Arc::new(tokio::sync::Mutex::new(()));
         for handle in workers.handles() {
             let socket = listener
                 .socket
@@ -401,6 +404,7 @@ async fn serve(
             accept_tasks.push(handle.spawn(accept_loop(
                 front,
                 socket,
+                turn.clone(),
                 listener.scheme,
                 tls.clone(),
             )));
@@ -566,6 +570,7 @@ struct Front {
 async fn accept_loop(
     front: Front,
     socket: tokio::net::TcpListener,
+    turn: Arc<tokio::sync::Mutex<()>>,
     scheme: &'static str,
     tls: Option<Handshake>,
 ) {
@@ -577,7 +582,12 @@ async fn accept_loop(
         admission,
     } = front;
     loop {
-        // A slot first: past max_connections, connections wait in the kernel.
+        // This worker's turn (tokio's mutex queues fairly), then a slot: past
+        // max_connections, connections wait in the kernel.
+        let my_turn = tokio::select! {
+            () = shutdown.cancelled() => return,
+            my_turn = turn.lock() => my_turn,
+        };
         let slot = tokio::select! {
             () = shutdown.cancelled() => return,
             slot = admission.slot() => slot,
@@ -586,6 +596,7 @@ async fn accept_loop(
             () = shutdown.cancelled() => return,
             accepted = socket.accept() => accepted,
         };
+        drop(my_turn);
         let (stream, addr) = match accepted {
             Ok(pair) => pair,
             Err(e) => {
@@ -824,11 +835,14 @@ async fn watchdog(shutdown: CancellationToken, workers: Arc<workers::Liveness>) 
         return;
     }
     let period = Duration::from_micros(usec / 2);
+    // Several beats fit in a period (WatchdogSec=10s: ten), so a late timer is no false
+    // alarm; a watchdog much shorter than that pings on this runtime's liveness alone.
+    let check_workers = period >= workers::BEAT * 4;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(period) => {
-                if workers.all_alive() {
+                if !check_workers || workers.all_alive() {
                     sd_notify_quietly(&[sd_notify::NotifyState::Watchdog]);
                 } else {
                     tracing::error!("a worker thread stopped running: no watchdog ping");

@@ -36,7 +36,7 @@ use tenement_proto::rpc::Address;
 use tenement_proto::InstanceId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::lock;
@@ -136,14 +136,13 @@ struct Idle {
 type Slots = (u32, Arc<Semaphore>, Arc<Notify>);
 
 impl Pool {
-    /// An idle connection that is still open, if any: this worker's, or with `borrow` another
-    /// worker's when this one has none (driven from the other thread, so only when the cap
-    /// allows no new one of its own).
-    fn take(&self, key: &PoolKey, borrow: bool) -> Option<Connection> {
+    /// An idle connection that is still open, if any: this worker's, else another worker's
+    /// (driven from that worker's thread; it goes back to that worker's list).
+    fn take(&self, key: &PoolKey) -> Option<Connection> {
         let mut idle = lock(&self.idle);
         let lists = idle.lists.get_mut(key)?;
         let own = crate::workers::current();
-        let others = (0..lists.len()).filter(|&index| borrow && index != own);
+        let others = (0..lists.len()).filter(|&index| index != own);
         for index in std::iter::once(own).chain(others) {
             let Some(list) = lists.get_mut(index) else {
                 continue;
@@ -218,8 +217,11 @@ impl Pool {
             tokio::pin!(idle_back);
             // Registered before looking, so an idle connection put back meanwhile is not missed.
             idle_back.as_mut().enable();
+            // Any idle connection before a new one, this worker's first: an instance that
+            // serves one connection at a time (a single-threaded keep-alive server) blocks on
+            // its idle one, and a new connection beside it would wait unanswered.
             if !fresh {
-                if let Some(connection) = self.take(key, false) {
+                if let Some(connection) = self.take(key) {
                     return Ok((connection, true));
                 }
             }
@@ -229,28 +231,13 @@ impl Pool {
                     format!("all {cap} connections to the instance stayed busy"),
                 )
             };
-            // A new connection of this worker's own while the cap allows one; at the cap,
-            // another worker's idle one, or the first slot or connection that comes back.
-            let slot = match slots.clone().try_acquire_owned() {
-                Ok(slot) => slot,
-                Err(TryAcquireError::Closed) => {
-                    return Err(io::Error::other("connection slots closed"))
-                }
-                Err(TryAcquireError::NoPermits) => {
-                    if !fresh {
-                        if let Some(connection) = self.take(key, true) {
-                            return Ok((connection, true));
-                        }
-                    }
-                    tokio::select! {
-                        slot = slots.clone().acquire_owned() => match slot {
-                            Ok(slot) => slot,
-                            Err(_) => return Err(io::Error::other("connection slots closed")),
-                        },
-                        () = &mut idle_back, if !fresh => continue,
-                        () = tokio::time::sleep_until(queue_until) => return Err(busy()),
-                    }
-                }
+            let slot = tokio::select! {
+                slot = slots.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => return Err(io::Error::other("connection slots closed")),
+                },
+                () = &mut idle_back, if !fresh => continue,
+                () = tokio::time::sleep_until(queue_until) => return Err(busy()),
             };
             let unanswered = match self.gate(key) {
                 None => None,
@@ -585,9 +572,8 @@ mod tests {
         );
     }
 
-    /// Each worker keeps its own connections: a worker with none of its own opens one while
-    /// the cap allows, rather than drive another worker's from its thread; at the cap it
-    /// borrows one, which goes back to the worker that drives it.
+    /// Each worker uses its own idle connections first, then another worker's (which go back
+    /// to the worker that drives them), and opens a new one only when none is idle.
     #[test]
     fn idle_connections_stay_with_the_worker_that_drives_them() {
         let workers = crate::workers::Workers::start(2).expect("workers");
@@ -597,49 +583,55 @@ mod tests {
         let held = std::thread::spawn(move || {
             std_listener
                 .incoming()
-                .take(3)
+                .take(2)
                 .map(|s| s.expect("accept"))
                 .collect::<Vec<_>>()
         });
         let pool = Arc::new(Pool::default());
         let key = key_of(address, "app:a");
-        // Checks out on worker `on` with `cap`, puts the connection back, and says whether it
-        // was kept alive and which worker drives it.
-        let round = |key: &PoolKey, on: usize, cap: u32| {
+        // Checks out on worker `on` (two at once with `both`), puts the connections back, and
+        // says for each whether it was kept alive and which worker drives it.
+        let round = |on: usize, both: bool| {
             let (pool, key) = (pool.clone(), key.clone());
             let (tx, rx) = std::sync::mpsc::channel();
             workers.handles()[on].spawn(async move {
                 let until = tokio::time::Instant::now() + Duration::from_secs(5);
-                let (mut connection, reused) = pool
-                    .checkout(&key, cap, false, until, Duration::from_secs(5))
-                    .await
-                    .expect("checkout");
-                connection.answered();
-                let driver = connection.worker;
-                pool.put(key, connection);
-                tx.send((reused, driver)).expect("send");
+                let mut taken = Vec::new();
+                for _ in 0..if both { 2 } else { 1 } {
+                    let (mut connection, reused) = pool
+                        .checkout(&key, 4, false, until, Duration::from_secs(5))
+                        .await
+                        .expect("checkout");
+                    // Taken again only once its task has run (hyper's "ready").
+                    std::future::poll_fn(|cx| connection.send.poll_ready(cx))
+                        .await
+                        .expect("ready");
+                    connection.answered();
+                    taken.push((reused, connection.worker, connection));
+                }
+                let mut seen = Vec::new();
+                for (reused, worker, connection) in taken {
+                    pool.put(key.clone(), connection);
+                    seen.push((reused, worker));
+                }
+                tx.send(seen).expect("send");
             });
             rx.recv().expect("recv")
         };
-        assert_eq!(round(&key, 0, 2), (false, 0), "worker 0 opens its own");
-        assert_eq!(round(&key, 0, 2), (true, 0), "and keeps using it");
+        assert_eq!(round(0, false), [(false, 0)], "worker 0 opens one");
+        assert_eq!(round(0, false), [(true, 0)], "and keeps using it");
         assert_eq!(
-            round(&key, 1, 2),
-            (false, 1),
-            "worker 1 opens its own under the cap"
+            round(1, false),
+            [(true, 0)],
+            "worker 1 uses worker 0's idle one rather than open a second"
         );
-        assert_eq!(round(&key, 1, 2), (true, 1));
-        assert_eq!(round(&key, 0, 2), (true, 0), "each has its own");
-
-        // An instance allowed one connection: worker 1 borrows worker 0's, which goes back to
-        // worker 0's list.
-        let one = PoolKey {
-            instance: "app:b".parse().expect("id"),
-            ..key.clone()
-        };
-        assert_eq!(round(&one, 0, 1), (false, 0));
-        assert_eq!(round(&one, 1, 1), (true, 0), "borrowed at the cap");
-        assert_eq!(round(&one, 0, 1), (true, 0), "and given back to worker 0");
+        assert_eq!(round(0, false), [(true, 0)], "which went back to worker 0");
+        assert_eq!(
+            round(1, true),
+            [(true, 0), (false, 1)],
+            "two at once on worker 1: worker 0's, and a new one of its own"
+        );
+        assert_eq!(round(1, false), [(true, 1)], "its own first");
         drop(pool);
         workers.stop();
         let _ = held.join();

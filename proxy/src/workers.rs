@@ -1,15 +1,16 @@
 //! The threads that serve clients: one per CPU by default, each with a single-threaded tokio
-//! runtime of its own that accepts from every public listener and serves what it accepted to
-//! the end (the client connection, the upstream connection it borrows, the relay between
-//! them, the TLS handshake).
+//! runtime of its own. The workers take turns accepting from every public listener, and each
+//! serves what it accepted to the end (the client connection, the TLS handshake, the relay
+//! to the instance). The pool hands a worker its own idle upstream connections first, so a
+//! request and the connection it is forwarded on usually share a thread; another worker's
+//! idle connection is used rather than a new one (an instance that serves one connection at
+//! a time would leave a second one unanswered).
 //!
 //! Why not one work-stealing runtime: a proxied request wakes two tasks (the client's and the
 //! upstream connection's) for every read, and with work stealing they often run on different
-//! threads, so each hand-off is a cross-thread wake-up, and idle workers spin looking for
-//! work. Measured side by side (`bench/proxy_throughput.py`, docs/BENCHMARKS.md section 3),
-//! a single-threaded runtime spent half the user CPU per request. Keeping a connection on
-//! the thread that accepted it keeps every hand-off local; the kernel spreads new
-//! connections between the threads waiting in `accept`.
+//! threads, so each hand-off is a cross-thread wake-up, and idle threads spin looking for
+//! work. Measured side by side (`bench/proxy_ab.py`, docs/BENCHMARKS.md section 3), the
+//! workers spent 0.68-0.74x the CPU per request at 4 and 32 connections.
 //!
 //! What is shared between workers is shared state, not tasks: the route table, the metrics,
 //! the pool's caps. Tasks that are not about one client (the route watch, ACME renewals, the
@@ -33,8 +34,8 @@ pub fn current() -> usize {
     INDEX.with(Cell::get)
 }
 
-/// How often a worker shows it is alive (see [`Workers::all_alive`]).
-const BEAT: Duration = Duration::from_millis(500);
+/// How often a worker shows it is alive (see [`Liveness::all_alive`]).
+pub const BEAT: Duration = Duration::from_millis(500);
 
 pub struct Workers {
     handles: Vec<Handle>,
