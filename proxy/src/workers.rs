@@ -54,19 +54,13 @@ impl Workers {
     /// [`Workers::stop`].
     pub fn start(count: usize) -> io::Result<Self> {
         let stop = CancellationToken::new();
-        let mut workers = Workers {
-            handles: Vec::new(),
-            liveness: Arc::default(),
-            stop: stop.clone(),
-            threads: Vec::new(),
-        };
-        let mut beats = Vec::new();
+        let (mut handles, mut beats, mut threads) = (Vec::new(), Vec::new(), Vec::new());
         for index in 0..count.max(1) {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             let beat = Arc::new(AtomicU64::new(0));
-            workers.handles.push(runtime.handle().clone());
+            handles.push(runtime.handle().clone());
             beats.push(beat.clone());
             let stop = stop.clone();
             let thread = std::thread::Builder::new()
@@ -84,13 +78,17 @@ impl Workers {
                         }
                     });
                 })?;
-            workers.threads.push(thread);
+            threads.push(thread);
         }
-        workers.liveness = Arc::new(Liveness {
-            beats,
-            seen: Default::default(),
-        });
-        Ok(workers)
+        Ok(Workers {
+            handles,
+            liveness: Arc::new(Liveness {
+                beats,
+                seen: Default::default(),
+            }),
+            stop,
+            threads,
+        })
     }
 
     /// The runtimes to spawn client-facing tasks on, one per worker.
@@ -114,7 +112,6 @@ impl Workers {
 }
 
 /// Each worker's count of beats.
-#[derive(Default)]
 pub struct Liveness {
     beats: Vec<Arc<AtomicU64>>,
     /// The beats seen at the last [`Liveness::all_alive`].
