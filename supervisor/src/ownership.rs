@@ -40,23 +40,52 @@ pub fn port_holder(
     if listeners.is_empty() {
         return Ok(Holder::Nobody);
     }
-    let own: HashSet<u32> = match root {
-        Some(root) => {
-            let mut pids = procfs::tree_of(&procfs::all_processes(proc_root), root);
-            pids.push(root);
-            pids.iter()
-                .flat_map(|&pid| socket_inodes(proc_root, pid))
-                .collect()
-        }
-        None => HashSet::new(),
+    let is_own = |l: &sockdiag::SocketOwner, own: &HashSet<u32>| {
+        Some(l.uid) == own_uid || own.contains(&l.inode)
     };
-    let is_own = |l: &sockdiag::SocketOwner| Some(l.uid) == own_uid || own.contains(&l.inode);
-    match listeners.iter().find(|l| !is_own(l)) {
-        None => Ok(Holder::Own),
-        Some(stranger) => Ok(Holder::Stranger {
+    let none = HashSet::new();
+    if listeners.iter().all(|l| is_own(l, &none)) {
+        return Ok(Holder::Own);
+    }
+    let Some(root) = root else {
+        return Ok(stranger(proc_root, &listeners, |l| is_own(l, &none)));
+    };
+    // The tree by its children lists first: a few reads, where a snapshot of the whole process
+    // table costs a read per process on the host, on every start of every instance.
+    if let Some(mut pids) = procfs::descendants(proc_root, root) {
+        pids.push(root);
+        let own = tree_sockets(proc_root, &pids);
+        if listeners.iter().all(|l| is_own(l, &own)) {
+            return Ok(Holder::Own);
+        }
+    }
+    // The lists can miss a process that forks or exits meanwhile: before a socket is called a
+    // stranger's, the whole table decides.
+    let mut pids = procfs::tree_of(&procfs::all_processes(proc_root), root);
+    pids.push(root);
+    let own = tree_sockets(proc_root, &pids);
+    Ok(stranger(proc_root, &listeners, |l| is_own(l, &own)))
+}
+
+/// The inodes of every socket the processes `pids` hold.
+fn tree_sockets(proc_root: &Path, pids: &[i32]) -> HashSet<u32> {
+    pids.iter()
+        .flat_map(|&pid| socket_inodes(proc_root, pid))
+        .collect()
+}
+
+/// [`Holder::Own`] when `own` accepts every listener, else the first stranger and who holds it.
+fn stranger(
+    proc_root: &Path,
+    listeners: &[sockdiag::SocketOwner],
+    own: impl Fn(&sockdiag::SocketOwner) -> bool,
+) -> Holder {
+    match listeners.iter().find(|l| !own(l)) {
+        None => Holder::Own,
+        Some(stranger) => Holder::Stranger {
             uid: stranger.uid,
             pids: holders_of(proc_root, stranger.inode),
-        }),
+        },
     }
 }
 

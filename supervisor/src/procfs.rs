@@ -93,6 +93,49 @@ pub fn tree_of(processes: &[ProcStat], root: i32) -> Vec<i32> {
     found
 }
 
+/// Pids of every descendant of `root` (not `root` itself), found by walking the kernel's
+/// per-thread `children` lists (`/proc/PID/task/TID/children`, proc(5)): as many reads as the
+/// tree has processes, where [`tree_of`] needs a snapshot of the whole host. `None` when the
+/// kernel has no such lists (CONFIG_PROC_CHILDREN). The lists are not a consistent snapshot
+/// while the tree forks and exits, so a caller that must not miss a process (to kill it, or
+/// before calling a socket a stranger's) confirms with [`tree_of`].
+pub fn descendants(proc_root: &Path, root: i32) -> Option<Vec<i32>> {
+    let mut found = Vec::new();
+    let mut stack = vec![root];
+    while let Some(pid) = stack.pop() {
+        for kid in children(proc_root, pid)? {
+            if !found.contains(&kid) {
+                found.push(kid);
+                stack.push(kid);
+            }
+        }
+    }
+    Some(found)
+}
+
+/// The children of `pid` (of all its threads), from the kernel's `children` lists; empty when
+/// the process is gone, `None` when the kernel keeps no such lists.
+pub fn children(proc_root: &Path, pid: i32) -> Option<Vec<i32>> {
+    let Ok(tasks) = std::fs::read_dir(proc_root.join(pid.to_string()).join("task")) else {
+        return Some(Vec::new());
+    };
+    let mut kids = Vec::new();
+    for task in tasks.filter_map(|e| e.ok()) {
+        match std::fs::read_to_string(task.path().join("children")) {
+            Ok(text) => kids.extend(
+                text.split_whitespace()
+                    .filter_map(|w| w.parse::<i32>().ok()),
+            ),
+            // The thread exited meanwhile, or the kernel keeps no lists: tell which.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && task.path().exists() => {
+                return None
+            }
+            Err(_) => {}
+        }
+    }
+    Some(kids)
+}
+
 /// Bytes `dir` takes on disk (allocated blocks of everything under it, symlinks not
 /// followed), counting at most [`DISK_WALK_LIMIT`] entries so a huge tree cannot stall the
 /// caller. 0 for a directory that does not exist.
@@ -161,6 +204,41 @@ mod tests {
         let stat = read_stat(Path::new("/proc"), me).expect("own stat");
         assert_eq!(stat.pid, me);
         assert!(stat.start_time > 0);
+    }
+
+    #[test]
+    fn descendants_are_walked_through_the_children_lists() {
+        use std::process::{Command, Stdio};
+        // sh -> sleep, under this test process.
+        let mut shell = Command::new("sh")
+            .args(["-c", "sleep 30 & echo $!; wait"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("sh");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(shell.stdout.as_mut().expect("stdout")),
+            &mut line,
+        )
+        .expect("read");
+        let sleeper: i32 = line.trim().parse().expect("pid");
+        let shell_pid = shell.id() as i32;
+        let found = descendants(Path::new("/proc"), shell_pid).expect("children lists");
+        let table = tree_of(&all_processes(Path::new("/proc")), shell_pid);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(sleeper),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = shell.kill();
+        let _ = shell.wait();
+        assert_eq!(found, vec![sleeper]);
+        assert_eq!(table, vec![sleeper], "the full scan agrees");
+        assert_eq!(
+            children(Path::new("/proc"), i32::MAX),
+            Some(Vec::new()),
+            "no such process"
+        );
     }
 
     #[test]

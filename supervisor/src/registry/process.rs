@@ -536,13 +536,24 @@ impl Registry {
                     return;
                 };
                 if let (Some(process), true) = (&i.process, crate::journal::enabled()) {
-                    // The app is the helper's child (or its init's); OBJECT_PID names it.
-                    let table = procfs::all_processes(Path::new("/proc"));
+                    // The app is the helper's child (or its init's); OBJECT_PID names it. The
+                    // children lists cost a read per level, where the process table costs one
+                    // per process on the host.
+                    let proc_root = Path::new("/proc");
                     let mut pid = process.pid;
-                    while let Some(child) =
-                        table.iter().filter(|p| p.ppid == pid).map(|p| p.pid).min()
-                    {
-                        pid = child;
+                    loop {
+                        let kids = procfs::children(proc_root, pid).unwrap_or_else(|| {
+                            let table = procfs::all_processes(proc_root);
+                            table
+                                .iter()
+                                .filter(|p| p.ppid == pid)
+                                .map(|p| p.pid)
+                                .collect()
+                        });
+                        match kids.into_iter().min() {
+                            Some(child) => pid = child,
+                            None => break,
+                        }
                     }
                     i.logs.set_pid(pid as u32);
                 }
