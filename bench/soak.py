@@ -482,7 +482,9 @@ class ProcessScanner(threading.Thread):
     """Watches /proc for the sandbox's instance processes, from the outside.
 
     An app is a process whose environment has TENEMENT_INSTANCE and a TENEMENT_DATA_DIR inside
-    the sandbox; a helper (tenement-exec) one whose TENEMENT_SPAWN_SPEC names the sandbox. A
+    the sandbox; a helper (tenement-exec, cloned by the exec server) one whose
+    TENEMENT_EXEC_SERVER_OF names the sandbox's state directory and whose name (comm) is
+    tenement-exec (the server itself is tenement-execd). A
     process is classified when first seen, again during its first 2 s (it may not have exec'd
     yet), and again when its name (comm) changes: the helper's child is a copy of the helper
     until it execs the app. After 2 s only processes classified as the sandbox's are re-read
@@ -512,12 +514,13 @@ class ProcessScanner(threading.Thread):
         data_dir = env.get(b"TENEMENT_DATA_DIR", b"")
         if b"TENEMENT_INSTANCE" in env and data_dir.startswith(self.marker):
             return "app", env[b"TENEMENT_INSTANCE"].decode()
-        spec = env.get(b"TENEMENT_SPAWN_SPEC")
-        if spec and self.marker in spec:
+        if self.marker in env.get(b"TENEMENT_EXEC_SERVER_OF", b""):
             try:
-                senv = dict(json.loads(spec).get("env", []))
-                return "helper", senv.get("TENEMENT_INSTANCE", "?")
-            except (ValueError, TypeError):
+                with open(f"/proc/{pid}/comm", "rb") as f:
+                    comm = f.read().strip()
+            except OSError:
+                return None, None
+            if comm == b"tenement-exec":
                 return "helper", "?"
         return None, None
 

@@ -1,8 +1,9 @@
 //! The exec helper, `tenement-exec`: a small synchronous program at the root of every
 //! instance's process tree.
 //!
-//! The supervisor starts it in a new process group with the instance's [`SpawnSpec`] in the
-//! environment. It is single-threaded and synchronous: it becomes a child subreaper (so a
+//! The supervisor starts one exec server (`tenement-exec --serve`, see [`serve`]) and sends it
+//! each instance's [`SpawnSpec`]; the server clones a helper for it, in a new process group,
+//! as a child of the supervisor. A helper is single-threaded and synchronous: it becomes a child subreaper (so a
 //! double-forked daemon is reparented to it, not to PID 1), forks the app, then waits for
 //! signals. On SIGTERM/SIGINT it forwards the signal to its whole tree; `stop_grace` later it
 //! SIGKILLs what is left. When the app exits, everything else in the tree is killed too and the
@@ -38,8 +39,6 @@ use crate::sys;
 pub const HELPER_NAME: &str = "tenement-exec";
 /// Where packages may put it instead.
 const LIBEXEC: &str = "/usr/libexec/tenement/tenement-exec";
-/// The environment variable carrying the JSON [`SpawnSpec`].
-pub const SPEC_ENV: &str = "TENEMENT_SPAWN_SPEC";
 
 /// Everything the helper needs to start one instance's app.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -110,24 +109,166 @@ pub fn locate() -> Result<PathBuf, String> {
         })
 }
 
-/// Runs the helper; never returns.
+/// The argument that starts the exec server.
+pub const SERVE_ARG: &str = "--serve";
+/// The exec server's process name (comm); each helper it starts takes [`HELPER_NAME`] back.
+pub const SERVER_NAME: &str = "tenement-execd";
+/// In the exec server's environment: the state directory of the supervisor it serves, so
+/// `ps e` (and the tests) can tell which supervisor a server and its helpers belong to.
+pub const SERVER_OF_ENV: &str = "TENEMENT_EXEC_SERVER_OF";
+/// The largest spawn request the server reads (a spec with a large environment).
+pub const MAX_REQUEST: usize = 1 << 20;
+/// Stack of each new helper until it forks the app (it uses a few KiB of it).
+const HELPER_STACK: usize = 1 << 20;
+
+/// The server's answer to one spawn request.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpawnReply {
+    /// The helper runs, as a child of the supervisor.
+    Started {
+        pid: i32,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+/// Runs `tenement-exec`; never returns.
 pub fn main() -> ! {
-    let code = match run() {
-        Ok(code) => code,
-        Err(message) => {
-            eprintln!("tenement exec helper: {message}");
-            127
-        }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let code = match args.as_slice() {
+        [flag, supervisor] if flag == SERVE_ARG => match supervisor.parse() {
+            Ok(pid) => serve(pid),
+            Err(_) => usage(),
+        },
+        _ => usage(),
     };
     std::process::exit(code)
 }
 
-fn run() -> Result<i32, String> {
-    let spec_json =
-        std::env::var(SPEC_ENV).map_err(|_| format!("{SPEC_ENV} is missing or not UTF-8"))?;
-    let spec: SpawnSpec =
-        serde_json::from_str(&spec_json).map_err(|e| format!("bad spawn spec: {e}"))?;
+fn usage() -> i32 {
+    eprintln!("{HELPER_NAME} is started by tenement-supervisor only ({HELPER_NAME} {SERVE_ARG} SUPERVISOR_PID)");
+    2
+}
 
+/// The exec server: started once by the supervisor, ahead of need, with a SOCK_SEQPACKET
+/// socket at fd 3. Each message is one spawn: a JSON [`SpawnSpec`] with descriptors for the
+/// helper's stdin, stdout, stderr and, when `listen_fd`, its listening socket. The server clones
+/// itself with CLONE_PARENT (so the helper is the supervisor's child, as if the supervisor had
+/// forked it) and answers the helper's pid. A wake thus costs a clone of this small process
+/// instead of a fork of the supervisor and an exec of the helper: on the VM of
+/// docs/BENCHMARKS.md the exec and the start of a Rust binary alone take about a millisecond.
+/// The server ends when the supervisor closes the socket or dies (parent-death signal).
+fn serve(supervisor: u32) -> i32 {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::io::IoSliceMut;
+    use std::os::fd::{OwnedFd, RawFd};
+
+    if let Err(e) = sys::set_parent_death_signal(Signal::SIGKILL) {
+        eprintln!("tenement exec server: prctl(PR_SET_PDEATHSIG): {e}");
+        return 127;
+    }
+    if nix::unistd::getppid().as_raw() as u32 != supervisor {
+        return 0;
+    }
+    let _ = nix::sys::prctl::set_name(&CString::new(SERVER_NAME).unwrap_or_default());
+    let socket: RawFd = 3;
+    let mut buf = vec![0u8; MAX_REQUEST];
+    let mut stack = vec![0u8; HELPER_STACK];
+    loop {
+        let mut space = nix::cmsg_space!([RawFd; 4]);
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let (bytes, truncated, fds): (usize, bool, Vec<OwnedFd>) = match recvmsg::<()>(
+            socket,
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(msg) => {
+                let mut fds = Vec::new();
+                for cmsg in msg.cmsgs().into_iter().flatten() {
+                    if let ControlMessageOwned::ScmRights(received) = cmsg {
+                        fds.extend(sys::own_received(received));
+                    }
+                }
+                let truncated = msg
+                    .flags
+                    .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+                (msg.bytes, truncated, fds)
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                eprintln!("tenement exec server: recvmsg: {e}");
+                return 127;
+            }
+        };
+        if bytes == 0 && fds.is_empty() {
+            return 0; // the supervisor closed its end
+        }
+        let reply = if truncated {
+            SpawnReply::Failed {
+                error: format!("the spawn request is larger than {MAX_REQUEST} bytes"),
+            }
+        } else {
+            spawn(&buf[..bytes], &fds, &mut stack)
+        };
+        drop(fds);
+        let answer = serde_json::to_vec(&reply).unwrap_or_default();
+        if let Err(e) = nix::sys::socket::send(socket, &answer, MsgFlags::MSG_NOSIGNAL) {
+            eprintln!("tenement exec server: send: {e}");
+            return 127;
+        }
+    }
+}
+
+/// One spawn request: checks it and clones the helper that runs it.
+fn spawn(request: &[u8], fds: &[std::os::fd::OwnedFd], stack: &mut [u8]) -> SpawnReply {
+    use std::os::fd::AsRawFd;
+    let spec: SpawnSpec = match serde_json::from_slice(request) {
+        Ok(spec) => spec,
+        Err(e) => {
+            return SpawnReply::Failed {
+                error: format!("bad spawn spec: {e}"),
+            }
+        }
+    };
+    let wanted = if spec.listen_fd { 4 } else { 3 };
+    if fds.len() != wanted {
+        return SpawnReply::Failed {
+            error: format!(
+                "{} descriptors came with the spec, {wanted} expected",
+                fds.len()
+            ),
+        };
+    }
+    let raw: Vec<i32> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+    let cloned = sys::clone_sibling(stack, || {
+        // The new helper: its own process group (the supervisor signals the group), the
+        // received descriptors as its stdio, then what a helper does.
+        let _ = nix::sys::prctl::set_name(&CString::new(HELPER_NAME).unwrap_or_default());
+        let code = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0))
+            .map_err(|e| format!("setpgid: {e}"))
+            .and_then(|()| sys::take_stdio(&raw).map_err(|e| format!("descriptors: {e}")))
+            .and_then(|()| run(&spec));
+        std::process::exit(match code {
+            Ok(code) => code,
+            Err(message) => {
+                eprintln!("tenement exec helper: {message}");
+                127
+            }
+        })
+    });
+    match cloned {
+        Ok(pid) => SpawnReply::Started { pid: pid.as_raw() },
+        Err(e) => SpawnReply::Failed {
+            error: format!("clone: {e}"),
+        },
+    }
+}
+
+/// Starts the app of `spec` and supervises it; the exit code for the helper.
+fn run(spec: &SpawnSpec) -> Result<i32, String> {
     // The cgroup first: everything forked from here on is accounted and killable there.
     if let Some(cgroup) = &spec.cgroup {
         let procs = cgroup.join("cgroup.procs");
@@ -159,7 +300,7 @@ fn run() -> Result<i32, String> {
         SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC).map_err(|e| format!("signalfd: {e}"))?;
 
     let grace = Duration::from_millis(spec.stop_grace_ms);
-    let app = app_exec(&spec)?;
+    let app = app_exec(spec)?;
     let iso = &spec.isolation;
     let (child, tree) = if iso.namespaces {
         sys::isolate::enter_namespaces(iso.network_none, &iso.hostname)?;

@@ -5,7 +5,7 @@
 //! [`InstanceId`] (DNS labels by construction): nothing a client sent is interpolated
 //! unchecked. The helper itself (see `exec_helper.rs`) forks the app.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -13,8 +13,10 @@ use std::process::Stdio;
 use tenement_proto::config::{ListenMode, ReadyMode, Service, Settings, TemplateVars};
 use tenement_proto::InstanceId;
 
-use crate::exec_helper::{SpawnSpec, SPEC_ENV};
+use crate::exec_helper::{SpawnReply, SpawnSpec};
 use crate::sys;
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 
 /// Variables passed through from the supervisor's own environment; everything else is
 /// cleared.
@@ -194,29 +196,199 @@ pub fn ensure_data_dir(path: &Path) -> Result<(), SpawnError> {
         })
 }
 
-/// Starts the exec helper for `spec` in a new process group, stdout and stderr piped, with
-/// `listener` (if any) as its fd 3.
-pub fn launch(
-    helper: &Path,
-    spec: &SpawnSpec,
-    listener: Option<&OwnedFd>,
-) -> Result<tokio::process::Child, SpawnError> {
-    let mut command = tokio::process::Command::new(helper);
-    command
-        .env_clear()
-        .env(SPEC_ENV, serde_json::to_string(spec)?)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(false);
-    if let Some(fd) = listener {
-        sys::pass_fd(&mut command, fd.as_raw_fd());
+/// One helper the exec server started: a child of this process.
+pub struct Launched {
+    pub pid: i32,
+    /// Readable when the helper has exited; reaps it (see [`wait_exit`]).
+    pub pidfd: OwnedFd,
+    pub stdout: tokio::net::unix::pipe::Receiver,
+    pub stderr: tokio::net::unix::pipe::Receiver,
+}
+
+/// The supervisor's side of the exec server (`tenement-exec --serve`, see exec_helper.rs):
+/// started at the first spawn and again if it ever ended, then asked for every helper.
+pub struct ExecServer {
+    helper: PathBuf,
+    /// The supervisor's state directory, named in the server's environment.
+    state_dir: PathBuf,
+    running: std::sync::Mutex<Option<Server>>,
+}
+
+struct Server {
+    socket: OwnedFd,
+    /// Reaped by tokio when the server exits (kill_on_drop: it ends with the supervisor).
+    _process: tokio::process::Child,
+}
+
+/// How long a spawn request may wait for the server's answer (it answers right after a clone).
+const SERVER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl ExecServer {
+    pub fn new(helper: PathBuf, state_dir: PathBuf) -> Self {
+        ExecServer {
+            helper,
+            state_dir,
+            running: std::sync::Mutex::new(None),
+        }
     }
-    command.spawn().map_err(|source| SpawnError::Helper {
-        helper: helper.to_path_buf(),
-        source,
-    })
+
+    fn start(&self) -> Result<Server, SpawnError> {
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+        let helper_error = |source: std::io::Error| SpawnError::Helper {
+            helper: self.helper.clone(),
+            source,
+        };
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| helper_error(e.into()))?;
+        // A request is one message: let it be as large as the server reads.
+        let _ = nix::sys::socket::setsockopt(
+            &ours,
+            nix::sys::socket::sockopt::SndBuf,
+            &(crate::exec_helper::MAX_REQUEST * 2),
+        );
+        let timeout = nix::sys::time::TimeVal::new(SERVER_DEADLINE.as_secs() as i64, 0);
+        let _ = nix::sys::socket::setsockopt(
+            &ours,
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &timeout,
+        );
+        let mut command = tokio::process::Command::new(&self.helper);
+        command
+            .arg(crate::exec_helper::SERVE_ARG)
+            .arg(std::process::id().to_string())
+            .env_clear()
+            .env(crate::exec_helper::SERVER_OF_ENV, &self.state_dir)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        sys::pass_fd(&mut command, theirs.as_raw_fd());
+        let process = command.spawn().map_err(helper_error)?;
+        Ok(Server {
+            socket: ours,
+            _process: process,
+        })
+    }
+
+    /// Starts a helper for `spec` in a new process group, stdout and stderr piped, with
+    /// `listener` (if any) as its fd 3.
+    pub fn launch(
+        &self,
+        spec: &SpawnSpec,
+        listener: Option<&OwnedFd>,
+    ) -> Result<Launched, SpawnError> {
+        let request = serde_json::to_vec(spec)?;
+        let io = |source: std::io::Error| SpawnError::Helper {
+            helper: self.helper.clone(),
+            source,
+        };
+        let stdin = std::fs::File::open("/dev/null").map_err(io)?;
+        let pipe = || -> std::io::Result<_> {
+            let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+            Ok((
+                tokio::net::unix::pipe::Receiver::from_owned_fd(read)?,
+                write,
+            ))
+        };
+        let (stdout, stdout_w) = pipe().map_err(io)?;
+        let (stderr, stderr_w) = pipe().map_err(io)?;
+        let mut fds = vec![
+            stdin.as_raw_fd(),
+            stdout_w.as_raw_fd(),
+            stderr_w.as_raw_fd(),
+        ];
+        fds.extend(listener.map(|l| l.as_raw_fd()));
+
+        let mut running = crate::lock(&self.running);
+        // A server that ended (killed by hand, or the first spawn) is started anew, once.
+        let mut fresh = false;
+        let reply = loop {
+            if running.is_none() {
+                *running = Some(self.start()?);
+                fresh = true;
+            }
+            let server = running.as_ref().expect("started above");
+            match ask(&server.socket, &request, &fds) {
+                Ok(reply) => break reply,
+                Err(e) if !fresh && is_gone(&e) => *running = None,
+                Err(e) => {
+                    *running = None;
+                    return Err(io(e));
+                }
+            }
+        };
+        drop(running);
+        let pid = match reply {
+            SpawnReply::Started { pid } => pid,
+            SpawnReply::Failed { error } => return Err(io(std::io::Error::other(error))),
+        };
+        // The helper is our child and we have not reaped it: the pid is still its own.
+        let pidfd = match sys::pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(e) => {
+                // Without a way to wait for it, it must not run: end it and reap it now.
+                let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+                let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
+                return Err(io(e));
+            }
+        };
+        Ok(Launched {
+            pid,
+            pidfd,
+            stdout,
+            stderr,
+        })
+    }
+}
+
+/// Whether a failed request means the server is gone (and may be started again).
+fn is_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EPIPE) | Some(libc::ECONNRESET) | Some(libc::ENOTCONN)
+    ) || e.kind() == std::io::ErrorKind::UnexpectedEof
+}
+
+/// One request to the server and its answer.
+fn ask(socket: &OwnedFd, request: &[u8], fds: &[RawFd]) -> std::io::Result<SpawnReply> {
+    use nix::sys::socket::{recv, sendmsg, ControlMessage, MsgFlags};
+    let rights = [ControlMessage::ScmRights(fds)];
+    sendmsg::<()>(
+        socket.as_raw_fd(),
+        &[std::io::IoSlice::new(request)],
+        &rights,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map_err(|e| match e {
+        nix::errno::Errno::EMSGSIZE => std::io::Error::other(format!(
+            "the spawn request ({} bytes) is too large for the exec server",
+            request.len()
+        )),
+        e => e.into(),
+    })?;
+    let mut answer = [0u8; 4096];
+    let n = loop {
+        match recv(socket.as_raw_fd(), &mut answer, MsgFlags::empty()) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::EAGAIN) => {
+                return Err(std::io::Error::other(format!(
+                    "the exec server did not answer within {} s",
+                    SERVER_DEADLINE.as_secs()
+                )))
+            }
+            other => break other?,
+        }
+    };
+    if n == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    serde_json::from_slice(&answer[..n])
+        .map_err(|e| std::io::Error::other(format!("bad answer from the exec server: {e}")))
 }
 
 #[cfg(test)]

@@ -130,7 +130,12 @@ GREETING = "hi {id} of {service} on {port}"
     ] {
         assert_eq!(env.get(key).copied(), Some(want), "{key} in:\n{body}");
     }
-    for leaked in ["SECRET_TOKEN", "TENEMENT_SPAWN_SPEC", "RUST_LOG", "HOME"] {
+    for leaked in [
+        "SECRET_TOKEN",
+        "TENEMENT_EXEC_SERVER_OF",
+        "RUST_LOG",
+        "HOME",
+    ] {
         assert!(
             !env.contains_key(leaked),
             "{leaked} leaked into the app:\n{body}"
@@ -138,6 +143,70 @@ GREETING = "hi {id} of {service} on {port}"
     }
     let mode = std::fs::metadata(&data_dir).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "data dir mode {mode:o}");
+}
+
+/// Live processes named `comm` whose parent is `parent`.
+fn children_named(parent: i32, comm: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid_alive(pid) && parent_pid(pid) == Some(parent))
+        .filter(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|name| name.trim_end() == comm)
+        })
+        .collect()
+}
+
+#[test]
+fn helpers_are_the_supervisors_children_and_a_dead_exec_server_is_started_again() {
+    let sb = Sandbox::new(
+        r#"
+[service.web]
+command = "@TINY@"
+"#,
+    );
+    let sup = sb.start();
+    let mut c = Client::admin(&sb);
+    let (first, _) = expect_woken(c.spawn("web:a"));
+    // One exec server, and the helper it cloned is the supervisor's child (CLONE_PARENT), the
+    // leader of its own process group, with nothing of the server's but its binary.
+    let servers = children_named(sup.pid(), "tenement-execd");
+    assert_eq!(servers.len(), 1, "exec servers: {servers:?}");
+    let helpers = children_named(sup.pid(), "tenement-exec");
+    assert_eq!(helpers.len(), 1, "helpers: {helpers:?}");
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", helpers[0])).unwrap();
+    let pgid: i32 = stat[stat.rfind(')').unwrap() + 1..]
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(pgid, helpers[0], "a helper leads its process group");
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", helpers[0]))
+        .unwrap()
+        .count();
+    assert!(
+        fds <= 5,
+        "the helper holds {fds} descriptors: stdio, its signalfd, no more"
+    );
+
+    // The server dies: running instances do not notice, and the next start gets a new one.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(servers[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(wait_until(EVENT_DEADLINE, || !pid_alive(servers[0])));
+    assert_eq!(http_get(tcp_addr(&first), "/").0, 200);
+    assert_eq!(c.state("web:a"), InstanceState::Running);
+    let (second, started) = expect_woken(c.spawn("web:b"));
+    assert!(started);
+    assert_eq!(http_get(tcp_addr(&second), "/").0, 200);
+    let again = children_named(sup.pid(), "tenement-execd");
+    assert_eq!(again.len(), 1, "exec servers: {again:?}");
+    assert_ne!(again[0], servers[0]);
+    assert_eq!(children_named(sup.pid(), "tenement-exec").len(), 2);
 }
 
 /// How long the app of `activated_socket_is_ready_before_the_app_listens` sleeps before it

@@ -1,7 +1,7 @@
-//! `tenement-exec`: the exec helper at the root of every instance's process tree. Started only
-//! by the supervisor, with the instance's spawn spec in its environment; see
-//! `supervisor/src/exec_helper.rs`. A binary of its own so that it stays small (no runtime)
-//! and quick to start: it is on the path of every cold wake.
+//! `tenement-exec`: the exec server the supervisor starts once, and the exec helper it clones
+//! at the root of every instance's process tree; see `supervisor/src/exec_helper.rs`. A binary
+//! of its own so that it stays small and single-threaded (no runtime): it is cloned on the
+//! path of every cold wake.
 #![forbid(unsafe_code)]
 
 fn main() {

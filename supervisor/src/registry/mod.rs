@@ -314,7 +314,8 @@ pub struct Registry {
     watchers: BTreeMap<u64, Watcher>,
     next_watcher: u64,
     parks: HashMap<(InstanceId, u64), PendingPark>,
-    helper: PathBuf,
+    /// Starts every instance's exec helper (see spawn.rs).
+    exec: crate::spawn::ExecServer,
     /// Cgroups or process groups: how instances are contained and stopped.
     containment: Containment,
     /// Whether the supervisor runs as root (namespaces and users need it).
@@ -397,6 +398,7 @@ impl Registry {
             }
         }
         let saved = store.load()?;
+        let state_dir = config.settings.state_dir.clone();
         let (tx, rx) = mpsc::channel(1024);
         let mut registry = Registry {
             ports: PortAllocator::new(config.settings.port_range.clone()),
@@ -407,7 +409,7 @@ impl Registry {
             watchers: BTreeMap::new(),
             next_watcher: 1,
             parks: HashMap::new(),
-            helper,
+            exec: crate::spawn::ExecServer::new(helper, state_dir),
             containment,
             is_root,
             environment,

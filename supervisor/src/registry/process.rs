@@ -22,7 +22,7 @@ use crate::logs::{LogBuffer, MAX_LINE_LEN};
 use crate::ownership::{self, Holder};
 use crate::probe;
 use crate::spawn::{self, Endpoints};
-use crate::{ports, procfs};
+use crate::{ports, procfs, sys};
 
 use super::instance::{
     app_socket_path, instance_runtime_dir, notify_socket_path, served_socket_path, snapshot_paths,
@@ -363,14 +363,13 @@ impl Registry {
         spec.cgroup = plan.cgroup;
         spec.isolation = plan.spec;
         let listener_fd: Option<OwnedFd> = listener.map(OwnedFd::from);
-        let mut child =
-            spawn::launch(&self.helper, &spec, listener_fd.as_ref()).map_err(|e| e.to_string())?;
+        let launched = self
+            .exec
+            .launch(&spec, listener_fd.as_ref())
+            .map_err(|e| e.to_string())?;
         // Our copy of the handed-off socket closes here; the helper passes its copy on.
         drop(listener_fd);
-        let pid = child
-            .id()
-            .map(|p| p as i32)
-            .ok_or("the exec helper exited at once")?;
+        let pid = launched.pid;
 
         let instance = self
             .instances
@@ -399,26 +398,12 @@ impl Registry {
         tracing::info!(instance = %id, pid, release = target, "{id}: started {what} (pid {pid})");
 
         let mut tasks = Vec::new();
-        if let Some(stdout) = child.stdout.take() {
+        for (pipe, stream) in [
+            (launched.stdout, LogStream::Stdout),
+            (launched.stderr, LogStream::Stderr),
+        ] {
             tasks.push(
-                tokio::spawn(read_lines(
-                    stdout,
-                    logs.clone(),
-                    LogStream::Stdout,
-                    id.clone(),
-                ))
-                .abort_handle(),
-            );
-        }
-        if let Some(stderr) = child.stderr.take() {
-            tasks.push(
-                tokio::spawn(read_lines(
-                    stderr,
-                    logs.clone(),
-                    LogStream::Stderr,
-                    id.clone(),
-                ))
-                .abort_handle(),
+                tokio::spawn(read_lines(pipe, logs.clone(), stream, id.clone())).abort_handle(),
             );
         }
 
@@ -477,7 +462,7 @@ impl Registry {
                 .abort_handle(),
             );
         }
-        watch_exit(child, tx, id.clone(), generation);
+        watch_exit(sys::wait_pidfd(launched.pidfd), tx, id.clone(), generation);
 
         let oom_baseline = self.containment.cgroups().and_then(|c| c.oom_kills(id));
         if let Some(stat) = procfs::read_stat(Path::new("/proc"), pid) {
@@ -733,7 +718,12 @@ impl Registry {
                     .abort_handle(),
             );
         }
-        watch_exit(child, self.tx.clone(), id.clone(), generation);
+        watch_exit(
+            async move { child.wait().await },
+            self.tx.clone(),
+            id.clone(),
+            generation,
+        );
         instance.process = Some(Process {
             pid,
             tasks,
@@ -1041,15 +1031,18 @@ pub fn remove_aside(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Waits for a process of an instance to exit and tells the registry how it ended.
+/// Waits for a process of an instance to exit (`exited`: tokio's wait of a child, or a pidfd's)
+/// and tells the registry how it ended.
 fn watch_exit(
-    mut child: tokio::process::Child,
+    exited: impl std::future::Future<Output = std::io::Result<std::process::ExitStatus>>
+        + Send
+        + 'static,
     tx: tokio::sync::mpsc::Sender<Command>,
     instance: InstanceId,
     generation: u64,
 ) {
     tokio::spawn(async move {
-        let status = match child.wait().await {
+        let status = match exited.await {
             Ok(status) => describe_exit(status),
             Err(e) => format!("wait failed: {e}"),
         };

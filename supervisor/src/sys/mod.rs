@@ -128,6 +128,93 @@ pub fn fork_child(body: impl FnOnce() -> i32) -> nix::Result<Pid> {
     }
 }
 
+/// Starts `body` in a new process whose parent is this process's parent, not this process
+/// (clone(2) with CLONE_PARENT), on `stack`, a copy of this process's memory otherwise. The exec
+/// server makes each instance's helper this way, so the supervisor is the helper's parent: it
+/// waits for it, and the helper's parent-death signal follows the supervisor.
+pub fn clone_sibling(stack: &mut [u8], mut body: impl FnMut() -> i32) -> nix::Result<Pid> {
+    use nix::sched::CloneFlags;
+    // SAFETY: the exec server is single-threaded (a fresh exec of this binary that starts no
+    // thread or runtime), so no lock or allocator state can be held elsewhere at the clone.
+    // Without CLONE_VM the child gets its own copy of memory and runs `body` on its copy of
+    // `stack`; it returns to nothing of ours (glibc's clone exits with body's value).
+    unsafe {
+        nix::sched::clone(
+            Box::new(move || body() as isize),
+            stack,
+            CloneFlags::CLONE_PARENT,
+            Some(libc::SIGCHLD),
+        )
+    }
+}
+
+/// Makes `fds` this process's descriptors 0, 1, 2 (and 3 when there are four) and closes
+/// every other one: the exec server's new helper takes its stdio and listening socket.
+/// Every fd of `fds` must be above the last target, so none is overwritten before it is moved.
+pub fn take_stdio(fds: &[RawFd]) -> std::io::Result<()> {
+    if fds.iter().any(|&fd| fd < fds.len() as RawFd) {
+        return Err(std::io::Error::other("received descriptors overlap stdio"));
+    }
+    for (target, &fd) in fds.iter().enumerate() {
+        nix::unistd::dup2(fd, target as RawFd)?;
+    }
+    // SAFETY: close_range(2) takes integers and only closes descriptors of this process; the
+    // ones closed (the server's socket, the received copies) are not used afterwards.
+    if unsafe { libc::close_range(fds.len() as libc::c_uint, libc::c_uint::MAX, 0) } == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A pidfd for `pid` (pidfd_open(2)): readable once the process has exited, and a handle
+/// waitid(2) reaps by, immune to pid reuse.
+pub fn pidfd_open(pid: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; on success
+    // the descriptor is ours alone, so OwnedFd may own it.
+    unsafe {
+        let fd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(std::os::fd::OwnedFd::from_raw_fd(fd as RawFd))
+    }
+}
+
+/// Waits until the helper behind `pidfd` exits, reaps it, and returns its status.
+pub async fn wait_pidfd(pidfd: std::os::fd::OwnedFd) -> std::io::Result<std::process::ExitStatus> {
+    use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+    use std::os::fd::AsFd;
+    use std::os::unix::process::ExitStatusExt;
+    // SAFETY: the OwnedFd moves into the AsyncFd and is closed only when the AsyncFd drops it;
+    // its `as_raw_fd` always returns that same descriptor.
+    let fd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }?;
+    loop {
+        let mut ready = fd.readable().await?;
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG;
+        match waitid(Id::PIDFd(fd.get_ref().as_fd()), flags) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(ExitStatusExt::from_raw(code << 8)),
+            Ok(WaitStatus::Signaled(_, signal, core)) => {
+                let raw = signal as i32 | if core { 0x80 } else { 0 };
+                return Ok(ExitStatusExt::from_raw(raw));
+            }
+            Ok(_) => ready.clear_ready(),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Owns the descriptors an SCM_RIGHTS message just installed in this process.
+pub fn own_received(fds: Vec<RawFd>) -> Vec<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    fds.into_iter()
+        // SAFETY: the kernel installed each descriptor for this message alone; nothing else in
+        // the process knows its number.
+        .map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+        .collect()
+}
+
 fn die(message: &str) -> ! {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "{message}");

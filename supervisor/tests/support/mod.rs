@@ -302,6 +302,13 @@ pub fn processes_mentioning(needle: &str) -> Vec<i32> {
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter(|&pid| pid != me && pid_alive(pid))
+        // A supervisor's exec server names its state directory, but it is the supervisor's
+        // (it ends with it), not an instance's process; the helpers it starts rename
+        // themselves `tenement-exec`.
+        .filter(|&pid| {
+            fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map_or(true, |comm| comm.trim_end() != "tenement-execd")
+        })
         .filter(|&pid| {
             fs::read(format!("/proc/{pid}/environ"))
                 .map(|env| env.windows(needle.len()).any(|w| w == needle.as_bytes()))
