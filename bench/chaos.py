@@ -428,13 +428,6 @@ class Chaos:
         """Why `pid` is not accounted for by `listing` (None if it is): it must be the pid the
         registry lists for its instance (the app), an ancestor of it (the exec helper; the
         namespace init) or a descendant (the app's children)."""
-        entry = listing.get(info["instance"])
-        if entry is None:
-            return "instance not registered"
-        root = entry.get("pid")
-        if not root:
-            return f"registry says {entry['state']}, no pid"
-
         def ancestors(x):
             out, seen = [], set()
             while x and x not in seen:
@@ -443,6 +436,19 @@ class Chaos:
                 st = live.get(x)
                 x = st["ppid"] if st else (proc_stat(x) or (None, 0))[1]
             return out
+
+        if info["instance"] == "?":
+            # A helper (the exec server's clone) does not name its instance: it must be an
+            # ancestor of a pid the registry lists.
+            if any(pid in ancestors(e["pid"]) for e in listing.values() if e.get("pid")):
+                return None
+            return "a helper above no pid the registry lists"
+        entry = listing.get(info["instance"])
+        if entry is None:
+            return "instance not registered"
+        root = entry.get("pid")
+        if not root:
+            return f"registry says {entry['state']}, no pid"
 
         if root in ancestors(pid) or pid in ancestors(root):
             return None

@@ -20,7 +20,7 @@ from tenement_bench import DEFAULT_PORT_RANGE, ROOT, Sandbox, free_port
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # Debian package that provides each tool we may need.
-PACKAGES = {"wrk": "wrk", "nginx": "nginx-light"}
+PACKAGES = {"wrk": "wrk", "nginx": "nginx-light", "perf": "linux-perf"}
 
 
 def ensure_tools(*tools):

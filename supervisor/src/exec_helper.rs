@@ -118,8 +118,6 @@ pub const SERVER_NAME: &str = "tenement-execd";
 pub const SERVER_OF_ENV: &str = "TENEMENT_EXEC_SERVER_OF";
 /// The largest spawn request the server reads (a spec with a large environment).
 pub const MAX_REQUEST: usize = 1 << 20;
-/// Stack of each new helper until it forks the app (it uses a few KiB of it).
-const HELPER_STACK: usize = 1 << 20;
 
 /// The server's answer to one spawn request.
 #[derive(Debug, Serialize, Deserialize)]
@@ -154,9 +152,13 @@ fn usage() -> i32 {
 
 /// The exec server: started once by the supervisor, ahead of need, with a SOCK_SEQPACKET
 /// socket at fd 3. Each message is one spawn: a JSON [`SpawnSpec`] with descriptors for the
-/// helper's stdin, stdout, stderr and, when `listen_fd`, its listening socket. The server clones
-/// itself with CLONE_PARENT (so the helper is the supervisor's child, as if the supervisor had
-/// forked it) and answers the helper's pid. A wake thus costs a clone of this small process
+/// helper's stdin, stdout, stderr, its listening socket when `listen_fd`, and last the read end
+/// of a go-ahead pipe. The server clones itself with CLONE_PARENT (so the helper is the
+/// supervisor's child, as if the supervisor had forked it) and answers the helper's pid. The
+/// helper prepares (cgroup, namespaces, mounts) but forks the app only once the supervisor,
+/// holding a pidfd of it, writes a byte to the pipe: a helper whose answer was lost (the server
+/// killed between the clone and the answer, or an answer too late) reads end-of-file instead
+/// and exits, so no app ever runs that the supervisor does not wait for. A wake thus costs a clone of this small process
 /// instead of a fork of the supervisor and an exec of the helper: on the VM of
 /// docs/BENCHMARKS.md the exec and the start of a Rust binary alone take about a millisecond.
 /// The server ends when the supervisor closes the socket or dies (parent-death signal).
@@ -175,11 +177,12 @@ fn serve(supervisor: u32) -> i32 {
     let _ = nix::sys::prctl::set_name(&CString::new(SERVER_NAME).unwrap_or_default());
     let socket: RawFd = 3;
     let mut buf = vec![0u8; MAX_REQUEST];
-    let mut stack = vec![0u8; HELPER_STACK];
     loop {
-        let mut space = nix::cmsg_space!([RawFd; 4]);
+        // At most five descriptors come with a request; room for more shows an extra as
+        // MSG_CTRUNC instead of losing it silently.
+        let mut space = nix::cmsg_space!([RawFd; 8]);
         let mut iov = [IoSliceMut::new(&mut buf)];
-        let (bytes, truncated, fds): (usize, bool, Vec<OwnedFd>) = match recvmsg::<()>(
+        let (bytes, truncated, fds_cut, fds): (usize, bool, bool, Vec<OwnedFd>) = match recvmsg::<()>(
             socket,
             &mut iov,
             Some(&mut space),
@@ -192,10 +195,9 @@ fn serve(supervisor: u32) -> i32 {
                         fds.extend(sys::own_received(received));
                     }
                 }
-                let truncated = msg
-                    .flags
-                    .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
-                (msg.bytes, truncated, fds)
+                let truncated = msg.flags.contains(MsgFlags::MSG_TRUNC);
+                let fds_cut = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+                (msg.bytes, truncated, fds_cut, fds)
             }
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {
@@ -210,10 +212,17 @@ fn serve(supervisor: u32) -> i32 {
             SpawnReply::Failed {
                 error: format!("the spawn request is larger than {MAX_REQUEST} bytes"),
             }
+        } else if fds_cut {
+            SpawnReply::Failed {
+                error: "more descriptors came with the spec than a request carries".to_owned(),
+            }
         } else {
-            spawn(&buf[..bytes], &fds, &mut stack)
+            spawn(&buf[..bytes], &fds)
         };
         drop(fds);
+        // Requests carry tenants' environments (secrets from env files among them); each
+        // later helper is a copy of this process, so nothing of an earlier one stays here.
+        buf[..bytes].fill(0);
         let answer = serde_json::to_vec(&reply).unwrap_or_default();
         if let Err(e) = nix::sys::socket::send(socket, &answer, MsgFlags::MSG_NOSIGNAL) {
             eprintln!("tenement exec server: send: {e}");
@@ -222,8 +231,9 @@ fn serve(supervisor: u32) -> i32 {
     }
 }
 
-/// One spawn request: checks it and clones the helper that runs it.
-fn spawn(request: &[u8], fds: &[std::os::fd::OwnedFd], stack: &mut [u8]) -> SpawnReply {
+/// One spawn request: checks it and clones the helper that runs it. Returns the answer in the
+/// server; the helper never returns from it (it exits).
+fn spawn(request: &[u8], fds: &[std::os::fd::OwnedFd]) -> SpawnReply {
     use std::os::fd::AsRawFd;
     let spec: SpawnSpec = match serde_json::from_slice(request) {
         Ok(spec) => spec,
@@ -233,7 +243,8 @@ fn spawn(request: &[u8], fds: &[std::os::fd::OwnedFd], stack: &mut [u8]) -> Spaw
             }
         }
     };
-    let wanted = if spec.listen_fd { 4 } else { 3 };
+    // stdin, stdout, stderr, [listening socket], go-ahead pipe.
+    let wanted = if spec.listen_fd { 5 } else { 4 };
     if fds.len() != wanted {
         return SpawnReply::Failed {
             error: format!(
@@ -243,32 +254,55 @@ fn spawn(request: &[u8], fds: &[std::os::fd::OwnedFd], stack: &mut [u8]) -> Spaw
         };
     }
     let raw: Vec<i32> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
-    let cloned = sys::clone_sibling(stack, || {
-        // The new helper: its own process group (the supervisor signals the group), the
-        // received descriptors as its stdio, then what a helper does.
-        let _ = nix::sys::prctl::set_name(&CString::new(HELPER_NAME).unwrap_or_default());
-        let code = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0))
-            .map_err(|e| format!("setpgid: {e}"))
-            .and_then(|()| sys::take_stdio(&raw).map_err(|e| format!("descriptors: {e}")))
-            .and_then(|()| run(&spec));
-        std::process::exit(match code {
-            Ok(code) => code,
-            Err(message) => {
-                eprintln!("tenement exec helper: {message}");
-                127
-            }
-        })
-    });
-    match cloned {
-        Ok(pid) => SpawnReply::Started { pid: pid.as_raw() },
+    match sys::fork_sibling() {
+        Ok(Some(pid)) => SpawnReply::Started { pid: pid.as_raw() },
         Err(e) => SpawnReply::Failed {
             error: format!("clone: {e}"),
         },
+        Ok(None) => {
+            // The new helper: its own name and process group (the supervisor signals the
+            // group), the received descriptors as 0.., then what a helper does. A panic must
+            // not unwind into the server's loop, which this copy of the stack still holds.
+            let go = (wanted - 1) as i32;
+            let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let _ = nix::sys::prctl::set_name(&CString::new(HELPER_NAME).unwrap_or_default());
+                nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0))
+                    .map_err(|e| format!("setpgid: {e}"))
+                    .and_then(|()| sys::take_stdio(&raw).map_err(|e| format!("descriptors: {e}")))
+                    .and_then(|()| run(&spec, go))
+            }));
+            std::process::exit(match code {
+                Ok(Ok(code)) => code,
+                Ok(Err(message)) => {
+                    eprintln!("tenement exec helper: {message}");
+                    127
+                }
+                Err(_) => 127,
+            })
+        }
     }
 }
 
-/// Starts the app of `spec` and supervises it; the exit code for the helper.
-fn run(spec: &SpawnSpec) -> Result<i32, String> {
+/// Blocks until the supervisor says the helper is its to wait for (a byte on `go`), then
+/// closes `go`.
+fn wait_go_ahead(go: i32) -> Result<(), String> {
+    let mut byte = [0u8; 1];
+    let read = loop {
+        match nix::unistd::read(go, &mut byte) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other,
+        }
+    };
+    let _ = nix::unistd::close(go);
+    match read {
+        Ok(1) => Ok(()),
+        _ => Err("the supervisor did not take this helper in; not starting the app".to_owned()),
+    }
+}
+
+/// Starts the app of `spec` once the supervisor gives the go-ahead on `go`, and supervises it;
+/// the exit code for the helper.
+fn run(spec: &SpawnSpec, go: i32) -> Result<i32, String> {
     // The cgroup first: everything forked from here on is accounted and killable there.
     if let Some(cgroup) = &spec.cgroup {
         let procs = cgroup.join("cgroup.procs");
@@ -313,6 +347,7 @@ fn run(spec: &SpawnSpec) -> Result<i32, String> {
         })?;
         // The next process is PID 1 of the new namespace: it mounts /proc and stays as the
         // init that reaps and forwards signals; the app runs under it.
+        wait_go_ahead(go)?;
         let init = sys::fork_child(|| {
             if let Err(e) = sys::isolate::mount_proc() {
                 eprintln!("tenement exec helper: {e}");
@@ -329,6 +364,7 @@ fn run(spec: &SpawnSpec) -> Result<i32, String> {
         .map_err(|e| format!("fork: {e}"))?;
         (init, Tree::Child(init.as_raw()))
     } else {
+        wait_go_ahead(go)?;
         let app_pid = sys::fork_exec_app(&app).map_err(|e| format!("fork: {e}"))?;
         (app_pid, Tree::ProcessGroup)
     };

@@ -220,8 +220,11 @@ struct Server {
     _process: tokio::process::Child,
 }
 
-/// How long a spawn request may wait for the server's answer (it answers right after a clone).
-const SERVER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a spawn request may wait to be sent and answered. The server answers right after a
+/// clone (well under a millisecond); this blocks the registry, so it stays far below the 2 s in
+/// which the registry must answer the systemd watchdog's check. A helper whose answer comes too
+/// late gets no go-ahead and exits without starting its app.
+const SERVER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl ExecServer {
     pub fn new(helper: PathBuf, state_dir: PathBuf) -> Self {
@@ -245,18 +248,29 @@ impl ExecServer {
             SockFlag::SOCK_CLOEXEC,
         )
         .map_err(|e| helper_error(e.into()))?;
-        // A request is one message: let it be as large as the server reads.
-        let _ = nix::sys::socket::setsockopt(
-            &ours,
-            nix::sys::socket::sockopt::SndBuf,
-            &(crate::exec_helper::MAX_REQUEST * 2),
+        // A request is one message: let it be as large as the server reads (forced as root;
+        // else up to net.core.wmem_max, and a larger request fails with a clear error).
+        let size = crate::exec_helper::MAX_REQUEST * 2;
+        if nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::SndBufForce, &size)
+            .is_err()
+        {
+            let _ = nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::SndBuf, &size);
+        }
+        let timeout = nix::sys::time::TimeVal::new(
+            SERVER_DEADLINE.as_secs() as i64,
+            SERVER_DEADLINE.subsec_micros() as i64,
         );
-        let timeout = nix::sys::time::TimeVal::new(SERVER_DEADLINE.as_secs() as i64, 0);
         let _ = nix::sys::socket::setsockopt(
             &ours,
             nix::sys::socket::sockopt::ReceiveTimeout,
             &timeout,
         );
+        let _ =
+            nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::SendTimeout, &timeout);
+        // The server's parent-death signal, and through CLONE_PARENT every helper's, follows
+        // the thread that starts it here: a runtime worker of the registry, which lives as long
+        // as the supervisor. Never start it from spawn_blocking or block_in_place, whose
+        // threads come and go.
         let mut command = tokio::process::Command::new(&self.helper);
         command
             .arg(crate::exec_helper::SERVE_ARG)
@@ -265,7 +279,7 @@ impl ExecServer {
             .env(crate::exec_helper::SERVER_OF_ENV, &self.state_dir)
             .stdin(Stdio::null())
             .kill_on_drop(true);
-        sys::pass_fd(&mut command, theirs.as_raw_fd());
+        sys::pass_fd(command.as_std_mut(), theirs.as_raw_fd());
         let process = command.spawn().map_err(helper_error)?;
         Ok(Server {
             socket: ours,
@@ -295,25 +309,44 @@ impl ExecServer {
         };
         let (stdout, stdout_w) = pipe().map_err(io)?;
         let (stderr, stderr_w) = pipe().map_err(io)?;
+        // The helper forks its app only after a byte on this pipe, written once we hold a
+        // pidfd of it (see exec_helper.rs): no app runs that we do not wait for.
+        let (go, go_ahead) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| io(e.into()))?;
         let mut fds = vec![
             stdin.as_raw_fd(),
             stdout_w.as_raw_fd(),
             stderr_w.as_raw_fd(),
         ];
         fds.extend(listener.map(|l| l.as_raw_fd()));
+        fds.push(go.as_raw_fd());
 
         let mut running = crate::lock(&self.running);
-        // A server that ended (killed by hand, or the first spawn) is started anew, once.
+        // A server that ended (killed by hand, or the first spawn) is started anew. A request
+        // is sent again only if it never reached the server; one the server may have read is
+        // never repeated (that could start a second helper), it fails this start instead.
         let mut fresh = false;
         let reply = loop {
-            if running.is_none() {
-                *running = Some(self.start()?);
-                fresh = true;
+            let server = match running.as_ref() {
+                Some(server) => server,
+                None => {
+                    fresh = true;
+                    running.insert(self.start()?)
+                }
+            };
+            match send(&server.socket, &request, &fds) {
+                Ok(()) => {}
+                Err(e) if !fresh && is_gone(&e) => {
+                    *running = None;
+                    continue;
+                }
+                Err(e) => {
+                    *running = None;
+                    return Err(io(e));
+                }
             }
-            let server = running.as_ref().expect("started above");
-            match ask(&server.socket, &request, &fds) {
+            match receive(&server.socket) {
                 Ok(reply) => break reply,
-                Err(e) if !fresh && is_gone(&e) => *running = None,
                 Err(e) => {
                     *running = None;
                     return Err(io(e));
@@ -329,13 +362,17 @@ impl ExecServer {
         let pidfd = match sys::pidfd_open(pid) {
             Ok(fd) => fd,
             Err(e) => {
-                // Without a way to wait for it, it must not run: end it and reap it now.
-                let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                // Without a way to wait for it, it must not run: no go-ahead, and reap it now.
+                drop(go_ahead);
                 let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
                 let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
                 return Err(io(e));
             }
         };
+        if let Err(e) = nix::unistd::write(&go_ahead, &[1]) {
+            // The helper is gone already: its exit is what the pidfd will report.
+            tracing::debug!(pid, "go-ahead to the helper: {e}");
+        }
         Ok(Launched {
             pid,
             pidfd,
@@ -345,47 +382,59 @@ impl ExecServer {
     }
 }
 
-/// Whether a failed request means the server is gone (and may be started again).
+/// Whether a failed send means the server is gone (it never read the request).
 fn is_gone(e: &std::io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EPIPE) | Some(libc::ECONNRESET) | Some(libc::ENOTCONN)
-    ) || e.kind() == std::io::ErrorKind::UnexpectedEof
+    )
 }
 
-/// One request to the server and its answer.
-fn ask(socket: &OwnedFd, request: &[u8], fds: &[RawFd]) -> std::io::Result<SpawnReply> {
-    use nix::sys::socket::{recv, sendmsg, ControlMessage, MsgFlags};
+/// Sends one spawn request with its descriptors.
+fn send(socket: &OwnedFd, request: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     let rights = [ControlMessage::ScmRights(fds)];
-    sendmsg::<()>(
+    let sent = sendmsg::<()>(
         socket.as_raw_fd(),
         &[std::io::IoSlice::new(request)],
         &rights,
         MsgFlags::MSG_NOSIGNAL,
         None,
-    )
-    .map_err(|e| match e {
-        nix::errno::Errno::EMSGSIZE => std::io::Error::other(format!(
+    );
+    match sent {
+        Ok(_) => Ok(()),
+        Err(nix::errno::Errno::EMSGSIZE) => Err(std::io::Error::other(format!(
             "the spawn request ({} bytes) is too large for the exec server",
             request.len()
-        )),
-        e => e.into(),
-    })?;
+        ))),
+        Err(nix::errno::Errno::EAGAIN) => Err(std::io::Error::other(format!(
+            "the exec server did not take the request within {} ms",
+            SERVER_DEADLINE.as_millis()
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The server's answer to the request just sent.
+fn receive(socket: &OwnedFd) -> std::io::Result<SpawnReply> {
+    use nix::sys::socket::{recv, MsgFlags};
     let mut answer = [0u8; 4096];
     let n = loop {
         match recv(socket.as_raw_fd(), &mut answer, MsgFlags::empty()) {
             Err(nix::errno::Errno::EINTR) => continue,
             Err(nix::errno::Errno::EAGAIN) => {
                 return Err(std::io::Error::other(format!(
-                    "the exec server did not answer within {} s",
-                    SERVER_DEADLINE.as_secs()
+                    "the exec server did not answer within {} ms",
+                    SERVER_DEADLINE.as_millis()
                 )))
             }
             other => break other?,
         }
     };
     if n == 0 {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
+        return Err(std::io::Error::other(
+            "the exec server ended before it answered",
+        ));
     }
     serde_json::from_slice(&answer[..n])
         .map_err(|e| std::io::Error::other(format!("bad answer from the exec server: {e}")))

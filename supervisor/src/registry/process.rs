@@ -363,18 +363,22 @@ impl Registry {
         spec.cgroup = plan.cgroup;
         spec.isolation = plan.spec;
         let listener_fd: Option<OwnedFd> = listener.map(OwnedFd::from);
+        let asked = Instant::now();
         let launched = self
             .exec
             .launch(&spec, listener_fd.as_ref())
             .map_err(|e| e.to_string())?;
+        tracing::debug!(instance = %id, micros = asked.elapsed().as_micros() as u64, "{id}: helper started");
         // Our copy of the handed-off socket closes here; the helper passes its copy on.
         drop(listener_fd);
         let pid = launched.pid;
 
-        let instance = self
-            .instances
-            .get_mut(id)
-            .ok_or_else(|| format!("{id} vanished"))?;
+        let Some(instance) = self.instances.get_mut(id) else {
+            // Never left to run unwaited: end it and reap it in the background.
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            tokio::spawn(sys::wait_pidfd(launched.pidfd));
+            return Err(format!("{id} vanished"));
+        };
         instance.generation += 1;
         let generation = instance.generation;
         instance.start_began = Some(now);

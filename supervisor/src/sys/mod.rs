@@ -1,10 +1,14 @@
 //! The only place in tenement with `unsafe`: fork, exec, and what runs between them.
 //!
-//! - [`pass_fd`]: a `pre_exec` hook that puts a listening socket at fd 3 of the exec helper.
-//!   It runs in the forked child of the multithreaded supervisor, so it makes only
-//!   async-signal-safe calls (dup2, fcntl).
+//! - [`pass_fd`]: a `pre_exec` hook that puts a descriptor at fd 3 of a process the supervisor
+//!   starts (the exec server's end of its socket). It runs in the forked child of the
+//!   multithreaded supervisor, so it makes only async-signal-safe calls (dup2, fcntl).
+//! - [`fork_sibling`], [`take_stdio`]: the exec server's clone of a helper, and the helper
+//!   taking the descriptors that came with the request. [`pidfd_open`], [`wait_pidfd`],
+//!   [`own_received`]: the supervisor's handle on the helper, and descriptors from SCM_RIGHTS.
 //! - [`fork_exec_app`]: the exec helper's fork of the app. The helper is single-threaded (a
-//!   fresh exec of this binary that never starts a runtime), so the child may allocate.
+//!   clone of the exec server, which never starts a runtime or a thread), so the child may
+//!   allocate.
 //!
 //! - [`FineSleep`]: a timerfd registered with tokio's reactor, for sub-millisecond readiness
 //!   polling.
@@ -26,7 +30,8 @@ use tokio::io::Interest;
 use nix::unistd::Pid;
 
 /// Arranges for `fd` to be fd 3 (without close-on-exec) in the process `command` starts.
-pub fn pass_fd(command: &mut tokio::process::Command, fd: RawFd) {
+pub fn pass_fd(command: &mut std::process::Command, fd: RawFd) {
+    use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs in the child between fork and exec of a multithreaded parent.
     // It only calls dup2(2) and fcntl(2), both async-signal-safe (signal-safety(7)), touches
     // no allocator or lock, and captures `fd` by value (a plain integer).
@@ -61,9 +66,9 @@ pub struct AppExec {
 /// Forks the app from the single-threaded exec helper. Returns the child's pid in the parent;
 /// the child never returns (it execs or exits 127 with a message on stderr).
 pub fn fork_exec_app(app: &AppExec) -> nix::Result<Pid> {
-    // SAFETY: fork(2) is sound here because the exec helper is single-threaded: it is a fresh
-    // exec of this binary that never starts a tokio runtime or any thread (see exec_helper.rs),
-    // so no lock or allocator state can be held by another thread at the fork.
+    // SAFETY: fork(2) is sound here because the exec helper is single-threaded: a clone of the
+    // exec server, which never starts a tokio runtime or any thread (see exec_helper.rs), so no
+    // lock or allocator state can be held by another thread at the fork.
     match unsafe { nix::unistd::fork() }? {
         nix::unistd::ForkResult::Parent { child } => Ok(child),
         nix::unistd::ForkResult::Child => child_exec(app),
@@ -128,39 +133,51 @@ pub fn fork_child(body: impl FnOnce() -> i32) -> nix::Result<Pid> {
     }
 }
 
-/// Starts `body` in a new process whose parent is this process's parent, not this process
-/// (clone(2) with CLONE_PARENT), on `stack`, a copy of this process's memory otherwise. The exec
-/// server makes each instance's helper this way, so the supervisor is the helper's parent: it
-/// waits for it, and the helper's parent-death signal follows the supervisor.
-pub fn clone_sibling(stack: &mut [u8], mut body: impl FnMut() -> i32) -> nix::Result<Pid> {
-    use nix::sched::CloneFlags;
-    // SAFETY: the exec server is single-threaded (a fresh exec of this binary that starts no
-    // thread or runtime), so no lock or allocator state can be held elsewhere at the clone.
-    // Without CLONE_VM the child gets its own copy of memory and runs `body` on its copy of
-    // `stack`; it returns to nothing of ours (glibc's clone exits with body's value).
-    unsafe {
-        nix::sched::clone(
-            Box::new(move || body() as isize),
-            stack,
-            CloneFlags::CLONE_PARENT,
-            Some(libc::SIGCHLD),
+/// Forks this process, except that the new process's parent is this process's parent
+/// (clone(2) with CLONE_PARENT): `None` in the new process, its pid in this one. The exec server
+/// makes each instance's helper this way, so the helper is the supervisor's child: the
+/// supervisor waits for it, and the helper's parent-death signal follows the supervisor.
+pub fn fork_sibling() -> nix::Result<Option<Pid>> {
+    // SAFETY: a raw clone(2) with no new stack and no CLONE_VM behaves as fork(2): the child
+    // continues from here, with its own copy of this process's memory and of this very stack
+    // (guard page included). Sound because the exec server is single-threaded (a fresh exec of
+    // this binary that starts no thread or runtime), so no lock or allocator state is held
+    // elsewhere. What glibc's fork() would add: atfork handlers (the server registers none) and
+    // a fresh cached thread id; the child never relies on that id (Rust's locks do not use it,
+    // glibc's raise(3) and fork(2) ask the kernel), and it registers no robust futexes.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (libc::CLONE_PARENT | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
         )
+    };
+    match rc {
+        -1 => Err(nix::errno::Errno::last()),
+        0 => Ok(None),
+        pid => Ok(Some(Pid::from_raw(pid as i32))),
     }
 }
 
-/// Makes `fds` this process's descriptors 0, 1, 2 (and 3 when there are four) and closes
-/// every other one: the exec server's new helper takes its stdio and listening socket.
-/// Every fd of `fds` must be above the last target, so none is overwritten before it is moved.
+/// Makes `fds` this process's descriptors 0, 1, 2, ... in order and closes every other one: the
+/// exec server's new helper takes its stdio, its listening socket and its go-ahead pipe.
 pub fn take_stdio(fds: &[RawFd]) -> std::io::Result<()> {
-    if fds.iter().any(|&fd| fd < fds.len() as RawFd) {
-        return Err(std::io::Error::other("received descriptors overlap stdio"));
-    }
-    for (target, &fd) in fds.iter().enumerate() {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let count = fds.len() as RawFd;
+    // First above every target, so that no dup2 below overwrites a descriptor still to move.
+    let high = fds
+        .iter()
+        .map(|&fd| fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(count)))
+        .collect::<nix::Result<Vec<RawFd>>>()?;
+    for (target, &fd) in high.iter().enumerate() {
         nix::unistd::dup2(fd, target as RawFd)?;
     }
     // SAFETY: close_range(2) takes integers and only closes descriptors of this process; the
     // ones closed (the server's socket, the received copies) are not used afterwards.
-    if unsafe { libc::close_range(fds.len() as libc::c_uint, libc::c_uint::MAX, 0) } == -1 {
+    if unsafe { libc::close_range(count as libc::c_uint, libc::c_uint::MAX, 0) } == -1 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
