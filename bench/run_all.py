@@ -28,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHMARKS = [
     ("cold wake per runtime and listen mode", "cold_wake.py", ["--rounds", "15"], ["--rounds", "3"]),
     ("10 and 100 simultaneous first requests", "cold_requests.py", ["--rounds", "5"], ["--rounds", "1"]),
+    ("where a cold wake's milliseconds go", "wake_breakdown.py", ["--rounds", "15"], ["--rounds", "3"]),
     ("warm throughput: direct, nginx, tenement", "proxy_throughput.py", ["--rounds", "5", "--duration", "5"],
      ["--rounds", "1", "--duration", "2"]),
     ("scale and memory", "scale.py", [], ["--instances", "1000", "--wakes", "100", "--idle-timeout", "5"]),
@@ -58,7 +59,7 @@ def main():
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run_all: needs root (the proxy drops to nobody; isolation needs namespaces)")
-    ensure_tools("wrk", "nginx")
+    ensure_tools("wrk", "nginx", "perf")
     ensure_runtimes()
     subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "tenement-supervisor", "-p", "tenement-proxy",
                     "-p", "tenctl", "-p", "tenement-fixtures"], cwd=ROOT, check=True)
