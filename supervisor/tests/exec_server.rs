@@ -119,10 +119,10 @@ fn wait_for(path: &Path) -> bool {
     false
 }
 
-#[test]
-fn the_app_starts_after_the_go_ahead_and_the_helper_is_our_child() {
+/// A server, and a helper it started whose app would create `ran` in the returned directory;
+/// the helper's pid and the write end of its go-ahead pipe.
+fn helper_that_touches_a_marker() -> (tempfile::TempDir, Server, i32, OwnedFd) {
     let dir = tempfile::tempdir().unwrap();
-    let marker = dir.path().join("ran");
     let server = Server::start();
     let (stdio, go, go_ahead) = descriptors();
     let request = serde_json::to_vec(&spec(dir.path(), "touch ran")).unwrap();
@@ -131,7 +131,13 @@ fn the_app_starts_after_the_go_ahead_and_the_helper_is_our_child() {
         SpawnReply::Started { pid } => pid,
         other => panic!("expected a helper, got {other:?}"),
     };
-    drop(go);
+    (dir, server, pid, go_ahead)
+}
+
+#[test]
+fn the_app_starts_after_the_go_ahead_and_the_helper_is_our_child() {
+    let (dir, _server, pid, go_ahead) = helper_that_touches_a_marker();
+    let marker = dir.path().join("ran");
     // Not before the go-ahead.
     std::thread::sleep(Duration::from_millis(200));
     assert!(!marker.exists(), "the app ran before the go-ahead");
@@ -143,17 +149,8 @@ fn the_app_starts_after_the_go_ahead_and_the_helper_is_our_child() {
 
 #[test]
 fn a_helper_without_go_ahead_exits_and_starts_nothing() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, _server, pid, go_ahead) = helper_that_touches_a_marker();
     let marker = dir.path().join("ran");
-    let server = Server::start();
-    let (stdio, go, go_ahead) = descriptors();
-    let request = serde_json::to_vec(&spec(dir.path(), "touch ran")).unwrap();
-    let fds = raw(&[&stdio[0], &stdio[1], &stdio[2], &go]);
-    let pid = match server.ask(&request, &fds) {
-        SpawnReply::Started { pid } => pid,
-        other => panic!("expected a helper, got {other:?}"),
-    };
-    drop(go);
     // The supervisor lost the answer (or gave up on it): the write end closes unwritten.
     drop(go_ahead);
     assert_eq!(exit_code(pid), 127);
