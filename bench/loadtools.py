@@ -109,7 +109,7 @@ def nginx_binary():
     return shutil.which("nginx") or "/usr/sbin/nginx"
 
 
-def proxied_sandbox(services_toml, port_range=DEFAULT_PORT_RANGE):
+def proxied_sandbox(services_toml, port_range=DEFAULT_PORT_RANGE, settings_extra=()):
     """A Sandbox with supervisor and proxy running, the proxy listening on a free port.
 
     Workaround: Sandbox's temp dir is mkdtemp's 0700. As root the proxy drops to `nobody` and
@@ -117,7 +117,8 @@ def proxied_sandbox(services_toml, port_range=DEFAULT_PORT_RANGE):
     the whole wake deadline (~32 s) and gets a 503. Opening the directory for traversal (0711)
     fixes that without touching the shared harness."""
     port = free_port()
-    sb = Sandbox(services_toml.replace("@BIN@", BIN), port_range=port_range, listen=f"127.0.0.1:{port}")
+    sb = Sandbox(services_toml.replace("@BIN@", BIN), port_range=port_range, listen=f"127.0.0.1:{port}",
+                 settings_extra=settings_extra)
     os.chmod(sb.dir, 0o711)
     sb.proxy_port = port
     try:

@@ -27,7 +27,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # (title, script, full arguments, quick arguments)
 BENCHMARKS = [
     ("cold wake per runtime and listen mode", "cold_wake.py", ["--rounds", "15"], ["--rounds", "3"]),
-    ("10 and 100 simultaneous first requests", "cold_requests.py", ["--rounds", "5"], ["--rounds", "1"]),
+    ("10, 100 and 1,000 simultaneous requests, cold and warm", "cold_requests.py", ["--rounds", "5"],
+     ["--rounds", "1", "--n", "10,100"]),
     ("where a cold wake's milliseconds go", "wake_breakdown.py", ["--rounds", "15"], ["--rounds", "3"]),
     ("warm throughput: direct, nginx, tenement", "proxy_throughput.py", ["--rounds", "5", "--duration", "5"],
      ["--rounds", "1", "--duration", "2"]),

@@ -49,7 +49,7 @@ def stop(proc):
 class Sandbox:
     """A temp dir with a config, a running supervisor and (optionally) a proxy."""
 
-    def __init__(self, services_toml, port_range=DEFAULT_PORT_RANGE, listen=None):
+    def __init__(self, services_toml, port_range=DEFAULT_PORT_RANGE, listen=None, settings_extra=()):
         self.dir = tempfile.mkdtemp(prefix="tenement-bench-")
         self.listen = listen
         settings = [
@@ -64,6 +64,7 @@ class Sandbox:
         ]
         if listen:
             settings.append(f'listen = "{listen}"')
+        settings.extend(settings_extra)
         self.config = os.path.join(self.dir, "tenement.toml")
         with open(self.config, "w") as f:
             f.write("\n".join(settings) + "\n\n" + services_toml.replace("@ROOT@", ROOT) + "\n")

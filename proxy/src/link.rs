@@ -27,6 +27,25 @@ use crate::table::{RouteInfo, Table};
 /// How often activity is reported.
 const REPORT_EVERY: Duration = Duration::from_millis(250);
 
+/// How long a connection that completed a call is kept for the next one: well under the 30 s
+/// after which the supervisor closes a connection that sends nothing.
+const KEEP_FOR: Duration = Duration::from_secs(20);
+/// Connections kept per thread and supervisor socket (calls on one thread at once).
+const KEEP_AT_MOST: usize = 4;
+
+/// A connection that said hello and completed a call, waiting for the next call.
+struct Kept {
+    socket: PathBuf,
+    stream: UnixStream,
+    since: std::time::Instant,
+}
+
+thread_local! {
+    /// Kept connections of this thread. Per thread because a tokio stream belongs to the
+    /// runtime that made it, and every runtime of the proxy is a single thread (workers.rs).
+    static KEPT: std::cell::RefCell<Vec<Kept>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// What a scrape gets from the supervisor (`stats`), all its messages together.
 #[derive(Debug, Clone, Default)]
 pub struct SupervisorReport {
@@ -91,23 +110,58 @@ impl Link {
     }
 
     /// One request and its answer, retried on a fresh connection if the supervisor went away
-    /// mid-call (a restart), until `deadline`.
+    /// mid-call (a restart), until `deadline`. A connection that completed a call is kept for
+    /// the next one on this thread ([`KEPT`]): a cold wake then skips a connect and a hello.
     async fn call(&self, request: Request, deadline: Instant) -> Result<Response, ProxyError> {
         loop {
-            let mut stream = self.connect(deadline).await?;
+            let (mut stream, kept) = match self.take_kept() {
+                Some(stream) => (stream, true),
+                None => (self.connect(deadline).await?, false),
+            };
             let exchange = async {
                 frame::write_message_async(&mut stream, &request).await?;
                 frame::read_message_async::<_, Response>(&mut stream).await
             };
             match tokio::time::timeout_at(deadline, exchange).await {
                 Err(_) => return Err(ProxyError::WakeFailed("wake deadline passed".to_owned())),
-                Ok(Ok(response)) => return Ok(response),
+                Ok(Ok(response)) => {
+                    self.keep(stream);
+                    return Ok(response);
+                }
+                // The supervisor closed a kept connection (idle, or it restarted): every call
+                // is safe to send again, at once, on a fresh connection.
+                Ok(Err(e)) if kept => {
+                    tracing::debug!("kept supervisor connection gone, reconnecting: {e}");
+                }
                 Ok(Err(e)) => {
                     tracing::debug!("supervisor call interrupted, retrying: {e}");
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }
         }
+    }
+
+    /// A kept connection to this link's socket, if this thread has one young enough.
+    fn take_kept(&self) -> Option<UnixStream> {
+        KEPT.with(|kept| {
+            let mut kept = kept.borrow_mut();
+            kept.retain(|k| k.since.elapsed() < KEEP_FOR);
+            let i = kept.iter().rposition(|k| k.socket == self.socket)?;
+            Some(kept.swap_remove(i).stream)
+        })
+    }
+
+    fn keep(&self, stream: UnixStream) {
+        KEPT.with(|kept| {
+            let mut kept = kept.borrow_mut();
+            if kept.iter().filter(|k| k.socket == self.socket).count() < KEEP_AT_MOST {
+                kept.push(Kept {
+                    socket: self.socket.clone(),
+                    stream,
+                    since: std::time::Instant::now(),
+                });
+            }
+        });
     }
 
     /// Wakes `id` and returns its route once it is ready.

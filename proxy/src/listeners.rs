@@ -65,13 +65,18 @@ pub fn from_systemd() -> anyhow::Result<Vec<Listener>> {
     Ok(listeners)
 }
 
+/// The accept queue of a listener the proxy binds itself: systemd's default for a socket unit
+/// (SOMAXCONN), capped by the kernel's `net.core.somaxconn`. std's 128 would drop the SYNs of a
+/// burst of first requests that arrive faster than the workers accept.
+const BACKLOG: i32 = 4096;
+
 /// Binds `addrs` ourselves (foreground use); `metrics`: as metrics listeners.
 pub fn bind(addrs: &[ListenAddress], metrics: bool) -> anyhow::Result<Vec<Listener>> {
     addrs
         .iter()
         .map(|address| {
-            let socket = std::net::TcpListener::bind(address.addr)
-                .with_context(|| format!("cannot listen on {address}"))?;
+            let socket =
+                listen(address.addr).with_context(|| format!("cannot listen on {address}"))?;
             socket.set_nonblocking(true)?;
             let scheme = match (metrics, address.tls) {
                 (true, _) => "metrics",
@@ -87,9 +92,33 @@ pub fn bind(addrs: &[ListenAddress], metrics: bool) -> anyhow::Result<Vec<Listen
         .collect()
 }
 
+/// A listening TCP socket on `addr` with [`BACKLOG`], SO_REUSEADDR set as std sets it.
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listeners_bound_here_take_a_large_accept_queue() {
+        let listener = listen("127.0.0.1:0".parse().expect("address")).expect("listen");
+        let port = listener.local_addr().expect("address").port();
+        let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .expect("somaxconn")
+            .trim()
+            .parse()
+            .expect("a number");
+        let found = tenement_proto::sockdiag::tcp_listeners(port).expect("sock_diag");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].backlog, (BACKLOG as u32).min(somaxconn));
+    }
 
     #[test]
     fn listener_names_pick_the_scheme() {

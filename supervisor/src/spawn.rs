@@ -1,5 +1,6 @@
 //! Turning a service definition into a running exec helper: the argv, the cleared
-//! environment, the program path, the pipes, the handed-off socket.
+//! environment, the program path, the pipes, the handed-off socket, and [`ExecServer`], which
+//! has the exec server clone each helper.
 //!
 //! What goes into an argv or environment comes from the config (validated at load) and from
 //! [`InstanceId`] (DNS labels by construction): nothing a client sent is interpolated
@@ -199,7 +200,7 @@ pub fn ensure_data_dir(path: &Path) -> Result<(), SpawnError> {
 /// One helper the exec server started: a child of this process.
 pub struct Launched {
     pub pid: i32,
-    /// Readable when the helper has exited; reaps it (see [`wait_exit`]).
+    /// Readable when the helper has exited; [`sys::wait_pidfd`] reaps it through this.
     pub pidfd: OwnedFd,
     pub stdout: tokio::net::unix::pipe::Receiver,
     pub stderr: tokio::net::unix::pipe::Receiver,
