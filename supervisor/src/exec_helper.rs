@@ -31,6 +31,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroize;
 
 use crate::procfs;
 use crate::sys;
@@ -235,7 +236,7 @@ fn serve(supervisor: u32) -> i32 {
 /// server; the helper never returns from it (it exits).
 fn spawn(request: &[u8], fds: &[std::os::fd::OwnedFd]) -> SpawnReply {
     use std::os::fd::AsRawFd;
-    let spec: SpawnSpec = match serde_json::from_slice(request) {
+    let mut spec: SpawnSpec = match serde_json::from_slice(request) {
         Ok(spec) => spec,
         Err(e) => {
             return SpawnReply::Failed {
@@ -254,7 +255,7 @@ fn spawn(request: &[u8], fds: &[std::os::fd::OwnedFd]) -> SpawnReply {
         };
     }
     let raw: Vec<i32> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
-    match sys::fork_sibling() {
+    let reply = match sys::fork_sibling() {
         Ok(Some(pid)) => SpawnReply::Started { pid: pid.as_raw() },
         Err(e) => SpawnReply::Failed {
             error: format!("clone: {e}"),
@@ -280,7 +281,15 @@ fn spawn(request: &[u8], fds: &[std::os::fd::OwnedFd]) -> SpawnReply {
                 Err(_) => 127,
             })
         }
+    };
+    // The environment (secrets from env files among it) and the arguments, zeroed before the
+    // allocator reuses their memory: every later helper starts as a copy of this process.
+    for (name, value) in &mut spec.env {
+        name.zeroize();
+        value.zeroize();
     }
+    spec.argv.zeroize();
+    reply
 }
 
 /// Blocks until the supervisor says the helper is its to wait for (a byte on `go`), then
