@@ -39,7 +39,7 @@ import time
 
 import loadtools
 from loadtools import build, fire, proxied_sandbox, revision, snapshot_binaries, wait_proxy_synced
-from tenement_bench import machine, median
+from tenement_bench import machine, median, proc_stat
 
 SERVICES = {
     "native": '[service.native]\ncommand = "@BIN@/tiny-http"\nidle_timeout = 0\n',
@@ -143,17 +143,10 @@ def stages_of(events, client, proxy, supervisor, server):
 
 
 def exec_server_of(supervisor):
+    """The pid of `supervisor`'s exec server (tenement-execd), or None."""
     for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        if comm == "tenement-execd" and ppid == supervisor:
+        st = proc_stat(name) if name.isdigit() else None
+        if st and st[3] == "tenement-execd" and st[1] == supervisor:
             return int(name)
     return None
 

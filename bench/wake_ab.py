@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Two builds of the supervisor side by side: how long does each take to wake an instance?
+
+    python3 bench/wake_ab.py --a OLD_DIR --b NEW_DIR [--rounds 10] [--wakes 15]
+                             [--runtime native|python]
+
+Each DIR holds a `tenement-supervisor` and the `tenement-exec` built with it (`cargo build
+--release -p tenement-supervisor` at the revision to compare, both binaries copied out; the
+exec helper's protocol changes with the supervisor, so they go together). Every round starts
+a fresh sandbox per side, A and B in an order that alternates, and wakes one stopped instance
+--wakes times (each wake followed by a stop, untimed, and a 20 ms pause). Reported: each side's
+median of the supervisor's own `elapsed_us` from the `woken` replies, and the median of the
+per-round ratios B/A. The instance is tiny-http (native, from this tree's target/release) or
+examples/notes/app.py (python), listen = "tcp", isolation = "process".
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import tenement_bench
+from tenement_bench import ROOT, Sandbox, machine, median
+
+SERVICES = {
+    "native": '[service.app]\ncommand = "{release}/tiny-http"\nidle_timeout = 0\n',
+    "python": ('[service.app]\ncommand = "{python} app.py"\nworkdir = "{root}/examples/notes"\n'
+               'idle_timeout = 0\n[service.app.env]\nDATA_DIR = "{{data_dir}}/{{id}}"\n'),
+}
+
+
+def side(build_dir, runtime, wakes, release):
+    """The supervisor's elapsed_us of `wakes` wakes, in ms, with the binaries of `build_dir`."""
+    tenement_bench.RELEASE = build_dir  # Sandbox starts the supervisor from here
+    services = SERVICES[runtime].format(release=release, python=sys.executable, root=ROOT)
+    sb = Sandbox(services)
+    try:
+        sb.start_supervisor()
+        rpc = sb.admin()
+        rpc.call({"type": "add", "instances": ["app:ab"]})
+        rpc.call({"type": "wake", "instance": "app:ab"})  # warm-up, not counted
+        rpc.call({"type": "stop", "instance": "app:ab"})
+        took = []
+        for _ in range(wakes):
+            time.sleep(0.02)
+            reply = rpc.call({"type": "wake", "instance": "app:ab"})
+            if reply.get("type") != "woken" or not reply.get("started"):
+                raise SystemExit(f"{build_dir}: wake answered {reply}")
+            took.append(reply["elapsed_us"] / 1000)
+            rpc.call({"type": "stop", "instance": "app:ab"})
+        return took
+    finally:
+        sb.close()
+        tenement_bench.RELEASE = release
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--a", required=True, help="directory with the first build's supervisor and exec helper")
+    ap.add_argument("--b", required=True, help="directory with the second build's")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--wakes", type=int, default=15, help="wakes per side and round")
+    ap.add_argument("--runtime", choices=sorted(SERVICES), default="native")
+    args = ap.parse_args()
+    for d in (args.a, args.b):
+        for name in ("tenement-supervisor", "tenement-exec"):
+            if not os.access(os.path.join(d, name), os.X_OK):
+                raise SystemExit(f"{d} has no executable {name}")
+    release = tenement_bench.RELEASE
+    if args.runtime == "native" and not os.access(os.path.join(release, "tiny-http"), os.X_OK):
+        raise SystemExit(f"no {release}/tiny-http: cargo build --release -p tenement-fixtures")
+    per_round = {"A": [], "B": []}
+    for r in range(args.rounds):
+        order = [("A", args.a), ("B", args.b)]
+        for name, d in order if r % 2 == 0 else reversed(order):
+            per_round[name].append(side(d, args.runtime, args.wakes, release))
+        print(f"  round {r + 1}/{args.rounds}: A {median(per_round['A'][-1]):.2f} ms, "
+              f"B {median(per_round['B'][-1]):.2f} ms", file=sys.stderr, flush=True)
+    a = [t for rnd in per_round["A"] for t in rnd]
+    b = [t for rnd in per_round["B"] for t in rnd]
+    ratios = [median(y) / median(x) for x, y in zip(per_round["A"], per_round["B"])]
+    print(f"# wake A/B: {args.runtime}, {args.rounds} interleaved rounds of {args.wakes} wakes; {machine()}")
+    print(f"A {args.a}: in sup median {median(a):.2f} ms")
+    print(f"B {args.b}: in sup median {median(b):.2f} ms")
+    print(f"B/A: {median(ratios):.3f} (median of per-round ratios)")
+
+
+if __name__ == "__main__":
+    main()
