@@ -228,6 +228,7 @@ fn wake_prints_how_long_it_took_and_json_has_the_woken_fields() {
             weight: 1,
             generation: 3,
             owner_uid: None,
+            backlog: None,
         },
         started: true,
         elapsed_us: 43_210,

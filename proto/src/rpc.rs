@@ -734,6 +734,11 @@ pub struct Route {
     /// connection accepted by a socket of another uid (a co-tenant on the port).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner_uid: Option<u32>,
+    /// The accept queue of the instance's listener, when the supervisor saw it as it found the
+    /// instance ready: the proxy leaves at most this many new connections unanswered at once
+    /// (its herd limit), and asks sock_diag itself when it is absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backlog: Option<u32>,
 }
 
 /// One instance as `tenctl ps` and `tenctl status` show it.

@@ -39,11 +39,14 @@ pub struct SocketOwner {
 pub fn tcp_listeners(port: u16) -> io::Result<Vec<SocketOwner>> {
     let mut found = Vec::new();
     for family in [AF_INET, AF_INET6] {
-        let id = if family == AF_INET {
+        let mut id = if family == AF_INET {
             SocketId::new_v4()
         } else {
             SocketId::new_v6()
         };
+        // The kernel skips listeners on other ports itself (a dump of listening sockets
+        // compares a non-zero source port); the port is still checked below.
+        id.source_port = port;
         let request = InetRequest {
             family,
             protocol: IPPROTO_TCP,

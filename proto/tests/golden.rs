@@ -41,6 +41,7 @@ fn route() -> Route {
         weight: 1,
         generation: 3,
         owner_uid: Some(61184),
+        backlog: None,
     }
 }
 
@@ -252,7 +253,10 @@ fn responses() -> Vec<(&'static str, Response)> {
         (
             "response_woken",
             Response::Woken {
-                route: route(),
+                route: Route {
+                    backlog: Some(4096),
+                    ..route()
+                },
                 started: true,
                 elapsed_us: 1234,
             },
@@ -369,6 +373,7 @@ fn responses() -> Vec<(&'static str, Response)> {
                         weight: 0,
                         generation: 0,
                         owner_uid: None,
+                        backlog: None,
                     },
                 ],
                 reset: true,

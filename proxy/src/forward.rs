@@ -437,6 +437,7 @@ impl Proxy {
                 .pool
                 .checkout(
                     &key,
+                    route.backlog,
                     max_upstream,
                     resent,
                     deadline,

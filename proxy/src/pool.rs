@@ -191,11 +191,15 @@ impl Pool {
     }
 
     /// A connection to `key`: an idle one (unless `fresh`), else a new one once fewer than
-    /// `cap` connections are open to the address, waiting until `queue_until` for either (an
-    /// error of kind `WouldBlock` then). The second value says whether it was kept alive.
+    /// `cap` connections are open to the address and fewer than the listener's accept queue
+    /// (`backlog` when the route says it, else asked of sock_diag) are unanswered, waiting
+    /// until `queue_until` for either (an error of kind `WouldBlock` then). The second value
+    /// says whether it was kept alive.
+    #[allow(clippy::too_many_arguments)]
     pub async fn checkout(
         &self,
         key: &PoolKey,
+        backlog: Option<u32>,
         cap: u32,
         fresh: bool,
         queue_until: tokio::time::Instant,
@@ -239,7 +243,7 @@ impl Pool {
                 () = &mut idle_back, if !fresh => continue,
                 () = tokio::time::sleep_until(queue_until) => return Err(busy()),
             };
-            let unanswered = match self.gate(key) {
+            let unanswered = match self.gate(key, backlog) {
                 None => None,
                 Some(gate) => tokio::select! {
                     permit = gate.acquire_owned() => match permit {
@@ -260,10 +264,11 @@ impl Pool {
         }
     }
 
-    /// The herd limit of `key`'s process: found with sock_diag the first time it needs a new
-    /// connection (the listener on its address owned by its uid), then kept until another
-    /// process serves the instance.
-    fn gate(&self, key: &PoolKey) -> Option<Arc<Semaphore>> {
+    /// The herd limit of `key`'s process: `backlog` from its route (the supervisor saw the
+    /// listener as it found the instance ready), else found with sock_diag the first time it
+    /// needs a new connection (the listener on its address owned by its uid); then kept until
+    /// another process serves the instance.
+    fn gate(&self, key: &PoolKey, backlog: Option<u32>) -> Option<Arc<Semaphore>> {
         let Address::Tcp(addr) = &key.address else {
             return None;
         };
@@ -273,14 +278,16 @@ impl Pool {
                 return gate.permits.clone();
             }
         }
-        let backlog = tenement_proto::sockdiag::tcp_listeners(addr.port())
-            .unwrap_or_default()
-            .into_iter()
-            .find(|l| {
-                (l.local == *addr || l.local.ip().is_unspecified())
-                    && key.owner_uid.is_none_or(|uid| uid == l.uid)
-            })
-            .map(|l| l.backlog.max(1));
+        let backlog = backlog.map(|n| n.max(1)).or_else(|| {
+            tenement_proto::sockdiag::tcp_listeners(addr.port())
+                .unwrap_or_default()
+                .into_iter()
+                .find(|l| {
+                    (l.local == *addr || l.local.ip().is_unspecified())
+                        && key.owner_uid.is_none_or(|uid| uid == l.uid)
+                })
+                .map(|l| l.backlog.max(1))
+        });
         let permits = backlog.map(|n| Arc::new(Semaphore::new(n as usize)));
         tracing::debug!(instance = %key.instance, ?backlog, "new connections unanswered at once");
         gates.insert(
@@ -511,7 +518,7 @@ mod tests {
         let key = key_of(address, "app:a");
         let checkout = |pool: Arc<Pool>, key: PoolKey, wait_ms: u64| async move {
             let until = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
-            pool.checkout(&key, 16, true, until, Duration::from_secs(5))
+            pool.checkout(&key, None, 16, true, until, Duration::from_secs(5))
                 .await
         };
         let (mut first, _) = checkout(pool.clone(), key.clone(), 1_000)
@@ -537,6 +544,53 @@ mod tests {
             .expect("the third, once one was answered");
     }
 
+    /// The accept queue the route states is the limit, without asking sock_diag: a listener
+    /// with room for two, stated as one, gets one new connection unanswered at a time.
+    #[tokio::test]
+    async fn the_routes_backlog_is_the_limit_when_it_states_one() {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.1:0".parse().expect("addr"))
+            .expect("bind");
+        let listener = socket.listen(2).expect("listen");
+        let key = key_of(
+            Address::Tcp(listener.local_addr().expect("address")),
+            "app:b",
+        );
+        let pool = Pool::default();
+        let until = |ms| tokio::time::Instant::now() + Duration::from_millis(ms);
+        let (mut first, _) = pool
+            .checkout(
+                &key,
+                Some(1),
+                16,
+                true,
+                until(1_000),
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("the first");
+        let second = pool
+            .checkout(&key, Some(1), 16, true, until(200), Duration::from_secs(5))
+            .await;
+        assert_eq!(
+            second.err().map(|e| e.kind()),
+            Some(io::ErrorKind::WouldBlock),
+            "a second connection went out past the stated accept queue of one"
+        );
+        first.answered();
+        pool.checkout(
+            &key,
+            Some(1),
+            16,
+            true,
+            until(1_000),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("the second, once the first was answered");
+    }
+
     /// Many process generations come and go (each wake is a new one); the pool keeps lists
     /// for about as many as are alive, not for every one it has seen.
     #[tokio::test]
@@ -556,7 +610,7 @@ mod tests {
                 instance: instance.clone(),
             };
             let until = tokio::time::Instant::now() + Duration::from_secs(30);
-            let checkout = pool.checkout(&key, 4, false, until, Duration::from_secs(30));
+            let checkout = pool.checkout(&key, None, 4, false, until, Duration::from_secs(30));
             let (accepted, checked_out) = tokio::join!(listener.accept(), checkout);
             let (connection, _) = checked_out.expect("a connection");
             pool.put(key, connection);
@@ -599,7 +653,7 @@ mod tests {
                 let mut taken = Vec::new();
                 for _ in 0..if both { 2 } else { 1 } {
                     let (mut connection, reused) = pool
-                        .checkout(&key, 4, false, until, Duration::from_secs(5))
+                        .checkout(&key, None, 4, false, until, Duration::from_secs(5))
                         .await
                         .expect("checkout");
                     // Taken again only once its task has run (hyper's "ready").

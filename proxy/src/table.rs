@@ -25,6 +25,8 @@ pub struct RouteInfo {
     pub generation: u64,
     /// The uid that must own the socket accepting a new upstream connection.
     pub owner_uid: Option<u32>,
+    /// The accept queue of the instance's listener, when the supervisor said it.
+    pub backlog: Option<u32>,
 }
 
 impl From<&Route> for RouteInfo {
@@ -35,6 +37,7 @@ impl From<&Route> for RouteInfo {
             weight: route.weight,
             generation: route.generation,
             owner_uid: route.owner_uid,
+            backlog: route.backlog,
         }
     }
 }
@@ -408,6 +411,7 @@ mod tests {
             weight,
             generation,
             owner_uid: None,
+            backlog: None,
         }
     }
 

@@ -11,6 +11,7 @@
 
 use std::collections::HashSet;
 use std::io;
+use std::net::SocketAddr;
 use std::path::Path;
 
 use tenement_proto::sockdiag;
@@ -40,15 +41,35 @@ pub fn port_holder(
     if listeners.is_empty() {
         return Ok(Holder::Nobody);
     }
+    Ok(judge(proc_root, &listeners, own_uid, root))
+}
+
+/// Whether the uid alone makes every one of `listeners` the instance's: the usual case, and
+/// then [`judge`] reads nothing under `/proc`.
+pub fn all_of_uid(listeners: &[sockdiag::SocketOwner], own_uid: Option<u32>) -> bool {
+    own_uid.is_some_and(|uid| listeners.iter().all(|l| l.uid == uid))
+}
+
+/// Whose `listeners` (every socket listening on one port, as sock_diag just reported them)
+/// are: [`Holder::Own`] when each is of `own_uid` or held by a process under `root`.
+pub fn judge(
+    proc_root: &Path,
+    listeners: &[sockdiag::SocketOwner],
+    own_uid: Option<u32>,
+    root: Option<i32>,
+) -> Holder {
+    if listeners.is_empty() {
+        return Holder::Nobody;
+    }
     let is_own = |l: &sockdiag::SocketOwner, own: &HashSet<u32>| {
         Some(l.uid) == own_uid || own.contains(&l.inode)
     };
-    let none = HashSet::new();
-    if listeners.iter().all(|l| is_own(l, &none)) {
-        return Ok(Holder::Own);
+    if all_of_uid(listeners, own_uid) {
+        return Holder::Own;
     }
+    let none = HashSet::new();
     let Some(root) = root else {
-        return Ok(stranger(proc_root, &listeners, |l| is_own(l, &none)));
+        return stranger(proc_root, listeners, |l| is_own(l, &none));
     };
     // The tree by its children lists first: a few reads, where a snapshot of the whole process
     // table costs a read per process on the host, on every start of every instance.
@@ -56,7 +77,7 @@ pub fn port_holder(
         pids.push(root);
         let own = tree_sockets(proc_root, &pids);
         if listeners.iter().all(|l| is_own(l, &own)) {
-            return Ok(Holder::Own);
+            return Holder::Own;
         }
     }
     // The lists can miss a process that forks or exits meanwhile: before a socket is called a
@@ -64,7 +85,24 @@ pub fn port_holder(
     let mut pids = procfs::tree_of(&procfs::all_processes(proc_root), root);
     pids.push(root);
     let own = tree_sockets(proc_root, &pids);
-    Ok(stranger(proc_root, &listeners, |l| is_own(l, &own)))
+    stranger(proc_root, listeners, |l| is_own(l, &own))
+}
+
+/// The accept queue of the listener a connect to `addr` reaches, among `listeners` (on
+/// `addr`'s port): one bound to exactly its address, else a wildcard one. `None` when none is
+/// found (a listener on another address only).
+pub fn backlog_at(listeners: &[sockdiag::SocketOwner], addr: SocketAddr) -> Option<u32> {
+    let at = |exact: bool| {
+        listeners.iter().find(|l| {
+            l.local.port() == addr.port()
+                && if exact {
+                    l.local.ip() == addr.ip()
+                } else {
+                    l.local.ip().is_unspecified()
+                }
+        })
+    };
+    at(true).or_else(|| at(false)).map(|l| l.backlog.max(1))
 }
 
 /// The inodes of every socket the processes `pids` hold.
@@ -129,6 +167,49 @@ mod tests {
         assert_eq!(parse_socket_link("pipe:[12345]"), None);
         assert_eq!(parse_socket_link("/dev/null"), None);
         assert_eq!(parse_socket_link("socket:[x]"), None);
+    }
+
+    fn listener(local: &str, uid: u32, backlog: u32) -> sockdiag::SocketOwner {
+        sockdiag::SocketOwner {
+            local: local.parse().expect("addr"),
+            uid,
+            inode: 7,
+            backlog,
+        }
+    }
+
+    #[test]
+    fn the_backlog_is_the_listener_a_connect_reaches() {
+        let at: SocketAddr = "127.0.0.1:8000".parse().expect("addr");
+        let exact = listener("127.0.0.1:8000", 1, 5);
+        let wildcard = listener("0.0.0.0:8000", 1, 64);
+        let elsewhere = listener("127.0.0.2:8000", 1, 9);
+        assert_eq!(backlog_at(&[wildcard, exact], at), Some(5));
+        assert_eq!(backlog_at(&[elsewhere, wildcard], at), Some(64));
+        assert_eq!(backlog_at(&[listener("[::]:8000", 1, 32)], at), Some(32));
+        assert_eq!(backlog_at(&[elsewhere], at), None);
+        assert_eq!(backlog_at(&[listener("127.0.0.1:8001", 1, 5)], at), None);
+        // A listener reported with no queue still takes one connection.
+        assert_eq!(backlog_at(&[listener("127.0.0.1:8000", 1, 0)], at), Some(1));
+    }
+
+    #[test]
+    fn the_uid_alone_settles_listeners_all_of_it() {
+        let proc_root = Path::new("/nonexistent");
+        let ours = [
+            listener("127.0.0.1:8000", 1, 5),
+            listener("[::]:8000", 1, 5),
+        ];
+        assert!(all_of_uid(&ours, Some(1)));
+        assert_eq!(judge(proc_root, &ours, Some(1), None), Holder::Own);
+        let mixed = [ours[0], listener("0.0.0.0:8000", 2, 5)];
+        assert!(!all_of_uid(&mixed, Some(1)));
+        assert!(!all_of_uid(&ours, None));
+        assert!(matches!(
+            judge(proc_root, &mixed, Some(1), None),
+            Holder::Stranger { uid: 2, .. }
+        ));
+        assert_eq!(judge(proc_root, &[], Some(1), None), Holder::Nobody);
     }
 
     #[test]

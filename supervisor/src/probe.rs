@@ -1,16 +1,20 @@
-//! Readiness and health probes: a connect, an HTTP GET with real status-line parsing, and the
-//! `READY=1` datagram of the sd_notify protocol (sd_notify(3)).
+//! Readiness and health probes: a listener seen through sock_diag(7), a connect, an HTTP GET
+//! with real status-line parsing, and the `READY=1` datagram of the sd_notify protocol
+//! (sd_notify(3)).
 //!
 //! Probes never sleep a fixed time to decide anything: readiness is polled at millisecond
 //! granularity until it passes or the caller's deadline (the registry's startup timeout)
 //! cancels it. Each probe is its own task, so a slow instance never delays another's checks.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::ownership;
 use crate::sys::FineSleep;
 
 use tenement_proto::rpc::Address;
+use tenement_proto::sockdiag::{self, SocketOwner};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixDatagram, UnixStream};
 
@@ -32,9 +36,10 @@ pub async fn connect(address: &Address) -> std::io::Result<Conn> {
 }
 
 /// How often readiness is polled: finely while a fast (native) app may be about to listen,
-/// then at tokio's millisecond granularity. Each try is a socket, a connect and a close: fine
-/// polling through an interpreter's 50 ms start cost the supervisor ~6 ms of CPU per wake,
-/// which on a small machine slowed the very start it was waiting for.
+/// then at tokio's millisecond granularity. Each try is a system call or three (a sock_diag
+/// query, or a socket, a connect and a close): fine polling through an interpreter's 50 ms
+/// start cost the supervisor ~6 ms of CPU per wake, which on a small machine slowed the very
+/// start it was waiting for.
 fn poll_pause(elapsed: Duration) -> Duration {
     if elapsed < Duration::from_millis(10) {
         Duration::from_micros(200)
@@ -58,6 +63,28 @@ pub async fn wait_accepting(address: &Address) {
     loop {
         if connect(address).await.is_ok() {
             return;
+        }
+        pause(fine.as_ref(), poll_pause(started.elapsed())).await;
+    }
+}
+
+/// Polls sock_diag(7) until a socket listens where a connect to `addr` lands, and returns
+/// every listener on `addr`'s port as the kernel reported them then. A listener is seen the
+/// moment the app calls listen(2), at the cost of one query per try and with no connection for
+/// the app to accept and drop; and the answer is what the ownership check and the proxy's herd
+/// limit need, so neither asks again. A listener on another address of the port (an IPv6
+/// wildcard may or may not take IPv4: IPV6_V6ONLY) is settled by one connect. An error means
+/// sock_diag cannot be asked here; the caller then polls with connects.
+pub async fn wait_listening(addr: SocketAddr) -> std::io::Result<Vec<SocketOwner>> {
+    let started = std::time::Instant::now();
+    let fine = FineSleep::new();
+    loop {
+        let listeners = sockdiag::tcp_listeners(addr.port())?;
+        if ownership::backlog_at(&listeners, addr).is_some() {
+            return Ok(listeners);
+        }
+        if !listeners.is_empty() && connect(&Address::Tcp(addr)).await.is_ok() {
+            return Ok(listeners);
         }
         pause(fine.as_ref(), poll_pause(started.elapsed())).await;
     }

@@ -84,6 +84,10 @@ fn port_is_stable_across_stop_and_wake() {
     let registered = info_port(&c.status("web:a"));
     let (route, _) = expect_woken(c.wake("web:a"));
     assert_eq!(tcp_addr(&route).port(), registered);
+    // The route carries the accept queue readiness saw, for the proxy's herd limit.
+    let listening = tenement_proto::sockdiag::tcp_listeners(registered).expect("sock_diag");
+    assert_eq!(listening.len(), 1, "{listening:?}");
+    assert_eq!(route.backlog, Some(listening[0].backlog));
     for _ in 0..3 {
         expect_ok(c.stop("web:a"));
         // Another instance starting meanwhile must not take it.

@@ -61,6 +61,8 @@ pub struct Instance {
     /// The uid that owns the current process's listening TCP socket (the app's, or the
     /// supervisor's for a handed-off socket): the proxy checks every connection against it.
     pub listener_uid: Option<u32>,
+    /// The accept queue of the current process's listener, as readiness saw it.
+    pub listener_backlog: Option<u32>,
     pub weight: u32,
     pub created_ms: u64,
     /// Created by `auto_spawn` rather than by an operator (see `auto_spawn.rs`).
@@ -131,6 +133,7 @@ impl Instance {
             uid: None,
             run_uid: None,
             listener_uid: None,
+            listener_backlog: None,
             weight,
             created_ms,
             auto: false,
@@ -174,6 +177,7 @@ impl Instance {
             weight: self.weight,
             generation: self.generation,
             owner_uid: self.listener_uid,
+            backlog: self.listener_backlog,
         }
     }
 

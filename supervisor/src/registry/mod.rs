@@ -251,7 +251,11 @@ pub struct ProcessEvent {
 }
 
 pub enum ProcessEventKind {
-    Ready,
+    /// The instance is ready; `backlog` is its listener's accept queue when readiness saw it
+    /// (a TCP port the app binds), sent on to the proxy with the route.
+    Ready {
+        backlog: Option<u32>,
+    },
     Exited(String),
     Health(Result<u16, String>),
     /// A listener on the instance's port is not the instance's own (readiness found it).

@@ -13,6 +13,7 @@ use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use tenement_proto::config::{ListenMode, ReadyMode};
 use tenement_proto::rpc::{Address, ErrorCode, InstanceState, LogStream, Response};
+use tenement_proto::sockdiag::{self, SocketOwner};
 use tenement_proto::InstanceId;
 use tokio::io::AsyncRead;
 use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead};
@@ -243,6 +244,7 @@ impl Registry {
         if let Some(i) = self.instances.get_mut(id) {
             i.run_uid = uid;
             i.listener_uid = listener_uid;
+            i.listener_backlog = None;
         }
 
         // The port must be ours right now, or the readiness check could succeed against a
@@ -427,7 +429,6 @@ impl Registry {
                 kind,
             })
         };
-        let ready_event = event(ProcessEventKind::Ready);
         let health_path = service.health.clone().unwrap_or_else(|| "/".to_owned());
         let per_try = service.health_timeout;
         let ready_mode = service.ready;
@@ -436,32 +437,57 @@ impl Registry {
         let check_port = (service.listen == ListenMode::Tcp)
             .then_some(port)
             .flatten();
+        // Readiness by connect on a TCP port is learned from sock_diag, whose answer the
+        // ownership check then judges as it stands.
+        let listen_at = match (&address, check_port, ready_mode) {
+            (Address::Tcp(addr), Some(_), ReadyMode::Tcp) => Some(*addr),
+            _ => None,
+        };
         let taken_event = event.clone();
         let squatter = SquatSeen::default();
         let seen = squatter.clone();
         if watch_readiness {
             tasks.push(
                 tokio::spawn(async move {
+                    let mut listeners = None;
                     if !ready_now {
-                        match (ready_mode, notify) {
-                            (ReadyMode::Notify, Some(socket)) => probe::wait_notify(&socket).await,
-                            (ReadyMode::Health, _) => {
+                        match (ready_mode, notify, listen_at) {
+                            (ReadyMode::Notify, Some(socket), _) => {
+                                probe::wait_notify(&socket).await
+                            }
+                            (ReadyMode::Health, _, _) => {
                                 probe::wait_healthy(&address, &health_path, per_try).await
                             }
+                            (_, _, Some(addr)) => match probe::wait_listening(addr).await {
+                                Ok(found) => listeners = Some(found),
+                                Err(e) => {
+                                    tracing::warn!(port = addr.port(), "cannot ask sock_diag who listens on port {}: {e}; probing with connects", addr.port());
+                                    probe::wait_accepting(&address).await
+                                }
+                            },
                             _ => probe::wait_accepting(&address).await,
                         }
                     }
+                    let mut backlog = None;
                     if let Some(port) = check_port {
-                        if let Some((uid, pids)) = wait_own_listener(port, listener_uid, pid).await
-                        {
-                            *lock(&seen) = Some((uid, pids.clone()));
-                            let _ = ready_tx
-                                .send(taken_event(ProcessEventKind::PortTaken { port, uid, pids }))
-                                .await;
-                            return;
+                        match own_listener(port, listeners, listener_uid, pid).await {
+                            Ok(found) => backlog = found,
+                            Err((uid, pids)) => {
+                                *lock(&seen) = Some((uid, pids.clone()));
+                                let _ = ready_tx
+                                    .send(taken_event(ProcessEventKind::PortTaken {
+                                        port,
+                                        uid,
+                                        pids,
+                                    }))
+                                    .await;
+                                return;
+                            }
                         }
                     }
-                    let _ = ready_tx.send(ready_event).await;
+                    let _ = ready_tx
+                        .send(event(ProcessEventKind::Ready { backlog }))
+                        .await;
                 })
                 .abort_handle(),
             );
@@ -494,7 +520,7 @@ impl Registry {
         }
         let id = event.instance;
         match event.kind {
-            ProcessEventKind::Ready => {
+            ProcessEventKind::Ready { backlog } => {
                 let unix = self
                     .config
                     .service(&id.service)
@@ -524,6 +550,7 @@ impl Registry {
                 let Some(i) = self.instances.get_mut(&id) else {
                     return;
                 };
+                i.listener_backlog = backlog;
                 if let (Some(process), true) = (&i.process, crate::journal::enabled()) {
                     // The app is the helper's child (or its init's); OBJECT_PID names it. The
                     // children lists cost a read per level, where the process table costs one
@@ -1066,31 +1093,48 @@ pub fn exited_cleanly(status: &str) -> bool {
 }
 
 /// Waits until every listener on `port` is the instance's (its uid `own_uid`, or a socket of
-/// the tree under `helper`; then `None`),
-/// or a stranger's is found (its uid and pids). Readiness saw something accept on the port,
-/// so an empty answer is a listener closing or not yet visible: asked again shortly. A failed
-/// sock_diag query is retried too: an instance that cannot be checked is not called ready
-/// (its startup_timeout ends the wait).
-async fn wait_own_listener(
+/// the tree under `helper`; then the accept queue of the one on the loopback address, when
+/// found), or a stranger's is found (its uid and pids). `listeners` is what readiness already
+/// learned from sock_diag, judged as it stands. Readiness saw something accept on the port, so
+/// an empty answer is a listener closing or not yet visible: asked again shortly. A failed
+/// sock_diag query is retried too: an instance that cannot be checked is not called ready (its
+/// startup_timeout ends the wait).
+async fn own_listener(
     port: u16,
+    mut listeners: Option<Vec<SocketOwner>>,
     own_uid: Option<u32>,
     helper: i32,
-) -> Option<(u32, Vec<i32>)> {
+) -> Result<Option<u32>, (u32, Vec<i32>)> {
     let mut said = false;
+    let at = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     loop {
-        let holder = tokio::task::spawn_blocking(move || {
-            ownership::port_holder(Path::new("/proc"), port, own_uid, Some(helper))
-        })
-        .await;
-        match holder {
-            Ok(Ok(Holder::Own)) => return None,
-            Ok(Ok(Holder::Stranger { uid, pids })) => return Some((uid, pids)),
-            Ok(Ok(Holder::Nobody)) => {}
-            Ok(Err(e)) if !said => {
-                said = true;
-                tracing::warn!(port, "cannot tell who listens on port {port}: {e}");
+        let found = match listeners.take() {
+            Some(found) => Ok(found),
+            None => sockdiag::tcp_listeners(port),
+        };
+        let holder = match found {
+            // Of the instance's uid: settled without reading /proc.
+            Ok(found) if ownership::all_of_uid(&found, own_uid) => {
+                return Ok(ownership::backlog_at(&found, at))
             }
-            _ => {}
+            Ok(found) if !found.is_empty() => {
+                let backlog = ownership::backlog_at(&found, at);
+                let judged = tokio::task::spawn_blocking(move || {
+                    ownership::judge(Path::new("/proc"), &found, own_uid, Some(helper))
+                })
+                .await;
+                match judged {
+                    Ok(Holder::Own) => return Ok(backlog),
+                    Ok(Holder::Stranger { uid, pids }) => return Err((uid, pids)),
+                    _ => None,
+                }
+            }
+            Ok(_) => None,
+            Err(e) => Some(e),
+        };
+        if let (Some(e), false) = (holder, said) {
+            said = true;
+            tracing::warn!(port, "cannot tell who listens on port {port}: {e}");
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
