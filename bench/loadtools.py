@@ -141,18 +141,23 @@ def add_and_wake(sb, instance="tiny:a"):
 
 def wait_proxy_synced(sb, host, timeout=10.0):
     """Waits until a request for `host` through the proxy answers 200 (table synced, woken)."""
+    wait_proxy_synced_at(sb.proxy_port, host, timeout, sb.dir)
+
+
+def wait_proxy_synced_at(port, host, timeout=10.0, logs="the sandbox"):
+    """Waits until a request for `host` through the proxy on `port` answers 200."""
     deadline = time.time() + timeout
     last = None
     while time.time() < deadline:
         try:
-            status, _ = get(sb.proxy_port, host, "/", timeout=5)
+            status, _ = get(port, host, "/", timeout=5)
             if status == 200:
                 return
             last = status
         except OSError as e:
             last = e
         time.sleep(0.05)
-    raise RuntimeError(f"proxy never answered 200 for {host}: {last}; see {sb.dir}/proxy.log")
+    raise RuntimeError(f"proxy never answered 200 for {host}: {last}; see {logs}/proxy.log")
 
 
 def get(port, host, path="/", timeout=5.0):
@@ -173,6 +178,15 @@ def cpu_ticks(pid):
         fields = f.read().rsplit(")", 1)[1].split()
     # After the ")" the fields start at number 3 (state); utime is 14, stime 15.
     return int(fields[11]) + int(fields[12])
+
+
+def proc_comm(pid):
+    """A process's name (/proc/PID/comm), or "" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def children(pid):

@@ -30,6 +30,8 @@ BENCHMARKS = [
     ("10, 100 and 1,000 simultaneous requests, cold and warm", "cold_requests.py", ["--rounds", "5"],
      ["--rounds", "1", "--n", "10,100"]),
     ("where a cold wake's milliseconds go", "wake_breakdown.py", ["--rounds", "15"], ["--rounds", "3"]),
+    ("wakes under pressure: 500 distinct, 8 at a time, and 100 at once", "wake_pressure.py", [],
+     ["--wakes", "40", "--chunk", "20", "--burst", "10", "--rounds", "1"]),
     ("warm throughput: direct, nginx, tenement", "proxy_throughput.py", ["--rounds", "5", "--duration", "5"],
      ["--rounds", "1", "--duration", "2"]),
     ("scale and memory", "scale.py", [], ["--instances", "1000", "--wakes", "100", "--idle-timeout", "5"]),

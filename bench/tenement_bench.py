@@ -165,8 +165,9 @@ class Rpc:
         self.s.close()
 
 
-def wait_port(port, started, poll=0.001, timeout=30.0):
-    """Polls a connect every `poll` seconds; returns seconds from `started` to success."""
+def wait_port(port, started, poll=0.001, timeout=30.0, alive=None):
+    """Polls a connect every `poll` seconds; returns seconds from `started` to success. With
+    `alive` (a Popen), gives up as soon as that process has exited."""
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -174,6 +175,8 @@ def wait_port(port, started, poll=0.001, timeout=30.0):
         except OSError:
             if time.perf_counter() - started > timeout:
                 raise TimeoutError(f"port {port} never accepted")
+            if alive is not None and alive.poll() is not None:
+                raise ConnectionRefusedError(f"the app for port {port} exited ({alive.returncode})")
             time.sleep(poll)
 
 

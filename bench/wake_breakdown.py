@@ -19,8 +19,8 @@ cloned and the app the helper forked.
 | helper setup | clone | the helper forks the app (cgroup, namespaces, subreaper, signal mask) |
 | app exec | fork | the app's exec (rlimits, uid, capabilities, close_range, execve) |
 | app start | exec | the app's listen |
-| readiness seen | listen | the supervisor's sock_diag socket (its connect probe succeeded; ready = "tcp" polls every 200 us for 10 ms) |
-| answer, proxy connect | sock_diag | the proxy's connect to the app (ownership check, Ready, route, wake answer) |
+| readiness seen | listen | the supervisor's next sock_diag socket (ready = "tcp" asks sock_diag for the port's listeners every 200 us for 10 ms; a query already under way as the app listens can see it, and then that round has no boundary here and is left out) |
+| answer, proxy connect | sock_diag | the proxy's connect to the app (ownership by uid from the same answer, Ready, route, wake answer) |
 | app accept | proxy connect | the app's accept4 returns |
 | response | app accept | the client's last recv |
 

@@ -9,6 +9,7 @@
 //! Unprivileged processes may ask sock_diag about every socket of their network namespace, so
 //! this works in the proxy, which holds no capability.
 
+use std::cell::RefCell;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 
@@ -63,6 +64,20 @@ pub fn tcp_listeners(port: u16) -> io::Result<Vec<SocketOwner>> {
     Ok(found)
 }
 
+/// The listener a connection to `addr` reaches now: the kernel's own lookup, as for an
+/// arriving SYN (a listener on exactly `addr` or on a wildcard address; an IPv4 `addr` reaches
+/// a dual-stack IPv6 listener; one of a SO_REUSEPORT group). `None` when nothing listens there.
+/// One lookup in the kernel's hash, where [`tcp_listeners`] walks every listening bucket of
+/// the host (an order of magnitude more time per query).
+pub fn tcp_listener_for(addr: SocketAddr) -> io::Result<Option<SocketOwner>> {
+    let nowhere = match addr.ip() {
+        IpAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        IpAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+    };
+    // No connection has 0.0.0.0:0 at its far end, so only a listener can match.
+    tcp_peer(nowhere, addr)
+}
+
 /// The owner of the socket at `remote` that is connected to our `local` socket: for a
 /// connection we opened, the socket the server accepted it on. `None` when the kernel knows
 /// no such socket (it closed meanwhile).
@@ -95,50 +110,116 @@ pub fn tcp_peer(local: SocketAddr, remote: SocketAddr) -> io::Result<Option<Sock
     }
 }
 
-/// Sends one request and collects the sockets in the answer (one, or a dump).
+thread_local! {
+    /// This thread's sock_diag socket and answer buffer, kept between queries: a query is then
+    /// a send and a receive, where a socket of its own also cost a socket, a bind, a connect,
+    /// a close and a 64 KiB buffer to zero (readiness asks every 200 µs per starting instance;
+    /// the proxy asks once per new upstream connection).
+    static CHANNEL: RefCell<Option<Channel>> = const { RefCell::new(None) };
+}
+
+struct Channel {
+    socket: Socket,
+    buffer: Vec<u8>,
+    /// The sequence number of the last request: an answer to another is skipped.
+    sequence: u32,
+}
+
+impl Channel {
+    fn open() -> io::Result<Self> {
+        let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+        socket.bind_auto()?;
+        socket.connect(&NetlinkAddr::new(0, 0))?;
+        Ok(Self {
+            socket,
+            buffer: vec![0; 64 * 1024],
+            sequence: 0,
+        })
+    }
+}
+
+/// Sends one request and collects the sockets in the answer (one, or a dump), on this thread's
+/// kept socket. A query that fails for any reason but the kernel's own answer (an error
+/// message, read whole) drops the socket, with whatever it may have left unread.
 fn ask(request: InetRequest, flags: u16) -> io::Result<Vec<SocketOwner>> {
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
-    socket.bind_auto()?;
-    socket.connect(&NetlinkAddr::new(0, 0))?;
+    CHANNEL.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let mut channel = match slot.take() {
+            Some(channel) => channel,
+            None => Channel::open()?,
+        };
+        let (result, clean) = exchange(&mut channel, request, flags);
+        if clean {
+            *slot = Some(channel);
+        }
+        result
+    })
+}
+
+/// One request and its answer on `channel`; the second value says whether the answer was read
+/// to its end (the socket can serve the next query).
+fn exchange(
+    channel: &mut Channel,
+    request: InetRequest,
+    flags: u16,
+) -> (io::Result<Vec<SocketOwner>>, bool) {
+    channel.sequence = channel.sequence.wrapping_add(1);
+    let sequence = channel.sequence;
     let mut header = NetlinkHeader::default();
     header.flags = flags;
+    header.sequence_number = sequence;
     let mut packet = NetlinkMessage::new(header, SockDiagMessage::InetRequest(request).into());
     packet.finalize();
     let mut out = vec![0; packet.buffer_len()];
     packet.serialize(&mut out[..]);
-    socket.send(&out[..], 0)?;
+    if let Err(e) = channel.socket.send(&out[..], 0) {
+        return (Err(e), false);
+    }
 
     let mut owners = Vec::new();
-    let mut buffer = vec![0; 64 * 1024];
     loop {
-        let size = socket.recv(&mut &mut buffer[..], 0)?;
+        let size = match channel.socket.recv(&mut &mut channel.buffer[..], 0) {
+            Ok(size) => size,
+            Err(e) => return (Err(e), false),
+        };
         let mut offset = 0;
         while offset < size {
-            let message = NetlinkMessage::<SockDiagMessage>::deserialize(&buffer[offset..size])
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            let message =
+                match NetlinkMessage::<SockDiagMessage>::deserialize(&channel.buffer[offset..size])
+                {
+                    Ok(message) => message,
+                    Err(e) => {
+                        return (
+                            Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+                            false,
+                        )
+                    }
+                };
             let length = message.header.length as usize;
-            match message.payload {
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-                    let id = &response.header.socket_id;
-                    owners.push(SocketOwner {
-                        local: SocketAddr::new(id.source_address, id.source_port),
-                        uid: response.header.uid,
-                        inode: response.header.inode,
-                        backlog: response.header.send_queue,
-                    });
-                    if flags & NLM_F_DUMP == 0 {
-                        return Ok(owners);
+            if message.header.sequence_number == sequence {
+                match message.payload {
+                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+                        let id = &response.header.socket_id;
+                        owners.push(SocketOwner {
+                            local: SocketAddr::new(id.source_address, id.source_port),
+                            uid: response.header.uid,
+                            inode: response.header.inode,
+                            backlog: response.header.send_queue,
+                        });
+                        if flags & NLM_F_DUMP == 0 {
+                            return (Ok(owners), true);
+                        }
                     }
-                }
-                NetlinkPayload::Done(_) => return Ok(owners),
-                NetlinkPayload::Error(error) => {
-                    let code = error.code.map_or(0, |c| -c.get());
-                    if code == 0 {
-                        return Ok(owners);
+                    NetlinkPayload::Done(_) => return (Ok(owners), true),
+                    NetlinkPayload::Error(error) => {
+                        let code = error.code.map_or(0, |c| -c.get());
+                        if code == 0 {
+                            return (Ok(owners), true);
+                        }
+                        return (Err(io::Error::from_raw_os_error(code)), true);
                     }
-                    return Err(io::Error::from_raw_os_error(code));
+                    _ => {}
                 }
-                _ => {}
             }
             if length == 0 {
                 break;
@@ -163,6 +244,67 @@ mod tests {
                     .and_then(|u| u.parse().ok())
             })
             .expect("/proc/self/status has an effective uid")
+    }
+
+    #[test]
+    fn the_listener_a_connect_reaches_is_found_by_one_lookup() {
+        let exact = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = exact.local_addr().expect("addr");
+        let found = tcp_listener_for(addr)
+            .expect("sock_diag")
+            .expect("the listener");
+        assert_eq!((found.local, found.uid), (addr, my_uid()));
+        assert!(found.backlog > 0, "{found:?}");
+        // A dual-stack IPv6 wildcard takes IPv4 connections: it is what a connect reaches.
+        let wildcard = TcpListener::bind("[::]:0").expect("bind");
+        let port = wildcard.local_addr().expect("addr").port();
+        let found = tcp_listener_for(SocketAddr::from(([127, 0, 0, 1], port)))
+            .expect("sock_diag")
+            .expect("the wildcard listener");
+        assert_eq!(found.local.port(), port);
+        assert!(found.local.ip().is_unspecified(), "{found:?}");
+        // Nothing listening: nothing found (and no connection counts as a listener).
+        drop(exact);
+        let client_side = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let to = client_side.local_addr().expect("addr");
+        let _connected = TcpStream::connect(to).expect("connect");
+        drop(client_side);
+        assert_eq!(tcp_listener_for(addr).expect("sock_diag"), None);
+        assert_eq!(tcp_listener_for(to).expect("sock_diag"), None);
+    }
+
+    /// Queries on one thread share one kept socket: a thousand leave at most that one
+    /// descriptor behind, and a failed exact query (no such socket) spoils nothing after it.
+    #[test]
+    fn queries_reuse_one_socket_per_thread() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let fds = || std::fs::read_dir("/proc/self/fd").expect("fds").count();
+        // A port nothing listens on (nor is connected from).
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        std::thread::spawn(move || {
+            let before = fds();
+            for i in 0..1000 {
+                let found = tcp_listeners(addr.port()).expect("sock_diag");
+                assert_eq!(found.len(), 1, "query {i}: {found:?}");
+                if i % 100 == 0 {
+                    // No socket at `closed`: the kernel answers ENOENT.
+                    let nobody: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+                    assert_eq!(tcp_peer(nobody, closed).expect("sock_diag"), None);
+                }
+            }
+            // Other tests' threads open descriptors meanwhile: a leak of one per query would
+            // still stand out.
+            assert!(
+                fds() <= before + 50,
+                "{before} descriptors before, {} after",
+                fds()
+            );
+        })
+        .join()
+        .expect("the querying thread");
     }
 
     #[test]

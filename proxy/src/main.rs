@@ -344,7 +344,14 @@ async fn serve(
     // flight here could be stopped as idle under it.
     let unlink = CancellationToken::new();
     tokio::spawn(link.watch(proxy.table.clone(), reload.clone(), unlink.clone()));
-    tokio::spawn(reload_on_sighup(reload));
+    // SIGHUP is handled before the first connection is accepted: a reload right after start
+    // (a spawned task registers its handler only once it first runs) must not kill us.
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hangups) => {
+            tokio::spawn(reload_on_sighup(reload, hangups));
+        }
+        Err(e) => tracing::warn!("cannot handle SIGHUP: {e}; reload with `tenctl reload`"),
+    }
 
     let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let builder = Arc::new(server::connection_builder());
@@ -853,11 +860,10 @@ async fn watchdog(shutdown: CancellationToken, workers: Arc<workers::Liveness>) 
 }
 
 /// `systemctl reload tenement-proxy`: read the config again.
-async fn reload_on_sighup(reload: Arc<dyn Fn() + Send + Sync>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        return;
-    };
+async fn reload_on_sighup(
+    reload: Arc<dyn Fn() + Send + Sync>,
+    mut hup: tokio::signal::unix::Signal,
+) {
     while hup.recv().await.is_some() {
         reload();
     }

@@ -265,9 +265,9 @@ impl Pool {
     }
 
     /// The herd limit of `key`'s process: `backlog` from its route (the supervisor saw the
-    /// listener as it found the instance ready), else found with sock_diag the first time it
-    /// needs a new connection (the listener on its address owned by its uid); then kept until
-    /// another process serves the instance.
+    /// listener as it found the instance ready), else asked of sock_diag the first time it
+    /// needs a new connection (the listener a connect to its address reaches, owned by its
+    /// uid); then kept until another process serves the instance.
     fn gate(&self, key: &PoolKey, backlog: Option<u32>) -> Option<Arc<Semaphore>> {
         let Address::Tcp(addr) = &key.address else {
             return None;
@@ -279,13 +279,10 @@ impl Pool {
             }
         }
         let backlog = backlog.map(|n| n.max(1)).or_else(|| {
-            tenement_proto::sockdiag::tcp_listeners(addr.port())
-                .unwrap_or_default()
-                .into_iter()
-                .find(|l| {
-                    (l.local == *addr || l.local.ip().is_unspecified())
-                        && key.owner_uid.is_none_or(|uid| uid == l.uid)
-                })
+            tenement_proto::sockdiag::tcp_listener_for(*addr)
+                .ok()
+                .flatten()
+                .filter(|l| key.owner_uid.is_none_or(|uid| uid == l.uid))
                 .map(|l| l.backlog.max(1))
         });
         let permits = backlog.map(|n| Arc::new(Semaphore::new(n as usize)));

@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::ownership;
 use crate::sys::FineSleep;
 
 use tenement_proto::rpc::Address;
@@ -68,23 +67,18 @@ pub async fn wait_accepting(address: &Address) {
     }
 }
 
-/// Polls sock_diag(7) until a socket listens where a connect to `addr` lands, and returns
-/// every listener on `addr`'s port as the kernel reported them then. A listener is seen the
-/// moment the app calls listen(2), at the cost of one query per try and with no connection for
-/// the app to accept and drop; and the answer is what the ownership check and the proxy's herd
-/// limit need, so neither asks again. A listener on another address of the port (an IPv6
-/// wildcard may or may not take IPv4: IPV6_V6ONLY) is settled by one connect. An error means
-/// sock_diag cannot be asked here; the caller then polls with connects.
-pub async fn wait_listening(addr: SocketAddr) -> std::io::Result<Vec<SocketOwner>> {
+/// Polls sock_diag(7) until a connect to `addr` would reach a listener, and returns that
+/// listener. The kernel's own lookup (as for an arriving SYN) sees the app's
+/// listener the moment it calls listen(2), and leaves no probe connection for the app to accept
+/// and drop; and the listener it reports carries what the ownership check and the proxy's herd
+/// limit need. An error means sock_diag cannot be asked here; the caller then polls with
+/// connects.
+pub async fn wait_listening(addr: SocketAddr) -> std::io::Result<SocketOwner> {
     let started = std::time::Instant::now();
     let fine = FineSleep::new();
     loop {
-        let listeners = sockdiag::tcp_listeners(addr.port())?;
-        if ownership::backlog_at(&listeners, addr).is_some() {
-            return Ok(listeners);
-        }
-        if !listeners.is_empty() && connect(&Address::Tcp(addr)).await.is_ok() {
-            return Ok(listeners);
+        if let Some(listener) = sockdiag::tcp_listener_for(addr)? {
+            return Ok(listener);
         }
         pause(fine.as_ref(), poll_pause(started.elapsed())).await;
     }

@@ -16,7 +16,7 @@ mod weights;
 
 pub use weights::{check_weight, DeployPlan, Weighing};
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -328,6 +328,8 @@ pub struct Registry {
     environment: tenement_proto::config::Environment,
     /// The nftables rules that keep tenants off each other's ports (root only).
     firewall: Option<crate::firewall::Firewall>,
+    /// The owners last given to the firewall.
+    firewall_owners: BTreeSet<(u32, u16)>,
     /// When `auto_spawn.rs` next looks for expired auto-spawned instances.
     next_sweep: Option<Instant>,
     /// Services whose unenforceable limits were already warned about.
@@ -418,6 +420,7 @@ impl Registry {
             is_root,
             environment,
             firewall,
+            firewall_owners: BTreeSet::new(),
             next_sweep: None,
             warned_limits: HashSet::new(),
             counters: HashMap::new(),
@@ -1021,16 +1024,17 @@ impl Registry {
 
     /// Tells the firewall which uid owns which port: every instance that has run as a uid of
     /// its own and has a port. Cheap when nothing changed (the firewall compares).
-    pub(super) fn sync_firewall(&self) {
+    pub(super) fn sync_firewall(&mut self) {
         let Some(firewall) = &self.firewall else {
             return;
         };
-        let owners = self
+        let owners: BTreeSet<(u32, u16)> = self
             .instances
             .values()
             .filter_map(|i| Some((i.run_uid.or(i.uid)?, i.port?)))
             .collect();
-        firewall.set_owners(owners);
+        firewall.set_owners(owners.clone());
+        self.firewall_owners = owners;
     }
 
     fn route_of(&self, id: &InstanceId) -> Option<Route> {

@@ -254,9 +254,11 @@ impl Registry {
         if service.listen != ListenMode::Unix {
             let current = self.instances.get(id).and_then(|i| i.port);
             let bound = current.and_then(|p| bind_loopback(p).ok().map(|l| (p, l)));
+            let mut moved = false;
             let (p, l) = match bound {
                 Some(found) => found,
                 None => {
+                    moved = true;
                     if let Some(old) = current {
                         self.ports.release(old);
                         let own = self.instances.get(id).and_then(|i| i.listener_uid);
@@ -298,7 +300,15 @@ impl Registry {
                 }
             };
             port = Some(p);
-            self.sync_firewall();
+            // The firewall's owners are rebuilt (a walk of every instance) only when this
+            // start changed the instance's pair: a new port, or a uid it had not.
+            let pair = self
+                .instances
+                .get(id)
+                .and_then(|i| Some((i.run_uid.or(i.uid)?, p)));
+            if moved || pair.is_some_and(|pair| !self.firewall_owners.contains(&pair)) {
+                self.sync_firewall();
+            }
             if service.listen == ListenMode::Activate && migrate.is_none() {
                 listener = Some(l);
             }
@@ -437,8 +447,8 @@ impl Registry {
         let check_port = (service.listen == ListenMode::Tcp)
             .then_some(port)
             .flatten();
-        // Readiness by connect on a TCP port is learned from sock_diag, whose answer the
-        // ownership check then judges as it stands.
+        // Readiness by connect on a TCP port is learned from sock_diag: the listener a connect
+        // reaches, whose accept queue the route then carries.
         let listen_at = match (&address, check_port, ready_mode) {
             (Address::Tcp(addr), Some(_), ReadyMode::Tcp) => Some(*addr),
             _ => None,
@@ -449,7 +459,7 @@ impl Registry {
         if watch_readiness {
             tasks.push(
                 tokio::spawn(async move {
-                    let mut listeners = None;
+                    let mut reached = None;
                     if !ready_now {
                         match (ready_mode, notify, listen_at) {
                             (ReadyMode::Notify, Some(socket), _) => {
@@ -459,7 +469,7 @@ impl Registry {
                                 probe::wait_healthy(&address, &health_path, per_try).await
                             }
                             (_, _, Some(addr)) => match probe::wait_listening(addr).await {
-                                Ok(found) => listeners = Some(found),
+                                Ok(listener) => reached = Some(listener),
                                 Err(e) => {
                                     tracing::warn!(port = addr.port(), "cannot ask sock_diag who listens on port {}: {e}; probing with connects", addr.port());
                                     probe::wait_accepting(&address).await
@@ -470,7 +480,7 @@ impl Registry {
                     }
                     let mut backlog = None;
                     if let Some(port) = check_port {
-                        match own_listener(port, listeners, listener_uid, pid).await {
+                        match own_listener(port, reached, listener_uid, pid).await {
                             Ok(found) => backlog = found,
                             Err((uid, pids)) => {
                                 *lock(&seen) = Some((uid, pids.clone()));
@@ -1093,32 +1103,33 @@ pub fn exited_cleanly(status: &str) -> bool {
 }
 
 /// Waits until every listener on `port` is the instance's (its uid `own_uid`, or a socket of
-/// the tree under `helper`; then the accept queue of the one on the loopback address, when
-/// found), or a stranger's is found (its uid and pids). `listeners` is what readiness already
-/// learned from sock_diag, judged as it stands. Readiness saw something accept on the port, so
-/// an empty answer is a listener closing or not yet visible: asked again shortly. A failed
-/// sock_diag query is retried too: an instance that cannot be checked is not called ready (its
-/// startup_timeout ends the wait).
+/// the tree under `helper`; then the accept queue of the listener a connect reaches: `reached`,
+/// when readiness found it, else the one on the loopback address), or a stranger's is found
+/// (its uid and pids). Readiness saw something accept on the port, so an empty answer is a
+/// listener closing or not yet visible: asked again shortly. A failed sock_diag query is
+/// retried too: an instance that cannot be checked is not called ready (its startup_timeout
+/// ends the wait).
 async fn own_listener(
     port: u16,
-    mut listeners: Option<Vec<SocketOwner>>,
+    reached: Option<SocketOwner>,
     own_uid: Option<u32>,
     helper: i32,
 ) -> Result<Option<u32>, (u32, Vec<i32>)> {
     let mut said = false;
     let at = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let backlog_of = |found: &[SocketOwner]| {
+        reached
+            .map(|l| l.backlog.max(1))
+            .or_else(|| ownership::backlog_at(found, at))
+    };
     loop {
-        let found = match listeners.take() {
-            Some(found) => Ok(found),
-            None => sockdiag::tcp_listeners(port),
-        };
-        let holder = match found {
+        let failed = match sockdiag::tcp_listeners(port) {
             // Of the instance's uid: settled without reading /proc.
-            Ok(found) if ownership::all_of_uid(&found, own_uid) => {
-                return Ok(ownership::backlog_at(&found, at))
+            Ok(found) if ownership::all_of_uid(&found, own_uid) && !found.is_empty() => {
+                return Ok(backlog_of(&found))
             }
             Ok(found) if !found.is_empty() => {
-                let backlog = ownership::backlog_at(&found, at);
+                let backlog = backlog_of(&found);
                 let judged = tokio::task::spawn_blocking(move || {
                     ownership::judge(Path::new("/proc"), &found, own_uid, Some(helper))
                 })
@@ -1132,7 +1143,7 @@ async fn own_listener(
             Ok(_) => None,
             Err(e) => Some(e),
         };
-        if let (Some(e), false) = (holder, said) {
+        if let (Some(e), false) = (failed, said) {
             said = true;
             tracing::warn!(port, "cannot tell who listens on port {port}: {e}");
         }
