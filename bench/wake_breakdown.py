@@ -7,7 +7,7 @@ cut into stages by kernel tracepoints (perf, Debian's linux-perf).
 Each round stops the instance, waits for the stop to reach the proxy, and sends one GET with a
 fresh connection, as cold_requests.py does with N=1. `perf record -a` runs through all rounds
 with a handful of tracepoints (process fork and exec, and the connect, accept4, listen, socket,
-sendmsg and recvfrom system calls); the stages of each round are then read from the processes
+sendmsg, sendto and recvfrom system calls); the stages of each round are then read from the processes
 it knows: this client, the proxy, the supervisor, the exec server, the helper the server
 cloned and the app the helper forked.
 
@@ -19,8 +19,8 @@ cloned and the app the helper forked.
 | helper setup | clone | the helper forks the app (cgroup, namespaces, subreaper, signal mask) |
 | app exec | fork | the app's exec (rlimits, uid, capabilities, close_range, execve) |
 | app start | exec | the app's listen |
-| readiness seen | listen | the supervisor's next sock_diag socket (ready = "tcp" asks sock_diag for the port's listeners every 200 us for 10 ms; a query already under way as the app listens can see it, and then that round has no boundary here and is left out) |
-| answer, proxy connect | sock_diag | the proxy's connect to the app (ownership by uid from the same answer, Ready, route, wake answer) |
+| readiness seen | listen | the supervisor's next sock_diag request (a 72-byte sendto: ready = "tcp" asks sock_diag every 200 us for 10 ms which listener a connect to the port reaches) |
+| answer, proxy connect | sock_diag | the proxy's connect to the app (ownership check: one dump of the port's listeners, Ready, route, wake answer) |
 | app accept | proxy connect | the app's accept4 returns |
 | response | app accept | the client's last recv |
 
@@ -49,7 +49,11 @@ SERVICES = {
 
 EVENTS = ["sched:sched_process_fork", "sched:sched_process_exec",
           "syscalls:sys_enter_connect", "syscalls:sys_exit_accept4", "syscalls:sys_enter_listen",
-          "syscalls:sys_enter_socket", "syscalls:sys_enter_sendmsg", "syscalls:sys_enter_recvfrom"]
+          "syscalls:sys_enter_socket", "syscalls:sys_enter_sendmsg", "syscalls:sys_enter_recvfrom",
+          "syscalls:sys_enter_sendto"]
+
+# A sock_diag request for one socket: a netlink header (16 bytes) and an inet_diag_req_v2 (56).
+SOCK_DIAG_REQUEST = 72
 
 STAGES = ["accept", "wake RPC, prepare", "exec server clone", "helper setup", "app exec",
           "app start", "readiness seen", "answer, proxy connect", "app accept", "response"]
@@ -121,7 +125,8 @@ def stages_of(events, client, proxy, supervisor, server):
     for pred in [
         lambda e: e[1] == app and e[2] == "sched:sched_process_exec",
         lambda e: e[1] == app and e[2] == "syscalls:sys_enter_listen",
-        lambda e: e[1] == supervisor and e[2] == "syscalls:sys_enter_socket" and field(e[3], "family") == 16,
+        lambda e: (e[1] == supervisor and e[2] == "syscalls:sys_enter_sendto"
+                   and field(e[3], "len") == SOCK_DIAG_REQUEST),
         lambda e: e[1] == proxy and e[2] == "syscalls:sys_enter_connect" and field(e[3], "addrlen") == 16,
         lambda e: e[1] == app and e[2] == "syscalls:sys_exit_accept4" and (ret(e[3]) or -1) >= 0,
     ]:
