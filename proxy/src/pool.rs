@@ -555,37 +555,21 @@ mod tests {
             "app:b",
         );
         let pool = Pool::default();
-        let until = |ms| tokio::time::Instant::now() + Duration::from_millis(ms);
-        let (mut first, _) = pool
-            .checkout(
-                &key,
-                Some(1),
-                16,
-                true,
-                until(1_000),
-                Duration::from_secs(5),
-            )
-            .await
-            .expect("the first");
-        let second = pool
-            .checkout(&key, Some(1), 16, true, until(200), Duration::from_secs(5))
-            .await;
+        let checkout = |wait_ms| {
+            let until = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+            pool.checkout(&key, Some(1), 16, true, until, Duration::from_secs(5))
+        };
+        let (mut first, _) = checkout(1_000).await.expect("the first");
+        let second = checkout(200).await;
         assert_eq!(
             second.err().map(|e| e.kind()),
             Some(io::ErrorKind::WouldBlock),
             "a second connection went out past the stated accept queue of one"
         );
         first.answered();
-        pool.checkout(
-            &key,
-            Some(1),
-            16,
-            true,
-            until(1_000),
-            Duration::from_secs(5),
-        )
-        .await
-        .expect("the second, once the first was answered");
+        checkout(1_000)
+            .await
+            .expect("the second, once the first was answered");
     }
 
     /// Many process generations come and go (each wake is a new one); the pool keeps lists
