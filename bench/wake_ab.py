@@ -9,9 +9,10 @@ Each DIR holds a `tenement-supervisor` and the `tenement-exec` built with it (`c
 exec helper's protocol changes with the supervisor, so they go together). Every round starts
 a fresh sandbox per side, A and B in an order that alternates, and wakes one stopped instance
 --wakes times (each wake followed by a stop, untimed, and a 20 ms pause). Reported: each side's
-median of the supervisor's own `elapsed_us` from the `woken` replies, and the median of the
-per-round ratios B/A. The instance is tiny-http (native, from this tree's target/release) or
-examples/notes/app.py (python), listen = "tcp", isolation = "process".
+median of the supervisor's own `elapsed_us` from the `woken` replies, the median of the
+per-round ratios B/A, and the CPU tenement's own processes spent per wake. The instance is
+tiny-http (native, from this tree's target/release) or examples/notes/app.py (python),
+listen = "tcp", isolation = "process".
 
 With --proxy each DIR holds the `tenement-proxy` of its build too, and what is timed is the
 issue's figure: one `GET /` on a fresh connection through the proxy to the stopped instance,
@@ -42,9 +43,25 @@ def proxied_get(port):
     return status, (time.perf_counter() - t0) * 1000
 
 
+def tenement_ticks(sb):
+    """utime + stime so far of the sandbox's supervisor, its exec server and its proxy."""
+    sup = sb.supervisor.pid
+    pids = [sup] + [c for c in loadtools.children(sup) if loadtools.proc_comm(c) == "tenement-execd"]
+    if getattr(sb, "proxy", None):
+        pids.append(sb.proxy.pid)
+    total = 0
+    for pid in pids:
+        try:
+            total += loadtools.cpu_ticks(pid)
+        except OSError:
+            pass
+    return total
+
+
 def side(build_dir, runtime, wakes, release, proxy):
-    """`wakes` wake times in ms with the binaries of `build_dir`: the supervisor's elapsed_us,
-    or with `proxy` a client's GET through that build's proxy."""
+    """`wakes` wake times in ms with the binaries of `build_dir` (the supervisor's elapsed_us,
+    or with `proxy` a client's GET through that build's proxy), and the clock ticks of CPU
+    tenement's processes spent during them."""
     tenement_bench.RELEASE = build_dir  # Sandbox starts the supervisor and proxy from here
     services = SERVICES[runtime].format(release=release, python=sys.executable, root=ROOT)
     sb = Sandbox(services, listen=f"127.0.0.1:{free_port()}" if proxy else None)
@@ -63,21 +80,26 @@ def side(build_dir, runtime, wakes, release, proxy):
             rpc.call({"type": "wake", "instance": "app:ab"})  # warm-up, not counted
         rpc.call({"type": "stop", "instance": "app:ab"})
         took = []
+        ticks = 0
         for _ in range(wakes):
             if proxy:
                 time.sleep(0.3)
+                before = tenement_ticks(sb)
                 status, ms = proxied_get(port)
+                ticks += tenement_ticks(sb) - before
                 if status != 200:
                     raise SystemExit(f"{build_dir}: the proxy answered {status}; see {sb.dir}")
                 took.append(ms)
             else:
                 time.sleep(0.02)
+                before = tenement_ticks(sb)
                 reply = rpc.call({"type": "wake", "instance": "app:ab"})
+                ticks += tenement_ticks(sb) - before
                 if reply.get("type") != "woken" or not reply.get("started"):
                     raise SystemExit(f"{build_dir}: wake answered {reply}")
                 took.append(reply["elapsed_us"] / 1000)
             rpc.call({"type": "stop", "instance": "app:ab"})
-        return took
+        return took, ticks
     finally:
         sb.close()
         tenement_bench.RELEASE = release
@@ -102,10 +124,13 @@ def main():
     if args.runtime == "native" and not os.access(os.path.join(release, "tiny-http"), os.X_OK):
         raise SystemExit(f"no {release}/tiny-http: cargo build --release -p tenement-fixtures")
     per_round = {"A": [], "B": []}
+    ticks = {"A": 0, "B": 0}
     for r in range(args.rounds):
         order = [("A", args.a), ("B", args.b)]
         for name, d in order if r % 2 == 0 else reversed(order):
-            per_round[name].append(side(d, args.runtime, args.wakes, release, args.proxy))
+            took, spent = side(d, args.runtime, args.wakes, release, args.proxy)
+            per_round[name].append(took)
+            ticks[name] += spent
         print(f"  round {r + 1}/{args.rounds}: A {median(per_round['A'][-1]):.2f} ms, "
               f"B {median(per_round['B'][-1]):.2f} ms", file=sys.stderr, flush=True)
     a = [t for rnd in per_round["A"] for t in rnd]
@@ -113,9 +138,13 @@ def main():
     ratios = [median(y) / median(x) for x, y in zip(per_round["A"], per_round["B"])]
     what = "GET through the proxy" if args.proxy else "in sup"
     print(f"# wake A/B: {args.runtime}, {args.rounds} interleaved rounds of {args.wakes} wakes; {machine()}")
-    print(f"A {args.a}: {what} median {median(a):.2f} ms")
-    print(f"B {args.b}: {what} median {median(b):.2f} ms")
+    tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
+    cpu = {name: ticks[name] * tick_ms / (args.rounds * args.wakes) for name in ticks}
+    print(f"A {args.a}: {what} median {median(a):.2f} ms, CPU {cpu['A']:.2f} ms per wake")
+    print(f"B {args.b}: {what} median {median(b):.2f} ms, CPU {cpu['B']:.2f} ms per wake")
     print(f"B/A: {median(ratios):.3f} (median of per-round ratios)")
+    print("CPU = user + system time of the supervisor, its exec server and (with --proxy) the proxy during "
+          "the timed wakes, in clock ticks of " + f"{tick_ms:.0f} ms, per wake")
 
 
 if __name__ == "__main__":

@@ -17,12 +17,16 @@ cloned and the app the helper forked.
 | wake RPC, prepare | accept | the supervisor sends the spawn request to the exec server (the proxy read the request, asked the supervisor to wake; the supervisor checked the port, made the directories, built the spec) |
 | exec server clone | spawn request | the server's clone of the helper |
 | helper setup | clone | the helper forks the app (cgroup, namespaces, subreaper, signal mask) |
-| app exec | fork | the app's exec (rlimits, uid, capabilities, close_range, execve) |
+| app exec | fork | the app's exec (rlimits, uid, capabilities, close_range, the wait for the supervisor's go-ahead byte, execve) |
 | app start | exec | the app's listen |
 | readiness seen | listen | the supervisor's next sock_diag request (a 72-byte sendto: ready = "tcp" asks sock_diag every 200 us for 10 ms which listener a connect to the port reaches) |
 | answer, proxy connect | sock_diag | the proxy's connect to the app (ownership check: one dump of the port's listeners, Ready, route, wake answer) |
 | app accept | proxy connect | the app's accept4 returns |
 | response | app accept | the client's last recv |
+
+Printed apart below "app exec": the wait for the supervisor's go-ahead byte, from the read of
+the pipe to its return, by the helper before it forks (builds before 2026-12-03, where it is
+part of "helper setup") or by the app's process before its exec.
 
 Tracing costs time on every traced system call, so the stages add up to more than a wake takes
 untraced (the untraced total of the same rounds is printed beside it, from the client's clock):
@@ -51,6 +55,10 @@ EVENTS = ["sched:sched_process_fork", "sched:sched_process_exec",
           "syscalls:sys_enter_connect", "syscalls:sys_exit_accept4", "syscalls:sys_enter_listen",
           "syscalls:sys_enter_socket", "syscalls:sys_enter_sendmsg", "syscalls:sys_enter_recvfrom",
           "syscalls:sys_enter_sendto"]
+
+# The helper's read of the go-ahead byte (its descriptor 3, or 4 after a listening socket):
+# traced apart, filtered in the kernel, since reads are everywhere.
+READ_EVENTS = [("syscalls:sys_enter_read", "fd == 3 || fd == 4"), ("syscalls:sys_exit_read", "ret == 1")]
 
 # A sock_diag request for one socket: a netlink header (16 bytes) and an inet_diag_req_v2 (56).
 SOCK_DIAG_REQUEST = 72
@@ -120,8 +128,18 @@ def stages_of(events, client, proxy, supervisor, server):
     fork = first(t[-1], lambda e: e[1] == helper and e[2] == "sched:sched_process_fork")
     if not fork:
         return None
-    t.append(fork[0])
     app = field(fork[3], "child_pid")
+    exec_ = first(fork[0], lambda e: e[1] == app and e[2] == "sched:sched_process_exec")
+    # The wait for the go-ahead byte, from the read of the pipe to its return: in the helper
+    # before it forks the app (builds before 2026-12-03), or in the app's process before exec.
+    waited = None
+    for pid, start, end in ((helper, t[-1], fork[0]), (app, fork[0], exec_[0] if exec_ else None)):
+        asked = first(start, lambda e: e[1] == pid and e[2] == "syscalls:sys_enter_read")
+        told = asked and first(asked[0], lambda e: e[1] == pid and e[2] == "syscalls:sys_exit_read")
+        if told and end is not None and told[0] <= end:
+            waited = (told[0] - asked[0]) * 1000
+            break
+    t.append(fork[0])
     for pred in [
         lambda e: e[1] == app and e[2] == "sched:sched_process_exec",
         lambda e: e[1] == app and e[2] == "syscalls:sys_enter_listen",
@@ -144,7 +162,7 @@ def stages_of(events, client, proxy, supervisor, server):
     if not last_recv:
         return None
     t.append(last_recv[0])
-    return [(b - a) * 1000 for a, b in zip(t, t[1:])]
+    return [(b - a) * 1000 for a, b in zip(t, t[1:])] + [waited]
 
 
 def exec_server_of(supervisor):
@@ -167,7 +185,10 @@ def run_service(service, rounds):
         rpc.call({"type": "wake", "instance": inst})
         wait_proxy_synced(sb, host, timeout=30)
         server = exec_server_of(sb.supervisor.pid)
-        perf = subprocess.Popen(["perf", "record", "-q", "-a", "-o", perf_data, "-e", ",".join(EVENTS)],
+        traced = ["-e", ",".join(EVENTS)]
+        for event, kernel_filter in READ_EVENTS:
+            traced += ["-e", event, "--filter", kernel_filter]
+        perf = subprocess.Popen(["perf", "record", "-q", "-a", "-o", perf_data, *traced],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(2.0)  # perf needs a moment to enable every tracepoint
         totals = []
@@ -224,8 +245,15 @@ def main():
             rows = results[s][0]
             cells.append(f"{median([r[k] for r in rows]):12.2f}" if rows else f"{'-':>12}")
         print(f"{name:<27}" + "".join(cells))
+        if name == "app exec":
+            cells = []
+            for s in services:
+                waits = [r[len(STAGES)] for r in results[s][0] if r[len(STAGES)] is not None]
+                cells.append(f"{median(waits):12.2f}" if waits else f"{'-':>12}")
+            print(f"{'  go-ahead wait (in these)':<27}" + "".join(cells))
     print(f"{'sum of stages (traced)':<27}" + "".join(
-        f"{median([sum(r) for r in results[s][0]]):12.2f}" if results[s][0] else f"{'-':>12}" for s in services))
+        f"{median([sum(r[:len(STAGES)]) for r in results[s][0]]):12.2f}" if results[s][0] else f"{'-':>12}"
+        for s in services))
     print(f"{'client latency (traced)':<27}" + "".join(f"{median(results[s][1]):12.2f}" for s in services))
     print(f"{'rounds read':<27}" + "".join(f"{len(results[s][0]):>12}" for s in services))
     print("ms, medians over rounds; stages are measured under tracing, which slows every traced system call")
@@ -234,7 +262,7 @@ def main():
             print(f"\n{s}, per round:")
             print("  " + " ".join(f"{name[:10]:>10}" for name in STAGES))
             for row in results[s][0]:
-                print("  " + " ".join(f"{v:10.2f}" for v in row))
+                print("  " + " ".join(f"{v:10.2f}" for v in row[:len(STAGES)]))
 
 
 if __name__ == "__main__":

@@ -156,10 +156,12 @@ fn usage() -> i32 {
 /// helper's stdin, stdout, stderr, its listening socket when `listen_fd`, and last the read end
 /// of a go-ahead pipe. The server clones itself with CLONE_PARENT (so the helper is the
 /// supervisor's child, as if the supervisor had forked it) and answers the helper's pid. The
-/// helper prepares (cgroup, namespaces, mounts) but forks the app only once the supervisor,
-/// holding a pidfd of it, writes a byte to the pipe: a helper whose answer was lost (the server
-/// killed between the clone and the answer, or an answer too late) reads end-of-file instead
-/// and exits, so no app ever runs that the supervisor does not wait for. A wake thus costs a clone of this small process
+/// helper prepares (cgroup, namespaces, mounts) and forks the app's process, which gives up its
+/// privileges and then execs the app only once the supervisor, holding a pidfd of the helper,
+/// writes a byte to the pipe: a helper whose answer was lost (the server killed between the
+/// clone and the answer, or an answer too late) reads end-of-file there instead and exits 127,
+/// so no app ever runs that the supervisor does not wait for, and the wait overlaps the
+/// preparation. A wake thus costs a clone of this small process
 /// instead of a fork of the supervisor and an exec of the helper: on the VM of
 /// docs/BENCHMARKS.md the exec and the start of a Rust binary alone take about a millisecond.
 /// The server ends when the supervisor closes the socket or dies (parent-death signal).
@@ -209,50 +211,59 @@ fn serve(supervisor: u32) -> i32 {
         if bytes == 0 && fds.is_empty() {
             return 0; // the supervisor closed its end
         }
-        let reply = if truncated {
-            SpawnReply::Failed {
-                error: format!("the spawn request is larger than {MAX_REQUEST} bytes"),
-            }
+        let (reply, spec) = if truncated {
+            let error = format!("the spawn request is larger than {MAX_REQUEST} bytes");
+            (SpawnReply::Failed { error }, None)
         } else if fds_cut {
-            SpawnReply::Failed {
-                error: "more descriptors came with the spec than a request carries".to_owned(),
-            }
+            let error = "more descriptors came with the spec than a request carries".to_owned();
+            (SpawnReply::Failed { error }, None)
         } else {
             spawn(&buf[..bytes], &fds)
         };
-        drop(fds);
-        // Requests carry tenants' environments (secrets from env files among them); each
-        // later helper is a copy of this process, so nothing of an earlier one stays here.
-        buf[..bytes].fill(0);
+        // The answer first: the new helper waits for the supervisor's go-ahead, which comes
+        // once the supervisor has this answer. What follows writes to memory this process
+        // shares with the helper just cloned (each first write copies a page), off that path.
         let answer = serde_json::to_vec(&reply).unwrap_or_default();
         if let Err(e) = nix::sys::socket::send(socket, &answer, MsgFlags::MSG_NOSIGNAL) {
             eprintln!("tenement exec server: send: {e}");
             return 127;
         }
+        drop(fds);
+        // Requests carry tenants' environments (secrets from env files among them); each
+        // later helper is a copy of this process, so nothing of an earlier one stays here:
+        // the request's bytes, and the environment and arguments parsed from them (zeroed
+        // before the allocator reuses their memory).
+        if let Some(mut spec) = spec {
+            for (name, value) in &mut spec.env {
+                name.zeroize();
+                value.zeroize();
+            }
+            spec.argv.zeroize();
+        }
+        buf[..bytes].fill(0);
     }
 }
 
 /// One spawn request: checks it and clones the helper that runs it. Returns the answer in the
-/// server; the helper never returns from it (it exits).
-fn spawn(request: &[u8], fds: &[std::os::fd::OwnedFd]) -> SpawnReply {
+/// server, with the parsed spec for the caller to zero once the answer is sent; the helper
+/// never returns from it (it exits).
+fn spawn(request: &[u8], fds: &[std::os::fd::OwnedFd]) -> (SpawnReply, Option<SpawnSpec>) {
     use std::os::fd::AsRawFd;
-    let mut spec: SpawnSpec = match serde_json::from_slice(request) {
+    let spec: SpawnSpec = match serde_json::from_slice(request) {
         Ok(spec) => spec,
         Err(e) => {
-            return SpawnReply::Failed {
-                error: format!("bad spawn spec: {e}"),
-            }
+            let error = format!("bad spawn spec: {e}");
+            return (SpawnReply::Failed { error }, None);
         }
     };
     // stdin, stdout, stderr, [listening socket], go-ahead pipe.
     let wanted = if spec.listen_fd { 5 } else { 4 };
     if fds.len() != wanted {
-        return SpawnReply::Failed {
-            error: format!(
-                "{} descriptors came with the spec, {wanted} expected",
-                fds.len()
-            ),
-        };
+        let error = format!(
+            "{} descriptors came with the spec, {wanted} expected",
+            fds.len()
+        );
+        return (SpawnReply::Failed { error }, Some(spec));
     }
     let raw: Vec<i32> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
     let reply = match sys::fork_sibling() {
@@ -282,35 +293,11 @@ fn spawn(request: &[u8], fds: &[std::os::fd::OwnedFd]) -> SpawnReply {
             })
         }
     };
-    // The environment (secrets from env files among it) and the arguments, zeroed before the
-    // allocator reuses their memory: every later helper starts as a copy of this process.
-    for (name, value) in &mut spec.env {
-        name.zeroize();
-        value.zeroize();
-    }
-    spec.argv.zeroize();
-    reply
+    (reply, Some(spec))
 }
 
-/// Blocks until the supervisor says the helper is its to wait for (a byte on `go`), then
-/// closes `go`.
-fn wait_go_ahead(go: i32) -> Result<(), String> {
-    let mut byte = [0u8; 1];
-    let read = loop {
-        match nix::unistd::read(go, &mut byte) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            other => break other,
-        }
-    };
-    let _ = nix::unistd::close(go);
-    match read {
-        Ok(1) => Ok(()),
-        _ => Err("the supervisor did not take this helper in; not starting the app".to_owned()),
-    }
-}
-
-/// Starts the app of `spec` once the supervisor gives the go-ahead on `go`, and supervises it;
-/// the exit code for the helper.
+/// Starts the app of `spec` (which execs once the supervisor gives the go-ahead on `go`) and
+/// supervises it; the exit code for the helper.
 fn run(spec: &SpawnSpec, go: i32) -> Result<i32, String> {
     // The cgroup first: everything forked from here on is accounted and killable there.
     if let Some(cgroup) = &spec.cgroup {
@@ -343,7 +330,7 @@ fn run(spec: &SpawnSpec, go: i32) -> Result<i32, String> {
         SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC).map_err(|e| format!("signalfd: {e}"))?;
 
     let grace = Duration::from_millis(spec.stop_grace_ms);
-    let app = app_exec(spec)?;
+    let app = app_exec(spec, go)?;
     let iso = &spec.isolation;
     let (child, tree) = if iso.namespaces {
         sys::isolate::enter_namespaces(iso.network_none, &iso.hostname)?;
@@ -356,13 +343,14 @@ fn run(spec: &SpawnSpec, go: i32) -> Result<i32, String> {
         })?;
         // The next process is PID 1 of the new namespace: it mounts /proc and stays as the
         // init that reaps and forwards signals; the app runs under it.
-        wait_go_ahead(go)?;
         let init = sys::fork_child(|| {
             if let Err(e) = sys::isolate::mount_proc() {
                 eprintln!("tenement exec helper: {e}");
                 return 127;
             }
-            match sys::fork_exec_app(&app) {
+            let forked = sys::fork_exec_app(&app);
+            let _ = nix::unistd::close(go);
+            match forked {
                 Ok(app_pid) => supervise(app_pid, &mut signals, grace, Tree::NamespaceInit),
                 Err(e) => {
                     eprintln!("tenement exec helper: fork: {e}");
@@ -373,10 +361,11 @@ fn run(spec: &SpawnSpec, go: i32) -> Result<i32, String> {
         .map_err(|e| format!("fork: {e}"))?;
         (init, Tree::Child(init.as_raw()))
     } else {
-        wait_go_ahead(go)?;
         let app_pid = sys::fork_exec_app(&app).map_err(|e| format!("fork: {e}"))?;
         (app_pid, Tree::ProcessGroup)
     };
+    // The app's side waits for the go-ahead byte; this copy of the pipe is not needed.
+    let _ = nix::unistd::close(go);
     if spec.listen_fd {
         // The app has its copy; ours would keep the port open after the app died.
         let _ = nix::unistd::close(3);
@@ -384,7 +373,7 @@ fn run(spec: &SpawnSpec, go: i32) -> Result<i32, String> {
     Ok(supervise(child, &mut signals, grace, tree))
 }
 
-fn app_exec(spec: &SpawnSpec) -> Result<sys::AppExec, String> {
+fn app_exec(spec: &SpawnSpec, go: i32) -> Result<sys::AppExec, String> {
     let cstring = |what: &str, s: &str| {
         CString::new(s).map_err(|_| format!("{what} contains a NUL byte: {s:?}"))
     };
@@ -402,6 +391,7 @@ fn app_exec(spec: &SpawnSpec) -> Result<sys::AppExec, String> {
             .collect::<Result<_, _>>()?,
         workdir: cstring("workdir", &spec.workdir.to_string_lossy())?,
         listen_fd: spec.listen_fd,
+        go: Some(go),
         drop: sys::isolate::Drop {
             uid: spec.isolation.uid,
             gid: spec.isolation.gid,

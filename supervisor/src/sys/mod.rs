@@ -61,6 +61,11 @@ pub struct AppExec {
     pub listen_fd: bool,
     /// What the app gives up before exec.
     pub drop: isolate::Drop,
+    /// The read end of the go-ahead pipe: the child waits for its byte last, after giving up
+    /// its privileges and right before execve, so no app code runs until the supervisor holds
+    /// a pidfd of the helper, while the child's own preparation overlaps that wait. End of
+    /// file (the supervisor never took the helper in) exits 127.
+    pub go: Option<RawFd>,
 }
 
 /// Forks the app from the single-threaded exec helper. Returns the child's pid in the parent;
@@ -92,11 +97,21 @@ fn child_exec(app: &AppExec) -> ! {
         }
     }
     // Nothing the supervisor or the helper inherited reaches the app: close every descriptor
-    // above stdio (and above the handed-over socket at 3).
+    // above stdio (and above the handed-over socket at 3), but the go-ahead pipe until its
+    // byte has come.
     let first = if app.listen_fd { 4 } else { 3 };
-    // SAFETY: close_range(2) takes integers and only closes descriptors of this process, which
-    // is about to exec; nothing in it uses them afterwards.
-    if unsafe { libc::close_range(first, libc::c_uint::MAX, 0) } == -1 {
+    let close_range = |from: libc::c_uint, to: libc::c_uint| {
+        // SAFETY: close_range(2) takes integers and only closes descriptors of this process,
+        // which is about to exec; nothing in it uses them afterwards.
+        from > to || unsafe { libc::close_range(from, to, 0) } != -1
+    };
+    let closed = match app.go.and_then(|go| libc::c_uint::try_from(go).ok()) {
+        Some(go) if go >= first => {
+            close_range(first, go.saturating_sub(1)) && close_range(go + 1, libc::c_uint::MAX)
+        }
+        _ => close_range(first, libc::c_uint::MAX),
+    };
+    if !closed {
         die(&format!(
             "tenement: cannot close inherited descriptors: {}",
             std::io::Error::last_os_error()
@@ -111,12 +126,32 @@ fn child_exec(app: &AppExec) -> ! {
             app.workdir.to_string_lossy()
         ));
     }
+    if let Some(go) = app.go {
+        if !wait_go_ahead(go) {
+            die("tenement: the supervisor did not take this helper in; not starting the app");
+        }
+        let _ = nix::unistd::close(go);
+    }
     let err = nix::unistd::execve(&app.program, &app.argv, &env).err();
     die(&format!(
         "tenement: cannot execute {}: {}",
         app.program.to_string_lossy(),
         err.map(|e| e.to_string()).unwrap_or_default()
     ));
+}
+
+/// Blocks until one byte comes on `go` (the supervisor's go-ahead); false on end of file or
+/// an error.
+fn wait_go_ahead(go: RawFd) -> bool {
+    let mut byte = [0u8; 1];
+    loop {
+        // SAFETY: read(2) into a buffer of ours, of its length.
+        let read = unsafe { libc::read(go, byte.as_mut_ptr().cast(), 1) };
+        if read == -1 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        return read == 1;
+    }
 }
 
 /// Forks the single-threaded exec helper; the child runs `body` and exits with its code.
