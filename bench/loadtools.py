@@ -189,6 +189,22 @@ def proc_comm(pid):
         return ""
 
 
+def tenement_cpu_ticks(sb):
+    """utime + stime so far, in clock ticks, of a sandbox's supervisor, its exec server and
+    (when it runs one) its proxy."""
+    sup = sb.supervisor.pid
+    pids = [sup] + [c for c in children(sup) if proc_comm(c) == "tenement-execd"]
+    if getattr(sb, "proxy", None):
+        pids.append(sb.proxy.pid)
+    total = 0
+    for pid in pids:
+        try:
+            total += cpu_ticks(pid)
+        except OSError:
+            pass
+    return total
+
+
 def children(pid):
     """Direct children of `pid`."""
     out = []

@@ -43,21 +43,6 @@ def proxied_get(port):
     return status, (time.perf_counter() - t0) * 1000
 
 
-def tenement_ticks(sb):
-    """utime + stime so far of the sandbox's supervisor, its exec server and its proxy."""
-    sup = sb.supervisor.pid
-    pids = [sup] + [c for c in loadtools.children(sup) if loadtools.proc_comm(c) == "tenement-execd"]
-    if getattr(sb, "proxy", None):
-        pids.append(sb.proxy.pid)
-    total = 0
-    for pid in pids:
-        try:
-            total += loadtools.cpu_ticks(pid)
-        except OSError:
-            pass
-    return total
-
-
 def side(build_dir, runtime, wakes, release, proxy):
     """`wakes` wake times in ms with the binaries of `build_dir` (the supervisor's elapsed_us,
     or with `proxy` a client's GET through that build's proxy), and the clock ticks of CPU
@@ -84,17 +69,17 @@ def side(build_dir, runtime, wakes, release, proxy):
         for _ in range(wakes):
             if proxy:
                 time.sleep(0.3)
-                before = tenement_ticks(sb)
+                before = loadtools.tenement_cpu_ticks(sb)
                 status, ms = proxied_get(port)
-                ticks += tenement_ticks(sb) - before
+                ticks += loadtools.tenement_cpu_ticks(sb) - before
                 if status != 200:
                     raise SystemExit(f"{build_dir}: the proxy answered {status}; see {sb.dir}")
                 took.append(ms)
             else:
                 time.sleep(0.02)
-                before = tenement_ticks(sb)
+                before = loadtools.tenement_cpu_ticks(sb)
                 reply = rpc.call({"type": "wake", "instance": "app:ab"})
-                ticks += tenement_ticks(sb) - before
+                ticks += loadtools.tenement_cpu_ticks(sb) - before
                 if reply.get("type") != "woken" or not reply.get("started"):
                     raise SystemExit(f"{build_dir}: wake answered {reply}")
                 took.append(reply["elapsed_us"] / 1000)

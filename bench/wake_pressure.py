@@ -82,16 +82,7 @@ class ProxySide:
 
     def cpu_ticks(self):
         """utime + stime so far of the supervisor, the exec server and the proxy."""
-        sup = self.sb.supervisor.pid
-        pids = [sup, self.sb.proxy.pid] + [
-            c for c in loadtools.children(sup) if loadtools.proc_comm(c) == "tenement-execd"]
-        total = 0
-        for pid in pids:
-            try:
-                total += loadtools.cpu_ticks(pid)
-            except OSError:
-                pass
-        return total
+        return loadtools.tenement_cpu_ticks(self.sb)
 
     def fresh(self, service, n):
         """`n` tenants of `service` that have not run yet."""

@@ -220,8 +220,8 @@ fn serve(supervisor: u32) -> i32 {
         } else {
             spawn(&buf[..bytes], &fds)
         };
-        // The answer first: the new helper waits for the supervisor's go-ahead, which comes
-        // once the supervisor has this answer. What follows writes to memory this process
+        // The answer first: the new helper's app waits for the supervisor's go-ahead, which
+        // comes once the supervisor has this answer. What follows writes to memory this process
         // shares with the helper just cloned (each first write copies a page), off that path.
         let answer = serde_json::to_vec(&reply).unwrap_or_default();
         if let Err(e) = nix::sys::socket::send(socket, &answer, MsgFlags::MSG_NOSIGNAL) {

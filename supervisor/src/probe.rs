@@ -68,11 +68,10 @@ pub async fn wait_accepting(address: &Address) {
 }
 
 /// Polls sock_diag(7) until a connect to `addr` would reach a listener, and returns that
-/// listener. The kernel's own lookup (as for an arriving SYN) sees the app's
-/// listener the moment it calls listen(2), and leaves no probe connection for the app to accept
-/// and drop; and the listener it reports carries what the ownership check and the proxy's herd
-/// limit need. An error means sock_diag cannot be asked here; the caller then polls with
-/// connects.
+/// listener. The kernel's own lookup (as for an arriving SYN) sees the app's listener the
+/// moment it calls listen(2) and leaves no probe connection for the app to accept and drop;
+/// the listener it reports carries the accept queue the proxy's herd limit needs. An error
+/// means sock_diag cannot be asked here; the caller then polls with connects.
 pub async fn wait_listening(addr: SocketAddr) -> std::io::Result<SocketOwner> {
     let started = std::time::Instant::now();
     let fine = FineSleep::new();
