@@ -145,12 +145,10 @@ fn child_exec(app: &AppExec) -> ! {
 fn wait_go_ahead(go: RawFd) -> bool {
     let mut byte = [0u8; 1];
     loop {
-        // SAFETY: read(2) into a buffer of ours, of its length.
-        let read = unsafe { libc::read(go, byte.as_mut_ptr().cast(), 1) };
-        if read == -1 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-            continue;
+        match nix::unistd::read(go, &mut byte) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            read => return read == Ok(1),
         }
-        return read == 1;
     }
 }
 
