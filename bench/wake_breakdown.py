@@ -25,7 +25,7 @@ cloned and the app the helper forked.
 | response | app accept | the client's last recv |
 
 Printed apart below "app exec": the wait for the supervisor's go-ahead byte, from the read of
-the pipe to its return, by the helper before it forks (builds before 2026-12-03, where it is
+the pipe to its return, by the helper before it forks (builds before 5307bc9, where it is
 part of "helper setup") or by the app's process before its exec.
 
 Tracing costs time on every traced system call, so the stages add up to more than a wake takes
@@ -131,7 +131,7 @@ def stages_of(events, client, proxy, supervisor, server):
     app = field(fork[3], "child_pid")
     exec_ = first(fork[0], lambda e: e[1] == app and e[2] == "sched:sched_process_exec")
     # The wait for the go-ahead byte, from the read of the pipe to its return: in the helper
-    # before it forks the app (builds before 2026-12-03), or in the app's process before exec.
+    # before it forks the app (builds before 5307bc9), or in the app's process before exec.
     waited = None
     for pid, start, end in ((helper, t[-1], fork[0]), (app, fork[0], exec_[0] if exec_ else None)):
         asked = first(start, lambda e: e[1] == pid and e[2] == "syscalls:sys_enter_read")

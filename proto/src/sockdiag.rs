@@ -68,7 +68,7 @@ pub fn tcp_listeners(port: u16) -> io::Result<Vec<SocketOwner>> {
 /// arriving SYN (a listener on exactly `addr` or on a wildcard address; an IPv4 `addr` reaches
 /// a dual-stack IPv6 listener; one of a SO_REUSEPORT group). `None` when nothing listens there.
 /// One lookup in the kernel's hash, where [`tcp_listeners`] walks every listening bucket of
-/// the host (an order of magnitude more time per query).
+/// the host.
 pub fn tcp_listener_for(addr: SocketAddr) -> io::Result<Option<SocketOwner>> {
     let nowhere = match addr.ip() {
         IpAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),

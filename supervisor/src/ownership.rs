@@ -44,10 +44,10 @@ pub fn port_holder(
     Ok(judge(proc_root, &listeners, own_uid, root))
 }
 
-/// Whether the uid alone makes every one of `listeners` the instance's: the usual case, and
-/// then [`judge`] reads nothing under `/proc`.
+/// Whether there are `listeners` and the uid alone makes every one of them the instance's: the
+/// usual case, and then [`judge`] reads nothing under `/proc`.
 pub fn all_of_uid(listeners: &[sockdiag::SocketOwner], own_uid: Option<u32>) -> bool {
-    own_uid.is_some_and(|uid| listeners.iter().all(|l| l.uid == uid))
+    !listeners.is_empty() && own_uid.is_some_and(|uid| listeners.iter().all(|l| l.uid == uid))
 }
 
 /// Whose `listeners` (every socket listening on one port, as sock_diag just reported them)
@@ -205,6 +205,7 @@ mod tests {
         let mixed = [ours[0], listener("0.0.0.0:8000", 2, 5)];
         assert!(!all_of_uid(&mixed, Some(1)));
         assert!(!all_of_uid(&ours, None));
+        assert!(!all_of_uid(&[], Some(1)));
         assert!(matches!(
             judge(proc_root, &mixed, Some(1), None),
             Holder::Stranger { uid: 2, .. }

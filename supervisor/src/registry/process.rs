@@ -1124,11 +1124,10 @@ async fn own_listener(
     };
     loop {
         let failed = match sockdiag::tcp_listeners(port) {
+            Ok(found) if found.is_empty() => None,
             // Of the instance's uid: settled without reading /proc.
-            Ok(found) if ownership::all_of_uid(&found, own_uid) && !found.is_empty() => {
-                return Ok(backlog_of(&found))
-            }
-            Ok(found) if !found.is_empty() => {
+            Ok(found) if ownership::all_of_uid(&found, own_uid) => return Ok(backlog_of(&found)),
+            Ok(found) => {
                 let backlog = backlog_of(&found);
                 let judged = tokio::task::spawn_blocking(move || {
                     ownership::judge(Path::new("/proc"), &found, own_uid, Some(helper))
@@ -1140,7 +1139,6 @@ async fn own_listener(
                     _ => None,
                 }
             }
-            Ok(_) => None,
             Err(e) => Some(e),
         };
         if let (Some(e), false) = (failed, said) {
