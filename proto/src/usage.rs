@@ -1,6 +1,9 @@
 //! What a process uses, read from `/proc` (proc(5)): a daemon's own resident memory, open
 //! files and CPU time for the metrics, and the units those files count in.
 
+use nix::sys::resource::{getrusage, UsageWho};
+use nix::sys::time::TimeVal;
+
 /// Bytes per page (the unit of `statm` and of `rss` in `stat`).
 pub fn page_size() -> u64 {
     nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
@@ -42,18 +45,29 @@ pub fn parse_stat_usage(text: &str) -> Option<(u64, u64)> {
 }
 
 /// The calling process's own figures; a file that cannot be read counts as 0.
+///
+/// CPU time comes from getrusage(2), in microseconds: `stat` counts whole clock ticks (10 ms
+/// here), so a daemon that has just started would read 0 there.
 pub fn own() -> Usage {
     let (ticks, rss_pages) = std::fs::read_to_string("/proc/self/stat")
         .ok()
         .and_then(|t| parse_stat_usage(&t))
         .unwrap_or((0, 0));
     let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+    let cpu_seconds = match getrusage(UsageWho::RUSAGE_SELF) {
+        Ok(usage) => seconds(usage.user_time()) + seconds(usage.system_time()),
+        Err(_) => ticks as f64 / clock_ticks(),
+    };
     Usage {
         rss_bytes: rss_pages * page_size(),
         // read_dir's own descriptor is in the listing.
         open_fds: open_fds.saturating_sub(1),
-        cpu_seconds: ticks as f64 / clock_ticks(),
+        cpu_seconds,
     }
+}
+
+fn seconds(time: TimeVal) -> f64 {
+    time.tv_sec() as f64 + time.tv_usec() as f64 / 1e6
 }
 
 #[cfg(test)]
@@ -73,6 +87,8 @@ mod tests {
     fn own_figures_are_plausible() {
         let usage = own();
         assert!(usage.rss_bytes > 0);
+        // Microseconds, not clock ticks: some CPU has been spent by now, even so early.
+        assert!(usage.cpu_seconds > 0.0, "{usage:?}");
         assert!(
             usage.open_fds >= 3,
             "stdin, stdout, stderr at least: {usage:?}"
