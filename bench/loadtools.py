@@ -20,7 +20,8 @@ from tenement_bench import DEFAULT_PORT_RANGE, ROOT, Sandbox, free_port
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # Debian package that provides each tool we may need.
-PACKAGES = {"wrk": "wrk", "nginx": "nginx-light", "perf": "linux-perf"}
+PACKAGES = {"wrk": "wrk", "nginx": "nginx-light", "perf": "linux-perf", "h2load": "nghttp2-client",
+            "go": "golang-go", "curl": "curl"}
 
 
 def ensure_tools(*tools):
@@ -247,7 +248,7 @@ def wrk(port, connections, duration, host=None, path="/", threads=1, timeout=Non
     res = {"raw": out}
     res["rps"] = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     res["requests"] = int(re.search(r"(\d+) requests in", out).group(1))
-    lat = dict(re.findall(r"^\s+(50|75|90|99)%\s+(\S+)$", out, re.M))
+    lat = dict(re.findall(r"^\s+(50|75|90|99)%\s+(\S+)\s*$", out, re.M))
     res["p50_us"] = _us(lat["50"]) if "50" in lat else float("nan")
     res["p99_us"] = _us(lat["99"]) if "99" in lat else float("nan")
     errors = 0

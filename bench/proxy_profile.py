@@ -1,0 +1,232 @@
+#!/usr/bin/env python3
+"""Where tenement-proxy's CPU goes on the warm request path: a flame graph and a table.
+
+One warm tiny-http instance (tiny:a) behind the release proxy; wrk (1 thread, keep-alive)
+runs against it while `perf record` samples the proxy (cpu-clock, so it works without a
+hardware PMU; call graphs unwound from DWARF, as the release build has no frame pointers).
+nginx in front of the same backend is sampled the same way, for the yardstick.
+
+Prints, per side, the share of samples by where they were taken (kernel, hyper, h2, tokio,
+tenement's own code, the allocator, ...) both as self time and as the inclusive time of a
+few named stages, and writes the flame graphs as SVG (inferno, installed with cargo if
+missing):
+
+    python3 bench/proxy_profile.py [--connections 4] [--duration 10] [--out docs/flame]
+
+Shares, not absolute times: sampling under load is noisy, and these machines are shared.
+"""
+
+import argparse
+import collections
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from loadtools import add_and_wake, build, ensure_tools, Nginx, proxied_sandbox, revision, snapshot_binaries, \
+    start_tiny_http, wait_proxy_synced, wrk
+from tenement_bench import machine
+
+HOST = "a.tiny.localhost"
+SERVICES = """
+[service.tiny]
+command = "@BIN@/tiny-http"
+idle_timeout = 0
+"""
+
+# Self time is put in the first bucket whose pattern matches the sampled frame's symbol.
+BUCKETS = [
+    ("kernel", re.compile(r"\[kernel|^[a-z_0-9.]+_\[k\]$|^(entry_|__x64_sys|do_syscall|tcp_|__tcp|ip_|__ip|"
+                          r"sock_|__sock|skb|__skb|__sys_|ksys_|vfs_|ep_|__schedule|schedule|native_|"
+                          r"_raw_spin|__netif|net_rx|process_backlog|__local_bh|loopback_|__dev_queue|"
+                          r"syscall_|copy_user|_copy_|rep_movs|clear_page|__wake_up|try_to_wake|"
+                          r"futex_|do_futex|__x86|irq|apic|__softirq|do_softirq|__napi|napi_|"
+                          r"inet_|__inet|unix_|security_|apparmor|selinux|rcu_|__rcu|fput|fget|__fget|"
+                          r"__fdget|mutex_|__mutex|_copy|memcg|mem_cgroup|kmem|kfree|__kmalloc|kmalloc|"
+                          r"__alloc_skb|alloc_skb|page_|__page|get_page|put_page|__put_page|"
+                          r"update_|enqueue_|dequeue_|pick_next|finish_task|switch_|__switch|"
+                          r"ktime_|hrtimer|psi_|sched_|select_task|ttwu_|wake_up|__lock_sock|"
+                          r"release_sock|lock_sock|tcp$)")),
+    ("allocator (malloc/free)", re.compile(r"^(_int_malloc|_int_free|malloc|free|realloc|cfree|"
+                                           r"__libc_malloc|__libc_free|__libc_realloc|malloc_consolidate|"
+                                           r"tcache|__rust_alloc|__rust_dealloc|__rust_realloc|"
+                                           r"alloc::alloc|<alloc::alloc::Global)")),
+    ("libc (syscall stubs, memcpy)", re.compile(r"^(__memmove|__memcpy|__memset|memcpy|memmove|memset|"
+                                                 r"__GI_|__libc_|epoll_wait|__send|__recv|writev|read|"
+                                                 r"__write|__read|syscall|__lll|pthread_|__pthread|"
+                                                 r"__memcmp|__strlen|bcmp|memcmp|clock_gettime|"
+                                                 r"__clock_gettime|__vdso)|\[vdso\]")),
+    ("hyper", re.compile(r"^(<)?hyper(_util)?::|<hyper(_util)?::")),
+    ("h2", re.compile(r"^(<)?h2::")),
+    ("httparse", re.compile(r"httparse::")),
+    ("http (HeaderMap etc.)", re.compile(r"^(<)?http(_body(_util)?)?::")),
+    ("tokio", re.compile(r"^(<)?tokio(_util)?::|<tokio")),
+    ("bytes", re.compile(r"^(<)?bytes::")),
+    ("tracing", re.compile(r"tracing")),
+    ("tenement-proxy", re.compile(r"tenement_proxy::|tenement_proto::|tenement_proxy")),
+    ("futures", re.compile(r"futures_")),
+    ("rustls / ring / aws-lc", re.compile(r"rustls|ring::|aws_lc")),
+    ("std / core", re.compile(r"^(<)?(std|core|alloc)::|<(std|core|alloc)::")),
+]
+
+# Inclusive time of stages: a sample counts for a stage when any frame of its stack matches.
+STAGES = [
+    ("epoll wait and event loop", re.compile(r"tokio::runtime::io::driver::Driver::turn|epoll_wait")),
+    ("socket reads (syscall)", re.compile(r"^(__x64_sys_read|__x64_sys_recvfrom|ksys_read)$")),
+    ("socket writes (syscall)", re.compile(r"^(__x64_sys_write|__x64_sys_writev|__x64_sys_sendto|do_writev|"
+                                           r"ksys_write)$")),
+    ("client side: hyper server dispatch", re.compile(r"hyper::proto::h1::dispatch::Dispatcher<.*Server")),
+    ("upstream side: hyper client dispatch", re.compile(r"hyper::proto::h1::dispatch::Dispatcher<.*Client")),
+    ("request head parse (both sides)", re.compile(r"hyper::proto::h1::role::.*::parse|httparse::")),
+    ("head encode (both sides)", re.compile(r"hyper::proto::h1::role::.*::encode")),
+    ("tenement request path (Proxy::handle)", re.compile(r"tenement_proxy::forward::Proxy::(handle|serve|forward)")),
+    ("pool checkout/put", re.compile(r"tenement_proxy::pool::Pool::")),
+    ("timers (arming, firing, clearing)", re.compile(r"tokio::runtime::time::(entry|wheel|Handle::(process|reregister|clear))|"
+                                                  r"TimerEntry|tokio::time::(sleep|timeout)::")),
+    ("cross-thread wake-ups (eventfd write)", re.compile(r"mio::sys::unix::waker::Waker::wake")),
+    ("malloc/free (inclusive)", re.compile(r"^(__GI___libc_malloc|__GI___libc_free|__GI___libc_realloc|malloc|free)$")),
+    ("formatting (core::fmt)", re.compile(r"^core::fmt::write$")),
+]
+
+
+def symbol(frame):
+    """The symbol of one `perf script` frame line ('addr sym+off (dso)')."""
+    parts = frame.strip().split(None, 1)
+    if len(parts) < 2:
+        return "?"
+    sym, _, dso = parts[1].rpartition(" (")
+    sym = re.sub(r"\+0x[0-9a-f]+$", "", sym)
+    if sym in ("[unknown]", ""):
+        return f"[{dso.rstrip(')')}]"
+    if "kernel.kallsyms" in dso:
+        return sym
+    return sym
+
+
+def stacks(script_text):
+    """Each sample's frames, leaf first."""
+    out, frames = [], []
+    for line in script_text.splitlines():
+        if not line.strip():
+            if frames:
+                out.append(frames)
+            frames = []
+        elif line.startswith((" ", "\t")):
+            frames.append(symbol(line))
+    if frames:
+        out.append(frames)
+    return out
+
+
+def tables(script_text, name):
+    samples = stacks(script_text)
+    kernel = set()
+    for line in script_text.splitlines():
+        if "kernel.kallsyms" in line:
+            kernel.add(symbol(line))
+    total = len(samples) or 1
+    selfs = collections.Counter()
+    for frames in samples:
+        leaf = frames[0]
+        bucket = "kernel" if leaf in kernel else next(
+            (b for b, rx in BUCKETS if b != "kernel" and rx.search(leaf)), "other")
+        selfs[bucket] += 1
+    top = collections.Counter(f[0] for f in samples if f[0] not in kernel)
+    print(f"\n{name}: {len(samples)} samples")
+    print("  self time by where it was sampled:")
+    for bucket, n in selfs.most_common():
+        print(f"    {100 * n / total:5.1f}%  {bucket}")
+    print("  inclusive time of stages (a sample counts once per stage):")
+    for stage, rx in STAGES:
+        n = sum(1 for frames in samples if any(rx.search(f) for f in frames))
+        if n:
+            print(f"    {100 * n / total:5.1f}%  {stage}")
+    print("  hottest user-space functions (self):")
+    for sym, n in top.most_common(12):
+        print(f"    {100 * n / total:5.1f}%  {sym[:110]}")
+
+
+def record(pids, seconds, out):
+    """perf record on `pids` for `seconds`; returns the `perf script` text."""
+    data = os.path.join(out, "perf.data")
+    subprocess.run(["perf", "record", "-q", "-e", "cpu-clock", "-F", "1999", "--call-graph", "dwarf,16384",
+                    "-p", ",".join(str(p) for p in pids), "-o", data, "--", "sleep", str(seconds)],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    r = subprocess.run(["perf", "script", "-i", data, "-F", "comm,tid,time,event,ip,sym,dso"],
+                       capture_output=True, text=True, check=True)
+    os.unlink(data)
+    return r.stdout
+
+
+def flame(script_text, title, path):
+    collapse = subprocess.run(["inferno-collapse-perf", "--all"], input=script_text, capture_output=True,
+                              text=True, check=True).stdout
+    svg = subprocess.run(["inferno-flamegraph", "--title", title, "--width", "1600"], input=collapse,
+                         capture_output=True, text=True, check=True).stdout
+    with open(path, "w") as f:
+        f.write(svg)
+
+
+def ensure_inferno():
+    if shutil.which("inferno-flamegraph"):
+        return
+    subprocess.run(["cargo", "install", "--quiet", "--locked", "inferno"], check=True)
+    cargo_bin = os.path.expanduser("~/.cargo/bin")
+    os.environ["PATH"] = cargo_bin + os.pathsep + os.environ["PATH"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--connections", type=int, default=4)
+    ap.add_argument("--duration", type=int, default=10, help="seconds sampled per side")
+    ap.add_argument("--out", default=None, help="directory for the SVG flame graphs (none: not written)")
+    ap.add_argument("--no-build", action="store_true")
+    args = ap.parse_args()
+    ensure_tools("wrk", "nginx", "perf")
+    if args.out:
+        ensure_inferno()
+    if not args.no_build:
+        build()
+    snapshot_binaries()
+    work = tempfile.mkdtemp(prefix="tenement-profile-")
+    tiny, tiny_port = start_tiny_http()
+    nginx = sb = None
+    try:
+        nginx = Nginx(tiny_port)
+        sb = proxied_sandbox(SERVICES)
+        add_and_wake(sb)
+        wait_proxy_synced(sb, HOST)
+        print(f"# proxy profile: wrk -t1 -c{args.connections}, perf record -e cpu-clock -F 1999 "
+              f"--call-graph dwarf, {args.duration} s per side; {machine()}; {revision()}")
+        for name, port, pids in (("tenement-proxy", sb.proxy_port, [sb.proxy.pid]),
+                                 ("nginx", nginx.port, nginx.workers())):
+            wrk(port, args.connections, 2, host=HOST)  # warm-up
+            load = subprocess.Popen(["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration + 4}s",
+                                     "-H", f"Host: {HOST}", f"http://127.0.0.1:{port}/"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            try:
+                text = record(pids, args.duration, work)
+            finally:
+                out, _ = load.communicate()
+            rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+            print(f"\n{name}: {rps.group(1) if rps else '?'} requests per second while sampled")
+            tables(text, name)
+            if args.out:
+                os.makedirs(args.out, exist_ok=True)
+                path = os.path.join(args.out, f"{name}-c{args.connections}.svg")
+                flame(text, f"{name}, wrk -c{args.connections} keep-alive, {revision()}", path)
+                print(f"  flame graph: {path}")
+    finally:
+        if sb:
+            sb.close()
+        if nginx:
+            nginx.stop()
+        tiny.terminate()
+        tiny.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
