@@ -6,7 +6,8 @@ runs against it while `perf record` samples the proxy (cpu-clock, so it works wi
 hardware PMU; call graphs unwound from DWARF, as the release build has no frame pointers).
 nginx in front of the same backend is sampled the same way, for the yardstick.
 
-Prints, per side, the share of samples by where they were taken (kernel, hyper, h2, tokio,
+Prints, per side, system calls and context switches per request (perf stat, unsampled), the
+share of samples by where they were taken (kernel, hyper, h2, tokio,
 tenement's own code, the allocator, ...) both as self time and as the inclusive time of a
 few named stages, and writes the flame graphs as SVG (inferno, installed with cargo if
 missing):
@@ -21,9 +22,11 @@ import collections
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 from loadtools import add_and_wake, build, ensure_tools, Nginx, proxied_sandbox, revision, snapshot_binaries, \
     start_tiny_http, wait_proxy_synced, wrk
@@ -160,6 +163,33 @@ def record(pids, seconds, out):
     return r.stdout
 
 
+SYSCALL_EVENTS = ["raw_syscalls:sys_enter", "syscalls:sys_enter_recvfrom", "syscalls:sys_enter_read",
+                  "syscalls:sys_enter_writev", "syscalls:sys_enter_write", "syscalls:sys_enter_sendto",
+                  "syscalls:sys_enter_epoll_wait", "syscalls:sys_enter_futex", "context-switches"]
+
+
+def count_events(pids, port, connections, seconds):
+    """`perf stat` of SYSCALL_EVENTS on `pids` around one wrk run of `seconds`: ({event: count},
+    the requests wrk completed)."""
+    args = ["perf", "stat", "-x", ","]
+    for event in SYSCALL_EVENTS:
+        args += ["-e", event]
+    args += ["-p", ",".join(str(p) for p in pids)]
+    stat = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)  # perf attached
+        requests = wrk(port, connections, seconds, host=HOST)["requests"]
+    finally:
+        stat.send_signal(signal.SIGINT)
+        _, err = stat.communicate()
+    counts = {}
+    for line in err.splitlines():
+        fields = line.split(",")
+        if len(fields) > 2 and fields[0].isdigit():
+            counts[fields[2]] = int(fields[0])
+    return counts, requests
+
+
 def flame(script_text, title, path):
     collapse = subprocess.run(["inferno-collapse-perf", "--all"], input=script_text, capture_output=True,
                               text=True, check=True).stdout
@@ -181,6 +211,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--connections", type=int, default=4)
     ap.add_argument("--duration", type=int, default=10, help="seconds sampled per side")
+    ap.add_argument("--count", type=int, default=5, help="seconds of system call counting per side")
     ap.add_argument("--out", default=None, help="directory for the SVG flame graphs (none: not written)")
     ap.add_argument("--no-build", action="store_true")
     args = ap.parse_args()
@@ -203,6 +234,11 @@ def main():
         for name, port, pids in (("tenement-proxy", sb.proxy_port, [sb.proxy.pid]),
                                  ("nginx", nginx.port, nginx.workers())):
             wrk(port, args.connections, 2, host=HOST)  # warm-up
+            # Counted first (not sampled), over one whole wrk run.
+            counts, requests = count_events(pids, port, args.connections, args.count)
+            print(f"\n{name}: per request over a {args.count} s wrk run ({requests} requests, perf stat): "
+                  + ", ".join(f"{counts.get(e, 0) / max(requests, 1):.2f} {e.split(':')[-1].removeprefix('sys_enter_')}"
+                              for e in SYSCALL_EVENTS if counts.get(e) or e == "raw_syscalls:sys_enter"))
             load = subprocess.Popen(["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration + 4}s",
                                      "-H", f"Host: {HOST}", f"http://127.0.0.1:{port}/"],
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -211,7 +247,7 @@ def main():
             finally:
                 out, _ = load.communicate()
             rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-            print(f"\n{name}: {rps.group(1) if rps else '?'} requests per second while sampled")
+            print(f"{name}: {rps.group(1) if rps else '?'} requests per second while sampled")
             tables(text, name)
             if args.out:
                 os.makedirs(args.out, exist_ok=True)

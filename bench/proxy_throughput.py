@@ -14,11 +14,11 @@ tells HTTP/2 from HTTP/1 by the client's first bytes), both still HTTP/1.1 to ti
 1 wrk thread; 1, 4, 32 and 1,000 connections; each run `--duration` seconds. Round r runs, for
 each connection count, the three configs in an order rotated by r. Reports medians of rps and
 p50, medians of per-round ratios, the p50 added over direct, the proxy's (and nginx workers')
-CPU time per request from /proc/PID/stat utime+stime, and their memory per connection: the
-highest RSS seen during a run (sampled every 100 ms) less the RSS before it, over the
-connections (reported from 100 connections up, where it is more than noise). The proxy's
-per-client connection cap (256 by default) is raised for the run: every connection comes from
-127.0.0.1.
+CPU time per request from /proc/PID/stat utime+stime, and their memory: the highest RSS seen
+during a run (sampled every 100 ms; nginx: its workers' summed). The proxy's per-client
+connection cap (256 by default) is raised for the run: every connection comes from 127.0.0.1.
+Memory per idle connection, from a fresh process, is tls_throughput.py's section 4. SYN drops
+are the kernel's ListenOverflows counter over each run (wrk's first connects included).
 
     python3 bench/proxy_throughput.py [--rounds 5] [--duration 5] [--connections 1,4,32,1000]
 """
@@ -29,8 +29,8 @@ import resource
 import sys
 import threading
 
-from loadtools import add_and_wake, build, Nginx, cpu_ticks, CLK_TCK, ensure_tools, h2load, proxied_sandbox, \
-    revision, snapshot_binaries, start_tiny_http, wait_proxy_synced, wrk
+from loadtools import add_and_wake, build, Nginx, cpu_ticks, CLK_TCK, ensure_tools, h2load, listen_overflows, \
+    proxied_sandbox, revision, snapshot_binaries, start_tiny_http, wait_proxy_synced, wrk
 from tenement_bench import machine, median
 
 HOST = "a.tiny.localhost"
@@ -92,13 +92,15 @@ def main():
                     pids = ([proxy_pid] if side == "tenement" else nginx.workers() if side == "nginx" else [])
                     before = (cpu_ticks(proxy_pid) if side == "tenement"
                               else nginx.cpu_ticks() if side == "nginx" else 0)
+                    overflows = listen_overflows()[0]
                     with PeakRss(pids) as peak:
                         res = run(cfg, c, args.duration)
+                    res["syn_drops"] = listen_overflows()[0] - overflows
                     after = (cpu_ticks(proxy_pid) if side == "tenement"
                              else nginx.cpu_ticks() if side == "nginx" else 0)
                     res["cpu_us"] = ((after - before) / CLK_TCK * 1e6 / res["requests"]
                                      if cfg != "direct" and res["requests"] else float("nan"))
-                    res["kib_per_conn"] = (peak.grown_kib() / c if pids else float("nan"))
+                    res["peak_mib"] = (peak.peak / 1024 if pids else float("nan"))
                     rows.setdefault((cfg, c), []).append(res)
                     print(f"  round {r + 1}/{args.rounds} c={c:<3} {cfg:<11} {res['rps']:>9.0f} rps "
                           f"p50 {res.get('p50_us', float('nan')):>7.0f} us  cpu/req {res['cpu_us']:>6.1f} us"
@@ -133,15 +135,15 @@ def rss_kib(pids):
 
 
 class PeakRss:
-    """The highest RSS of `pids` while the block runs (sampled every 100 ms), and the RSS before."""
+    """The highest RSS of `pids` (KiB) while the block runs, sampled every 100 ms."""
 
     def __init__(self, pids):
         self.pids = pids
-        self.before = self.peak = 0
+        self.peak = 0
         self.done = threading.Event()
 
     def __enter__(self):
-        self.before = self.peak = rss_kib(self.pids)
+        self.peak = rss_kib(self.pids)
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
         return self
@@ -154,25 +156,23 @@ class PeakRss:
         self.done.set()
         self.thread.join()
 
-    def grown_kib(self):
-        return self.peak - self.before
-
 
 def report(args, conns, rows):
     print(f"# proxy throughput: wrk -t1, {args.duration} s per run, {args.rounds} interleaved rounds; "
           f"{machine()}; {revision()}")
     print(f"{'conns':>5} {'config':<9}{'rps':>10}{'p50 us':>9}{'p99 us':>9}{'+p50 us':>9}"
-          f"{'cpu us/req':>11}{'KiB/conn':>9}{'errors':>8}")
+          f"{'cpu us/req':>11}{'RSS MiB':>9}{'errors':>8}{'SYN drops':>10}")
     for c in conns:
         for cfg in WRK_CONFIGS:
             xs = rows[(cfg, c)]
             added = ("" if cfg == "direct" else
                      f"{median([x['p50_us'] - d['p50_us'] for x, d in zip(xs, rows[('direct', c)])]):.0f}")
             cpu = "" if cfg == "direct" else f"{median([x['cpu_us'] for x in xs]):.1f}"
-            mem = ("" if cfg == "direct" or c < 100 else f"{median([x['kib_per_conn'] for x in xs]):.1f}")
+            mem = "" if cfg == "direct" else f"{median([x['peak_mib'] for x in xs]):.1f}"
             print(f"{c:>5} {cfg:<9}{median([x['rps'] for x in xs]):>10.0f}"
                   f"{median([x['p50_us'] for x in xs]):>9.0f}{median([x['p99_us'] for x in xs]):>9.0f}"
-                  f"{added:>9}{cpu:>11}{mem:>9}{sum(x['errors'] for x in xs):>8}")
+                  f"{added:>9}{cpu:>11}{mem:>9}{sum(x['errors'] for x in xs):>8}"
+                  f"{sum(x['syn_drops'] for x in xs):>10}")
     print()
     print("per-round ratios (median [min..max] over rounds):")
     print(f"{'conns':>5}{'tenement/nginx rps':>26}{'tenement/direct rps':>26}{'nginx/direct rps':>24}")
@@ -221,9 +221,10 @@ def report(args, conns, rows):
               f"{'MET' if s['p99'] <= GOAL_P99_VS_NGINX else 'MISSED'}")
     print("cpu us/req = utime+stime of the proxy process (nginx: sum of its workers) during the run "
           f"/ requests completed (clock tick {1e6 / CLK_TCK:.0f} us); "
-          "+p50 = median over rounds of (p50 - direct p50 in the same round); KiB/conn = (highest RSS "
-          "during the run - RSS before) / connections, the connections busy, not idle (idle ones: "
-          "tls_throughput.py section 4)")
+          "+p50 = median over rounds of (p50 - direct p50 in the same round); RSS MiB = the highest "
+          "VmRSS during the run (nginx: its workers' summed); per idle connection: tls_throughput.py "
+          "section 4; errors, SYN drops = summed over rounds (drops: the kernel's ListenOverflows, any "
+          "listener on the machine)")
 
 
 if __name__ == "__main__":
