@@ -4,6 +4,7 @@ and a many-requests-at-once HTTP client. Standard library only; everything binds
 127.0.0.1."""
 
 import atexit
+import contextlib
 import os
 import re
 import selectors
@@ -108,6 +109,37 @@ def listen_overflows():
 
 def nginx_binary():
     return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+# One warm instance of the fast native backend, the yardstick of the warm-path benchmarks.
+WARM_HOST = "a.tiny.localhost"
+WARM_SERVICES = """
+[service.tiny]
+command = "@BIN@/tiny-http"
+idle_timeout = 0
+"""
+
+
+@contextlib.contextmanager
+def warm_tiny(settings_extra=(), h2c=False):
+    """tiny-http started directly, nginx in front of it (`Nginx(..., h2c=h2c)`), and a sandbox
+    whose proxy serves the instance tiny:a, woken and routed: yields (tiny_port, nginx, sb),
+    and stops all three whatever happens."""
+    tiny, tiny_port = start_tiny_http()
+    nginx = sb = None
+    try:
+        nginx = Nginx(tiny_port, h2c=h2c)
+        sb = proxied_sandbox(WARM_SERVICES, settings_extra=settings_extra)
+        add_and_wake(sb)
+        wait_proxy_synced(sb, WARM_HOST)
+        yield tiny_port, nginx, sb
+    finally:
+        if sb:
+            sb.close()
+        if nginx:
+            nginx.stop()
+        tiny.terminate()
+        tiny.wait()
 
 
 def proxied_sandbox(services_toml, port_range=DEFAULT_PORT_RANGE, settings_extra=()):

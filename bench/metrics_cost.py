@@ -58,15 +58,11 @@ import time
 
 import loadtools
 import tenement_bench
-from loadtools import add_and_wake, CLK_TCK, build, cpu_ticks, ensure_tools, get, keep_logs, revision, snapshot_binaries, wrk
+from loadtools import WARM_HOST, WARM_SERVICES, add_and_wake, CLK_TCK, build, cpu_ticks, ensure_tools, get, \
+    keep_logs, revision, snapshot_binaries, wrk
 from tenement_bench import Sandbox, free_port, machine, median, p, proc_stats, stop
 
-HOST = "a.tiny.localhost"
-SERVICES = """
-[service.tiny]
-command = "@BIN@/tiny-http"
-idle_timeout = 0
-"""
+HOST, SERVICES = WARM_HOST, WARM_SERVICES
 MODES = ["off", "on"]
 BATCH = 1000
 

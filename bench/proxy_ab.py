@@ -21,16 +21,11 @@ import subprocess
 import sys
 import time
 
-from loadtools import add_and_wake, build, Nginx, ensure_tools, proxied_sandbox, revision, snapshot_binaries, \
-    start_tiny_http, wait_proxy_synced, wrk
+from loadtools import WARM_HOST, WARM_SERVICES, add_and_wake, build, Nginx, ensure_tools, proxied_sandbox, \
+    revision, snapshot_binaries, start_tiny_http, wait_proxy_synced, wrk
 from tenement_bench import free_port, machine, median
 
-HOST = "a.tiny.localhost"
-SERVICES = """
-[service.tiny]
-command = "@BIN@/tiny-http"
-idle_timeout = 0
-"""
+HOST, SERVICES = WARM_HOST, WARM_SERVICES
 
 
 def ticks(pids):

@@ -28,16 +28,8 @@ import sys
 import tempfile
 import time
 
-from loadtools import add_and_wake, build, ensure_tools, Nginx, proxied_sandbox, revision, snapshot_binaries, \
-    start_tiny_http, wait_proxy_synced, wrk
+from loadtools import build, ensure_tools, revision, snapshot_binaries, warm_tiny, WARM_HOST as HOST, wrk
 from tenement_bench import machine
-
-HOST = "a.tiny.localhost"
-SERVICES = """
-[service.tiny]
-command = "@BIN@/tiny-http"
-idle_timeout = 0
-"""
 
 # Self time is put in the first bucket whose pattern matches the sampled frame's symbol.
 BUCKETS = [
@@ -222,46 +214,40 @@ def main():
         build()
     snapshot_binaries()
     work = tempfile.mkdtemp(prefix="tenement-profile-")
-    tiny, tiny_port = start_tiny_http()
-    nginx = sb = None
     try:
-        nginx = Nginx(tiny_port)
-        sb = proxied_sandbox(SERVICES)
-        add_and_wake(sb)
-        wait_proxy_synced(sb, HOST)
-        print(f"# proxy profile: wrk -t1 -c{args.connections}, perf record -e cpu-clock -F 1999 "
-              f"--call-graph dwarf, {args.duration} s per side; {machine()}; {revision()}")
-        for name, port, pids in (("tenement-proxy", sb.proxy_port, [sb.proxy.pid]),
-                                 ("nginx", nginx.port, nginx.workers())):
-            wrk(port, args.connections, 2, host=HOST)  # warm-up
-            # Counted first (not sampled), over one whole wrk run.
-            counts, requests = count_events(pids, port, args.connections, args.count)
-            print(f"\n{name}: per request over a {args.count} s wrk run ({requests} requests, perf stat): "
-                  + ", ".join(f"{counts.get(e, 0) / max(requests, 1):.2f} {e.split(':')[-1].removeprefix('sys_enter_')}"
-                              for e in SYSCALL_EVENTS if counts.get(e) or e == "raw_syscalls:sys_enter"))
-            load = subprocess.Popen(["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration + 4}s",
-                                     "-H", f"Host: {HOST}", f"http://127.0.0.1:{port}/"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            try:
-                text = record(pids, args.duration, work)
-            finally:
-                out, _ = load.communicate()
-            rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-            print(f"{name}: {rps.group(1) if rps else '?'} requests per second while sampled")
-            tables(text, name)
-            if args.out:
-                os.makedirs(args.out, exist_ok=True)
-                path = os.path.join(args.out, f"{name}-c{args.connections}.svg")
-                flame(text, f"{name}, wrk -c{args.connections} keep-alive, {revision()}", path)
-                print(f"  flame graph: {path}")
+        with warm_tiny() as (_, nginx, sb):
+            print(f"# proxy profile: wrk -t1 -c{args.connections}, perf record -e cpu-clock -F 1999 "
+                  f"--call-graph dwarf, {args.duration} s per side; {machine()}; {revision()}")
+            for name, port, pids in (("tenement-proxy", sb.proxy_port, [sb.proxy.pid]),
+                                     ("nginx", nginx.port, nginx.workers())):
+                profile(args, name, port, pids, work)
     finally:
-        if sb:
-            sb.close()
-        if nginx:
-            nginx.stop()
-        tiny.terminate()
-        tiny.wait()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def profile(args, name, port, pids, work):
+    """Counts, samples and reports one side."""
+    wrk(port, args.connections, 2, host=HOST)  # warm-up
+    # Counted first (not sampled), over one whole wrk run.
+    counts, requests = count_events(pids, port, args.connections, args.count)
+    print(f"\n{name}: per request over a {args.count} s wrk run ({requests} requests, perf stat): "
+          + ", ".join(f"{counts.get(e, 0) / max(requests, 1):.2f} {e.split(':')[-1].removeprefix('sys_enter_')}"
+                      for e in SYSCALL_EVENTS if counts.get(e) or e == "raw_syscalls:sys_enter"))
+    load = subprocess.Popen(["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration + 4}s",
+                             "-H", f"Host: {HOST}", f"http://127.0.0.1:{port}/"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        text = record(pids, args.duration, work)
+    finally:
+        out, _ = load.communicate()
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    print(f"{name}: {rps.group(1) if rps else '?'} requests per second while sampled")
+    tables(text, name)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"{name}-c{args.connections}.svg")
+        flame(text, f"{name}, wrk -c{args.connections} keep-alive, {revision()}", path)
+        print(f"  flame graph: {path}")
 
 
 if __name__ == "__main__":

@@ -29,16 +29,9 @@ import resource
 import sys
 import threading
 
-from loadtools import add_and_wake, build, Nginx, cpu_ticks, CLK_TCK, ensure_tools, h2load, listen_overflows, \
-    proxied_sandbox, revision, snapshot_binaries, start_tiny_http, wait_proxy_synced, wrk
+from loadtools import build, cpu_ticks, CLK_TCK, ensure_tools, h2load, listen_overflows, revision, \
+    snapshot_binaries, warm_tiny, WARM_HOST as HOST, wrk
 from tenement_bench import machine, median
-
-HOST = "a.tiny.localhost"
-SERVICES = """
-[service.tiny]
-command = "@BIN@/tiny-http"
-idle_timeout = 0
-"""
 CONFIGS = ["direct", "nginx", "tenement", "nginx-h2", "tenement-h2"]
 WRK_CONFIGS = CONFIGS[:3]
 
@@ -62,13 +55,8 @@ def main():
         build()
     snapshot_binaries()
 
-    tiny, tiny_port = start_tiny_http()
-    nginx = sb = None
-    try:
-        nginx = Nginx(tiny_port, h2c=True)
-        sb = proxied_sandbox(SERVICES, settings_extra=[f"max_connections_per_client = {2 * max(conns) + 64}"])
-        rpc = add_and_wake(sb)
-        wait_proxy_synced(sb, HOST)
+    settings = [f"max_connections_per_client = {2 * max(conns) + 64}"]
+    with warm_tiny(settings_extra=settings, h2c=True) as (tiny_port, nginx, sb):
         proxy_pid = sb.proxy.pid
         ports = {"direct": tiny_port, "nginx": nginx.port, "tenement": sb.proxy_port,
                  "nginx-h2": nginx.h2c_port, "tenement-h2": sb.proxy_port}
@@ -113,13 +101,6 @@ def main():
             with open(os.path.join(sb.dir, "proxy.log")) as f:
                 tail = f.read()[-3000:]
             print(tail)
-    finally:
-        if sb:
-            sb.close()
-        if nginx:
-            nginx.stop()
-        tiny.terminate()
-        tiny.wait()
 
 
 def rss_kib(pids):

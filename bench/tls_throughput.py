@@ -70,13 +70,8 @@ from loadtools import add_and_wake, CLK_TCK, Nginx, build, cpu_ticks, ensure_too
     snapshot_binaries, start_tiny_http
 from tenement_bench import Sandbox, free_port, machine, median
 
-HOST = "a.tiny.localhost"
+HOST, SERVICES = loadtools.WARM_HOST, loadtools.WARM_SERVICES
 SERVERS = ["nginx", "tenement"]
-SERVICES = """
-[service.tiny]
-command = "@BIN@/tiny-http"
-idle_timeout = 0
-"""
 ACME_SERVICES = SERVICES + """
 [service.site]
 command = "@BIN@/tiny-http"
