@@ -21,11 +21,10 @@ import subprocess
 import sys
 import time
 
-from loadtools import WARM_HOST, WARM_SERVICES, add_and_wake, build, Nginx, ensure_tools, proxied_sandbox, \
-    revision, snapshot_binaries, start_tiny_http, wait_proxy_synced, wrk
+from loadtools import WARM_HOST, build, ensure_tools, revision, snapshot_binaries, warm_tiny, wrk
 from tenement_bench import free_port, machine, median
 
-HOST, SERVICES = WARM_HOST, WARM_SERVICES
+HOST = WARM_HOST
 
 
 def ticks(pids):
@@ -57,82 +56,72 @@ def main():
     shutil.copy2(args.b, os.path.join(snap, "proxy-b"))
     clk = os.sysconf("SC_CLK_TCK")
 
-    tiny, tiny_port = start_tiny_http()
-    nginx = sb = b = None
-    try:
-        nginx = Nginx(tiny_port)
-        sb = proxied_sandbox(SERVICES)
-        rpc = add_and_wake(sb)
-        wait_proxy_synced(sb, HOST)
-        # B: the same config, its own port; a second proxy of the same supervisor.
-        b_port = free_port()
-        command = [os.path.join(snap, "proxy-b"), "--config", sb.config, "--listen", f"127.0.0.1:{b_port}"]
-        if os.geteuid() == 0:
-            command += ["--user", "nobody"]
-        b = subprocess.Popen(command, stdout=open(os.path.join(sb.dir, "proxy-b.log"), "w"),
-                             stderr=subprocess.STDOUT)
-        deadline = time.time() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", b_port), 0.2).close()
-                break
-            except OSError:
-                if time.time() > deadline or b.poll() is not None:
-                    raise RuntimeError("proxy B did not start; see " + os.path.join(sb.dir, "proxy-b.log"))
-                time.sleep(0.05)
-        sides = {
-            "nginx": (nginx.port, nginx.workers()),
-            "A": (sb.proxy_port, [sb.proxy.pid]),
-            "B": (b_port, [b.pid]),
-        }
-        names = list(sides)
-        for c in conns:  # warm-up: pools, page cache, CPU frequency
-            for name in names:
-                wrk(sides[name][0], c, 1, host=HOST)
-        rows = {}
-        for r in range(args.rounds):
-            order = names[r % 3:] + names[:r % 3]
+    b = None
+    with warm_tiny() as (_, nginx, sb):
+        try:
+            # B: the same config, its own port; a second proxy of the same supervisor.
+            b_port = free_port()
+            command = [os.path.join(snap, "proxy-b"), "--config", sb.config, "--listen", f"127.0.0.1:{b_port}"]
+            if os.geteuid() == 0:
+                command += ["--user", "nobody"]
+            b = subprocess.Popen(command, stdout=open(os.path.join(sb.dir, "proxy-b.log"), "w"),
+                                 stderr=subprocess.STDOUT)
+            deadline = time.time() + 10
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", b_port), 0.2).close()
+                    break
+                except OSError:
+                    if time.time() > deadline or b.poll() is not None:
+                        raise RuntimeError("proxy B did not start; see " + os.path.join(sb.dir, "proxy-b.log"))
+                    time.sleep(0.05)
+            sides = {
+                "nginx": (nginx.port, nginx.workers()),
+                "A": (sb.proxy_port, [sb.proxy.pid]),
+                "B": (b_port, [b.pid]),
+            }
+            names = list(sides)
+            for c in conns:  # warm-up: pools, page cache, CPU frequency
+                for name in names:
+                    wrk(sides[name][0], c, 1, host=HOST)
+            rows = {}
+            for r in range(args.rounds):
+                order = names[r % 3:] + names[:r % 3]
+                for c in conns:
+                    for name in order:
+                        port, pids = sides[name]
+                        before = ticks(pids)
+                        res = wrk(port, c, args.duration, host=HOST)
+                        after = ticks(pids)
+                        n = max(res["requests"], 1)
+                        res["user_us"] = (after[0] - before[0]) / clk * 1e6 / n
+                        res["sys_us"] = (after[1] - before[1]) / clk * 1e6 / n
+                        rows.setdefault((name, c), []).append(res)
+                        print(f"  round {r + 1}/{args.rounds} c={c:<3} {name:<6}{res['rps']:>9.0f} rps  "
+                              f"user {res['user_us']:5.1f} us  sys {res['sys_us']:5.1f} us"
+                              f"{'  ERRORS ' + str(res['errors']) if res['errors'] else ''}",
+                              file=sys.stderr, flush=True)
+            print(f"# proxy A/B: A = {args.a}, B = {args.b}; wrk -t1, {args.duration} s per run, "
+                  f"{args.rounds} interleaved rounds; {machine()}; tree {revision()}")
+            print(f"{'conns':>5} {'side':<6}{'rps':>9}{'user us':>9}{'sys us':>8}{'cpu us':>8}{'errors':>8}")
             for c in conns:
-                for name in order:
-                    port, pids = sides[name]
-                    before = ticks(pids)
-                    res = wrk(port, c, args.duration, host=HOST)
-                    after = ticks(pids)
-                    n = max(res["requests"], 1)
-                    res["user_us"] = (after[0] - before[0]) / clk * 1e6 / n
-                    res["sys_us"] = (after[1] - before[1]) / clk * 1e6 / n
-                    rows.setdefault((name, c), []).append(res)
-                    print(f"  round {r + 1}/{args.rounds} c={c:<3} {name:<6}{res['rps']:>9.0f} rps  "
-                          f"user {res['user_us']:5.1f} us  sys {res['sys_us']:5.1f} us"
-                          f"{'  ERRORS ' + str(res['errors']) if res['errors'] else ''}",
-                          file=sys.stderr, flush=True)
-        print(f"# proxy A/B: A = {args.a}, B = {args.b}; wrk -t1, {args.duration} s per run, "
-              f"{args.rounds} interleaved rounds; {machine()}; tree {revision()}")
-        print(f"{'conns':>5} {'side':<6}{'rps':>9}{'user us':>9}{'sys us':>8}{'cpu us':>8}{'errors':>8}")
-        for c in conns:
-            for name in names:
-                xs = rows[(name, c)]
-                print(f"{c:>5} {name:<6}{median([x['rps'] for x in xs]):>9.0f}"
-                      f"{median([x['user_us'] for x in xs]):>9.1f}{median([x['sys_us'] for x in xs]):>8.1f}"
-                      f"{median([x['user_us'] + x['sys_us'] for x in xs]):>8.1f}{sum(x['errors'] for x in xs):>8}")
-        print()
-        print("per-round ratios B/A (median [min..max]):")
-        fmt = lambda xs: f"{median(xs):.3f} [{min(xs):.2f}..{max(xs):.2f}]"
-        for c in conns:
-            a, bb = rows[("A", c)], rows[("B", c)]
-            rps = [y["rps"] / x["rps"] for x, y in zip(a, bb)]
-            cpu = [(y["user_us"] + y["sys_us"]) / (x["user_us"] + x["sys_us"]) for x, y in zip(a, bb)]
-            print(f"  c={c:<4} rps {fmt(rps)}   cpu per request {fmt(cpu)}")
-    finally:
-        if b:
-            b.terminate()
-            b.wait()
-        if sb:
-            sb.close()
-        if nginx:
-            nginx.stop()
-        tiny.terminate()
-        tiny.wait()
+                for name in names:
+                    xs = rows[(name, c)]
+                    print(f"{c:>5} {name:<6}{median([x['rps'] for x in xs]):>9.0f}"
+                          f"{median([x['user_us'] for x in xs]):>9.1f}{median([x['sys_us'] for x in xs]):>8.1f}"
+                          f"{median([x['user_us'] + x['sys_us'] for x in xs]):>8.1f}{sum(x['errors'] for x in xs):>8}")
+            print()
+            print("per-round ratios B/A (median [min..max]):")
+            fmt = lambda xs: f"{median(xs):.3f} [{min(xs):.2f}..{max(xs):.2f}]"
+            for c in conns:
+                a, bb = rows[("A", c)], rows[("B", c)]
+                rps = [y["rps"] / x["rps"] for x, y in zip(a, bb)]
+                cpu = [(y["user_us"] + y["sys_us"]) / (x["user_us"] + x["sys_us"]) for x, y in zip(a, bb)]
+                print(f"  c={c:<4} rps {fmt(rps)}   cpu per request {fmt(cpu)}")
+        finally:
+            if b:
+                b.terminate()
+                b.wait()
 
 
 if __name__ == "__main__":
