@@ -6,15 +6,17 @@ connection count, each side's requests per second and its CPU per request split 
 and system time (from /proc/PID/stat), as medians over rounds, and the per-round ratios B/A.
 
     python3 bench/proxy_ab.py --a OLD/tenement-proxy --b NEW/tenement-proxy \\
-        [--rounds 4] [--duration 3] [--connections 1,4,32]
+        [--rounds 4] [--duration 3] [--connections 1,4,32] [--b-args "--workers 1"]
 
-Build each side with `cargo build --release -p tenement-proxy` at the revision to compare and
+`--b-args` adds arguments to B's command line: one build against itself with another setting
+(`--a X --b X --b-args "--workers 1"`). Build each side with `cargo build --release -p tenement-proxy` at the revision to compare and
 copy the binary out; the supervisor and tiny-http are the current tree's (`--no-build` to use
 target/release as it is).
 """
 
 import argparse
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -45,6 +47,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--duration", type=int, default=3, help="seconds per wrk run")
     ap.add_argument("--connections", default="1,4,32")
+    ap.add_argument("--b-args", default="", help="more arguments for B's command line")
     ap.add_argument("--no-build", action="store_true")
     args = ap.parse_args()
     conns = [int(c) for c in args.connections.split(",")]
@@ -61,7 +64,8 @@ def main():
         try:
             # B: the same config, its own port; a second proxy of the same supervisor.
             b_port = free_port()
-            command = [os.path.join(snap, "proxy-b"), "--config", sb.config, "--listen", f"127.0.0.1:{b_port}"]
+            command = [os.path.join(snap, "proxy-b"), "--config", sb.config, "--listen", f"127.0.0.1:{b_port}",
+                       *shlex.split(args.b_args)]
             if os.geteuid() == 0:
                 command += ["--user", "nobody"]
             b = subprocess.Popen(command, stdout=open(os.path.join(sb.dir, "proxy-b.log"), "w"),
@@ -101,7 +105,7 @@ def main():
                               f"user {res['user_us']:5.1f} us  sys {res['sys_us']:5.1f} us"
                               f"{'  ERRORS ' + str(res['errors']) if res['errors'] else ''}",
                               file=sys.stderr, flush=True)
-            print(f"# proxy A/B: A = {args.a}, B = {args.b}; wrk -t1, {args.duration} s per run, "
+            print(f"# proxy A/B: A = {args.a}, B = {args.b}{' ' + args.b_args if args.b_args else ''}; wrk -t1, {args.duration} s per run, "
                   f"{args.rounds} interleaved rounds; {machine()}; tree {revision()}")
             print(f"{'conns':>5} {'side':<6}{'rps':>9}{'user us':>9}{'sys us':>8}{'cpu us':>8}{'errors':>8}")
             for c in conns:
