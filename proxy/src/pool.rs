@@ -257,8 +257,10 @@ impl Pool {
                     )),
                 },
             };
-            return self
-                .connect(key, slot, unanswered, timeout)
+            // Boxed: opening a connection is the rare path, and its future would otherwise
+            // make every request's future (held by each client connection, idle or not)
+            // that much larger.
+            return Box::pin(self.connect(key, slot, unanswered, timeout))
                 .await
                 .map(|c| (c, false));
         }
