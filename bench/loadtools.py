@@ -213,6 +213,18 @@ def cpu_ticks(pid):
     return int(fields[11]) + int(fields[12])
 
 
+def memory(pids):
+    """VmRSS and RssAnon (KiB) and open fds, summed over `pids` (a process that is gone counts 0)."""
+    rss = anon = fds = 0
+    for pid in pids:
+        st = tenement_bench.proc_stats(pid)
+        if st:
+            rss += st["rss_kib"]
+            anon += st["anon_kib"]
+            fds += st["fds"]
+    return rss, anon, fds
+
+
 def proc_comm(pid):
     """A process's name (/proc/PID/comm), or "" once it is gone."""
     try:

@@ -31,19 +31,9 @@ import time
 from loadtools import build, ensure_tools, revision, snapshot_binaries, warm_tiny, WARM_HOST as HOST, wrk
 from tenement_bench import machine
 
-# Self time is put in the first bucket whose pattern matches the sampled frame's symbol.
+# Self time in user space is put in the first bucket whose pattern matches the sampled frame's
+# symbol; a frame of the kernel's (perf names its object [kernel.kallsyms]) is "kernel".
 BUCKETS = [
-    ("kernel", re.compile(r"\[kernel|^[a-z_0-9.]+_\[k\]$|^(entry_|__x64_sys|do_syscall|tcp_|__tcp|ip_|__ip|"
-                          r"sock_|__sock|skb|__skb|__sys_|ksys_|vfs_|ep_|__schedule|schedule|native_|"
-                          r"_raw_spin|__netif|net_rx|process_backlog|__local_bh|loopback_|__dev_queue|"
-                          r"syscall_|copy_user|_copy_|rep_movs|clear_page|__wake_up|try_to_wake|"
-                          r"futex_|do_futex|__x86|irq|apic|__softirq|do_softirq|__napi|napi_|"
-                          r"inet_|__inet|unix_|security_|apparmor|selinux|rcu_|__rcu|fput|fget|__fget|"
-                          r"__fdget|mutex_|__mutex|_copy|memcg|mem_cgroup|kmem|kfree|__kmalloc|kmalloc|"
-                          r"__alloc_skb|alloc_skb|page_|__page|get_page|put_page|__put_page|"
-                          r"update_|enqueue_|dequeue_|pick_next|finish_task|switch_|__switch|"
-                          r"ktime_|hrtimer|psi_|sched_|select_task|ttwu_|wake_up|__lock_sock|"
-                          r"release_sock|lock_sock|tcp$)")),
     ("allocator (malloc/free)", re.compile(r"^(_int_malloc|_int_free|malloc|free|realloc|cfree|"
                                            r"__libc_malloc|__libc_free|__libc_realloc|malloc_consolidate|"
                                            r"tcache|__rust_alloc|__rust_dealloc|__rust_realloc|"
@@ -86,50 +76,52 @@ STAGES = [
 ]
 
 
-def symbol(frame):
-    """The symbol of one `perf script` frame line ('addr sym+off (dso)')."""
-    parts = frame.strip().split(None, 1)
+def frame(line):
+    """The symbol of one `perf script` frame line ('addr sym+off (dso)'), and whether it is the
+    kernel's."""
+    parts = line.strip().split(None, 1)
     if len(parts) < 2:
-        return "?"
+        return "?", False
     sym, _, dso = parts[1].rpartition(" (")
     sym = re.sub(r"\+0x[0-9a-f]+$", "", sym)
     if sym in ("[unknown]", ""):
-        return f"[{dso.rstrip(')')}]"
-    if "kernel.kallsyms" in dso:
-        return sym
-    return sym
+        sym = f"[{dso.rstrip(')')}]"
+    return sym, "kernel.kallsyms" in dso
 
 
 def stacks(script_text):
-    """Each sample's frames, leaf first."""
-    out, frames = [], []
+    """Each sample's frames, leaf first, and the set of kernel symbols seen."""
+    out, frames, kernel = [], [], set()
     for line in script_text.splitlines():
         if not line.strip():
             if frames:
                 out.append(frames)
             frames = []
         elif line.startswith((" ", "\t")):
-            frames.append(symbol(line))
+            sym, in_kernel = frame(line)
+            frames.append(sym)
+            if in_kernel:
+                kernel.add(sym)
     if frames:
         out.append(frames)
-    return out
+    return out, kernel
 
 
-def tables(script_text, name):
-    samples = stacks(script_text)
-    kernel = set()
-    for line in script_text.splitlines():
-        if "kernel.kallsyms" in line:
-            kernel.add(symbol(line))
+def tables(script_text, name, rps, seconds):
+    """Prints one side's shares; `rps` while sampled over `seconds` gives the time per request."""
+    samples, kernel = stacks(script_text)
     total = len(samples) or 1
     selfs = collections.Counter()
     for frames in samples:
         leaf = frames[0]
-        bucket = "kernel" if leaf in kernel else next(
-            (b for b, rx in BUCKETS if b != "kernel" and rx.search(leaf)), "other")
+        bucket = "kernel" if leaf in kernel else next((b for b, rx in BUCKETS if rx.search(leaf)), "other")
         selfs[bucket] += 1
     top = collections.Counter(f[0] for f in samples if f[0] not in kernel)
     print(f"\n{name}: {len(samples)} samples")
+    per_request = len(samples) / SAMPLE_HZ / seconds / rps * 1e6 if rps else float("nan")
+    print(f"  CPU per request while sampled: {per_request:.1f} us, {per_request * selfs['kernel'] / total:.1f} "
+          f"in the kernel, {per_request * (total - selfs['kernel']) / total:.1f} in user space "
+          f"(samples / {SAMPLE_HZ} Hz / {seconds} s / {rps:.0f} requests per second)")
     print("  self time by where it was sampled:")
     for bucket, n in selfs.most_common():
         print(f"    {100 * n / total:5.1f}%  {bucket}")
@@ -141,12 +133,24 @@ def tables(script_text, name):
     print("  hottest user-space functions (self):")
     for sym, n in top.most_common(12):
         print(f"    {100 * n / total:5.1f}%  {sym[:110]}")
+    allocator = dict(BUCKETS)["allocator (malloc/free)"]
+    callers = collections.Counter()
+    for frames in samples:
+        if frames[0] not in kernel and allocator.search(frames[0]):
+            callers[next((f for f in frames if not allocator.search(f) and not f.startswith("__GI_")), "?")] += 1
+    if callers:
+        print("  the allocator's self time by its first caller outside it:")
+        for sym, n in callers.most_common(5):
+            print(f"    {100 * n / total:5.1f}%  {sym[:110]}")
+
+
+SAMPLE_HZ = 1999
 
 
 def record(pids, seconds, out):
     """perf record on `pids` for `seconds`; returns the `perf script` text."""
     data = os.path.join(out, "perf.data")
-    subprocess.run(["perf", "record", "-q", "-e", "cpu-clock", "-F", "1999", "--call-graph", "dwarf,16384",
+    subprocess.run(["perf", "record", "-q", "-e", "cpu-clock", "-F", str(SAMPLE_HZ), "--call-graph", "dwarf,16384",
                     "-p", ",".join(str(p) for p in pids), "-o", data, "--", "sleep", str(seconds)],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     r = subprocess.run(["perf", "script", "-i", data, "-F", "comm,tid,time,event,ip,sym,dso"],
@@ -216,7 +220,7 @@ def main():
     work = tempfile.mkdtemp(prefix="tenement-profile-")
     try:
         with warm_tiny() as (_, nginx, sb):
-            print(f"# proxy profile: wrk -t1 -c{args.connections}, perf record -e cpu-clock -F 1999 "
+            print(f"# proxy profile: wrk -t1 -c{args.connections}, perf record -e cpu-clock -F {SAMPLE_HZ} "
                   f"--call-graph dwarf, {args.duration} s per side; {machine()}; {revision()}")
             for name, port, pids in (("tenement-proxy", sb.proxy_port, [sb.proxy.pid]),
                                      ("nginx", nginx.port, nginx.workers())):
@@ -233,7 +237,7 @@ def profile(args, name, port, pids, work):
     print(f"\n{name}: per request over a {args.count} s wrk run ({requests} requests, perf stat): "
           + ", ".join(f"{counts.get(e, 0) / max(requests, 1):.2f} {e.split(':')[-1].removeprefix('sys_enter_')}"
                       for e in SYSCALL_EVENTS if counts.get(e) or e == "raw_syscalls:sys_enter"))
-    load = subprocess.Popen(["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration + 4}s",
+    load = subprocess.Popen(["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s",
                              "-H", f"Host: {HOST}", f"http://127.0.0.1:{port}/"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -241,8 +245,9 @@ def profile(args, name, port, pids, work):
     finally:
         out, _ = load.communicate()
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    print(f"{name}: {rps.group(1) if rps else '?'} requests per second while sampled")
-    tables(text, name)
+    rps = float(rps.group(1)) if rps else 0.0
+    print(f"{name}: {rps:.0f} requests per second while sampled")
+    tables(text, name, rps, args.duration)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, f"{name}-c{args.connections}.svg")

@@ -29,7 +29,7 @@ import resource
 import sys
 import threading
 
-from loadtools import build, cpu_ticks, CLK_TCK, ensure_tools, h2load, listen_overflows, revision, \
+from loadtools import build, cpu_ticks, CLK_TCK, ensure_tools, h2load, listen_overflows, memory, revision, \
     snapshot_binaries, warm_tiny, WARM_HOST as HOST, wrk
 from tenement_bench import machine, median
 CONFIGS = ["direct", "nginx", "tenement", "nginx-h2", "tenement-h2"]
@@ -78,14 +78,12 @@ def main():
                 for cfg in order:
                     side = cfg.removesuffix("-h2")
                     pids = ([proxy_pid] if side == "tenement" else nginx.workers() if side == "nginx" else [])
-                    before = (cpu_ticks(proxy_pid) if side == "tenement"
-                              else nginx.cpu_ticks() if side == "nginx" else 0)
+                    before = sum(map(cpu_ticks, pids))
                     overflows = listen_overflows()[0]
                     with PeakRss(pids) as peak:
                         res = run(cfg, c, args.duration)
                     res["syn_drops"] = listen_overflows()[0] - overflows
-                    after = (cpu_ticks(proxy_pid) if side == "tenement"
-                             else nginx.cpu_ticks() if side == "nginx" else 0)
+                    after = sum(map(cpu_ticks, pids))
                     res["cpu_us"] = ((after - before) / CLK_TCK * 1e6 / res["requests"]
                                      if cfg != "direct" and res["requests"] else float("nan"))
                     res["peak_mib"] = (peak.peak / 1024 if pids else float("nan"))
@@ -103,18 +101,6 @@ def main():
             print(tail)
 
 
-def rss_kib(pids):
-    """VmRSS summed over `pids` (KiB); a process that is gone counts 0."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-        except (OSError, StopIteration):
-            pass
-    return total
-
-
 class PeakRss:
     """The highest RSS of `pids` (KiB) while the block runs, sampled every 100 ms."""
 
@@ -124,14 +110,14 @@ class PeakRss:
         self.done = threading.Event()
 
     def __enter__(self):
-        self.peak = rss_kib(self.pids)
+        self.peak = memory(self.pids)[0]
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
         return self
 
     def _sample(self):
         while not self.done.wait(0.1):
-            self.peak = max(self.peak, rss_kib(self.pids))
+            self.peak = max(self.peak, memory(self.pids)[0])
 
     def __exit__(self, *exc):
         self.done.set()

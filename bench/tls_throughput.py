@@ -66,7 +66,7 @@ import urllib.request
 
 import loadtools
 import tenement_bench
-from loadtools import add_and_wake, CLK_TCK, Nginx, build, cpu_ticks, ensure_tools, revision, \
+from loadtools import add_and_wake, CLK_TCK, Nginx, build, cpu_ticks, ensure_tools, memory, revision, \
     snapshot_binaries, start_tiny_http
 from tenement_bench import Sandbox, free_port, machine, median
 
@@ -387,18 +387,6 @@ def open_idle(port, ctx, n, threads=8):
     for t in ts:
         t.join()
     return socks, errors, time.perf_counter() - t0
-
-
-def memory(pids):
-    """VmRSS and RssAnon (KiB) and open fds, summed over `pids`."""
-    rss = anon = fds = 0
-    for pid in pids:
-        st = tenement_bench.proc_stats(pid)
-        if st:
-            rss += st["rss_kib"]
-            anon += st["anon_kib"]
-            fds += st["fds"]
-    return rss, anon, fds
 
 
 # ---- pebble ---------------------------------------------------------------------------------

@@ -49,15 +49,14 @@ pub fn parse_stat_usage(text: &str) -> Option<(u64, u64)> {
 /// CPU time comes from getrusage(2), in microseconds: `stat` counts whole clock ticks (10 ms
 /// here), so a daemon that has just started would read 0 there.
 pub fn own() -> Usage {
-    let (ticks, rss_pages) = std::fs::read_to_string("/proc/self/stat")
+    let rss_pages = std::fs::read_to_string("/proc/self/stat")
         .ok()
         .and_then(|t| parse_stat_usage(&t))
-        .unwrap_or((0, 0));
+        .map_or(0, |(_, rss)| rss);
     let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
-    let cpu_seconds = match getrusage(UsageWho::RUSAGE_SELF) {
-        Ok(usage) => seconds(usage.user_time()) + seconds(usage.system_time()),
-        Err(_) => ticks as f64 / clock_ticks(),
-    };
+    let cpu_seconds = getrusage(UsageWho::RUSAGE_SELF).map_or(0.0, |usage| {
+        seconds(usage.user_time()) + seconds(usage.system_time())
+    });
     Usage {
         rss_bytes: rss_pages * page_size(),
         // read_dir's own descriptor is in the listing.
