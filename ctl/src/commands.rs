@@ -8,7 +8,6 @@
 
 use std::fmt;
 use std::io::Write;
-use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -66,22 +65,7 @@ pub struct Context {
 /// The facts about this machine and caller that config defaults depend on, found exactly as
 /// `tenement-supervisor` finds them, so both compute the same `runtime_dir`.
 pub fn environment() -> Environment {
-    Environment {
-        is_root: nix::unistd::geteuid().is_root(),
-        xdg_runtime_dir: std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from),
-        ephemeral_ports: ephemeral_range(),
-    }
-}
-
-/// The kernel's ephemeral port range (ip_local_port_range in
-/// <https://docs.kernel.org/networking/ip-sysctl.html>), read as the supervisor reads it.
-fn ephemeral_range() -> Option<RangeInclusive<u16>> {
-    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
-    let mut parts = text.split_whitespace().map(|p| p.parse::<u16>());
-    let (Some(Ok(lo)), Some(Ok(hi))) = (parts.next(), parts.next()) else {
-        return None;
-    };
-    Some(lo..=hi)
+    Environment::of_this_process(nix::unistd::geteuid().is_root())
 }
 
 /// Validates every id, reporting the first bad one as `invalid instance "../x": why`.

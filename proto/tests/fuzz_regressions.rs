@@ -75,12 +75,12 @@ fn an_unknown_key_written_with_a_newline_escape_is_quoted_on_one_line() {
         [(
             1,
             1,
-            "unknown key `a\\nb` in the top level; expected one of: settings, service, instances"
+            "unknown key `a\\nb` in the top level; expected one of: settings, service, instances, fleet"
         )]
     );
     assert_eq!(
         error.to_string(),
-        "/etc/tenement/tenement.toml:1:1: unknown key `a\\nb` in the top level; expected one of: settings, service, instances"
+        "/etc/tenement/tenement.toml:1:1: unknown key `a\\nb` in the top level; expected one of: settings, service, instances, fleet"
     );
 }
 

@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
-use tenement_supervisor::{cgroup, exec_helper, ports, registry, rpc_server, systemd};
+use tenement_supervisor::{cgroup, exec_helper, registry, rpc_server, systemd};
 use tokio::net::UnixListener;
 
 /// Runs tenement's instances: one process tree per tenant, woken on demand, stopped when idle.
@@ -34,11 +34,7 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     let is_root = nix::unistd::geteuid().is_root();
-    let environment = Environment {
-        is_root,
-        xdg_runtime_dir: std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from),
-        ephemeral_ports: ports::ephemeral_range(),
-    };
+    let environment = Environment::of_this_process(is_root);
     let config = match Config::load(&args.config, &environment) {
         Ok(config) => config,
         Err(e) => {

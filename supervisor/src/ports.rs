@@ -68,17 +68,6 @@ pub fn bindable(port: u16) -> bool {
     TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).is_ok()
 }
 
-/// Reads the kernel's ephemeral port range (ip_local_port_range in
-/// <https://docs.kernel.org/networking/ip-sysctl.html>).
-pub fn ephemeral_range() -> Option<RangeInclusive<u16>> {
-    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
-    let mut parts = text.split_whitespace().map(|p| p.parse::<u16>());
-    let (Some(Ok(lo)), Some(Ok(hi))) = (parts.next(), parts.next()) else {
-        return None;
-    };
-    Some(lo..=hi)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,7 +103,8 @@ mod tests {
 
     #[test]
     fn the_kernel_range_is_readable() {
-        let range = ephemeral_range().expect("linux exposes ip_local_port_range");
+        let range =
+            tenement_proto::config::ephemeral_range().expect("linux exposes ip_local_port_range");
         assert!(range.start() <= range.end());
     }
 }

@@ -37,6 +37,29 @@ pub struct Environment {
     pub ephemeral_ports: Option<RangeInclusive<u16>>,
 }
 
+impl Environment {
+    /// The facts as every tenement program finds them for itself, so all compute the same
+    /// defaults (`runtime_dir` above all); `is_root` is the caller's effective uid being 0.
+    pub fn of_this_process(is_root: bool) -> Self {
+        Environment {
+            is_root,
+            xdg_runtime_dir: std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from),
+            ephemeral_ports: ephemeral_range(),
+        }
+    }
+}
+
+/// The kernel's ephemeral port range (ip_local_port_range in
+/// <https://docs.kernel.org/networking/ip-sysctl.html>).
+pub fn ephemeral_range() -> Option<RangeInclusive<u16>> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut parts = text.split_whitespace().map(|p| p.parse::<u16>());
+    let (Some(Ok(lo)), Some(Ok(hi))) = (parts.next(), parts.next()) else {
+        return None;
+    };
+    Some(lo..=hi)
+}
+
 /// A validated configuration. Every path is absolute.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -46,6 +69,40 @@ pub struct Config {
     pub services: BTreeMap<ServiceName, Service>,
     /// Instances declared in `[instances]`, in file order, without duplicates.
     pub instances: Vec<InstanceId>,
+    /// `[fleet]`: this host is one of several sharing tenants through etcd (docs/FLEET.md).
+    pub fleet: Option<Fleet>,
+}
+
+/// `[fleet]`: how this host joins a fleet of tenement hosts coordinated through etcd.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fleet {
+    /// This host's name in the fleet: 1-63 of `a-z`, `0-9` and `-`, not starting or ending
+    /// with `-`. Placement records name hosts by it.
+    pub host: String,
+    /// Where the other hosts reach this one's proxy (its own address, not a load balancer's).
+    pub address: SocketAddr,
+    /// The etcd members' client URLs (`http://10.0.0.1:2379`), at least one.
+    pub etcd: Vec<String>,
+    /// The time-to-live of this host's membership lease. A host that cannot renew it for this
+    /// long is gone; it fences itself before then.
+    pub lease_ttl: Duration,
+    /// How long the controller waits after a host's lease expired before moving its tenants.
+    pub grace: Duration,
+    /// The most tenants the controller places on this host (none: no cap).
+    pub max_tenants: Option<u32>,
+}
+
+impl Fleet {
+    /// Whether `name` can be a host's name: 1-63 of `a-z`, `0-9` and `-`, not starting or
+    /// ending with `-` (a DNS label, so it is safe in an etcd key, a path and a log line).
+    pub fn valid_host(name: &str) -> bool {
+        (1..=63).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !name.starts_with('-')
+            && !name.ends_with('-')
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

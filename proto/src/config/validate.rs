@@ -6,6 +6,7 @@
 //! here touches the file system or the process environment: relative paths are joined to the
 //! config file's directory lexically, and machine facts come in an [`Environment`].
 
+mod fleet;
 mod service;
 mod settings;
 mod tls;
@@ -21,7 +22,7 @@ use crate::ids::{InstanceId, ServiceName, TenantId};
 
 type Span = Range<usize>;
 
-const TOP_KEYS: &[&str] = &["settings", "service", "instances"];
+const TOP_KEYS: &[&str] = &["settings", "service", "instances", "fleet"];
 
 pub(super) fn validate(text: &str, path: &Path, env: &Environment) -> Result<Config, ConfigError> {
     let path = absolute_path(path);
@@ -197,11 +198,16 @@ impl Checker<'_> {
             .and_then(|e| self.table(e, "[instances]"))
             .map(|t| self.instances(t, &declared, &services))
             .unwrap_or_default();
+        let fleet = doc.get("fleet").and_then(|entry| {
+            let table = self.table(entry, "[fleet]")?;
+            self.fleet(entry.key.span(), table)
+        });
         Some(Config {
             path: self.report.path.to_path_buf(),
             settings,
             services,
             instances,
+            fleet,
         })
     }
 
@@ -939,5 +945,64 @@ acme_state_dir = "/var/lib/x"
         let places: Vec<(usize, usize)> =
             err.diagnostics.iter().map(|d| (d.line, d.column)).collect();
         assert_eq!(places, [(2, 1), (3, 1)]);
+    }
+
+    #[test]
+    fn a_fleet_section_is_read_with_defaults() {
+        let config = parse_ok(
+            "[fleet]\nhost = \"h-1\"\naddress = \"10.0.0.1:443\"\netcd = [\"http://10.0.0.1:2379/\", \"http://10.0.0.2:2379\"]\n",
+        );
+        let fleet = config.fleet.expect("fleet");
+        assert_eq!(fleet.host, "h-1");
+        assert_eq!(fleet.address.to_string(), "10.0.0.1:443");
+        assert_eq!(fleet.etcd, ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]);
+        assert_eq!(fleet.lease_ttl, Duration::from_secs(10));
+        assert_eq!(fleet.grace, Duration::from_secs(30));
+        assert_eq!(fleet.max_tenants, None);
+        assert_eq!(parse_ok("").fleet, None);
+    }
+
+    #[test]
+    fn a_fleet_section_refuses_bad_values_one_line_each() {
+        let bad = messages(
+            "[fleet]\nhost = \"H1/..\"\naddress = \"0.0.0.0:443\"\netcd = [\"https://e:2379\", \"e\"]\nlease_ttl = \"1s\"\nmax_tenants = 0\nzone = \"a\"\n",
+        );
+        assert_eq!(bad.len(), 7, "{bad:?}");
+        assert!(bad[0].starts_with("host \"H1/..\" is not a host name"));
+        assert!(bad[1].starts_with("address \"0.0.0.0:443\" must be this host's own"));
+        assert!(bad[2].starts_with("etcd member \"https://e:2379\" must be a client URL"));
+        assert!(bad[3].starts_with("etcd member \"e\""));
+        assert!(bad[4].starts_with("lease_ttl must be from 2s to 300s"));
+        assert!(bad[5].starts_with("max_tenants must be a whole number from 1"));
+        assert!(bad[6].starts_with("unknown key `zone` in [fleet]"));
+        assert_eq!(
+            messages("[fleet]\nlease_ttl = 5\n"),
+            [
+                "[fleet] needs host; add host = \"h1\"",
+                "[fleet] needs address; add address = \"10.0.0.1:443\"",
+                "[fleet] needs etcd; add etcd = [\"http://10.0.0.1:2379\", \"http://10.0.0.2:2379\", \"http://10.0.0.3:2379\"]",
+            ]
+        );
+    }
+
+    #[test]
+    fn host_names_are_dns_labels() {
+        use crate::config::Fleet;
+        for good in ["h1", "a", "web-2", &"x".repeat(63)] {
+            assert!(Fleet::valid_host(good), "{good}");
+        }
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "A1",
+            "a.b",
+            "a/b",
+            "..",
+            "a b",
+            &"x".repeat(64),
+        ] {
+            assert!(!Fleet::valid_host(bad), "{bad}");
+        }
     }
 }

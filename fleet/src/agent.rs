@@ -1,0 +1,361 @@
+//! One host's membership: a lease, renewed; the host record under it; the placement watch;
+//! the controller's campaign; and the fence when the lease cannot be renewed in time.
+//!
+//! A membership term starts with a new lease and ends when this host fences itself. A fenced
+//! host drops everything the term started (the controller's turn included), tries to revoke
+//! the old lease so the others learn at once, and joins again with a new lease: placements
+//! name hosts, not leases, so what is still placed here is served again once it is a member.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
+use tenement_proto::config::Fleet;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::{sleep, sleep_until, timeout};
+use tracing::{error, info, warn};
+
+use crate::controller;
+use crate::fence::LeaseClock;
+use crate::records::{self, now_ms, HostRecord, Key, Placement, PLACEMENTS};
+use crate::status::{Membership, Status};
+
+/// The agent's status, kept in memory and in its file.
+#[derive(Clone)]
+pub struct Shared {
+    status: Arc<Mutex<Status>>,
+    path: PathBuf,
+}
+
+impl Shared {
+    pub fn new(host: &str, path: PathBuf) -> Self {
+        Shared {
+            status: Arc::new(Mutex::new(Status::new(host))),
+            path,
+        }
+    }
+
+    /// Changes the status and writes the file (when something changed).
+    pub fn update(&self, change: impl FnOnce(&mut Status)) {
+        let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = status.clone();
+        change(&mut status);
+        if *status == before {
+            return;
+        }
+        status.updated_ms = now_ms();
+        if let Err(e) = status.write(&self.path) {
+            warn!(path = %self.path.display(), error = %e, "cannot write the fleet status");
+        }
+    }
+}
+
+/// Runs membership terms until the process is stopped.
+pub async fn run(fleet: Fleet, shared: Shared) {
+    let clock = LeaseClock::new(fleet.lease_ttl);
+    shared.update(|s| s.membership = Membership::Joining);
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match term(&fleet, &clock, &shared).await {
+            Ok(()) => backoff = Duration::from_millis(250),
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "cannot join the fleet; trying again in {backoff:?}");
+                backoff = (backoff * 2).min(fleet.lease_ttl);
+            }
+        }
+        sleep(backoff).await;
+    }
+}
+
+/// A client of one etcd member that answers with a leader behind it, trying the members in
+/// turn (each call starts at the next one, so a host's clients spread over the members).
+/// With `timeout`, every call that does not answer within it fails (the campaign, which waits
+/// until it wins, gets a client without one).
+///
+/// One member per client, not etcd-client's balanced channel over all: that one keeps
+/// sending a share of the calls to a member that is down.
+pub async fn connect(fleet: &Fleet, timeout: Option<Duration>) -> anyhow::Result<Client> {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let start = NEXT.fetch_add(1, Ordering::Relaxed);
+    let count = fleet.etcd.len();
+    let mut failures = Vec::with_capacity(count);
+    for i in 0..count {
+        let endpoint = &fleet.etcd[(start + i) % count];
+        match tokio::time::timeout(CONNECT_TIMEOUT, member(endpoint, timeout)).await {
+            Ok(Ok(client)) => return Ok(client),
+            Ok(Err(e)) => failures.push(format!("{endpoint}: {e}")),
+            Err(_) => failures.push(format!("{endpoint}: no answer in {CONNECT_TIMEOUT:?}")),
+        }
+    }
+    anyhow::bail!("no etcd member answers: {}", failures.join("; "))
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+async fn member(endpoint: &str, timeout: Option<Duration>) -> anyhow::Result<Client> {
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(CONNECT_TIMEOUT)
+        .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1))
+        // A member cut off from the others' quorum must not answer from its stale copy.
+        .with_require_leader(true);
+    if let Some(timeout) = timeout {
+        options = options.with_timeout(timeout);
+    }
+    let mut client = Client::connect([endpoint], Some(options)).await?;
+    // Refused by a member without a leader (require_leader), so only a useful one is kept.
+    client
+        .get(
+            records::HOSTS,
+            Some(GetOptions::new().with_keys_only().with_limit(1)),
+        )
+        .await?;
+    Ok(client)
+}
+
+/// One membership term; returns when the host fenced itself (an error before it joined).
+async fn term(fleet: &Fleet, clock: &LeaseClock, shared: &Shared) -> anyhow::Result<()> {
+    let mut client = connect(fleet, Some(clock.renew_every())).await?;
+    let ttl_secs = i64::try_from(clock.ttl().as_secs()).unwrap_or(i64::MAX);
+    let sent = Instant::now();
+    let grant = client
+        .lease_grant(ttl_secs, None)
+        .await
+        .context("cannot get a lease")?;
+    let lease = grant.id();
+    let granted = Duration::from_secs(u64::try_from(grant.ttl()).unwrap_or(0));
+    let (deadline_tx, mut deadline_rx) = watch::channel(clock.deadline(sent, granted));
+    put_host_record(&mut client, fleet, lease)
+        .await
+        .context("cannot announce this host")?;
+    info!(lease = %format!("{lease:x}"), ttl = ?clock.ttl(), "joined the fleet");
+    shared.update(|s| {
+        s.membership = Membership::Member;
+        s.lease = Some(format!("{lease:x}"));
+    });
+
+    let mut tasks = JoinSet::new();
+    tasks.spawn(renew(
+        client.clone(),
+        fleet.clone(),
+        *clock,
+        lease,
+        deadline_tx,
+    ));
+    tasks.spawn(watch_placements(
+        client.clone(),
+        fleet.clone(),
+        *clock,
+        shared.clone(),
+    ));
+    tasks.spawn(controller::take_turns(
+        fleet.clone(),
+        *clock,
+        lease,
+        shared.clone(),
+    ));
+    loop {
+        let deadline = *deadline_rx.borrow_and_update();
+        tokio::select! {
+            () = sleep_until(deadline.into()) => break,
+            changed = deadline_rx.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    tasks.abort_all();
+    error!(lease = %format!("{lease:x}"), "fenced: the lease was not renewed in time; this host serves nothing until it rejoins");
+    shared.update(|s| {
+        s.membership = Membership::Fenced;
+        s.controller = false;
+        s.placed_here.clear();
+        s.fences += 1;
+        s.fenced_ms = Some(now_ms());
+    });
+    // Best effort: if etcd is reachable after all, the others need not wait for the expiry.
+    let _ = timeout(Duration::from_secs(1), client.lease_revoke(lease)).await;
+    Ok(())
+}
+
+/// Renews the lease every third of its life; each acknowledged renewal moves the fence
+/// deadline. A renewal that fails or is late reopens the stream, so an answer is never taken
+/// for a later request's.
+async fn renew(
+    mut client: Client,
+    fleet: Fleet,
+    clock: LeaseClock,
+    lease: i64,
+    deadline: watch::Sender<Instant>,
+) {
+    let mut stream = None;
+    let mut complained = false;
+    loop {
+        let sent = Instant::now();
+        let round = async {
+            if stream.is_none() {
+                stream = Some(client.lease_keep_alive(lease).await?);
+            }
+            let (keeper, responses) = stream.as_mut().expect("opened above");
+            keeper.keep_alive().await?;
+            responses.message().await
+        };
+        match timeout(clock.renew_every(), round).await {
+            Ok(Ok(Some(answer))) => {
+                if answer.ttl() <= 0 {
+                    error!(lease = %format!("{lease:x}"), "the lease has expired in etcd");
+                    let _ = deadline.send(Instant::now());
+                    return;
+                }
+                let granted = Duration::from_secs(u64::try_from(answer.ttl()).unwrap_or(0));
+                let _ = deadline.send(clock.deadline(sent, granted));
+                if complained {
+                    info!("renewing the lease again");
+                    complained = false;
+                }
+                let _ = timeout(
+                    clock.renew_every(),
+                    put_host_record(&mut client, &fleet, lease),
+                )
+                .await;
+            }
+            outcome => {
+                stream = None;
+                // The member may be the problem: the next round asks another.
+                if let Ok(Ok(other)) = timeout(
+                    clock.renew_every(),
+                    connect(&fleet, Some(clock.renew_every())),
+                )
+                .await
+                {
+                    client = other;
+                }
+                if !complained {
+                    let why = match outcome {
+                        Ok(Err(e)) => e.to_string(),
+                        Ok(Ok(None)) => "etcd closed the renewal stream".to_owned(),
+                        _ => "no answer in time".to_owned(),
+                    };
+                    warn!(reason = %why, "cannot renew the lease; trying again");
+                    complained = true;
+                }
+            }
+        }
+        sleep_until((sent + clock.renew_every()).into()).await;
+    }
+}
+
+async fn put_host_record(client: &mut Client, fleet: &Fleet, lease: i64) -> anyhow::Result<()> {
+    let (memory_total, memory_available) = memory();
+    let record = HostRecord {
+        address: fleet.address,
+        memory_total,
+        memory_available,
+        // The agent does not ask the supervisor yet (docs/FLEET.md, "Not built yet").
+        running: 0,
+        max_tenants: fleet.max_tenants,
+        heartbeat_ms: now_ms(),
+    };
+    let value = serde_json::to_vec(&record)?;
+    client
+        .put(
+            records::host_key(&fleet.host),
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await?;
+    Ok(())
+}
+
+/// MemTotal and MemAvailable from /proc/meminfo, in bytes (0 when unreadable).
+fn memory() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map_or(0, |kib| kib * 1024)
+    };
+    (field("MemTotal:"), field("MemAvailable:"))
+}
+
+/// Keeps `placed_here` current: a read of every placement, then a watch from that revision;
+/// when the watch breaks, the same from another member.
+async fn watch_placements(mut client: Client, fleet: Fleet, clock: LeaseClock, shared: Shared) {
+    loop {
+        if let Err(e) = follow_placements(&mut client, &fleet.host, &shared).await {
+            warn!(error = %e, "lost the placement watch; reading again");
+            sleep(Duration::from_millis(200)).await;
+            if let Ok(other) = connect(&fleet, Some(clock.renew_every())).await {
+                client = other;
+            }
+        }
+    }
+}
+
+async fn follow_placements(client: &mut Client, host: &str, shared: &Shared) -> anyhow::Result<()> {
+    let read = client
+        .get(PLACEMENTS, Some(GetOptions::new().with_prefix()))
+        .await?;
+    let revision = read.header().map_or(0, |h| h.revision());
+    let mut mine: BTreeMap<String, u64> = BTreeMap::new();
+    for kv in read.kvs() {
+        if let Some((id, placement)) = placement_of(kv.key(), kv.value()) {
+            if placement.host == host {
+                mine.insert(id, placement.epoch);
+            }
+        }
+    }
+    shared.update(|s| s.placed_here = mine.clone());
+    let mut stream = client
+        .watch(
+            PLACEMENTS,
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(revision + 1),
+            ),
+        )
+        .await?;
+    while let Some(answer) = stream.message().await? {
+        if answer.canceled() {
+            anyhow::bail!("etcd cancelled the watch: {}", answer.cancel_reason());
+        }
+        for event in answer.events() {
+            let Some(kv) = event.kv() else { continue };
+            let Key::Placement(id) = Key::parse(kv.key()) else {
+                continue;
+            };
+            let id = id.to_string();
+            match (event.event_type(), placement_of(kv.key(), kv.value())) {
+                (EventType::Put, Some((_, p))) if p.host == host => {
+                    mine.insert(id, p.epoch);
+                }
+                _ => {
+                    mine.remove(&id);
+                }
+            }
+        }
+        shared.update(|s| s.placed_here = mine.clone());
+    }
+    anyhow::bail!("etcd ended the watch")
+}
+
+fn placement_of(key: &[u8], value: &[u8]) -> Option<(String, Placement)> {
+    let Key::Placement(id) = Key::parse(key) else {
+        return None;
+    };
+    let placement = serde_json::from_slice(value).ok()?;
+    Some((id.to_string(), placement))
+}

@@ -1,0 +1,11 @@
+//! The fleet agent of one tenement host: it keeps this host's membership under an etcd lease,
+//! fences the host before that lease can expire when it cannot renew it, takes its turn as the
+//! fleet's placement controller through etcd's election, and reports what is placed here.
+//! See docs/FLEET.md.
+
+pub mod agent;
+pub mod controller;
+pub mod fence;
+pub mod plan;
+pub mod records;
+pub mod status;
