@@ -357,7 +357,10 @@ fn parse_timeout(text: &str) -> Result<Duration, String> {
 fn remote_exit_status(code: ErrorCode) -> u8 {
     match code {
         ErrorCode::UnknownService | ErrorCode::UnknownInstance => 3,
-        ErrorCode::WakeFailed | ErrorCode::WakeTimeout | ErrorCode::InstanceFailed => 4,
+        ErrorCode::WakeFailed
+        | ErrorCode::WakeTimeout
+        | ErrorCode::InstanceFailed
+        | ErrorCode::NotPlacedHere => 4,
         ErrorCode::Unauthenticated | ErrorCode::Forbidden | ErrorCode::RateLimited => 5,
         ErrorCode::BadRequest
         | ErrorCode::FrameTooLarge

@@ -24,19 +24,34 @@ use crate::controller;
 use crate::fence::LeaseClock;
 use crate::records::{self, now_ms, HostRecord, Key, Placement, PLACEMENTS};
 use crate::status::{Membership, Status};
+use crate::supervisor::Word;
 
-/// The agent's status, kept in memory and in its file.
+/// The agent's status, kept in memory and in its file, and the word for the supervisor
+/// (crate::supervisor) that follows from it.
 #[derive(Clone)]
 pub struct Shared {
     status: Arc<Mutex<Status>>,
+    /// Until when this host's lease is sure to hold (`None`: not a member).
+    until: Arc<Mutex<Option<Instant>>>,
     path: PathBuf,
+    word: watch::Sender<Word>,
+    running: watch::Receiver<u32>,
 }
 
 impl Shared {
-    pub fn new(host: &str, path: PathBuf) -> Self {
+    /// `word` goes to the supervisor; `running` is what it answers.
+    pub fn new(
+        host: &str,
+        path: PathBuf,
+        word: watch::Sender<Word>,
+        running: watch::Receiver<u32>,
+    ) -> Self {
         Shared {
             status: Arc::new(Mutex::new(Status::new(host))),
+            until: Arc::new(Mutex::new(None)),
             path,
+            word,
+            running,
         }
     }
 
@@ -52,6 +67,35 @@ impl Shared {
         if let Err(e) = status.write(&self.path) {
             warn!(path = %self.path.display(), error = %e, "cannot write the fleet status");
         }
+        let owned = status.placed_here.clone();
+        drop(status);
+        self.publish(owned);
+    }
+
+    /// The lease now holds until `until` (`None`: it does not).
+    fn hold_until(&self, until: Option<Instant>) {
+        *self.until.lock().unwrap_or_else(PoisonError::into_inner) = until;
+        let owned = self
+            .status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .placed_here
+            .clone();
+        self.publish(owned);
+    }
+
+    fn publish(&self, owned: BTreeMap<String, u64>) {
+        let until = *self.until.lock().unwrap_or_else(PoisonError::into_inner);
+        let word = Word { owned, until };
+        self.word.send_if_modified(|current| {
+            let changed = *current != word;
+            *current = word;
+            changed
+        });
+    }
+
+    fn running(&self) -> u32 {
+        *self.running.borrow()
     }
 }
 
@@ -129,7 +173,7 @@ async fn term(fleet: &Fleet, clock: &LeaseClock, shared: &Shared) -> anyhow::Res
     let lease = grant.id();
     let granted = Duration::from_secs(u64::try_from(grant.ttl()).unwrap_or(0));
     let (deadline_tx, mut deadline_rx) = watch::channel(clock.deadline(sent, granted));
-    put_host_record(&mut client, fleet, lease)
+    put_host_record(&mut client, fleet, lease, shared.running())
         .await
         .context("cannot announce this host")?;
     info!(lease = %format!("{lease:x}"), ttl = ?clock.ttl(), "joined the fleet");
@@ -145,6 +189,7 @@ async fn term(fleet: &Fleet, clock: &LeaseClock, shared: &Shared) -> anyhow::Res
         *clock,
         lease,
         deadline_tx,
+        shared.clone(),
     ));
     tasks.spawn(watch_placements(
         client.clone(),
@@ -160,6 +205,7 @@ async fn term(fleet: &Fleet, clock: &LeaseClock, shared: &Shared) -> anyhow::Res
     ));
     loop {
         let deadline = *deadline_rx.borrow_and_update();
+        shared.hold_until(Some(deadline));
         tokio::select! {
             () = sleep_until(deadline.into()) => break,
             changed = deadline_rx.changed() => {
@@ -170,6 +216,7 @@ async fn term(fleet: &Fleet, clock: &LeaseClock, shared: &Shared) -> anyhow::Res
         }
     }
     tasks.abort_all();
+    shared.hold_until(None);
     error!(lease = %format!("{lease:x}"), "fenced: the lease was not renewed in time; this host serves nothing until it rejoins");
     shared.update(|s| {
         s.membership = Membership::Fenced;
@@ -192,6 +239,7 @@ async fn renew(
     clock: LeaseClock,
     lease: i64,
     deadline: watch::Sender<Instant>,
+    shared: Shared,
 ) {
     let mut stream = None;
     let mut complained = false;
@@ -220,7 +268,7 @@ async fn renew(
                 }
                 let _ = timeout(
                     clock.renew_every(),
-                    put_host_record(&mut client, &fleet, lease),
+                    put_host_record(&mut client, &fleet, lease, shared.running()),
                 )
                 .await;
             }
@@ -250,14 +298,18 @@ async fn renew(
     }
 }
 
-async fn put_host_record(client: &mut Client, fleet: &Fleet, lease: i64) -> anyhow::Result<()> {
+async fn put_host_record(
+    client: &mut Client,
+    fleet: &Fleet,
+    lease: i64,
+    running: u32,
+) -> anyhow::Result<()> {
     let (memory_total, memory_available) = memory();
     let record = HostRecord {
         address: fleet.address,
         memory_total,
         memory_available,
-        // The agent does not ask the supervisor yet (docs/FLEET.md, "Not built yet").
-        running: 0,
+        running,
         max_tenants: fleet.max_tenants,
         heartbeat_ms: now_ms(),
     };

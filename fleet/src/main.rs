@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tenement_fleet::agent::{self, Shared};
 use tenement_fleet::status::Status;
+use tenement_fleet::supervisor::{self, Word};
 use tenement_proto::config::{Config, Environment};
 
 #[derive(Parser)]
@@ -80,10 +81,18 @@ fn start(cli: Cli) -> anyhow::Result<ExitCode> {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let shared = Shared::new(&fleet.host, status_path);
+            let (word_tx, word_rx) = tokio::sync::watch::channel(Word {
+                owned: Default::default(),
+                until: None,
+            });
+            let (running_tx, running_rx) = tokio::sync::watch::channel(0);
+            let shared = Shared::new(&fleet.host, status_path, word_tx, running_rx);
+            let socket = config.settings.admin_socket();
+            let every = fleet.lease_ttl / 3;
             runtime.block_on(async {
                 tokio::select! {
                     () = agent::run(fleet, shared) => {}
+                    () = supervisor::tell(socket, word_rx, running_tx, every) => {}
                     _ = tokio::signal::ctrl_c() => {}
                     () = terminated() => {}
                 }

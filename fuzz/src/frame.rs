@@ -248,6 +248,7 @@ fn check_request_ids(request: &Request) {
             reports.iter().for_each(|r| check_instance(&r.instance));
         }
         Request::Add { instances } => instances.iter().for_each(check_instance),
+        Request::FleetOwn { owned, .. } => owned.iter().for_each(|o| check_instance(&o.instance)),
         Request::List { query } => {
             query.service.iter().for_each(check_service);
             query.after.iter().for_each(check_instance);

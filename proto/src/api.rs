@@ -72,7 +72,7 @@ pub fn status_of(code: ErrorCode) -> u16 {
         ErrorCode::RateLimited => 429,
         ErrorCode::Internal => 500,
         ErrorCode::WakeFailed => 502,
-        ErrorCode::InstanceFailed | ErrorCode::Unavailable => 503,
+        ErrorCode::InstanceFailed | ErrorCode::Unavailable | ErrorCode::NotPlacedHere => 503,
         ErrorCode::WakeTimeout => 504,
     }
 }
@@ -261,6 +261,7 @@ pub fn to_http(request: &Request) -> Option<HttpCall> {
         | Request::Activity { .. }
         | Request::ParkAck { .. }
         | Request::Stats { .. }
+        | Request::FleetOwn { .. }
         | Request::Authed { .. }
         | Request::Login
         | Request::Logout => return None,

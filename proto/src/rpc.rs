@@ -186,6 +186,15 @@ pub enum Request {
     TokenRemove {
         id: TokenId,
     },
+    /// The fleet agent -> the supervisor of a `[fleet]` host: the tenants placed on this host
+    /// (with their placement epochs), true for `valid_ms` from now. Only these may start; the
+    /// others are stopped. When `valid_ms` passes without another call, the supervisor stops
+    /// every tenant itself: the host is fenced (docs/FLEET.md). Admin socket only, never
+    /// through the management API.
+    FleetOwn {
+        owned: Vec<FleetOwned>,
+        valid_ms: u64,
+    },
 
     // ---- the management API: the proxy forwards a caller's call with its credential ----
     /// `call` made by the holder of `credential` (a token or a dashboard session) from
@@ -299,7 +308,8 @@ impl Request {
             | Request::Logs { .. }
             | Request::TokenCreate { .. }
             | Request::TokenList
-            | Request::TokenRemove { .. } => role == Role::Admin,
+            | Request::TokenRemove { .. }
+            | Request::FleetOwn { .. } => role == Role::Admin,
         }
     }
 
@@ -314,6 +324,7 @@ impl Request {
             | Request::Activity { .. }
             | Request::ParkAck { .. }
             | Request::Stats { .. }
+            | Request::FleetOwn { .. }
             | Request::Authed { .. } => false,
             Request::Wake { .. }
             | Request::Add { .. }
@@ -376,7 +387,8 @@ impl Request {
             | Request::Rollback { .. }
             | Request::Pin { .. }
             | Request::TokenCreate { .. }
-            | Request::TokenRemove { .. } => true,
+            | Request::TokenRemove { .. }
+            | Request::FleetOwn { .. } => true,
         }
     }
 
@@ -424,6 +436,7 @@ impl Request {
             Request::Activity { .. } => "activity",
             Request::ParkAck { .. } => "park_ack",
             Request::Stats { .. } => "stats",
+            Request::FleetOwn { .. } => "fleet_own",
             Request::Add { .. } => "add",
             Request::Spawn { .. } => "spawn",
             Request::Stop { .. } => "stop",
@@ -574,6 +587,10 @@ pub enum Response {
         token: Secret,
         info: TokenInfo,
     },
+    /// Answer to `fleet_own`: how many of this host's instances run now.
+    FleetOwned {
+        running: u32,
+    },
     /// Answer to `token_list`, oldest first.
     Tokens {
         tokens: Vec<TokenInfo>,
@@ -612,6 +629,7 @@ impl Response {
             Response::ConfigReloaded => "config_reloaded",
             Response::TokenCreated { .. } => "token_created",
             Response::Tokens { .. } => "tokens",
+            Response::FleetOwned { .. } => "fleet_owned",
             Response::Identity { .. } => "identity",
         }
     }
@@ -650,6 +668,9 @@ pub enum ErrorCode {
     Forbidden,
     /// Too many failed credentials from this address; try again later.
     RateLimited,
+    /// A `[fleet]` host was asked to start a tenant that is not placed on it (or it is
+    /// fenced): another host runs it.
+    NotPlacedHere,
 }
 
 impl ErrorCode {
@@ -666,6 +687,7 @@ impl ErrorCode {
             ErrorCode::WakeFailed => "wake_failed",
             ErrorCode::WakeTimeout => "wake_timeout",
             ErrorCode::InstanceFailed => "instance_failed",
+            ErrorCode::NotPlacedHere => "not_placed_here",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::Unauthenticated => "unauthenticated",
@@ -673,6 +695,14 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
         }
     }
+}
+
+/// A tenant placed on this host, in `fleet_own`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetOwned {
+    pub instance: InstanceId,
+    /// The placement's epoch: it goes up each time the tenant moves between hosts.
+    pub epoch: u64,
 }
 
 /// The lifecycle states an instance is reported in.

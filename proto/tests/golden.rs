@@ -15,10 +15,10 @@ use serde::Serialize;
 use tenement_proto::auth::{Secret, TokenId, TokenInfo};
 use tenement_proto::frame;
 use tenement_proto::rpc::{
-    ActivityReport, Address, ErrorCode, InstanceInfo, InstanceState, InstanceUsage, LogLine,
-    LogStream, ReleaseInfo, Request, Response, Role, RolloutAction, RolloutFailure, RolloutInfo,
-    RolloutOptions, RolloutProgress, Route, ServiceStats, SupervisorStats, WeightChange,
-    PROTOCOL_VERSION,
+    ActivityReport, Address, ErrorCode, FleetOwned, InstanceInfo, InstanceState, InstanceUsage,
+    LogLine, LogStream, ReleaseInfo, Request, Response, Role, RolloutAction, RolloutFailure,
+    RolloutInfo, RolloutOptions, RolloutProgress, Route, ServiceStats, SupervisorStats,
+    WeightChange, PROTOCOL_VERSION,
 };
 use tenement_proto::rpc::{ListQuery, ListSort};
 use tenement_proto::{InstanceId, ServiceName, TenantId};
@@ -145,6 +145,16 @@ fn requests() -> Vec<(&'static str, Request)> {
         ),
         ("request_subscribe", Request::Subscribe),
         ("request_stats", Request::Stats { instances: true }),
+        (
+            "request_fleet_own",
+            Request::FleetOwn {
+                owned: vec![FleetOwned {
+                    instance: id("notes:alice"),
+                    epoch: 3,
+                }],
+                valid_ms: 2250,
+            },
+        ),
         (
             "request_weight",
             Request::Weight {
@@ -313,6 +323,7 @@ fn responses() -> Vec<(&'static str, Response)> {
                 info: token_info(),
             },
         ),
+        ("response_fleet_owned", Response::FleetOwned { running: 12 }),
         (
             "response_tokens",
             Response::Tokens {

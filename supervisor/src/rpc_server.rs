@@ -435,9 +435,12 @@ async fn connection(
             }
             other => {
                 // What an operator did (a token's holder, or a caller of the admin socket); the
-                // proxy's own wakes are traffic, not acts.
-                let audited = (other.mutates() && (grant.is_some() || role == Role::Admin))
-                    .then(|| other.clone());
+                // proxy's own wakes are traffic, not acts, and the fleet agent's `fleet_own`
+                // every few seconds is a heartbeat (the registry logs what it changes).
+                let heartbeat = matches!(other, Request::FleetOwn { .. });
+                let audited =
+                    (other.mutates() && !heartbeat && (grant.is_some() || role == Role::Admin))
+                        .then(|| other.clone());
                 let reply = answer(other, &registry, grant.as_ref()).await;
                 if let Some(call) = audited {
                     let actor = match &grant {
@@ -701,6 +704,16 @@ async fn answer(request: Request, registry: &RegistryHandle, grant: Option<&Gran
             }
             Request::Pin { instance, release } => {
                 release_call(registry, ReleaseCall::Pin { instance, release }).await
+            }
+            Request::FleetOwn { owned, valid_ms } => {
+                let running = registry
+                    .ask(|reply| Command::FleetOwn {
+                        owned,
+                        valid_ms,
+                        reply,
+                    })
+                    .await??;
+                Ok(Response::FleetOwned { running })
             }
             Request::Add { instances } => {
                 let (added, existing) = registry

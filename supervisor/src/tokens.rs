@@ -497,6 +497,7 @@ pub fn permit(grant: &Grant, call: &Request) -> Result<(), RpcError> {
         | Request::Activity { .. }
         | Request::ParkAck { .. }
         | Request::Stats { .. }
+        | Request::FleetOwn { .. }
         | Request::Authed { .. } => false,
     };
     if allowed {

@@ -8,6 +8,7 @@
 
 mod access;
 mod auto_spawn;
+mod fleet;
 mod instance;
 mod isolation;
 mod process;
@@ -153,6 +154,12 @@ pub enum Command {
     Status {
         instance: InstanceId,
         reply: Reply<InstanceInfo>,
+    },
+    /// The fleet agent's word: what is placed here, true for `valid_ms` (`fleet.rs`).
+    FleetOwn {
+        owned: Vec<tenement_proto::rpc::FleetOwned>,
+        valid_ms: u64,
+        reply: Reply<u32>,
     },
     Logs {
         instance: InstanceId,
@@ -342,6 +349,8 @@ pub struct Registry {
     switches: HashMap<InstanceId, releases::Switch>,
     /// The management API's tokens and sessions (`access.rs`).
     tokens: crate::tokens::Tokens,
+    /// On a `[fleet]` host: what the fleet agent says is placed here, until when (`fleet.rs`).
+    fleet: Option<fleet::FleetGate>,
     tx: mpsc::Sender<Command>,
     rx: mpsc::Receiver<Command>,
 }
@@ -406,6 +415,7 @@ impl Registry {
         let saved = store.load()?;
         let state_dir = config.settings.state_dir.clone();
         let (tx, rx) = mpsc::channel(1024);
+        let fleet = config.fleet.as_ref().map(|_| fleet::FleetGate::default());
         let mut registry = Registry {
             ports: PortAllocator::new(config.settings.port_range.clone()),
             config,
@@ -426,6 +436,7 @@ impl Registry {
             counters: HashMap::new(),
             services: saved.services,
             switches: HashMap::new(),
+            fleet,
             tokens: crate::tokens::Tokens::load(saved.tokens),
             tx: tx.clone(),
             rx,
@@ -613,6 +624,7 @@ impl Registry {
                     .service_of(&instance)
                     .map(|_| ())
                     .and_then(|()| self.refuse_if_removing(&instance))
+                    .and_then(|()| self.placed_here(&instance, now))
                 {
                     let _ = reply.send(Err(e));
                     return;
@@ -679,6 +691,13 @@ impl Registry {
             }
             Command::PrepareDeploy { instance, reply } => {
                 let _ = reply.send(self.prepare_deploy(&instance, now));
+            }
+            Command::FleetOwn {
+                owned,
+                valid_ms,
+                reply,
+            } => {
+                let _ = reply.send(self.fleet_own(owned, valid_ms, now));
             }
             Command::Stats { instances, reply } => {
                 let services = self.service_stats();
@@ -858,6 +877,10 @@ impl Registry {
                 return;
             }
         };
+        if let Err(e) = self.placed_here(&id, now) {
+            let _ = reply.send(Err(e));
+            return;
+        }
         if !self.instances.contains_key(&id) {
             if !(register || auto_spawn) {
                 let _ = reply.send(Err(RpcError::unknown(&id)));
@@ -1152,6 +1175,7 @@ impl Registry {
 
     fn tick(&mut self) {
         let now = Instant::now();
+        self.fence_if_expired(now);
         self.sweep_unproven_auto_spawns(now);
         let ids: Vec<InstanceId> = self.active.iter().cloned().collect();
         for id in ids {
@@ -1190,6 +1214,7 @@ impl Registry {
             ("runtime_dir", old_s.runtime_dir != new_s.runtime_dir),
             ("port_range", old_s.port_range != new_s.port_range),
             ("dynamic_users", old_s.dynamic_users != new_s.dynamic_users),
+            ("[fleet]", self.config.fleet != new.fleet),
         ] {
             if changed {
                 return Err(RpcError::new(

@@ -205,6 +205,9 @@ impl Registry {
     }
 
     fn try_start(&mut self, id: &InstanceId, now: Instant) -> Result<(), String> {
+        // Wakes are refused earlier with the reason; this catches any other way to a start
+        // (a restart after a crash, a rollout) on a fleet host that no longer owns `id`.
+        self.placed_here(id, now).map_err(|e| e.message)?;
         let config = self.config.clone();
         let settings = &config.settings;
         let service = self

@@ -1,0 +1,120 @@
+//! The agent's word to this host's supervisor: `fleet_own`, the tenants placed here and how
+//! long that holds, sent on the admin socket after every renewal of the lease and every change
+//! of the placements. The supervisor starts nothing else and stops everything once the word
+//! runs out (supervisor/src/registry/fleet.rs), so fencing holds even if this agent dies.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tenement_proto::frame::{read_message_async, write_message_async};
+use tenement_proto::ids::InstanceId;
+use tenement_proto::rpc::{FleetOwned, Request, Response, PROTOCOL_VERSION};
+use tokio::net::UnixStream;
+use tokio::sync::watch;
+use tokio::time::timeout;
+use tracing::{info, warn};
+
+/// What the agent wants the supervisor to know: placed here, and until when.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Word {
+    pub owned: BTreeMap<String, u64>,
+    /// `None`: nothing holds (not a member, or fenced).
+    pub until: Option<Instant>,
+}
+
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Sends every new word, and the current one again every `every` (so a restarted supervisor
+/// hears it soon); returns the running count the supervisor reports through `running`.
+pub async fn tell(
+    socket: PathBuf,
+    mut words: watch::Receiver<Word>,
+    running: watch::Sender<u32>,
+    every: Duration,
+) {
+    let mut link: Option<UnixStream> = None;
+    let mut complained = false;
+    loop {
+        let word = words.borrow_and_update().clone();
+        match say(&socket, &mut link, &word).await {
+            Ok(count) => {
+                let _ = running.send(count);
+                if complained {
+                    info!("the supervisor hears the fleet agent again");
+                    complained = false;
+                }
+            }
+            Err(e) => {
+                link = None;
+                if !complained {
+                    warn!(socket = %socket.display(), error = %format!("{e:#}"), "cannot tell the supervisor what is placed here; it fences this host by itself when the last word runs out");
+                    complained = true;
+                }
+            }
+        }
+        let _ = timeout(every, words.changed()).await;
+    }
+}
+
+async fn say(socket: &PathBuf, link: &mut Option<UnixStream>, word: &Word) -> anyhow::Result<u32> {
+    if link.is_none() {
+        *link = Some(
+            timeout(CALL_TIMEOUT, hello(socket))
+                .await
+                .context("no answer")??,
+        );
+    }
+    let stream = link.as_mut().expect("connected above");
+    let valid_ms = word.until.map_or(0, |until| {
+        u64::try_from(until.saturating_duration_since(Instant::now()).as_millis())
+            .unwrap_or(u64::MAX)
+    });
+    let owned = if valid_ms == 0 {
+        Vec::new()
+    } else {
+        word.owned
+            .iter()
+            .filter_map(|(id, epoch)| {
+                Some(FleetOwned {
+                    instance: InstanceId::parse(id).ok()?,
+                    epoch: *epoch,
+                })
+            })
+            .collect()
+    };
+    let request = Request::FleetOwn { owned, valid_ms };
+    let answer = timeout(CALL_TIMEOUT, async {
+        write_message_async(stream, &request).await?;
+        read_message_async::<_, Response>(stream).await
+    })
+    .await
+    .context("no answer")??;
+    match answer {
+        Response::FleetOwned { running } => Ok(running),
+        Response::Error { code, message } => {
+            anyhow::bail!(
+                "the supervisor refused fleet_own: {message} ({})",
+                code.as_str()
+            )
+        }
+        other => anyhow::bail!("the supervisor answered fleet_own with {}", other.name()),
+    }
+}
+
+async fn hello(socket: &PathBuf) -> anyhow::Result<UnixStream> {
+    let mut stream = UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("cannot connect to {}", socket.display()))?;
+    let hello = Request::Hello {
+        version: PROTOCOL_VERSION,
+        client: "tenement-fleet".to_owned(),
+    };
+    write_message_async(&mut stream, &hello).await?;
+    match read_message_async::<_, Response>(&mut stream).await? {
+        Response::Hello { .. } => Ok(stream),
+        Response::Error { message, .. } => anyhow::bail!("the supervisor refused: {message}"),
+        other => anyhow::bail!("the supervisor answered hello with {}", other.name()),
+    }
+}

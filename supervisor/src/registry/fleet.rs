@@ -1,0 +1,182 @@
+//! On a `[fleet]` host the supervisor starts only what the fleet agent says is placed here,
+//! and only while the agent's word holds (docs/FLEET.md).
+//!
+//! The agent (`tenement-fleet`) sends `fleet_own` after each renewal of its etcd lease: the
+//! tenants placed here and how long that stays true, which is how long the lease is sure to
+//! last. When that time passes without another word (the agent cannot reach etcd, or is
+//! dead) the supervisor stops every tenant on its own: the host is fenced, and the fleet's
+//! controller moves its tenants only after the lease has expired and a grace period passed.
+//! So two hosts never run one tenant, whichever process on this host fails.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tenement_proto::rpc::{ErrorCode, FleetOwned};
+use tenement_proto::InstanceId;
+
+use super::{Registry, RpcError};
+use crate::lifecycle::Event;
+
+/// The longest one `fleet_own` can hold: a lease lasts at most 300 s (the config's cap).
+const MAX_VALID: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Default)]
+pub struct FleetGate {
+    /// Placed here, with the placement's epoch.
+    owned: HashMap<InstanceId, u64>,
+    /// Until when the agent's last word holds; `None` before its first.
+    valid_until: Option<Instant>,
+    /// Whether the stop for an expired word has been done (it is done once).
+    fenced: bool,
+}
+
+impl FleetGate {
+    fn check(&self, id: &InstanceId, now: Instant) -> Result<(), RpcError> {
+        let refuse = |why: String| Err(RpcError::new(ErrorCode::NotPlacedHere, why));
+        match self.valid_until {
+            None => refuse(format!(
+                "{id} cannot start: this fleet host has not heard from its fleet agent (tenement-fleet) yet"
+            )),
+            Some(until) if now >= until => refuse(format!(
+                "{id} cannot start: this fleet host is fenced (its fleet agent has not renewed its placements)"
+            )),
+            Some(_) if !self.owned.contains_key(id) => {
+                refuse(format!("{id} is not placed on this fleet host"))
+            }
+            Some(_) => Ok(()),
+        }
+    }
+}
+
+impl Registry {
+    /// Whether `id` may start here: always off a fleet; on one, only when placed here.
+    pub(super) fn placed_here(&self, id: &InstanceId, now: Instant) -> Result<(), RpcError> {
+        match &self.fleet {
+            None => Ok(()),
+            Some(gate) => gate.check(id, now),
+        }
+    }
+
+    /// The agent's word: registers what is placed here, stops what is not; how many run.
+    pub(super) fn fleet_own(
+        &mut self,
+        owned: Vec<FleetOwned>,
+        valid_ms: u64,
+        now: Instant,
+    ) -> Result<u32, RpcError> {
+        let Some(gate) = self.fleet.as_mut() else {
+            return Err(RpcError::new(
+                ErrorCode::BadRequest,
+                "this supervisor's config has no [fleet] section",
+            ));
+        };
+        let valid = Duration::from_millis(valid_ms).min(MAX_VALID);
+        let owned: HashMap<InstanceId, u64> =
+            owned.into_iter().map(|o| (o.instance, o.epoch)).collect();
+        if owned != gate.owned {
+            let gained = owned
+                .keys()
+                .filter(|id| !gate.owned.contains_key(*id))
+                .count();
+            let lost = gate
+                .owned
+                .keys()
+                .filter(|id| !owned.contains_key(*id))
+                .count();
+            tracing::info!(
+                placed = owned.len(),
+                gained,
+                lost,
+                "fleet: the tenants placed on this host changed"
+            );
+        }
+        gate.owned = owned;
+        gate.valid_until = Some(now + valid);
+        if valid.is_zero() {
+            gate.owned.clear();
+        } else if gate.fenced {
+            tracing::info!("fleet: the agent holds a lease again; placed tenants may start");
+            gate.fenced = false;
+        }
+        let unknown: Vec<InstanceId> = gate
+            .owned
+            .keys()
+            .filter(|id| !self.instances.contains_key(*id))
+            .cloned()
+            .collect();
+        let (known, unserved): (Vec<InstanceId>, Vec<InstanceId>) = unknown
+            .into_iter()
+            .partition(|id| self.config.service(&id.service).is_some());
+        for id in &unserved {
+            tracing::warn!(instance = %id, "fleet: placed here, but this host's config has no service {}", id.service);
+        }
+        if !known.is_empty() {
+            self.add(known, now)?;
+        }
+        self.stop_unplaced(now);
+        let running = self
+            .instances
+            .values()
+            .filter(|i| i.process.is_some())
+            .count();
+        Ok(u32::try_from(running).unwrap_or(u32::MAX))
+    }
+
+    /// Stops every instance with a process that may not run here now.
+    fn stop_unplaced(&mut self, now: Instant) {
+        let stop: Vec<InstanceId> = self
+            .instances
+            .iter()
+            .filter(|(id, i)| i.process.is_some() && self.placed_here(id, now).is_err())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in stop {
+            tracing::info!(instance = %id, "fleet: stopping, no longer placed on this host");
+            self.event(&id, Event::Stop, now);
+        }
+    }
+
+    /// On each tick: once the agent's word has run out, everything stops.
+    pub(super) fn fence_if_expired(&mut self, now: Instant) {
+        let Some(gate) = self.fleet.as_mut() else {
+            return;
+        };
+        let expired = gate.valid_until.is_some_and(|until| now >= until);
+        if !expired || gate.fenced {
+            return;
+        }
+        gate.fenced = true;
+        gate.owned.clear();
+        tracing::error!("fleet: the fleet agent has not renewed this host's placements in time; fenced, stopping every tenant");
+        self.stop_unplaced(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(text: &str) -> InstanceId {
+        InstanceId::parse(text).expect("id")
+    }
+
+    #[test]
+    fn only_what_is_placed_here_may_start_and_only_while_the_word_holds() {
+        let now = Instant::now();
+        let mut gate = FleetGate::default();
+        let silent = gate.check(&id("notes:a"), now).expect_err("no word yet");
+        assert_eq!(silent.code, ErrorCode::NotPlacedHere);
+        assert!(silent.message.contains("not heard from its fleet agent"));
+        gate.owned.insert(id("notes:a"), 3);
+        gate.valid_until = Some(now + Duration::from_secs(2));
+        assert!(gate.check(&id("notes:a"), now).is_ok());
+        let elsewhere = gate.check(&id("notes:b"), now).expect_err("not placed");
+        assert_eq!(
+            elsewhere.message,
+            "notes:b is not placed on this fleet host"
+        );
+        let later = now + Duration::from_secs(2);
+        let fenced = gate.check(&id("notes:a"), later).expect_err("expired");
+        assert!(fenced.message.contains("fenced"), "{}", fenced.message);
+    }
+}
