@@ -34,7 +34,7 @@ Exit status:
   1  the supervisor could not be reached, or refused or failed the request
   2  bad usage: invalid arguments, instance id, service name, regex or config file
   3  unknown service or instance (unknown_service, unknown_instance)
-  4  the instance could not be woken (wake_failed, wake_timeout, instance_failed)
+  4  the instance could not be woken (wake_failed, wake_timeout, instance_failed, not_placed_here)
   5  the API refused the token (unauthenticated, forbidden, rate_limited)";
 
 /// Control tenement: add, wake, stop and inspect instances.
