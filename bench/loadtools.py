@@ -22,7 +22,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # Debian package that provides each tool we may need.
 PACKAGES = {"wrk": "wrk", "nginx": "nginx-light", "perf": "linux-perf", "h2load": "nghttp2-client",
-            "go": "golang-go", "curl": "curl"}
+            "go": "golang-go", "curl": "curl", "etcd": "etcd-server", "etcdctl": "etcd-client",
+            "protoc": "protobuf-compiler"}
 
 
 def ensure_tools(*tools):

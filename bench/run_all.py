@@ -7,8 +7,8 @@ bench/out/report-REVISION.txt. docs/BENCHMARKS.md quotes a run of exactly this c
 
 --quick runs fewer rounds and a smaller scale run (1,000 instances, 100 wakes): a smoke test
 of the scripts in a few minutes, not figures to quote. Root is needed for the proxy's user
-drop and for the isolation benchmark; wrk, nginx, node and go are installed with apt-get when
-missing.
+drop, for the isolation benchmark and for the fleet's network namespaces; wrk, nginx, node, go
+and etcd are installed with apt-get when missing.
 """
 
 import argparse
@@ -48,6 +48,8 @@ BENCHMARKS = [
      ["--tenants", "200", "--running", "5", "--bake", "1s", "--releases", "4"]),
     ("management API and dashboard at 10,000 registered", "api.py", [],
      ["--rounds", "1", "--calls", "200", "--instances", "1000", "--page-requests", "5", "--duration", "2"]),
+    ("a fleet of three hosts on etcd: failover, placement at 5,000 tenants", "fleet.py", [],
+     ["--trials", "2", "--tenants", "500", "--samples", "5"]),
 ]
 
 
@@ -67,7 +69,7 @@ def main():
     ensure_tools("wrk", "nginx", "perf")
     ensure_runtimes()
     subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "tenement-supervisor", "-p", "tenement-proxy",
-                    "-p", "tenctl", "-p", "tenement-fixtures"], cwd=ROOT, check=True)
+                    "-p", "tenctl", "-p", "tenement-fixtures", "-p", "tenement-fleet"], cwd=ROOT, check=True)
 
     out_dir = os.path.join(HERE, "out")
     os.makedirs(out_dir, exist_ok=True)

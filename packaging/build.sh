@@ -19,7 +19,7 @@ generated=$bin_dir/packaging
 step() { printf '== %s\n' "$*" >&2; }
 
 step "release build"
-cargo build --release --locked -p tenement-supervisor -p tenement-proxy -p tenctl
+cargo build --release --locked -p tenement-supervisor -p tenement-proxy -p tenctl -p tenement-fleet
 
 step "man page and completions -> $generated"
 mkdir -p "$generated"

@@ -72,6 +72,15 @@ impl Shared {
         self.publish(owned);
     }
 
+    /// Writes the status file as it is now, changed or not.
+    fn write_all(&self) {
+        let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+        status.updated_ms = now_ms();
+        if let Err(e) = status.write(&self.path) {
+            warn!(path = %self.path.display(), error = %e, "cannot write the fleet status");
+        }
+    }
+
     /// The lease now holds until `until` (`None`: it does not).
     fn hold_until(&self, until: Option<Instant>) {
         *self.until.lock().unwrap_or_else(PoisonError::into_inner) = until;
@@ -102,7 +111,8 @@ impl Shared {
 /// Runs membership terms until the process is stopped.
 pub async fn run(fleet: Fleet, shared: Shared) {
     let clock = LeaseClock::new(fleet.lease_ttl);
-    shared.update(|s| s.membership = Membership::Joining);
+    // Whatever a previous agent left in the file is no longer true.
+    shared.write_all();
     let mut backoff = Duration::from_millis(250);
     loop {
         match term(&fleet, &clock, &shared).await {

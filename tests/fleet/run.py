@@ -20,251 +20,13 @@ if anything failed.
 """
 
 import argparse
-import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-HOSTS = ["h1", "h2", "h3"]
-SWITCH = "tfl-sw"
-NET = "10.77.0"
-LEASE_TTL = 3
-GRACE = 2
-# How long anything that must happen may take: generous, it only bounds a hang.
-EVENT_DEADLINE = 60
-
-
-class Failed(Exception):
-    pass
-
-
-def check(condition, message):
-    if not condition:
-        raise Failed(message)
-
-
-def sh(*argv, check_status=True, **kw):
-    result = subprocess.run(argv, capture_output=True, text=True, **kw)
-    if check_status and result.returncode != 0:
-        raise Failed(f"{' '.join(argv)} exited {result.returncode}: {result.stderr.strip()}")
-    return result
-
-
-def wait_for(condition, within, what):
-    deadline = time.monotonic() + within
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise Failed(f"waited {within} s for {what}")
-        time.sleep(0.05)
-
-
-def when(get, condition):
-    """get()'s value if it meets condition, else None: for wait_for."""
-    value = get()
-    return value if condition(value) else None
-
-
-def ns(host):
-    return f"tfl-{host}"
-
-
-def addr(host):
-    return f"{NET}.{HOSTS.index(host) + 1}"
-
-
-class Fleet:
-    def __init__(self, bin_dir, keep):
-        self.bin = bin_dir
-        self.keep = keep
-        self.dir = tempfile.mkdtemp(prefix="tenement-fleet-test.")
-        self.procs = {}
-        self.passed = 0
-        self.failed = 0
-
-    # ---- the rig -------------------------------------------------------------------------
-    def cable(self):
-        self.uncable()
-        sh("ip", "netns", "add", SWITCH)
-        sh("ip", "-n", SWITCH, "link", "add", "br0", "type", "bridge")
-        sh("ip", "-n", SWITCH, "link", "set", "br0", "up")
-        for i, host in enumerate(HOSTS, 1):
-            sh("ip", "netns", "add", ns(host))
-            sh("ip", "link", "add", "eth0", "netns", ns(host), "type", "veth", "peer", "name", f"p{i}", "netns", SWITCH)
-            sh("ip", "-n", SWITCH, "link", "set", f"p{i}", "master", "br0", "up")
-            sh("ip", "-n", ns(host), "addr", "add", f"{addr(host)}/24", "dev", "eth0")
-            sh("ip", "-n", ns(host), "link", "set", "eth0", "up")
-            sh("ip", "-n", ns(host), "link", "set", "lo", "up")
-
-    def uncable(self):
-        for name in [SWITCH] + [ns(h) for h in HOSTS]:
-            if os.path.exists(f"/run/netns/{name}"):
-                self.kill_namespace(name)
-                sh("ip", "netns", "del", name, check_status=False)
-
-    def kill_namespace(self, name):
-        pids = sh("ip", "netns", "pids", name, check_status=False).stdout.split()
-        for pid in pids:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
-        for key, proc in list(self.procs.items()):
-            if key[0] == name.removeprefix("tfl-"):
-                proc.wait()
-                del self.procs[key]
-
-    def cable_of(self, host):
-        return f"p{HOSTS.index(host) + 1}"
-
-    def start_etcd(self, host, state="new"):
-        cluster = ",".join(f"{h}=http://{addr(h)}:2380" for h in HOSTS)
-        data = os.path.join(self.dir, host, "etcd")
-        argv = [
-            "etcd", "--name", host, "--data-dir", data,
-            "--listen-client-urls", f"http://{addr(host)}:2379",
-            "--advertise-client-urls", f"http://{addr(host)}:2379",
-            "--listen-peer-urls", f"http://{addr(host)}:2380",
-            "--initial-advertise-peer-urls", f"http://{addr(host)}:2380",
-            "--initial-cluster", cluster, "--initial-cluster-state", state,
-            "--initial-cluster-token", "tenement-fleet-test",
-        ]
-        self.spawn(host, "etcd", argv)
-
-    def start_supervisor(self, host):
-        self.spawn(host, "supervisor", [os.path.join(self.bin, "tenement-supervisor"), "--config", self.config(host)])
-        wait_for(lambda: self.tenctl(host, "ps").returncode == 0, EVENT_DEADLINE, f"{host}'s supervisor to answer")
-
-    def tenctl(self, host, *args):
-        return sh("ip", "netns", "exec", ns(host), os.path.join(self.bin, "tenctl"), "--config", self.config(host),
-                  *args, check_status=False)
-
-    def instances(self, host):
-        """{instance: state} of host's supervisor."""
-        result = self.tenctl(host, "ps", "--json")
-        if result.returncode != 0:
-            return {}
-        return {i["instance"]: i["state"] for i in json.loads(result.stdout)}
-
-    def running(self, host):
-        return {i for i, state in self.instances(host).items() if state == "running"}
-
-    def wake(self, host, tenants):
-        for tenant in tenants:
-            result = self.tenctl(host, "wake", tenant)
-            check(result.returncode == 0, f"tenctl wake {tenant} on {host}: {result.stderr.strip()}")
-
-    def start_agent(self, host):
-        self.spawn(host, "agent", [os.path.join(self.bin, "tenement-fleet"), "--config", self.config(host), "run"])
-
-    def spawn(self, host, what, argv):
-        os.makedirs(os.path.join(self.dir, host), exist_ok=True)
-        log = open(os.path.join(self.dir, host, f"{what}.log"), "ab")
-        self.procs[(host, what)] = subprocess.Popen(
-            ["ip", "netns", "exec", ns(host)] + argv, stdout=log, stderr=subprocess.STDOUT,
-            env=dict(os.environ, ETCD_UNSUPPORTED_ARCH=os.environ.get("ETCD_UNSUPPORTED_ARCH", ""), RUST_LOG="info"),
-        )
-        log.close()
-
-    def stop(self, host, what):
-        proc = self.procs.pop((host, what), None)
-        if proc:
-            proc.kill()
-            proc.wait()
-
-    def config(self, host):
-        path = os.path.join(self.dir, host, "tenement.toml")
-        if not os.path.exists(path):
-            endpoints = ", ".join(f'"http://{addr(h)}:2379"' for h in HOSTS)
-            with open(path, "w") as f:
-                f.write(f"""[settings]
-domain = "example.com"
-state_dir = "state"
-data_dir = "data"
-runtime_dir = "run"
-isolation = "process"
-user = "self"
-
-[service.notes]
-command = "{os.path.join(self.bin, 'tiny-http')}"
-idle_timeout = "never"
-
-[fleet]
-host = "{host}"
-address = "{addr(host)}:443"
-etcd = [{endpoints}]
-lease_ttl = "{LEASE_TTL}s"
-grace = "{GRACE}s"
-""")
-        return path
-
-    def etcdctl(self, *args, via="h1"):
-        return sh("ip", "netns", "exec", ns(via), "etcdctl", "--dial-timeout=2s", "--command-timeout=5s",
-                  "--endpoints", ",".join(f"http://{addr(h)}:2379" for h in HOSTS), *args,
-                  env=dict(os.environ, ETCDCTL_API="3"))
-
-    def read(self, prefix, via="h1"):
-        """{key: value} under prefix; values are parsed JSON where they are JSON."""
-        lines = self.etcdctl("get", "--prefix", prefix, via=via).stdout.splitlines()
-        out = {}
-        for key, value in zip(lines[0::2], lines[1::2]):
-            try:
-                out[key] = json.loads(value)
-            except json.JSONDecodeError:
-                out[key] = value
-        return out
-
-    def placements(self, via="h1"):
-        return {k.removeprefix("/tenement/placement/"): v for k, v in self.read("/tenement/placement/", via).items()}
-
-    def status(self, host):
-        try:
-            with open(os.path.join(self.dir, host, "state", "fleet.json")) as f:
-                return json.load(f)
-        except (OSError, json.JSONDecodeError):
-            return None
-
-    def want(self, tenants, via="h1"):
-        for tenant in tenants:
-            self.etcdctl("put", f"/tenement/tenants/{tenant}", "{}", via=via)
-
-    def healthy(self, hosts):
-        for host in hosts:
-            result = sh("ip", "netns", "exec", ns(host), "etcdctl", "--endpoints", f"http://{addr(host)}:2379",
-                        "endpoint", "health", check_status=False, env=dict(os.environ, ETCDCTL_API="3"))
-            if result.returncode != 0:
-                return False
-        return True
-
-    def controllers(self, hosts=HOSTS):
-        return [h for h in hosts if (self.status(h) or {}).get("controller")]
-
-    def log(self, host, what):
-        try:
-            with open(os.path.join(self.dir, host, f"{what}.log"), errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
-
-    def run(self, name, fn):
-        try:
-            detail = fn()
-            self.passed += 1
-            print(f"PASS {name}: {detail}", flush=True)
-        except Failed as e:
-            self.failed += 1
-            print(f"FAIL {name}: {e}", flush=True)
-        except Exception as e:  # a bug in the suite is a failure too, never a skip
-            self.failed += 1
-            print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
-
+from rig import (EVENT_DEADLINE, GRACE, HOSTS, LEASE_TTL, ROOT, Fleet, addr, check, ns, placed_here,
+                 running_once, sh, switch, wait_for, wake_where_placed, when)
 
 # ---- the checks ----------------------------------------------------------------------------
 TENANTS = [f"notes:t{i:02d}" for i in range(30)]
@@ -286,10 +48,6 @@ def check_membership(f):
     addresses = sorted(r["address"] for r in records.values())
     check(addresses == [f"{addr(h)}:443" for h in HOSTS], f"addresses {addresses}")
     return f"3 hosts joined with their own addresses; one controller ({leader[0]})"
-
-
-def placed_here(f, host):
-    return set((f.status(host) or {}).get("placed_here", {}))
 
 
 def check_placement(f):
@@ -316,16 +74,6 @@ def check_placement(f):
     check(once == set(TENANTS), f"{len(once)} of 30 running")
     return ("30 tenants created through h2 placed 10/10/10, epoch 1, each with a standby on another host; "
             "each supervisor registered and started exactly its own and refused another's (exit 4); 30 processes, none twice")
-
-
-def running_once(f, hosts):
-    """The tenants running on `hosts`; fails if one runs on two."""
-    seen = {}
-    for h in hosts:
-        for t in f.running(h):
-            check(t not in seen, f"{t} runs on {seen.get(t)} and {h}")
-            seen[t] = h
-    return set(seen)
 
 
 def check_kill_host(f):
@@ -360,14 +108,6 @@ def check_kill_host(f):
             f"{took:.1f} s later (lease {LEASE_TTL} s + grace {GRACE} s); {new_leader[0]} leads; nothing else changed")
 
 
-def wake_where_placed(f, tenants, hosts):
-    placements = f.placements(via=hosts[0])
-    for t in tenants:
-        host = placements[t]["host"]
-        wait_for(lambda: t in f.instances(host), EVENT_DEADLINE, f"{host}'s supervisor to register {t}")
-        f.wake(host, [t])
-
-
 def check_rejoin(f):
     gone = [h for h in HOSTS if (h, "agent") not in f.procs][0]
     f.start_etcd(gone, state="existing")
@@ -391,7 +131,7 @@ def check_partition(f):
     fences = f.status(victim)["fences"]
     cut_ms = time.time() * 1000
     check(f.running(victim) == set(theirs), f"{victim} runs {sorted(f.running(victim))}, placed {theirs}")
-    sh("ip", "-n", SWITCH, "link", "set", f.cable_of(victim), "down")
+    sh("ip", "-n", switch(), "link", "set", f.cable_of(victim), "down")
     try:
         wait_for(lambda: not f.running(victim), EVENT_DEADLINE, f"{victim}'s supervisor to stop its tenants")
         # Seen after the fact: the processes were gone at the latest by now.
@@ -410,7 +150,7 @@ def check_partition(f):
         detail = (f"cut {victim} off: its agent fenced {fenced_ms - cut_ms:.0f} ms after the cut and its tenants' processes were "
                   f"gone {first_move - stopped_ms:.0f} ms or more before the first moved; {len(theirs)} tenants moved and run once")
     finally:
-        sh("ip", "-n", SWITCH, "link", "set", f.cable_of(victim), "up")
+        sh("ip", "-n", switch(), "link", "set", f.cable_of(victim), "up")
     wait_for(lambda: (f.status(victim) or {}).get("membership") == "member" and len(f.read("/tenement/hosts/")) == 3,
              EVENT_DEADLINE, f"{victim} to rejoin after the cable is back")
     time.sleep(LEASE_TTL)

@@ -38,7 +38,7 @@ ALL_CHECKS=(
     static.units_verify static.lintian_no_errors static.rpm_contents static.rpm_scriptlets
     deb.install deb.socket_enabled deb.supervisor_active deb.accounts_and_dirs
     deb.rpc_socket_modes deb.port_80_held_by_pid1 deb.proxy_not_running deb.shipped_config_valid
-    deb.units_verify_in_place deb.wake_by_request deb.both_daemons_active
+    deb.units_verify_in_place deb.fleet_agent_shipped_not_enabled deb.wake_by_request deb.both_daemons_active
     deb.instance_in_supervisor_cgroup deb.tenctl_wake_as_root deb.tenctl_refused_unprivileged
     deb.tenctl_admin_group_member deb.default_example_service deb.sandbox_instance_serves deb.reload_adds_service
     deb.journal_has_instance_lines
@@ -212,6 +212,8 @@ rpm_contents() {
     local listing missing=0 path
     listing=$(rpm -qlp "$rpm_file") || return 1
     for path in /usr/bin/tenement-supervisor /usr/bin/tenement-proxy /usr/bin/tenctl \
+        /usr/bin/tenement-fleet /usr/lib/systemd/system/tenement-fleet.service \
+        /usr/share/man/man8/tenement-fleet.8.gz \
         /usr/libexec/tenement/tenement-exec /usr/lib/systemd/system/tenement.socket \
         /usr/lib/systemd/system/tenement-proxy.service \
         /usr/lib/systemd/system/tenement-supervisor.service \
@@ -314,6 +316,15 @@ boxed = ["carol"]
 EOF
 tenctl validate && systemctl restart tenement-supervisor.service' >"$work/deb-config.log" 2>&1 ||
     cat "$work/deb-config.log"
+# The fleet agent ships for hosts that join a fleet; the operator enables it. With the shipped
+# config (no [fleet]) it refuses to run, in one line, and exits 2.
+check deb.fleet_agent_shipped_not_enabled sh_in '
+    state=$(systemctl is-enabled tenement-fleet.service); echo "tenement-fleet.service: $state"
+    [ "$state" = disabled ] || exit 1
+    tenement-fleet --version || exit 1
+    out=$(tenement-fleet run 2>&1); code=$?; echo "run: exit $code: $out"
+    [ $code = 2 ] && [ "$(printf "%s\n" "$out" | wc -l)" = 1 ] && printf "%s" "$out" | grep -q "has no \[fleet\] section"
+    test -f /usr/share/man/man8/tenement-fleet.8.gz && test -f /usr/share/doc/tenement/FLEET.md'
 check deb.wake_by_request sh_in '
     set -e
     test "$(systemctl is-active tenement-proxy.service)" = inactive || { echo "the proxy ran before any request"; exit 1; }
