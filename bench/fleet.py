@@ -223,8 +223,8 @@ def main():
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--tenants", type=int, default=5000)
     ap.add_argument("--samples", type=int, default=20)
-    ap.add_argument("--lease-ttl", type=int, default=3)
-    ap.add_argument("--grace", type=int, default=2)
+    ap.add_argument("--lease-ttl", type=int, default=rig.LEASE_TTL)
+    ap.add_argument("--grace", type=int, default=rig.GRACE)
     ap.add_argument("--no-build", action="store_true")
     args = ap.parse_args()
     if os.geteuid() != 0:

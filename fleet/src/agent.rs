@@ -242,7 +242,9 @@ async fn term(fleet: &Fleet, clock: &LeaseClock, shared: &Shared) -> anyhow::Res
 
 /// Renews the lease every third of its life; each acknowledged renewal moves the fence
 /// deadline. A renewal that fails or is late reopens the stream, so an answer is never taken
-/// for a later request's.
+/// for a later request's, and is tried again after [`RETRY`], from another member if that one
+/// fails too: the fence deadline, not the renewal period, bounds how long etcd may take to
+/// come back (an election after its leader died takes a second or two).
 async fn renew(
     mut client: Client,
     fleet: Fleet,
@@ -255,6 +257,7 @@ async fn renew(
     let mut complained = false;
     loop {
         let sent = Instant::now();
+        let mut next = sent + clock.renew_every();
         let round = async {
             if stream.is_none() {
                 stream = Some(client.lease_keep_alive(lease).await?);
@@ -284,6 +287,7 @@ async fn renew(
             }
             outcome => {
                 stream = None;
+                next = Instant::now() + RETRY;
                 // The member may be the problem: the next round asks another.
                 if let Ok(Ok(other)) = timeout(
                     clock.renew_every(),
@@ -304,9 +308,12 @@ async fn renew(
                 }
             }
         }
-        sleep_until((sent + clock.renew_every()).into()).await;
+        sleep_until(next.into()).await;
     }
 }
+
+/// How soon a failed renewal is tried again.
+const RETRY: Duration = Duration::from_millis(200);
 
 async fn put_host_record(
     client: &mut Client,

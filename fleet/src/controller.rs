@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use crate::agent::{self, Shared};
 use crate::fence::LeaseClock;
 use crate::plan::{plan, Action, World};
-use crate::records::{self, now_ms, Key, ELECTION, ROOT};
+use crate::records::{self, now_ms, Key, TenantRecord, ELECTION, ROOT};
 
 /// The longest the controller goes without reading the fleet again.
 const RECHECK: Duration = Duration::from_secs(5);
@@ -84,6 +84,7 @@ async fn lead(
     gone_since: &mut GoneSince,
 ) -> anyhow::Result<()> {
     let mut unplaceable: BTreeSet<InstanceId> = BTreeSet::new();
+    let mut unreadable: BTreeSet<(InstanceId, i64)> = BTreeSet::new();
     let mut changes: Option<WatchStream> = None;
     loop {
         let read = client
@@ -105,14 +106,17 @@ async fn lead(
                         world.hosts.insert(name, record);
                     }
                 }
-                Key::Tenant(id) => match serde_json::from_slice(kv.value()) {
-                    Ok(record) => {
-                        world.tenants.insert(id, record);
-                    }
-                    Err(e) => {
-                        warn!(tenant = %id, error = %e, "a tenant record is not JSON the fleet reads; left alone")
-                    }
-                },
+                Key::Tenant(id) => {
+                    // An unreadable record still says the tenant is wanted: a typo must not
+                    // stop a tenant. It is placed with the defaults and reported once.
+                    let record = serde_json::from_slice(kv.value()).unwrap_or_else(|e| {
+                        if unreadable.insert((id.clone(), kv.mod_revision())) {
+                            warn!(tenant = %id, error = %e, "a tenant record is not JSON the fleet reads; the tenant is kept with the default tier");
+                        }
+                        TenantRecord::default()
+                    });
+                    world.tenants.insert(id, record);
+                }
                 Key::Placement(id) => {
                     if let Ok(placement) = serde_json::from_slice(kv.value()) {
                         world.placements.insert(id, (placement, kv.mod_revision()));

@@ -336,6 +336,7 @@ fn check_response_ids(response: &Response) {
         | Response::Ok
         | Response::Error { .. }
         | Response::Logs { .. }
+        | Response::FleetOwned { .. }
         | Response::ConfigReloaded => {}
     }
 }

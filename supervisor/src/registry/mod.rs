@@ -1214,7 +1214,11 @@ impl Registry {
             ("runtime_dir", old_s.runtime_dir != new_s.runtime_dir),
             ("port_range", old_s.port_range != new_s.port_range),
             ("dynamic_users", old_s.dynamic_users != new_s.dynamic_users),
-            ("[fleet]", self.config.fleet != new.fleet),
+            // Whether this host is in a fleet; the agent's own settings are the agent's.
+            (
+                "[fleet]",
+                self.config.fleet.is_some() != new.fleet.is_some(),
+            ),
         ] {
             if changed {
                 return Err(RpcError::new(
