@@ -240,7 +240,8 @@ def main():
         fleet.cable(observer=True)
         start(fleet)
         gateway = Gateway("h1")
-        failover(fleet, gateway, args.trials)
+        if args.trials > 0:
+            failover(fleet, gateway, args.trials)
         at_scale(fleet, gateway, args.tenants, args.samples)
         print()
         print("not measured, not built yet: the one-hop forward's latency, requests failed during a drain, "

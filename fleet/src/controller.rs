@@ -146,9 +146,9 @@ async fn lead(
             }
         }
         unplaceable.retain(|t| plan.unplaceable.contains(t));
-        for action in &plan.actions {
-            if !carry_out(client, leader, action).await? {
-                // Someone else changed the record (or this host no longer leads): read again.
+        for batch in plan.actions.chunks(BATCH) {
+            if !carry_out(client, leader, batch).await? {
+                // Someone else changed a record (or this host no longer leads): read again.
                 break;
             }
         }
@@ -193,58 +193,93 @@ async fn next_change(stream: &mut WatchStream) -> anyhow::Result<()> {
     }
 }
 
-/// One action as one transaction; whether it was applied.
+/// Actions per transaction: etcd refuses more than 128 compares or operations in one.
+const BATCH: usize = 64;
+
+/// A batch of actions as one transaction (one disk write in etcd instead of one per action),
+/// each action's check with it; when the batch is refused, each action alone, so one stale
+/// record does not hold the others back. Whether every action was applied.
 async fn carry_out(
     client: &mut Client,
     leader: &LeaderKey,
-    action: &Action,
+    actions: &[Action],
 ) -> anyhow::Result<bool> {
-    let still_leading = Compare::create_revision(leader.key(), CompareOp::Equal, leader.rev());
-    let (tenant, compare, op) = match action {
-        Action::Place { tenant, placement } => {
-            let key = records::placement_key(tenant);
-            (
+    if actions.len() > 1 && transact(client, leader, actions).await? {
+        actions.iter().for_each(report);
+        return Ok(true);
+    }
+    for action in actions {
+        if !transact(client, leader, std::slice::from_ref(action)).await? {
+            return Ok(false);
+        }
+        report(action);
+    }
+    Ok(true)
+}
+
+/// `actions` in one transaction that holds only while this controller leads and each record
+/// is the one it read; whether it was applied.
+async fn transact(
+    client: &mut Client,
+    leader: &LeaderKey,
+    actions: &[Action],
+) -> anyhow::Result<bool> {
+    let mut compares = Vec::with_capacity(actions.len() + 1);
+    compares.push(Compare::create_revision(
+        leader.key(),
+        CompareOp::Equal,
+        leader.rev(),
+    ));
+    let mut ops = Vec::with_capacity(actions.len());
+    for action in actions {
+        let (compare, op) = match action {
+            Action::Place { tenant, placement } => {
+                let key = records::placement_key(tenant);
+                (
+                    Compare::version(key.clone(), CompareOp::Equal, 0),
+                    TxnOp::put(key, serde_json::to_vec(placement)?, None),
+                )
+            }
+            Action::Move {
                 tenant,
-                Compare::version(key.clone(), CompareOp::Equal, 0),
-                TxnOp::put(key, serde_json::to_vec(placement)?, None),
-            )
+                placement,
+                expected,
+                ..
+            } => {
+                let key = records::placement_key(tenant);
+                (
+                    Compare::mod_revision(key.clone(), CompareOp::Equal, *expected),
+                    TxnOp::put(key, serde_json::to_vec(placement)?, None),
+                )
+            }
+            Action::Unplace { tenant, expected } => {
+                let key = records::placement_key(tenant);
+                (
+                    Compare::mod_revision(key.clone(), CompareOp::Equal, *expected),
+                    TxnOp::delete(key, None),
+                )
+            }
+        };
+        compares.push(compare);
+        ops.push(op);
+    }
+    let txn = Txn::new().when(compares).and_then(ops);
+    Ok(client.txn(txn).await?.succeeded())
+}
+
+fn report(action: &Action) {
+    match action {
+        Action::Place { tenant, placement } => {
+            info!(tenant = %tenant, host = %placement.host, epoch = placement.epoch, "placed");
         }
         Action::Move {
             tenant,
+            from,
             placement,
-            expected,
             ..
         } => {
-            let key = records::placement_key(tenant);
-            (
-                tenant,
-                Compare::mod_revision(key.clone(), CompareOp::Equal, *expected),
-                TxnOp::put(key, serde_json::to_vec(placement)?, None),
-            )
+            info!(tenant = %tenant, from = %from, host = %placement.host, epoch = placement.epoch, "moved off a gone host");
         }
-        Action::Unplace { tenant, expected } => {
-            let key = records::placement_key(tenant);
-            (
-                tenant,
-                Compare::mod_revision(key.clone(), CompareOp::Equal, *expected),
-                TxnOp::delete(key, None),
-            )
-        }
-    };
-    let txn = Txn::new().when([still_leading, compare]).and_then([op]);
-    let applied = client.txn(txn).await?.succeeded();
-    if applied {
-        match action {
-            Action::Place { placement, .. } => {
-                info!(tenant = %tenant, host = %placement.host, epoch = placement.epoch, "placed");
-            }
-            Action::Move {
-                from, placement, ..
-            } => {
-                info!(tenant = %tenant, from = %from, host = %placement.host, epoch = placement.epoch, "moved off a gone host");
-            }
-            Action::Unplace { .. } => info!(tenant = %tenant, "unplaced: no longer wanted"),
-        }
+        Action::Unplace { tenant, .. } => info!(tenant = %tenant, "unplaced: no longer wanted"),
     }
-    Ok(applied)
 }
