@@ -23,6 +23,7 @@ import argparse
 import base64
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -84,6 +85,11 @@ class Gateway:
             ops = [{"request_put": {"key": b64(k), "value": b64(v)}} for k, v in pairs[i:i + per_txn]]
             self.call("/kv/txn", {"success": ops})
 
+    def is_etcd_leader(self):
+        """Whether this member is the etcd cluster's raft leader."""
+        status = self.call("/maintenance/status", {})
+        return status.get("leader") == status.get("header", {}).get("member_id")
+
     def count(self, prefix):
         end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
         answer = self.call("/kv/range", {"key": b64(prefix), "range_end": b64(end), "count_only": True})
@@ -139,13 +145,15 @@ def failover(fleet, gateway, trials):
     tenants = [f"notes:f{i:02d}" for i in range(30)]
     gateway.put_many([(f"/tenement/tenants/{t}", "{}") for t in tenants])
     rig.wait_for(lambda: len(fleet.placements()) >= len(tenants), rig.EVENT_DEADLINE, "30 placements")
-    firsts, lasts = [], []
+    firsts, lasts, held = [], [], []
     for trial in range(trials):
         placements = fleet.placements()
         victim = max(rig.HOSTS, key=lambda h: sum(1 for p in placements.values() if p["host"] == h))
         survivors = [h for h in rig.HOSTS if h != victim]
         theirs = sorted(t for t, p in placements.items() if p["host"] == victim)
         rig.wake_where_placed(fleet, theirs, [victim])
+        etcd_leader = Gateway(victim).is_etcd_leader()
+        controller = bool((fleet.status(victim) or {}).get("controller"))
         started = time.monotonic()
         fleet.kill_namespace(rig.ns(victim))
         ask = Gateway(survivors[0])
@@ -163,8 +171,10 @@ def failover(fleet, gateway, trials):
             time.sleep(0.01)
         firsts.append(min(answered.values()))
         lasts.append(max(answered.values()))
-        print(f"trial {trial + 1}/{trials}: killed {victim} with {len(theirs)} tenants; first back after "
-              f"{ms(firsts[-1])}, all after {ms(lasts[-1])}", flush=True)
+        held.append((etcd_leader, lasts[-1]))
+        print(f"trial {trial + 1}/{trials}: killed {victim} with {len(theirs)} tenants (etcd leader: "
+              f"{'yes' if etcd_leader else 'no'}, fleet controller: {'yes' if controller else 'no'}); first back "
+              f"after {ms(firsts[-1])}, all after {ms(lasts[-1])}", flush=True)
         bring_back(fleet, victim)
     bound = fleet.lease_ttl + fleet.grace
     print()
@@ -175,6 +185,11 @@ def failover(fleet, gateway, trials):
           f"p90 {ms(percentile(lasts, 0.9))}")
     print(f"  the design's bound: lease_ttl + grace = {bound} s after the host's last renewal (at most "
           f"lease_ttl/3 before the kill), then the election, the controller's read and a wake")
+    for leader, label in ((True, "held etcd's leader"), (False, "did not hold etcd's leader")):
+        times = [t for was, t in held if was == leader]
+        if times:
+            print(f"  killed host {label}: {len(times)} trials, all back p50 {ms(statistics.median(times))}, "
+                  f"max {ms(max(times))}")
 
 
 def at_scale(fleet, gateway, count, samples):
@@ -219,6 +234,8 @@ def at_scale(fleet, gateway, count, samples):
 
 
 def main():
+    # A SIGTERM (a timeout, an impatient operator) still takes the namespaces down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--tenants", type=int, default=5000)

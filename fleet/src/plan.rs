@@ -127,18 +127,16 @@ pub fn plan(world: &World, now_ms: u64) -> Plan {
             out.unplaceable.push(tenant.clone());
             continue;
         };
-        take(&mut loads, &host);
-        let standby = standby_for(&loads, placement.tier, &host);
         out.actions.push(Action::Move {
             tenant: tenant.clone(),
             from: placement.host.clone(),
-            placement: Placement {
+            placement: assign(
+                &mut loads,
                 host,
-                standby,
-                tier: placement.tier,
-                epoch: placement.epoch + 1,
-                placed_ms: now_ms,
-            },
+                placement.tier,
+                placement.epoch + 1,
+                now_ms,
+            ),
             expected: *revision,
         });
     }
@@ -150,17 +148,9 @@ pub fn plan(world: &World, now_ms: u64) -> Plan {
             out.unplaceable.push(tenant.clone());
             continue;
         };
-        take(&mut loads, &host);
-        let standby = standby_for(&loads, record.tier, &host);
         out.actions.push(Action::Place {
             tenant: tenant.clone(),
-            placement: Placement {
-                host,
-                standby,
-                tier: record.tier,
-                epoch: 1,
-                placed_ms: now_ms,
-            },
+            placement: assign(&mut loads, host, record.tier, 1, now_ms),
         });
     }
     out
@@ -182,9 +172,24 @@ fn least_loaded(loads: &BTreeMap<&str, Load<'_>>, except: &[&str]) -> Option<Str
         .map(|(name, _)| (*name).to_owned())
 }
 
-fn take(loads: &mut BTreeMap<&str, Load<'_>>, host: &str) {
-    if let Some(load) = loads.get_mut(host) {
+/// `host` takes one more tenant; the placement that says so, with a standby elsewhere.
+fn assign(
+    loads: &mut BTreeMap<&str, Load<'_>>,
+    host: String,
+    tier: Tier,
+    epoch: u64,
+    now_ms: u64,
+) -> Placement {
+    if let Some(load) = loads.get_mut(host.as_str()) {
         load.placed += 1;
+    }
+    let standby = standby_for(loads, tier, &host);
+    Placement {
+        host,
+        standby,
+        tier,
+        epoch,
+        placed_ms: now_ms,
     }
 }
 

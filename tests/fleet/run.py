@@ -22,6 +22,7 @@ if anything failed.
 import argparse
 import os
 import shutil
+import signal
 import sys
 import time
 
@@ -250,6 +251,8 @@ def main():
     parser.add_argument("--bin", default=os.path.join(ROOT, "target", "debug"))
     parser.add_argument("--keep", action="store_true", help="keep the sandbox directory and the namespaces")
     args = parser.parse_args()
+    # A SIGTERM (CI's timeout) still takes the namespaces down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if os.geteuid() != 0:
         print("FAIL fleet suite: needs root (network namespaces; CI runs it as root): sudo python3 tests/fleet/run.py")
         print("0 passed, 1 failed")
