@@ -4,7 +4,8 @@
 #   target/rpm/RPMS/ARCH/tenement-VERSION-1.ARCH.rpm  (rpmbuild, packaging/rpm/tenement.spec)
 #
 # Usage: packaging/build.sh [deb] [rpm]     (default: both)
-# Needs: cargo, python3, cargo-deb (cargo install --locked cargo-deb) for the .deb, rpmbuild
+# Needs: cargo, python3, protoc (Debian: apt-get install protobuf-compiler; the fleet agent
+# compiles etcd's API definitions), cargo-deb (cargo install --locked cargo-deb) for the .deb, rpmbuild
 # (Debian: apt-get install rpm) for the .rpm. Reuses target/release when it is up to date.
 # Generated files (tenement.toml.5 from docs/CONFIG.md, completions) go to target/release/packaging.
 set -euo pipefail
