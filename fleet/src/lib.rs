@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod controller;
 pub mod fence;
+pub mod hosts;
 pub mod plan;
 pub mod records;
 pub mod status;

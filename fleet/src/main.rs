@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tenement_fleet::agent::{self, Shared};
+use tenement_fleet::hosts;
 use tenement_fleet::status::Status;
 use tenement_fleet::supervisor::{self, Word};
 use tenement_proto::config::{Config, Environment};
@@ -34,6 +35,13 @@ enum Command {
     /// What the running agent last wrote: membership, controller, tenants placed here.
     Status {
         /// The status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every host of the fleet as etcd has it now: live or gone, the controller, tenants
+    /// placed, running, memory, last heartbeat.
+    Hosts {
+        /// The hosts as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -70,6 +78,22 @@ fn start(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print_status(&status);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Hosts { json } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let views = runtime.block_on(async {
+                let mut client =
+                    agent::connect(&fleet, Some(std::time::Duration::from_secs(5))).await?;
+                hosts::read(&mut client).await
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&views)?);
+            } else {
+                print!("{}", hosts::render(&views));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -147,6 +147,10 @@ class Fleet:
         return sh("ip", "netns", "exec", ns(host), os.path.join(self.bin, "tenctl"), "--config", self.config(host),
                   *args, check_status=False)
 
+    def fleet_cli(self, host, *args):
+        return sh("ip", "netns", "exec", ns(host), os.path.join(self.bin, "tenement-fleet"), "--config",
+                  self.config(host), *args, check_status=False)
+
     def instances(self, host):
         """{instance: state} of host's supervisor."""
         result = self.tenctl(host, "ps", "--json")

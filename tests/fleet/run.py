@@ -20,6 +20,7 @@ if anything failed.
 """
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -73,8 +74,23 @@ def check_placement(f):
           f"waking {elsewhere} on h1 (not placed there): exit {refused.returncode}, {refused.stderr.strip()}")
     once = running_once(f, HOSTS)
     check(once == set(TENANTS), f"{len(once)} of 30 running")
+    # `tenement-fleet hosts` on any host: all three live, the controller, what each holds and runs
+    # (running as the supervisors report it at the agents' next renewal).
+    def hosts_agree():
+        result = f.fleet_cli("h3", "hosts", "--json")
+        if result.returncode != 0:
+            return None
+        views = {v["host"]: v for v in json.loads(result.stdout)}
+        ok = (sorted(views) == HOSTS and all(v["live"] for v in views.values())
+              and [h for h, v in views.items() if v["controller"]] == f.controllers()
+              and all(views[h]["placed"] == 10 and views[h]["running"] == 10 for h in HOSTS))
+        return views if ok else None
+    wait_for(hosts_agree, EVENT_DEADLINE, "tenement-fleet hosts to show 3 live hosts with 10 placed and 10 running each")
+    table = f.fleet_cli("h1", "hosts").stdout
+    check(table.startswith("HOST") and "live, controller" in table, f"tenement-fleet hosts printed {table!r}")
     return ("30 tenants created through h2 placed 10/10/10, epoch 1, each with a standby on another host; "
-            "each supervisor registered and started exactly its own and refused another's (exit 4); 30 processes, none twice")
+            "each supervisor registered and started exactly its own and refused another's (exit 4); 30 processes, "
+            "none twice; `tenement-fleet hosts` shows each host's placed and running counts and the controller")
 
 
 def check_kill_host(f):
