@@ -118,7 +118,7 @@ pub async fn run(fleet: Fleet, shared: Shared) {
         match term(&fleet, &clock, &shared).await {
             Ok(()) => backoff = Duration::from_millis(250),
             Err(e) => {
-                warn!(error = %format!("{e:#}"), "cannot join the fleet; trying again in {backoff:?}");
+                warn!(error = %describe(&e), "cannot join the fleet; trying again in {backoff:?}");
                 backoff = (backoff * 2).min(fleet.lease_ttl);
             }
         }
@@ -142,7 +142,7 @@ pub async fn connect(fleet: &Fleet, timeout: Option<Duration>) -> anyhow::Result
         let endpoint = &fleet.etcd[(start + i) % count];
         match tokio::time::timeout(CONNECT_TIMEOUT, member(endpoint, timeout)).await {
             Ok(Ok(client)) => return Ok(client),
-            Ok(Err(e)) => failures.push(format!("{endpoint}: {e}")),
+            Ok(Err(e)) => failures.push(format!("{endpoint}: {}", describe(&e))),
             Err(_) => failures.push(format!("{endpoint}: no answer in {CONNECT_TIMEOUT:?}")),
         }
     }
@@ -299,7 +299,7 @@ async fn renew(
                 }
                 if !complained {
                     let why = match outcome {
-                        Ok(Err(e)) => e.to_string(),
+                        Ok(Err(e)) => brief(&e),
                         Ok(Ok(None)) => "etcd closed the renewal stream".to_owned(),
                         _ => "no answer in time".to_owned(),
                     };
@@ -364,7 +364,7 @@ fn memory() -> (u64, u64) {
 async fn watch_placements(mut client: Client, fleet: Fleet, clock: LeaseClock, shared: Shared) {
     loop {
         if let Err(e) = follow_placements(&mut client, &fleet.host, &shared).await {
-            warn!(error = %e, "lost the placement watch; reading again");
+            warn!(error = %describe(&e), "lost the placement watch; reading again");
             sleep(Duration::from_millis(200)).await;
             if let Ok(other) = connect(&fleet, Some(clock.renew_every())).await {
                 client = other;
@@ -427,4 +427,39 @@ fn placement_of(key: &[u8], value: &[u8]) -> Option<(String, Placement)> {
     };
     let placement = serde_json::from_slice(value).ok()?;
     Some((id.to_string(), placement))
+}
+
+/// An error's causes on one line, an etcd error among them said briefly ([`brief`]).
+pub fn describe(error: &anyhow::Error) -> String {
+    let mut parts = Vec::new();
+    for cause in error.chain() {
+        if let Some(etcd) = cause.downcast_ref::<etcd_client::Error>() {
+            parts.push(brief(etcd));
+            break;
+        }
+        parts.push(cause.to_string());
+    }
+    parts.join(": ")
+}
+
+/// An etcd client error without the debug dump of its transport: gRPC's message and the
+/// root cause, like "tcp connect error (Connection refused (os error 111))".
+pub fn brief(error: &etcd_client::Error) -> String {
+    let (message, mut cause): (String, Option<&(dyn std::error::Error + 'static)>) = match error {
+        etcd_client::Error::GRpcStatus(status) => (
+            status.message().to_owned(),
+            std::error::Error::source(status),
+        ),
+        etcd_client::Error::TransportError(e) => ("transport error".to_owned(), Some(e)),
+        other => return other.to_string(),
+    };
+    let mut root = None;
+    while let Some(c) = cause {
+        root = Some(c);
+        cause = c.source();
+    }
+    match root.map(ToString::to_string) {
+        Some(root) if !root.is_empty() && root != message => format!("{message} ({root})"),
+        _ => message,
+    }
 }

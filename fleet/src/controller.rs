@@ -44,7 +44,7 @@ pub async fn take_turns(fleet: Fleet, clock: LeaseClock, lease: i64, shared: Sha
         let (leader, mut client) = match turn.await {
             Ok(elected) => elected,
             Err(e) => {
-                warn!(error = %format!("{e:#}"), "cannot campaign for the controller; trying again");
+                warn!(error = %agent::describe(&e), "cannot campaign for the controller; trying again");
                 sleep(Duration::from_secs(1)).await;
                 continue;
             }
@@ -66,7 +66,7 @@ pub async fn take_turns(fleet: Fleet, clock: LeaseClock, lease: i64, shared: Sha
             Err(e) => {
                 // Still the leader in etcd, most likely: the next campaign returns at once
                 // with the same key, and the turn goes on where it was.
-                warn!(error = %format!("{e:#}"), "the controller lost etcd; reconnecting");
+                warn!(error = %agent::describe(&e), "the controller lost etcd; reconnecting");
                 kept = Some((leader.rev(), gone_since));
             }
         }

@@ -52,7 +52,7 @@ fn main() -> ExitCode {
     match start(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("tenement-fleet: {e:#}");
+            eprintln!("tenement-fleet: {}", agent::describe(&e));
             ExitCode::from(2)
         }
     }
