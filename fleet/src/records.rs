@@ -108,19 +108,11 @@ pub fn host_key(name: &str) -> String {
     format!("{HOSTS}{name}")
 }
 
-pub fn tenant_key(id: &InstanceId) -> String {
-    format!("{TENANTS}{id}")
-}
-
 pub fn placement_key(id: &InstanceId) -> String {
     format!("{PLACEMENTS}{id}")
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+pub use tenement_proto::now_ms;
 
 #[cfg(test)]
 mod tests {
@@ -133,7 +125,10 @@ mod tests {
             Key::parse(placement_key(&id).as_bytes()),
             Key::Placement(id.clone())
         );
-        assert_eq!(Key::parse(tenant_key(&id).as_bytes()), Key::Tenant(id));
+        assert_eq!(
+            Key::parse(format!("{TENANTS}{id}").as_bytes()),
+            Key::Tenant(id)
+        );
         assert_eq!(
             Key::parse(host_key("h1").as_bytes()),
             Key::Host("h1".into())

@@ -53,3 +53,11 @@ pub mod sockdiag;
 pub mod usage;
 
 pub use ids::{IdError, InstanceId, ServiceName, TenantId};
+
+/// The wall clock in Unix milliseconds, as every timestamp tenement writes (logs, records,
+/// placements) carries it; 0 before 1970.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tenement_proto::InstanceId;
 
@@ -28,11 +28,7 @@ pub struct RecentWakes {
     wakes: Mutex<VecDeque<WakeRecord>>,
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use tenement_proto::now_ms;
 
 impl RecentWakes {
     pub fn record(&self, instance: &InstanceId, ok: bool, elapsed: Duration) {

@@ -11,7 +11,6 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tenement_proto::rpc::{LogLine, LogStream};
 use tenement_proto::InstanceId;
@@ -188,12 +187,7 @@ impl Inner {
     }
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use tenement_proto::now_ms;
 
 #[cfg(test)]
 mod tests {
