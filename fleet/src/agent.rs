@@ -13,8 +13,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{
+    Client, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+    WatchOptions,
+};
 use tenement_proto::config::Fleet;
+use tenement_proto::rpc::FleetPeer;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, timeout};
@@ -22,9 +26,10 @@ use tracing::{error, info, warn};
 
 use crate::controller;
 use crate::fence::LeaseClock;
-use crate::records::{self, now_ms, HostRecord, Key, Placement, PLACEMENTS};
+use crate::records::{self, now_ms, HostRecord, HOSTS, PLACEMENTS};
 use crate::status::{Membership, Status};
 use crate::supervisor::Word;
+use crate::view::View;
 
 /// The agent's status, kept in memory and in its file, and the word for the supervisor
 /// (crate::supervisor) that follows from it.
@@ -33,6 +38,8 @@ pub struct Shared {
     status: Arc<Mutex<Status>>,
     /// Until when this host's lease is sure to hold (`None`: not a member).
     until: Arc<Mutex<Option<Instant>>>,
+    /// The tenants placed on the other hosts, for the proxy.
+    peers: Arc<Mutex<Vec<FleetPeer>>>,
     path: PathBuf,
     word: watch::Sender<Word>,
     running: watch::Receiver<u32>,
@@ -49,6 +56,7 @@ impl Shared {
         Shared {
             status: Arc::new(Mutex::new(Status::new(host))),
             until: Arc::new(Mutex::new(None)),
+            peers: Arc::default(),
             path,
             word,
             running,
@@ -93,9 +101,30 @@ impl Shared {
         self.publish(owned);
     }
 
+    /// The tenants placed on the other hosts changed (or may have).
+    fn set_peers(&self, peers: Vec<FleetPeer>) {
+        *self.peers.lock().unwrap_or_else(PoisonError::into_inner) = peers;
+        let owned = self
+            .status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .placed_here
+            .clone();
+        self.publish(owned);
+    }
+
     fn publish(&self, owned: BTreeMap<String, u64>) {
         let until = *self.until.lock().unwrap_or_else(PoisonError::into_inner);
-        let word = Word { owned, until };
+        let peers = self
+            .peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let word = Word {
+            owned,
+            until,
+            peers,
+        };
         self.word.send_if_modified(|current| {
             let changed = *current != word;
             *current = word;
@@ -359,8 +388,8 @@ fn memory() -> (u64, u64) {
     (field("MemTotal:"), field("MemAvailable:"))
 }
 
-/// Keeps `placed_here` current: a read of every placement, then a watch from that revision;
-/// when the watch breaks, the same from another member.
+/// Keeps `placed_here` and the peers current: a read of every placement and host record,
+/// then a watch from that revision; when the watch breaks, the same from another member.
 async fn watch_placements(mut client: Client, fleet: Fleet, clock: LeaseClock, shared: Shared) {
     loop {
         if let Err(e) = follow_placements(&mut client, &fleet.host, &shared).await {
@@ -374,22 +403,32 @@ async fn watch_placements(mut client: Client, fleet: Fleet, clock: LeaseClock, s
 }
 
 async fn follow_placements(client: &mut Client, host: &str, shared: &Shared) -> anyhow::Result<()> {
+    // One transaction, so both reads are of one revision, which the watch starts after.
+    let prefix = || Some(GetOptions::new().with_prefix());
     let read = client
-        .get(PLACEMENTS, Some(GetOptions::new().with_prefix()))
+        .txn(Txn::new().and_then([
+            TxnOp::get(HOSTS, prefix()),
+            TxnOp::get(PLACEMENTS, prefix()),
+        ]))
         .await?;
     let revision = read.header().map_or(0, |h| h.revision());
-    let mut mine: BTreeMap<String, u64> = BTreeMap::new();
-    for kv in read.kvs() {
-        if let Some((id, placement)) = placement_of(kv.key(), kv.value()) {
-            if placement.host == host {
-                mine.insert(id, placement.epoch);
+    let mut view = View::default();
+    for answer in read.op_responses() {
+        if let TxnOpResponse::Get(got) = answer {
+            for kv in got.kvs() {
+                view.apply(kv.key(), Some(kv.value()));
             }
         }
     }
-    shared.update(|s| s.placed_here = mine.clone());
+    let publish = |view: &View| {
+        let mine = view.placed_on(host);
+        shared.update(|s| s.placed_here = mine);
+        shared.set_peers(view.peers(host));
+    };
+    publish(&view);
     let mut stream = client
         .watch(
-            PLACEMENTS,
+            records::ROOT,
             Some(
                 WatchOptions::new()
                     .with_prefix()
@@ -403,30 +442,12 @@ async fn follow_placements(client: &mut Client, host: &str, shared: &Shared) -> 
         }
         for event in answer.events() {
             let Some(kv) = event.kv() else { continue };
-            let Key::Placement(id) = Key::parse(kv.key()) else {
-                continue;
-            };
-            let id = id.to_string();
-            match (event.event_type(), placement_of(kv.key(), kv.value())) {
-                (EventType::Put, Some((_, p))) if p.host == host => {
-                    mine.insert(id, p.epoch);
-                }
-                _ => {
-                    mine.remove(&id);
-                }
-            }
+            let value = (event.event_type() == EventType::Put).then(|| kv.value());
+            view.apply(kv.key(), value);
         }
-        shared.update(|s| s.placed_here = mine.clone());
+        publish(&view);
     }
     anyhow::bail!("etcd ended the watch")
-}
-
-fn placement_of(key: &[u8], value: &[u8]) -> Option<(String, Placement)> {
-    let Key::Placement(id) = Key::parse(key) else {
-        return None;
-    };
-    let placement = serde_json::from_slice(value).ok()?;
-    Some((id.to_string(), placement))
 }
 
 /// An error's causes on one line, an etcd error among them said briefly ([`brief`]).

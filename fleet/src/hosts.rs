@@ -162,7 +162,7 @@ mod tests {
     #[test]
     fn live_hosts_then_gone_ones_with_what_is_still_placed_on_them() {
         let record = |running| HostRecord {
-            address: "10.0.0.1:443".parse().expect("addr"),
+            address: "10.0.0.1:7443".parse().expect("addr"),
             memory_total: 16 << 30,
             memory_available: 8 << 30,
             running,

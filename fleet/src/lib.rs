@@ -12,3 +12,4 @@ pub mod plan;
 pub mod records;
 pub mod status;
 pub mod supervisor;
+pub mod view;

@@ -108,6 +108,7 @@ fn start(cli: Cli) -> anyhow::Result<ExitCode> {
             let (word_tx, word_rx) = tokio::sync::watch::channel(Word {
                 owned: Default::default(),
                 until: None,
+                peers: Vec::new(),
             });
             let (running_tx, running_rx) = tokio::sync::watch::channel(0);
             let shared = Shared::new(&fleet.host, status_path, word_tx, running_rx);

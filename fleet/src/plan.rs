@@ -209,7 +209,7 @@ mod tests {
 
     fn host(running: u32, available_gib: u64, cap: Option<u32>) -> HostRecord {
         HostRecord {
-            address: "10.0.0.1:443".parse().expect("addr"),
+            address: "10.0.0.1:7443".parse().expect("addr"),
             memory_total: 16 * GIB,
             memory_available: available_gib * GIB,
             running,

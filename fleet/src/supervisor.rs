@@ -2,6 +2,8 @@
 //! long that holds, sent on the admin socket after every renewal of the lease and every change
 //! of the placements. The supervisor starts nothing else and stops everything once the word
 //! runs out (supervisor/src/registry/fleet.rs), so fencing holds even if this agent dies.
+//! With it, when they changed (and first on each connection), the tenants placed on the other
+//! hosts, which the supervisor passes to its proxy.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -10,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tenement_proto::frame::{read_message_async, write_message_async};
 use tenement_proto::ids::InstanceId;
-use tenement_proto::rpc::{FleetOwned, Request, Response, PROTOCOL_VERSION};
+use tenement_proto::rpc::{FleetOwned, FleetPeer, Request, Response, PROTOCOL_VERSION};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
 use tokio::time::timeout;
@@ -22,6 +24,8 @@ pub struct Word {
     pub owned: BTreeMap<String, u64>,
     /// `None`: nothing holds (not a member, or fenced).
     pub until: Option<Instant>,
+    /// The tenants placed on the other hosts, by host.
+    pub peers: Vec<FleetPeer>,
 }
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -35,11 +39,20 @@ pub async fn tell(
     every: Duration,
 ) {
     let mut link: Option<UnixStream> = None;
+    // The peers the supervisor has from this connection (a new one has none).
+    let mut told_peers: Option<Vec<FleetPeer>> = None;
     let mut complained = false;
     loop {
         let word = words.borrow_and_update().clone();
-        match say(&socket, &mut link, &word).await {
+        if link.is_none() {
+            told_peers = None;
+        }
+        let peers = (told_peers.as_ref() != Some(&word.peers)).then(|| word.peers.clone());
+        match say(&socket, &mut link, &word, peers.clone()).await {
             Ok(count) => {
+                if peers.is_some() {
+                    told_peers = peers;
+                }
                 let _ = running.send(count);
                 if complained {
                     info!("the supervisor hears the fleet agent again");
@@ -58,7 +71,12 @@ pub async fn tell(
     }
 }
 
-async fn say(socket: &PathBuf, link: &mut Option<UnixStream>, word: &Word) -> anyhow::Result<u32> {
+async fn say(
+    socket: &PathBuf,
+    link: &mut Option<UnixStream>,
+    word: &Word,
+    peers: Option<Vec<FleetPeer>>,
+) -> anyhow::Result<u32> {
     if link.is_none() {
         *link = Some(
             timeout(CALL_TIMEOUT, hello(socket))
@@ -84,7 +102,11 @@ async fn say(socket: &PathBuf, link: &mut Option<UnixStream>, word: &Word) -> an
             })
             .collect()
     };
-    let request = Request::FleetOwn { owned, valid_ms };
+    let request = Request::FleetOwn {
+        owned,
+        valid_ms,
+        peers,
+    };
     let answer = timeout(CALL_TIMEOUT, async {
         write_message_async(stream, &request).await?;
         read_message_async::<_, Response>(stream).await

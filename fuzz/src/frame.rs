@@ -248,7 +248,14 @@ fn check_request_ids(request: &Request) {
             reports.iter().for_each(|r| check_instance(&r.instance));
         }
         Request::Add { instances } => instances.iter().for_each(check_instance),
-        Request::FleetOwn { owned, .. } => owned.iter().for_each(|o| check_instance(&o.instance)),
+        Request::FleetOwn { owned, peers, .. } => {
+            owned.iter().for_each(|o| check_instance(&o.instance));
+            peers
+                .iter()
+                .flatten()
+                .flat_map(|p| &p.instances)
+                .for_each(check_instance);
+        }
         Request::List { query } => {
             query.service.iter().for_each(check_service);
             query.after.iter().for_each(check_instance);
@@ -338,6 +345,10 @@ fn check_response_ids(response: &Response) {
         | Response::Logs { .. }
         | Response::FleetOwned { .. }
         | Response::ConfigReloaded => {}
+        Response::FleetPeers { peers } => peers
+            .iter()
+            .flat_map(|p| &p.instances)
+            .for_each(check_instance),
     }
 }
 

@@ -191,9 +191,15 @@ pub enum Request {
     /// others are stopped. When `valid_ms` passes without another call, the supervisor stops
     /// every tenant itself: the host is fenced (docs/FLEET.md). Admin socket only, never
     /// through the management API.
+    ///
+    /// `peers`, when present, replaces what the supervisor knows of the tenants placed on the
+    /// other hosts (sent when it changed, and first on each connection); the supervisor
+    /// passes it to its proxy, which forwards their requests there.
     FleetOwn {
         owned: Vec<FleetOwned>,
         valid_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        peers: Option<Vec<FleetPeer>>,
     },
 
     // ---- the management API: the proxy forwards a caller's call with its credential ----
@@ -591,6 +597,12 @@ pub enum Response {
     FleetOwned {
         running: u32,
     },
+    /// Supervisor -> proxy on a watch stream of a `[fleet]` host: the tenants placed on the
+    /// other hosts and where those hosts' proxies listen, replacing what came before (sent
+    /// after the route snapshot and whenever the fleet agent reports a change).
+    FleetPeers {
+        peers: Vec<FleetPeer>,
+    },
     /// Answer to `token_list`, oldest first.
     Tokens {
         tokens: Vec<TokenInfo>,
@@ -630,6 +642,7 @@ impl Response {
             Response::TokenCreated { .. } => "token_created",
             Response::Tokens { .. } => "tokens",
             Response::FleetOwned { .. } => "fleet_owned",
+            Response::FleetPeers { .. } => "fleet_peers",
             Response::Identity { .. } => "identity",
         }
     }
@@ -703,6 +716,19 @@ pub struct FleetOwned {
     pub instance: InstanceId,
     /// The placement's epoch: it goes up each time the tenant moves between hosts.
     pub epoch: u64,
+}
+
+/// Another host of the fleet and the tenants placed on it, in `fleet_own` and `fleet_peers`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetPeer {
+    /// The host's name in the fleet.
+    pub host: String,
+    /// Where its proxy takes requests from the other hosts (`[fleet] address`); `None` when
+    /// the host's record is gone from etcd (the host is down): its tenants' requests wait
+    /// for them to move.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<std::net::SocketAddr>,
+    pub instances: Vec<InstanceId>,
 }
 
 /// The lifecycle states an instance is reported in.

@@ -15,10 +15,10 @@ use serde::Serialize;
 use tenement_proto::auth::{Secret, TokenId, TokenInfo};
 use tenement_proto::frame;
 use tenement_proto::rpc::{
-    ActivityReport, Address, ErrorCode, FleetOwned, InstanceInfo, InstanceState, InstanceUsage,
-    LogLine, LogStream, ReleaseInfo, Request, Response, Role, RolloutAction, RolloutFailure,
-    RolloutInfo, RolloutOptions, RolloutProgress, Route, ServiceStats, SupervisorStats,
-    WeightChange, PROTOCOL_VERSION,
+    ActivityReport, Address, ErrorCode, FleetOwned, FleetPeer, InstanceInfo, InstanceState,
+    InstanceUsage, LogLine, LogStream, ReleaseInfo, Request, Response, Role, RolloutAction,
+    RolloutFailure, RolloutInfo, RolloutOptions, RolloutProgress, Route, ServiceStats,
+    SupervisorStats, WeightChange, PROTOCOL_VERSION,
 };
 use tenement_proto::rpc::{ListQuery, ListSort};
 use tenement_proto::{InstanceId, ServiceName, TenantId};
@@ -153,6 +153,7 @@ fn requests() -> Vec<(&'static str, Request)> {
                     epoch: 3,
                 }],
                 valid_ms: 2250,
+                peers: Some(vec![fleet_peer()]),
             },
         ),
         (
@@ -324,6 +325,19 @@ fn responses() -> Vec<(&'static str, Response)> {
             },
         ),
         ("response_fleet_owned", Response::FleetOwned { running: 12 }),
+        (
+            "response_fleet_peers",
+            Response::FleetPeers {
+                peers: vec![
+                    fleet_peer(),
+                    FleetPeer {
+                        host: "h3".to_owned(),
+                        address: None,
+                        instances: vec![id("blog:carol")],
+                    },
+                ],
+            },
+        ),
         (
             "response_tokens",
             Response::Tokens {
@@ -581,4 +595,12 @@ fn a_frame_is_a_big_endian_length_then_the_json() {
     let mut reader: &[u8] = &bytes;
     let back: Request = frame::read_message(&mut reader).unwrap();
     assert_eq!(back, wake);
+}
+
+fn fleet_peer() -> FleetPeer {
+    FleetPeer {
+        host: "h2".to_owned(),
+        address: Some("10.0.0.2:7443".parse().expect("address")),
+        instances: vec![id("notes:bob"), id("notes:dave")],
+    }
 }

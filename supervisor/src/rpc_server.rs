@@ -705,11 +705,16 @@ async fn answer(request: Request, registry: &RegistryHandle, grant: Option<&Gran
             Request::Pin { instance, release } => {
                 release_call(registry, ReleaseCall::Pin { instance, release }).await
             }
-            Request::FleetOwn { owned, valid_ms } => {
+            Request::FleetOwn {
+                owned,
+                valid_ms,
+                peers,
+            } => {
                 let running = registry
                     .ask(|reply| Command::FleetOwn {
                         owned,
                         valid_ms,
+                        peers,
                         reply,
                     })
                     .await??;

@@ -90,6 +90,19 @@ pub struct Fleet {
     pub grace: Duration,
     /// The most tenants the controller places on this host (none: no cap).
     pub max_tenants: Option<u32>,
+    /// The fleet credential: with it the proxy takes requests from the other hosts on
+    /// `address` and forwards there the requests for tenants placed on them (docs/FLEET.md).
+    pub tls: Option<FleetTls>,
+}
+
+/// `[fleet] ca`, `cert`, `key`: the fleet's own CA and this host's certificate from it. Hosts
+/// talk to each other over TLS where each side shows its certificate: only a holder of one
+/// signed by `ca` can hand a request to a proxy, or take one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Fleet {

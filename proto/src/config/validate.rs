@@ -950,16 +950,36 @@ acme_state_dir = "/var/lib/x"
     #[test]
     fn a_fleet_section_is_read_with_defaults() {
         let config = parse_ok(
-            "[fleet]\nhost = \"h-1\"\naddress = \"10.0.0.1:443\"\netcd = [\"http://10.0.0.1:2379/\", \"http://10.0.0.2:2379\"]\n",
+            "[fleet]\nhost = \"h-1\"\naddress = \"10.0.0.1:7443\"\netcd = [\"http://10.0.0.1:2379/\", \"http://10.0.0.2:2379\"]\n",
         );
         let fleet = config.fleet.expect("fleet");
         assert_eq!(fleet.host, "h-1");
-        assert_eq!(fleet.address.to_string(), "10.0.0.1:443");
+        assert_eq!(fleet.address.to_string(), "10.0.0.1:7443");
         assert_eq!(fleet.etcd, ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]);
         assert_eq!(fleet.lease_ttl, Duration::from_secs(10));
         assert_eq!(fleet.grace, Duration::from_secs(30));
         assert_eq!(fleet.max_tenants, None);
+        assert_eq!(fleet.tls, None);
         assert_eq!(parse_ok("").fleet, None);
+    }
+
+    #[test]
+    fn the_fleet_credential_is_three_files_or_none() {
+        let head = "[fleet]\nhost = \"h1\"\naddress = \"10.0.0.1:7443\"\netcd = \"http://10.0.0.1:2379\"\n";
+        let config = parse_ok(&format!(
+            "{head}ca = \"fleet/ca.pem\"\ncert = \"/etc/f/h1.pem\"\nkey = \"/etc/f/h1.key\"\n"
+        ));
+        let tls = config.fleet.and_then(|f| f.tls).expect("tls");
+        assert!(tls.ca.is_absolute() && tls.ca.ends_with("fleet/ca.pem"));
+        assert_eq!(tls.key, std::path::Path::new("/etc/f/h1.key"));
+        assert_eq!(
+            messages(&format!("{head}ca = \"/etc/f/ca.pem\"\n")),
+            ["[fleet] needs ca, cert and key together (the fleet's CA and this host's certificate and key from it; tenement-fleet credentials makes them); missing cert, key"]
+        );
+        assert_eq!(
+            messages(&format!("{head}ca = \"\"\ncert = \"a\"\nkey = \"b\"\n")),
+            ["ca is empty; remove it or give it a value"]
+        );
     }
 
     #[test]
@@ -979,7 +999,7 @@ acme_state_dir = "/var/lib/x"
             messages("[fleet]\nlease_ttl = 5\n"),
             [
                 "[fleet] needs host; add host = \"h1\"",
-                "[fleet] needs address; add address = \"10.0.0.1:443\"",
+                "[fleet] needs address; add address = \"10.0.0.1:7443\"",
                 "[fleet] needs etcd; add etcd = [\"http://10.0.0.1:2379\", \"http://10.0.0.2:2379\", \"http://10.0.0.3:2379\"]",
             ]
         );

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use tenement_proto::rpc::{ErrorCode, FleetOwned};
+use tenement_proto::rpc::{ErrorCode, FleetOwned, FleetPeer, Response};
 use tenement_proto::InstanceId;
 
 use super::{Registry, RpcError};
@@ -28,6 +28,9 @@ pub struct FleetGate {
     valid_until: Option<Instant>,
     /// Whether the stop for an expired word has been done (it is done once).
     fenced: bool,
+    /// The tenants placed on the other hosts, as the agent last said: passed to the proxy,
+    /// which forwards their requests there.
+    peers: Vec<FleetPeer>,
 }
 
 impl FleetGate {
@@ -62,6 +65,7 @@ impl Registry {
         &mut self,
         owned: Vec<FleetOwned>,
         valid_ms: u64,
+        peers: Option<Vec<FleetPeer>>,
         now: Instant,
     ) -> Result<u32, RpcError> {
         let Some(gate) = self.fleet.as_mut() else {
@@ -92,6 +96,10 @@ impl Registry {
         }
         gate.owned = owned;
         gate.valid_until = Some(now + valid);
+        let peers = peers.filter(|p| *p != gate.peers);
+        if let Some(peers) = &peers {
+            gate.peers = peers.clone();
+        }
         if valid.is_zero() {
             gate.owned.clear();
         } else if gate.fenced {
@@ -114,6 +122,9 @@ impl Registry {
             self.add(known, now)?;
         }
         self.stop_unplaced(now);
+        if let Some(peers) = peers {
+            self.broadcast(Response::FleetPeers { peers });
+        }
         let running = self
             .instances
             .values()
@@ -134,6 +145,15 @@ impl Registry {
             tracing::info!(instance = %id, "fleet: stopping, no longer placed on this host");
             self.event(&id, Event::Stop, now);
         }
+    }
+
+    /// What a new proxy watch stream gets after the route snapshot: the tenants placed on the
+    /// other hosts (nothing off a fleet).
+    pub(super) fn fleet_peers(&self) -> Option<Response> {
+        let gate = self.fleet.as_ref()?;
+        Some(Response::FleetPeers {
+            peers: gate.peers.clone(),
+        })
     }
 
     /// On each tick: once the agent's word has run out, everything stops.

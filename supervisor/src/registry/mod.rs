@@ -159,6 +159,7 @@ pub enum Command {
     FleetOwn {
         owned: Vec<tenement_proto::rpc::FleetOwned>,
         valid_ms: u64,
+        peers: Option<Vec<tenement_proto::rpc::FleetPeer>>,
         reply: Reply<u32>,
     },
     Logs {
@@ -695,9 +696,10 @@ impl Registry {
             Command::FleetOwn {
                 owned,
                 valid_ms,
+                peers,
                 reply,
             } => {
-                let _ = reply.send(self.fleet_own(owned, valid_ms, now));
+                let _ = reply.send(self.fleet_own(owned, valid_ms, peers, now));
             }
             Command::Stats { instances, reply } => {
                 let services = self.service_stats();
@@ -1101,6 +1103,14 @@ impl Registry {
                 complete: n == last,
                 removed: Vec::new(),
             };
+            if watcher.tx.try_send(frame.clone()).is_err() {
+                let tx = watcher.tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(frame).await;
+                });
+            }
+        }
+        if let Some(frame) = self.fleet_peers() {
             if watcher.tx.try_send(frame.clone()).is_err() {
                 let tx = watcher.tx.clone();
                 tokio::spawn(async move {

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::{Checker, RawTable, Span};
-use crate::config::Fleet;
+use crate::config::{Fleet, FleetTls};
 
 const FLEET_KEYS: &[&str] = &[
     "host",
@@ -13,6 +13,9 @@ const FLEET_KEYS: &[&str] = &[
     "lease_ttl",
     "grace",
     "max_tenants",
+    "ca",
+    "cert",
+    "key",
 ];
 const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 const DEFAULT_GRACE: Duration = Duration::from_secs(30);
@@ -47,7 +50,7 @@ impl Checker<'_> {
                 Ok(addr) if !addr.ip().is_unspecified() && addr.port() != 0 => Some(addr),
                 _ => {
                     let message = format!(
-                        "address {text:?} must be this host's own IP address and port where the other hosts reach its proxy, like address = \"10.0.0.1:443\""
+                        "address {text:?} must be this host's own IP address and a port where the other hosts reach its proxy (it listens there for them), like address = \"10.0.0.1:7443\""
                     );
                     self.error(entry.key.span(), message);
                     None
@@ -81,7 +84,7 @@ impl Checker<'_> {
             if missing && table.get(key).is_none() {
                 let example = match key {
                     "host" => "host = \"h1\"",
-                    "address" => "address = \"10.0.0.1:443\"",
+                    "address" => "address = \"10.0.0.1:7443\"",
                     _ => "etcd = [\"http://10.0.0.1:2379\", \"http://10.0.0.2:2379\", \"http://10.0.0.3:2379\"]",
                 };
                 self.error(
@@ -105,6 +108,7 @@ impl Checker<'_> {
         let max_tenants = self
             .opt_count(table, "max_tenants", 1..=1_000_000)
             .map(|n| n as u32);
+        let tls = self.fleet_tls(header, table, &mut complete);
         if !complete {
             return None;
         }
@@ -115,6 +119,50 @@ impl Checker<'_> {
             lease_ttl,
             grace,
             max_tenants,
+            tls,
         })
+    }
+
+    /// `ca`, `cert` and `key`: all three or none.
+    fn fleet_tls(
+        &mut self,
+        header: Span,
+        table: &RawTable,
+        complete: &mut bool,
+    ) -> Option<FleetTls> {
+        let mut path = |name: &str| {
+            let entry = table.get(name)?;
+            match self.string(entry) {
+                Some(text) => Some(super::normalise(&self.config_dir.join(text))),
+                None => {
+                    *complete = false;
+                    None
+                }
+            }
+        };
+        let (ca, cert, key) = (path("ca"), path("cert"), path("key"));
+        match (ca, cert, key) {
+            (Some(ca), Some(cert), Some(key)) => Some(FleetTls { ca, cert, key }),
+            (None, None, None) => None,
+            (ca, cert, key) => {
+                if *complete {
+                    let missing: Vec<&str> = [
+                        ("ca", ca.is_none()),
+                        ("cert", cert.is_none()),
+                        ("key", key.is_none()),
+                    ]
+                    .into_iter()
+                    .filter_map(|(name, gone)| gone.then_some(name))
+                    .collect();
+                    let message = format!(
+                        "[fleet] needs ca, cert and key together (the fleet's CA and this host's certificate and key from it; tenement-fleet credentials makes them); missing {}",
+                        missing.join(", ")
+                    );
+                    self.error(header, message);
+                    *complete = false;
+                }
+                None
+            }
+        }
     }
 }
