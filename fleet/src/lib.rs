@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod controller;
+pub mod credentials;
 pub mod fence;
 pub mod hosts;
 pub mod plan;

@@ -45,6 +45,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Make the fleet credential for one host: the fleet's CA in DIR (made the first time,
+    /// ca.pem and ca.key), then HOST.pem and HOST.key, a certificate from it naming the host
+    /// and its IP. Needs no config: run it where the CA's key is kept.
+    Credentials {
+        /// Where the CA is kept and the host's files are written.
+        dir: PathBuf,
+        /// The host's name, as in its [fleet] host.
+        #[arg(long)]
+        host: String,
+        /// The host's IP address, as in its [fleet] address.
+        #[arg(long)]
+        ip: std::net::IpAddr,
+        /// How many days the host's certificate lasts.
+        #[arg(long, default_value_t = 825, value_parser = clap::value_parser!(u32).range(1..=3650))]
+        days: u32,
+        /// Replace the host's certificate and key if DIR has them.
+        #[arg(long)]
+        replace: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -59,6 +78,34 @@ fn main() -> ExitCode {
 }
 
 fn start(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Credentials {
+        dir,
+        host,
+        ip,
+        days,
+        replace,
+    } = &cli.command
+    {
+        let made = tenement_fleet::credentials::make(dir, host, *ip, *days, *replace)?;
+        if made.new_ca {
+            println!(
+                "made the fleet's CA: {} (its key, next to it, stays here: it signs every host)",
+                made.ca.display()
+            );
+        }
+        println!(
+            "{host}: {} and {}, for {ip}, valid {days} days",
+            made.cert.display(),
+            made.key.display()
+        );
+        println!(
+            "copy {}, {} and {} to {host}, and name them in its [fleet] ca, cert and key; the key must be readable by tenement-proxy (chgrp tenement-proxy, chmod 640)",
+            made.ca.display(),
+            made.cert.display(),
+            made.key.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let config = Config::load(
         &cli.config,
         &Environment::of_this_process(nix::unistd::geteuid().is_root()),
@@ -124,6 +171,7 @@ fn start(cli: Cli) -> anyhow::Result<ExitCode> {
             });
             Ok(ExitCode::SUCCESS)
         }
+        Command::Credentials { .. } => unreachable!("handled before the config is read"),
     }
 }
 

@@ -291,6 +291,7 @@ async fn route_and_rewrite(
             addr: parse_addr(peer),
             scheme: "http",
             tenant: *tenant,
+            via_fleet: false,
         };
         let mut rewritten = copy_head(&parts);
         let trusted_list: Vec<IpAddr> = TRUSTED.iter().map(|ip| parse_ip(ip)).collect();

@@ -44,6 +44,10 @@ pub struct Settings {
     pub services: HashMap<ServiceName, ServicePolicy>,
     /// How long a request may wait for a wake.
     pub wake_timeout: Duration,
+    /// How long a request for a tenant placed on another host may wait while that host is
+    /// down: until its lease has expired, the grace has passed and the tenant woke on its
+    /// new host (`lease_ttl + grace + wake_timeout`; zero off a fleet).
+    pub fleet_wait: Duration,
     pub connect_timeout: Duration,
     /// How long the upstream has to send its response head.
     pub response_timeout: Duration,
@@ -82,6 +86,9 @@ pub struct Proxy {
     pub recent_wakes: Arc<crate::recent::RecentWakes>,
     /// Supervisor connections the API and the dashboard may hold (`api::SLOTS`).
     pub api_slots: Arc<tokio::sync::Semaphore>,
+    /// On a fleet host with the fleet credential: the tenants placed on the other hosts and
+    /// the connections to their proxies (`fleet.rs`).
+    pub fleet: Option<Arc<crate::fleet::Fleet>>,
 }
 
 /// Whether a path at `{domain}` is the management API's.
@@ -98,6 +105,9 @@ pub struct Peer {
     /// A connection from this host whose socket belongs to a tenant's uid: never a trusted
     /// proxy, whatever `trusted_proxies` says about its address (see `admission.rs`).
     pub tenant: bool,
+    /// Handed over by another host's proxy (`fleet.rs`): `addr`, `scheme` and `tenant` are
+    /// the client's as that proxy saw them, and the request is served here or not at all.
+    pub via_fleet: bool,
 }
 
 impl Proxy {
@@ -147,7 +157,7 @@ impl Proxy {
     /// `handles`: set to the metric handles of the service once the request has one.
     async fn serve(
         &self,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         peer: Peer,
         handles: &mut Option<Arc<ServiceHandles>>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -203,8 +213,38 @@ impl Proxy {
                     .get(&id.service)
                     .ok_or(ProxyError::UnknownService)?;
                 check_body_size(&request, policy.max_body)?;
+                if let Some(fleet) = self.fleet.as_ref().filter(|_| !peer.via_fleet) {
+                    if fleet.placements.get(&id).is_some() {
+                        *handles = Some(self.metrics.service(Some(&id.service)));
+                        let host = raw_host.as_deref().unwrap_or_default();
+                        // Boxed like the API: a rare path's future stays out of every
+                        // request's.
+                        let handed =
+                            Box::pin(self.hand_over(request, &id, peer, host, deadline, &settings))
+                                .await?;
+                        match handed {
+                            crate::fleet::Handed::Answered(response) => return Ok(response),
+                            crate::fleet::Handed::PlacedHere(back) => request = back,
+                        }
+                    }
+                }
                 match self.table.get(&id) {
                     Some(entry) => entry,
+                    None if peer.via_fleet => {
+                        // Handed over by a host that takes it for placed here: it is, or is
+                        // about to be (the supervisor registers it when the agent says so),
+                        // or it moved on. That host waits and asks again.
+                        *handles = Some(self.metrics.service(Some(&id.service)));
+                        match self.link.resolve(&id, deadline).await {
+                            Ok(route) => self.table.upsert(&route),
+                            Err(ProxyError::UnknownInstance) => {
+                                return Err(ProxyError::NotPlacedHere(format!(
+                                    "{id} is not registered on this host"
+                                )))
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
                     None => {
                         // The cold path: counted under its service even if it ends in a 404.
                         *handles = Some(self.metrics.service(Some(&id.service)));
@@ -637,11 +677,13 @@ fn source_is<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 's
 
 /// Relays a 101 answer and splices the two upgraded connections; the instance counts as busy
 /// until both directions have closed.
-fn switch_protocols(
+/// `guard` is held until then (the instance's in-flight count, or nothing for a request
+/// handed to another fleet host).
+pub(crate) fn switch_protocols<G: Send + 'static>(
     upgraded: &tokio_util::task::TaskTracker,
     mut response: Response<Incoming>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    guard: InFlight,
+    guard: G,
     metrics: Arc<ServiceHandles>,
 ) -> Response<ProxyBody> {
     let upstream_upgrade = hyper::upgrade::on(&mut response);

@@ -13,8 +13,10 @@ use crate::forward::Peer;
 use crate::host;
 use crate::respond::ProxyError;
 
-/// RFC 9110 7.6.1 plus the proxy-* headers meant for this hop.
-const HOP_BY_HOP: [&str; 9] = [
+/// RFC 9110 7.6.1 plus the proxy-* headers meant for this hop, and the client as the proxy
+/// of another fleet host saw it (`fleet.rs`), which only that hop may say.
+const HOP_BY_HOP: [&str; 10] = [
+    "tenement-fleet-client",
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -391,6 +393,7 @@ mod tests {
             addr: SocketAddr::new(ip.parse().expect("ip"), 5555),
             scheme: "http",
             tenant: false,
+            via_fleet: false,
         }
     }
 

@@ -9,6 +9,7 @@ pub mod acme;
 pub mod admission;
 pub mod api;
 pub mod dashboard;
+pub mod fleet;
 pub mod forward;
 pub mod head;
 pub mod host;

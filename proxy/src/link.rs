@@ -263,9 +263,11 @@ impl Link {
 
     /// Keeps `table` in step with the supervisor's routes (reconnecting as needed) and calls
     /// `reload` when the supervisor says the config file was reloaded.
+    /// On a fleet host, `fleet` gets the tenants placed on the other hosts.
     pub async fn watch(
         self,
         table: Arc<Table>,
+        fleet: Option<Arc<crate::fleet::Fleet>>,
         reload: Arc<dyn Fn() + Send + Sync>,
         shutdown: CancellationToken,
     ) {
@@ -274,7 +276,7 @@ impl Link {
         loop {
             let result = tokio::select! {
                 () = shutdown.cancelled() => return,
-                result = self.watch_once(&table, &*reload) => result,
+                result = self.watch_once(&table, fleet.as_deref(), &*reload) => result,
             };
             table.set_synced(false);
             if let Err(e) = result {
@@ -302,6 +304,7 @@ impl Link {
     async fn watch_once(
         &self,
         table: &Table,
+        fleet: Option<&crate::fleet::Fleet>,
         reload: &(dyn Fn() + Send + Sync),
     ) -> Result<(), FrameError> {
         let mut stream = self.try_connect().await?;
@@ -384,6 +387,11 @@ impl Link {
                         tracing::warn!(?code, "supervisor: {message}");
                     }
                     Some(Ok(Response::ConfigReloaded)) => reload(),
+                    Some(Ok(Response::FleetPeers { peers })) => {
+                        if let Some(fleet) = fleet {
+                            fleet.placements.replace(peers);
+                        }
+                    }
                     Some(Ok(_)) => {}
                 },
                 _ = report.tick() => send_activity(table, &out_tx).await,
@@ -411,6 +419,7 @@ fn map_error(code: ErrorCode, message: String) -> ProxyError {
         ErrorCode::UnknownInstance => ProxyError::UnknownInstance,
         ErrorCode::UnknownService => ProxyError::UnknownService,
         ErrorCode::InstanceFailed => ProxyError::InstanceFailed(message),
+        ErrorCode::NotPlacedHere => ProxyError::NotPlacedHere(message),
         _ => ProxyError::WakeFailed(message),
     }
 }

@@ -12,7 +12,8 @@ pub struct Listener {
     /// Registered with the runtime once it exists.
     pub socket: std::net::TcpListener,
     /// `http` or `https` (TLS, terminated by the proxy): what X-Forwarded-Proto says for
-    /// requests on this socket; or `metrics` (the proxy's own `/metrics`).
+    /// requests on this socket; or `metrics` (the proxy's own `/metrics`); or `fleet` (the
+    /// other hosts' proxies, `fleet.rs`).
     pub scheme: &'static str,
     name: String,
 }
@@ -90,6 +91,20 @@ pub fn bind(addrs: &[ListenAddress], metrics: bool) -> anyhow::Result<Vec<Listen
             })
         })
         .collect()
+}
+
+/// The fleet listener, on `[fleet] address`: where the other hosts' proxies hand requests over
+/// (bound by the proxy itself, systemd or not: it is a port of the proxy's own).
+pub fn bind_fleet(addr: std::net::SocketAddr) -> anyhow::Result<Listener> {
+    let socket = listen(addr).with_context(|| {
+        format!("cannot listen on {addr}, the [fleet] address, for the other hosts' proxies")
+    })?;
+    socket.set_nonblocking(true)?;
+    Ok(Listener {
+        socket,
+        scheme: "fleet",
+        name: "fleet".to_owned(),
+    })
 }
 
 /// A listening TCP socket on `addr` with [`BACKLOG`], SO_REUSEADDR set as std sets it.

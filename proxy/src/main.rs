@@ -24,7 +24,7 @@ use tenement_proxy::listeners::{self, Listener};
 use tenement_proxy::metrics::{Metrics, Snapshot};
 use tenement_proxy::server::{self, HEADER_READ_TIMEOUT};
 use tenement_proxy::workers::{self, Workers};
-use tenement_proxy::{acme, link, privilege, tls};
+use tenement_proxy::{acme, fleet, link, privilege, tls};
 
 /// tenement's front door: routes `{id}.{service}.{domain}` to instances, waking them.
 #[derive(Debug, Parser)]
@@ -99,6 +99,9 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .collect()
         };
         listeners.extend(listeners::bind(&metrics, true)?);
+    }
+    if let Some(fleet) = config.fleet.as_ref().filter(|f| f.tls.is_some()) {
+        listeners.push(listeners::bind_fleet(fleet.address)?);
     }
     privilege::ensure_unprivileged(args.user.as_deref())?;
 
@@ -178,6 +181,10 @@ fn settings_of(config: &Config) -> forward::Settings {
         domains: config.settings.domains.clone(),
         services,
         wake_timeout,
+        fleet_wait: config
+            .fleet
+            .as_ref()
+            .map_or(Duration::ZERO, |f| f.lease_ttl + f.grace + wake_timeout),
         connect_timeout: Duration::from_secs(2),
         response_timeout: Duration::from_secs(60),
         trusted_proxies: config.settings.trusted_proxies.clone(),
@@ -269,6 +276,19 @@ async fn serve(
         Some(store) => Some(tls::server_config(store.clone()).map_err(|e| anyhow::anyhow!(e))?),
         None => None,
     };
+    // The fleet credential: read now, so a bad file stops the start with one line.
+    let fleet_credential = match config.fleet.as_ref().and_then(|f| f.tls.as_ref()) {
+        Some(files) => Some(fleet::Credential::load(files).map_err(|e| anyhow::anyhow!(e))?),
+        None => {
+            if config.fleet.is_some() {
+                tracing::warn!("[fleet] has no ca, cert and key: requests for tenants placed on other hosts are not forwarded there, so DNS must send each name to its tenant's host");
+            }
+            None
+        }
+    };
+    let fleet = fleet_credential
+        .as_ref()
+        .map(|credential| Arc::new(fleet::Fleet::new(credential)));
     let table: Arc<tenement_proxy::table::Table> = Arc::default();
     // Without a metrics listener nothing would read what requests record: they record nothing.
     let scraped = listeners.iter().any(|l| l.scheme == "metrics");
@@ -291,6 +311,7 @@ async fn serve(
         metrics: metrics.clone(),
         recent_wakes: Arc::default(),
         api_slots: Arc::new(tokio::sync::Semaphore::new(tenement_proxy::api::SLOTS)),
+        fleet: fleet.clone(),
     });
     // Reading the config again: asked by the supervisor after `tenctl reload`, or by SIGHUP.
     let reload: Arc<dyn Fn() + Send + Sync> = {
@@ -343,7 +364,12 @@ async fn serve(
     // it stays up until the last request has ended, or an instance with a request still in
     // flight here could be stopped as idle under it.
     let unlink = CancellationToken::new();
-    tokio::spawn(link.watch(proxy.table.clone(), reload.clone(), unlink.clone()));
+    tokio::spawn(link.watch(
+        proxy.table.clone(),
+        fleet.clone(),
+        reload.clone(),
+        unlink.clone(),
+    ));
     // SIGHUP is handled before the first connection is accepted: a reload right after start
     // (a spawned task registers its handler only once it first runs) must not kill us.
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -370,6 +396,30 @@ async fn serve(
                 socket,
                 proxy.clone(),
                 shutdown.clone(),
+            )));
+            continue;
+        }
+        if listener.scheme == "fleet" {
+            let Some(credential) = &fleet_credential else {
+                continue;
+            };
+            let handle = workers.handles().first().context("no worker")?;
+            let socket = {
+                let _worker = handle.enter();
+                tokio::net::TcpListener::from_std(listener.socket)
+            }
+            .context("cannot register the fleet socket")?;
+            let front = Front {
+                proxy: proxy.clone(),
+                builder: builder.clone(),
+                graceful: graceful.clone(),
+                shutdown: shutdown.clone(),
+                admission: admission.clone(),
+            };
+            accept_tasks.push(handle.spawn(fleet_accept_loop(
+                front,
+                socket,
+                credential.server.clone(),
             )));
             continue;
         }
@@ -630,6 +680,7 @@ async fn accept_loop(
             addr,
             scheme,
             tenant,
+            via_fleet: false,
         };
         let proxy_for_names = proxy.clone();
         let proxy = proxy.clone();
@@ -674,6 +725,67 @@ async fn accept_loop(
             };
             if let Err(e) = ended {
                 tracing::debug!(peer = %addr, "connection ended: {e}");
+            }
+        });
+    }
+}
+
+/// The fleet listener: the other hosts' proxies, each with a certificate from the fleet's CA
+/// (the handshake refuses anyone else), hand requests over; they are served here only.
+async fn fleet_accept_loop(
+    front: Front,
+    socket: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let accepted = tokio::select! {
+            () = front.shutdown.cancelled() => return,
+            accepted = socket.accept() => accepted,
+        };
+        let (stream, addr) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!("fleet: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = front.proxy.clone();
+        let builder = front.builder.clone();
+        let watcher = front.graceful.watcher();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                .await
+            {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tracing::warn!(target: "tenement::security", peer = %addr, "fleet: refused a connection without a certificate from the fleet's CA: {e}");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %addr, "fleet: TLS handshake timed out");
+                    return;
+                }
+            };
+            let Some(stream) =
+                tokio::time::timeout(HEADER_READ_TIMEOUT, server::read_first_bytes(stream))
+                    .await
+                    .ok()
+                    .flatten()
+            else {
+                return;
+            };
+            let service = hyper::service::service_fn(move |request| {
+                proxy.clone().handle_fleet(request, addr)
+            });
+            let connection = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            if let Err(e) = watcher.watch(connection).await {
+                tracing::debug!(peer = %addr, "fleet connection ended: {e}");
             }
         });
     }

@@ -59,6 +59,10 @@ pub enum ProxyError {
     /// CONNECT: tenement is not a forward proxy.
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// A fleet host asked for a tenant that is not (or no longer) placed on it: the proxy
+    /// that forwarded the request waits for the placement to change and sends it again.
+    #[error("not placed here: {0}")]
+    NotPlacedHere(String),
 }
 
 /// The one place a [`ProxyError`] becomes a response.
@@ -128,6 +132,10 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
             StatusCode::METHOD_NOT_ALLOWED,
             "405 method not allowed: CONNECT is not served here\n",
         ),
+        ProxyError::NotPlacedHere(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "503 service unavailable: the instance is moving between hosts, try again shortly\n",
+        ),
     };
     let mut response = Response::new(full(text));
     *response.status_mut() = status;
@@ -140,6 +148,12 @@ pub fn error_response(error: &ProxyError) -> Response<ProxyBody> {
         headers.insert(
             header::ALLOW,
             header::HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+        );
+    }
+    if matches!(error, ProxyError::NotPlacedHere(_)) {
+        headers.insert(
+            crate::fleet::REFUSED,
+            header::HeaderValue::from_static("not-placed-here"),
         );
     }
     if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {

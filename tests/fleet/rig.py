@@ -1,19 +1,25 @@
 """The fleet rig: tenement hosts as network namespaces on one machine, each with an etcd
-member, a supervisor and a fleet agent from the real binaries. Used by tests/fleet/run.py and
-bench/fleet.py.
+member, a supervisor, a fleet agent and a proxy from the real binaries. Used by
+tests/fleet/run.py and bench/fleet.py.
 
 Each host is a network namespace (PREFIX-h1..3, 10.77.0.1-3) cabled to a bridge in another
-namespace (PREFIX-sw) with a veth pair; everything a host runs listens on its own address.
+namespace (PREFIX-sw) with a veth pair; everything a host runs listens on its own address:
+etcd on 2379/2380, the proxy on 80 for clients and on 7443 for the other hosts' proxies, with
+the fleet credential `tenement-fleet credentials` makes.
 """
 
+import http.client
 import json
 import os
+import pwd
 import signal
+import socket
 import subprocess
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MIRROR = os.path.join(ROOT, "tests", "fixtures", "py", "mirror.py")
 HOSTS = ["h1", "h2", "h3"]
 NET = "10.77.0"
 # Short enough for a quick suite, long enough that killing etcd's leader (an election of a
@@ -79,6 +85,9 @@ class Fleet:
         self.lease_ttl = lease_ttl
         self.grace = grace
         self.dir = tempfile.mkdtemp(prefix="tenement-fleet.")
+        # The proxies run as nobody: they must reach their configs and sockets.
+        os.chmod(self.dir, 0o711)
+        self.credentials = os.path.join(self.dir, "fleet-ca")
         self.procs = {}
         self.passed = 0
         self.failed = 0
@@ -138,6 +147,33 @@ class Fleet:
             "--initial-cluster-token", "tenement-fleet-test",
         ]
         self.spawn(host, "etcd", argv)
+
+    def make_credentials(self):
+        """The fleet's CA and a certificate per host, keys readable by the proxies' user."""
+        nobody = pwd.getpwnam("nobody").pw_uid
+        for host in HOSTS:
+            sh(os.path.join(self.bin, "tenement-fleet"), "credentials", self.credentials, "--host", host,
+               "--ip", addr(host))
+            os.chown(os.path.join(self.credentials, f"{host}.key"), nobody, -1)
+        os.chmod(self.credentials, 0o755)
+
+    def start_proxy(self, host):
+        self.spawn(host, "proxy", [os.path.join(self.bin, "tenement-proxy"), "--config", self.config(host),
+                                   "--user", "nobody"])
+        wait_for(lambda: connects(addr(host), 80) and connects(addr(host), 7443), EVENT_DEADLINE,
+                 f"{host}'s proxy to listen")
+
+    def get(self, via, tenant, path="/", method="GET", body=None, headers=None, timeout=EVENT_DEADLINE):
+        """A request for `tenant` (service:id) to `via`'s proxy: (status, headers, body)."""
+        service, ident = tenant.split(":")
+        conn = http.client.HTTPConnection(addr(via), 80, timeout=timeout)
+        try:
+            conn.request(method, path, body=body,
+                         headers={"Host": f"{ident}.{service}.example.com", **(headers or {})})
+            response = conn.getresponse()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        finally:
+            conn.close()
 
     def start_supervisor(self, host):
         self.spawn(host, "supervisor", [os.path.join(self.bin, "tenement-supervisor"), "--config", self.config(host)])
@@ -202,16 +238,26 @@ runtime_dir = "run"
 isolation = "process"
 user = "self"
 
+listen = "http://{addr(host)}:80"
+proxy_user = "nobody"
+
 [service.notes]
 command = "{os.path.join(self.bin, 'tiny-http')}"
 idle_timeout = "never"
 
+[service.mirror]
+command = "python3 {MIRROR}"
+idle_timeout = "never"
+
 [fleet]
 host = "{host}"
-address = "{addr(host)}:443"
+address = "{addr(host)}:7443"
 etcd = [{endpoints}]
 lease_ttl = "{self.lease_ttl}s"
 grace = "{self.grace}s"
+ca = "{self.credentials}/ca.pem"
+cert = "{self.credentials}/{host}.pem"
+key = "{self.credentials}/{host}.key"
 """)
         return path
 
@@ -274,6 +320,14 @@ grace = "{self.grace}s"
         except Exception as e:  # a bug in the suite is a failure too, never a skip
             self.failed += 1
             print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
+
+
+def connects(host, port):
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 def placed_here(f, host):

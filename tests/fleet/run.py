@@ -3,15 +3,19 @@
 
 Each host is a network namespace (tfl-h1..3, 10.77.0.1-3) cabled to a bridge in a fourth
 namespace (tfl-sw) with a veth pair, and runs an etcd member (Debian's etcd-server), a
-tenement-supervisor and the fleet agent (`tenement-fleet run`), on its own address only. The
-checks play what a fleet must survive: placement across the hosts, a host killed (SIGKILL of
-everything in its namespace), a host cut off (its cable pulled) fencing itself before the
-others take its tenants, its return, a fleet agent killed (its supervisor fences alone), one
-etcd member lost, and records that are not the fleet's. "Runs" means a process: each check
-that moves tenants wakes them on their new hosts and counts running instances on all three.
+tenement-supervisor, the fleet agent (`tenement-fleet run`) and a tenement-proxy with the
+fleet credential, on its own address only; the suite itself is a client on one more cable
+(10.77.0.254). The checks play what a fleet must survive: placement across the hosts, a
+request to any host reaching its tenant wherever it runs (one hop, never two), a fleet port
+that takes no one without the fleet's certificate, a host killed (SIGKILL of everything in its
+namespace) with requests for its tenants held until they run elsewhere, a host cut off (its
+cable pulled) fencing itself before the others take its tenants, its return, a fleet agent
+killed (its supervisor fences alone), one etcd member lost, and records that are not the
+fleet's. "Runs" means a process: each check that moves tenants wakes them on their new hosts
+and counts running instances on all three.
 
-Not covered yet, because not built yet (docs/FLEET.md): the proxy's one-hop forward to the
-owning host, replicas of a tenant's data, drains and the tenctl fleet verbs.
+Not covered yet, because not built yet (docs/FLEET.md): replicas of a tenant's data, drains
+and the tenctl fleet verbs.
 
 Prints `PASS name: detail` or `FAIL name: why` per check and `N passed, N failed` last; exits 1
 if anything failed.
@@ -20,15 +24,21 @@ if anything failed.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
 import signal
+import socket
+import ssl
 import sys
+import threading
 import time
 
 from rig import (EVENT_DEADLINE, GRACE, HOSTS, LEASE_TTL, ROOT, Fleet, addr, check, ns, placed_here,
                  running_once, sh, switch, wait_for, wake_where_placed, when)
+
+OBSERVER = "10.77.0.254"
 
 # ---- the checks ----------------------------------------------------------------------------
 TENANTS = [f"notes:t{i:02d}" for i in range(30)]
@@ -38,9 +48,11 @@ def check_membership(f):
     for host in HOSTS:
         f.start_etcd(host)
     wait_for(lambda: f.healthy(HOSTS), EVENT_DEADLINE, "a healthy three-member etcd cluster")
+    f.make_credentials()
     for host in HOSTS:
         f.start_supervisor(host)
         f.start_agent(host)
+        f.start_proxy(host)
     wait_for(lambda: len(f.read("/tenement/hosts/")) == 3, EVENT_DEADLINE, "three host records")
     wait_for(lambda: all((f.status(h) or {}).get("membership") == "member" for h in HOSTS), EVENT_DEADLINE, "three members")
     leader = wait_for(lambda: f.controllers(), EVENT_DEADLINE, "a controller")
@@ -48,7 +60,7 @@ def check_membership(f):
     check(len(f.controllers()) == 1, f"controllers: {f.controllers()}")
     records = f.read("/tenement/hosts/")
     addresses = sorted(r["address"] for r in records.values())
-    check(addresses == [f"{addr(h)}:443" for h in HOSTS], f"addresses {addresses}")
+    check(addresses == [f"{addr(h)}:7443" for h in HOSTS], f"addresses {addresses}")
     return f"3 hosts joined with their own addresses; one controller ({leader[0]})"
 
 
@@ -93,15 +105,168 @@ def check_placement(f):
             "none twice; `tenement-fleet hosts` shows each host's placed and running counts and the controller")
 
 
+MIRRORS = ["mirror:m0", "mirror:m1", "mirror:m2"]
+
+
+def check_forward(f):
+    owner = {t: p["host"] for t, p in f.placements().items()}
+    # The peers' placements reach each proxy through its agent and supervisor.
+    def everywhere(t):
+        return all(f.get(via, t)[0] == 200 for via in HOSTS)
+    wait_for(lambda: all(everywhere(t) for t in TENANTS[:3]), EVENT_DEADLINE, "every proxy to know the others' tenants")
+    handed = 0
+    for t in TENANTS:
+        for via in HOSTS:
+            status, _, body = f.get(via, t)
+            check(status == 200 and body == f"hello from {t}\n".encode(), f"{t} via {via}: {status} {body[:80]!r}")
+            handed += via != owner[t]
+    # Stopped tenants of another service: the hand-over wakes them where they are placed.
+    f.want(MIRRORS)
+    mirrors = wait_for(lambda: when(f.placements, lambda p: all(m in p for m in MIRRORS)), EVENT_DEADLINE, "mirror placements")
+    details = []
+    for m in MIRRORS:
+        there = mirrors[m]["host"]
+        via = next(h for h in HOSTS if h != there)
+        status, _, body = wait_for(lambda: when(lambda: f.get(via, m, "/headers", headers={
+            "X-Forwarded-For": "6.6.6.6", "tenement-fleet-client": "6.6.6.6:1 https"}), lambda r: r[0] == 200),
+            EVENT_DEADLINE, f"{m} via {via}")
+        seen = {name.lower(): value for name, value in json.loads(body)}
+        check(seen.get("x-forwarded-for") == OBSERVER and seen.get("x-forwarded-proto") == "http"
+              and seen.get("host") == f"{m.split(':')[1]}.mirror.example.com" and "tenement-fleet-client" not in seen,
+              f"{m} on {there}, asked through {via}, saw {seen}")
+        # A body both ways, streamed through the hop.
+        upload = os.urandom(1 << 20)
+        status, _, body = f.get(via, m, "/upload", method="POST", body=upload)
+        check(status == 200 and body.decode().split() == [str(len(upload)), hashlib.sha256(upload).hexdigest()],
+              f"upload of 1 MiB to {m} via {via}: {status} {body[:100]!r}")
+        status, headers, body = f.get(via, m, "/download?bytes=5000000")
+        check(status == 200 and len(body) == 5000000 and hashlib.sha256(body).hexdigest() == headers.get("x-sha256"),
+              f"download of 5 MB from {m} via {via}: {status}, {len(body)} bytes")
+        # An upgrade (a WebSocket handshake), then raw bytes both ways.
+        with socket.create_connection((addr(via), 80), timeout=EVENT_DEADLINE) as raw:
+            raw.sendall((f"GET /upgrade HTTP/1.1\r\nHost: {m.split(':')[1]}.mirror.example.com\r\n"
+                         "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = raw.recv(4096)
+                check(chunk, f"the upgrade to {m} via {via} closed after {head!r}")
+                head += chunk
+            check(head.startswith(b"HTTP/1.1 101"), f"the upgrade to {m} via {via}: {head[:80]!r}")
+            echoed = head.split(b"\r\n\r\n", 1)[1]
+            raw.sendall(b"across one hop")
+            while len(echoed) < len(b"across one hop"):
+                chunk = raw.recv(4096)
+                check(chunk, f"the upgraded connection to {m} closed")
+                echoed += chunk
+            check(echoed == b"across one hop", f"echoed {echoed!r}")
+        details.append(f"{m} on {there} via {via}")
+    # Nothing ran twice, and no supervisor registered a tenant that is not placed on it.
+    once = running_once(f, HOSTS)
+    check(once == set(TENANTS) | set(MIRRORS), f"running: {sorted(once)}")
+    for h in HOSTS:
+        mine = placed_here(f, h)
+        check(set(f.instances(h)) == mine, f"{h} registered {sorted(set(f.instances(h)) - mine)} not placed on it")
+    f.etcdctl("del", "--prefix", "/tenement/tenants/mirror:")
+    wait_for(lambda: not any(m in f.placements() for m in MIRRORS), EVENT_DEADLINE, "the mirrors unplaced")
+    return (f"90 requests, each of 30 tenants through each of the 3 proxies: all answered by the tenant, {handed} handed "
+            f"over one hop; stopped tenants woken by a hand-over ({', '.join(details)}): the app saw the client's "
+            "address and scheme (a forged tenement-fleet-client and X-Forwarded-For dropped), 1 MiB up and 5 MB down "
+            "intact, a WebSocket upgrade echoed; nothing ran twice")
+
+
+def fleet_port(host, cert=None, key=None, ca=None, request=b""):
+    """What the fleet port of `host` answers `request` over TLS with the given client certificate
+    (b"" when the connection ends without an HTTP answer)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(ca)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.set_alpn_protocols(["http/1.1"])
+    if cert:
+        context.load_cert_chain(cert, key)
+    data = b""
+    try:
+        with socket.create_connection((addr(host), 7443), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname=addr(host)) as tls:
+                tls.sendall(request)
+                while b"\r\n\r\n" not in data:
+                    chunk = tls.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+    except (ssl.SSLError, OSError):
+        pass
+    return data
+
+
+def check_fleet_port(f):
+    creds = f.credentials
+    ca = os.path.join(creds, "ca.pem")
+    placements = f.placements()
+    target = "h2"
+    here = next(t for t, p in placements.items() if p["host"] == target and t.startswith("notes:"))
+    elsewhere = next(t for t, p in placements.items() if p["host"] != target and t.startswith("notes:"))
+    def ask(tenant, client="203.0.113.9:4444 https"):
+        ident, service = tenant.split(":")[1], tenant.split(":")[0]
+        extra = f"tenement-fleet-client: {client}\r\n" if client else ""
+        return f"GET / HTTP/1.1\r\nHost: {ident}.{service}.example.com\r\n{extra}Connection: close\r\n\r\n".encode()
+    h1 = (os.path.join(creds, "h1.pem"), os.path.join(creds, "h1.key"))
+    # Strangers: no certificate, one from another CA, plain HTTP.
+    other = os.path.join(f.dir, "other-ca")
+    sh(os.path.join(f.bin, "tenement-fleet"), "credentials", other, "--host", "h1", "--ip", addr("h1"))
+    strangers = {
+        "no certificate": fleet_port(target, ca=ca, request=ask(here)),
+        "a certificate from another CA": fleet_port(target, os.path.join(other, "h1.pem"), os.path.join(other, "h1.key"),
+                                                    ca=ca, request=ask(here)),
+    }
+    with socket.create_connection((addr(target), 7443), timeout=10) as raw:
+        raw.sendall(ask(here))
+        raw.settimeout(10)
+        try:
+            strangers["plain HTTP"] = raw.recv(4096)
+        except OSError:
+            strangers["plain HTTP"] = b""
+    for who, answer in strangers.items():
+        check(b"HTTP/" not in answer, f"{target}'s fleet port answered {who}: {answer[:80]!r}")
+    check("fleet: refused a connection" in f.log(target, "proxy"), "the refusals were not logged")
+    # A fleet host: served here, never handed on.
+    served = fleet_port(target, *h1, ca=ca, request=ask(here))
+    check(served.startswith(b"HTTP/1.1 200"), f"{here} (placed on {target}) through its fleet port: {served[:120]!r}")
+    refused = fleet_port(target, *h1, ca=ca, request=ask(elsewhere))
+    check(refused.startswith(b"HTTP/1.1 503") and b"tenement-fleet: not-placed-here" in refused.lower(),
+          f"{elsewhere} (placed on {placements[elsewhere]['host']}) through {target}'s fleet port: {refused[:200]!r}")
+    anonymous = fleet_port(target, *h1, ca=ca, request=ask(here, client=None))
+    check(anonymous.startswith(b"HTTP/1.1 400"), f"a hand-over without tenement-fleet-client: {anonymous[:120]!r}")
+    return (f"{target}'s fleet port gave no HTTP answer without a certificate, with one from another CA, or to plain HTTP "
+            f"(each refusal logged); with the fleet's it served {here}, answered 503 not-placed-here for {elsewhere} "
+            "(a second hop is never taken) and 400 without the client's name")
+
+
 def check_kill_host(f):
     victim = f.controllers()[0]
     survivors = [h for h in HOSTS if h != victim]
     before = f.placements()
     theirs = sorted(t for t, p in before.items() if p["host"] == victim)
     fences = {h: f.status(h)["fences"] for h in survivors}
+    # Requests for one of its tenants through both survivors, sent as it dies: held until the
+    # tenant runs on its new host.
+    held = theirs[0]
+    for via in survivors:
+        check(f.get(via, held)[0] == 200, f"{held} via {via} before the kill")
+    answers = {}
+    def ask(via):
+        sent = time.monotonic()
+        try:
+            status, _, body = f.get(via, held, timeout=120)
+            answers[via] = (status, body, time.monotonic() - sent)
+        except OSError as e:
+            answers[via] = (None, str(e).encode(), time.monotonic() - sent)
     killed_ms = time.time() * 1000
     started = time.monotonic()
     f.kill_namespace(ns(victim))
+    askers = [threading.Thread(target=ask, args=(via,)) for via in survivors]
+    for t in askers:
+        t.start()
     after = wait_for(
         lambda: when(lambda: f.placements(via=survivors[0]), lambda p: all(p[t]["host"] in survivors for t in theirs)),
         EVENT_DEADLINE, f"{victim}'s tenants to move to {survivors}")
@@ -119,13 +284,20 @@ def check_kill_host(f):
             check(after[t] == p, f"{t} on a live host changed: {p} -> {after[t]}")
     new_leader = wait_for(lambda: f.controllers(survivors), EVENT_DEADLINE, "a new controller")
     wait_for(lambda: sum(len(placed_here(f, h)) for h in survivors) == 30, EVENT_DEADLINE, "the survivors to report all 30")
+    for t in askers:
+        t.join()
+    for via, (status, body, took_s) in answers.items():
+        check(status == 200 and body == f"hello from {held}\n".encode(),
+              f"{held} via {via}, sent as {victim} died: {status} {body[:100]!r} after {took_s:.1f} s")
     wake_where_placed(f, theirs, survivors)
     check(running_once(f, survivors) == set(TENANTS), "all 30 running on the survivors")
     check(len(f.read("/tenement/hosts/", via=survivors[0])) == 2, "the dead host's record is gone with its lease")
     now = {h: f.status(h)["fences"] for h in survivors}
     check(now == fences, f"a survivor fenced itself when {victim} (with its etcd member) died: {fences} -> {now}")
+    held_s = ", ".join(f"{answers[v][2]:.1f} s via {v}" for v in survivors)
     return (f"killed {victim} (the controller); its {len(theirs)} tenants moved to their standbys with epoch +1 "
-            f"{took:.1f} s later (lease {LEASE_TTL} s + grace {GRACE} s); {new_leader[0]} leads; nothing else changed")
+            f"{took:.1f} s later (lease {LEASE_TTL} s + grace {GRACE} s); {new_leader[0]} leads; nothing else changed; "
+            f"requests for {held} sent as it died were held and answered from its new host ({held_s})")
 
 
 def check_rejoin(f):
@@ -135,6 +307,7 @@ def check_rejoin(f):
     f.start_supervisor(gone)
     check(f.tenctl(gone, "wake", "notes:t00").returncode == 4, "a supervisor started a tenant before its agent said anything")
     f.start_agent(gone)
+    f.start_proxy(gone)
     wait_for(lambda: (f.status(gone) or {}).get("membership") == "member" and len(f.read("/tenement/hosts/")) == 3,
              EVENT_DEADLINE, f"{gone} to rejoin")
     time.sleep(LEASE_TTL)
@@ -253,6 +426,8 @@ def check_foreign_records(f):
 CHECKS = [
     ("membership", check_membership),
     ("placement", check_placement),
+    ("one hop to wherever a tenant runs", check_forward),
+    ("the fleet port takes only the fleet", check_fleet_port),
     ("kill a host", check_kill_host),
     ("a killed host rejoins", check_rejoin),
     ("partition, fence, heal", check_partition),
@@ -280,7 +455,7 @@ def main():
             return 1
     fleet = Fleet(os.path.abspath(args.bin), args.keep)
     try:
-        fleet.cable()
+        fleet.cable(observer=True)
         for name, fn in CHECKS:
             before = fleet.failed
             fleet.run(name, lambda fn=fn: fn(fleet))
@@ -289,8 +464,9 @@ def main():
     finally:
         if fleet.failed or args.keep:
             for host in HOSTS:
-                print(f"--- last lines of {host}'s agent.log")
-                print("\n".join(fleet.log(host, "agent").splitlines()[-30:]))
+                for what in ("agent", "proxy"):
+                    print(f"--- last lines of {host}'s {what}.log")
+                    print("\n".join(fleet.log(host, what).splitlines()[-30:]))
         if not args.keep:
             fleet.uncable()
             if not fleet.failed:
