@@ -1,7 +1,12 @@
 #!/usr/bin/env python3
 """The fleet, measured: three hosts in network namespaces (tests/fleet/rig.py) on a real
-three-member etcd cluster, each with a supervisor and a fleet agent from the release build.
+three-member etcd cluster, each with a supervisor, a fleet agent and a proxy (with the fleet
+credential) from the release build.
 
+0. The one-hop forward: one warm tenant asked through the proxy of its own host and through
+   another host's (which hands it over, mutual TLS and HTTP/2), with wrk from a fourth
+   namespace at 1, 4 and 32 connections, --rounds interleaved rounds of --duration s each;
+   medians of p50 latency and of requests per second, and their ratios.
 1. Failover of the cold tier, over --trials trials: the host with the most tenants is killed
    (SIGKILL of everything in its namespace) with its tenants running; the time until the
    first and until the last of them answers a wake on its new host. Against the bound the
@@ -13,10 +18,10 @@ three-member etcd cluster, each with a supervisor and a fleet agent from the rel
    has it (the watch's latency); and the agents' memory (RSS) at 30 tenants and at
    --tenants.
 
-Not measured, because not built yet (docs/FLEET.md): the one-hop forward's latency, drains,
-the warm tier.
+Not measured, because not built yet (docs/FLEET.md): drains, the warm tier.
 
-    sudo python3 bench/fleet.py [--trials 20] [--tenants 5000] [--samples 20] [--no-build]
+    sudo python3 bench/fleet.py [--rounds 5] [--duration 5] [--trials 20] [--tenants 5000]
+                                [--samples 20] [--no-build]
 """
 
 import argparse
@@ -35,7 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "fleet"))
 
 import rig  # noqa: E402  (after the path it lives on)
-from loadtools import ensure_tools, revision  # noqa: E402
+from loadtools import ensure_tools, revision, wrk  # noqa: E402
 from tenement_bench import ROOT  # noqa: E402
 
 # Its own namespaces and network, so it never meets the test suite's.
@@ -125,9 +130,11 @@ def start(fleet):
     for host in rig.HOSTS:
         fleet.start_etcd(host)
     rig.wait_for(lambda: fleet.healthy(rig.HOSTS), rig.EVENT_DEADLINE, "etcd")
+    fleet.make_credentials()
     for host in rig.HOSTS:
         fleet.start_supervisor(host)
         fleet.start_agent(host)
+        fleet.start_proxy(host)
     rig.wait_for(lambda: all((fleet.status(h) or {}).get("membership") == "member" for h in rig.HOSTS),
                  rig.EVENT_DEADLINE, "three members")
 
@@ -137,8 +144,38 @@ def bring_back(fleet, host):
     rig.wait_for(lambda: fleet.healthy(rig.HOSTS), rig.EVENT_DEADLINE, f"{host}'s etcd member")
     fleet.start_supervisor(host)
     fleet.start_agent(host)
+    fleet.start_proxy(host)
     rig.wait_for(lambda: (fleet.status(host) or {}).get("membership") == "member", rig.EVENT_DEADLINE,
                  f"{host} to rejoin")
+
+
+def forward(fleet, gateway, rounds, duration):
+    tenant = "notes:fw"
+    gateway.put(f"/tenement/tenants/{tenant}", "{}")
+    placement = rig.wait_for(lambda: gateway.get(f"/tenement/placement/{tenant}"), rig.EVENT_DEADLINE, "a placement")
+    owner = placement["host"]
+    other = next(h for h in rig.HOSTS if h != owner)
+    name = "fw.notes.example.com"
+    rig.wait_for(lambda: all(fleet.get(h, tenant)[0] == 200 for h in (owner, other)), rig.EVENT_DEADLINE,
+                 f"{tenant} through both proxies")
+    print(f"one-hop forward: {tenant} runs on {owner}; asked through {owner}'s proxy (local) and {other}'s "
+          f"(handed over), wrk from {rig.NET}.254, {rounds} interleaved rounds of {duration} s")
+    for connections in (1, 4, 32):
+        local, hop = [], []
+        for _ in range(rounds):
+            for host, out in ((owner, local), (other, hop)):
+                result = wrk(80, connections, duration, host=name, address=rig.addr(host))
+                if result["errors"]:
+                    raise SystemExit(f"wrk through {host}: {result['errors']} errors")
+                out.append(result)
+        med = {key: (statistics.median(r[key] for r in local), statistics.median(r[key] for r in hop))
+               for key in ("p50_us", "p99_us", "rps")}
+        print(f"  c={connections}: p50 {med['p50_us'][0]:.0f} -> {med['p50_us'][1]:.0f} us "
+              f"(+{med['p50_us'][1] - med['p50_us'][0]:.0f} us, {med['p50_us'][1] / med['p50_us'][0]:.2f}x); "
+              f"p99 {med['p99_us'][0]:.0f} -> {med['p99_us'][1]:.0f} us; "
+              f"requests/s {med['rps'][0]:.0f} -> {med['rps'][1]:.0f} ({med['rps'][1] / med['rps'][0]:.2f}x)",
+              flush=True)
+    gateway.call("/kv/deleterange", {"key": b64(f"/tenement/tenants/{tenant}")})
 
 
 def failover(fleet, gateway, trials):
@@ -237,6 +274,8 @@ def main():
     # A SIGTERM (a timeout, an impatient operator) still takes the namespaces down.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--tenants", type=int, default=5000)
     ap.add_argument("--samples", type=int, default=20)
@@ -246,10 +285,10 @@ def main():
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("fleet: needs root (network namespaces)")
-    ensure_tools("etcd", "etcdctl", "protoc")
+    ensure_tools("etcd", "etcdctl", "protoc", "wrk")
     if not args.no_build:
         subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "tenement-supervisor", "-p", "tenctl",
-                       "-p", "tenement-fixtures", "-p", "tenement-fleet"], cwd=ROOT, check=True)
+                       "-p", "tenement-fixtures", "-p", "tenement-fleet", "-p", "tenement-proxy"], cwd=ROOT, check=True)
     print(f"fleet benchmark at {revision()}: 3 hosts, etcd 3 members, lease_ttl {args.lease_ttl} s, "
           f"grace {args.grace} s")
     fleet = rig.Fleet(os.path.join(ROOT, "target", "release"), lease_ttl=args.lease_ttl, grace=args.grace)
@@ -257,12 +296,13 @@ def main():
         fleet.cable(observer=True)
         start(fleet)
         gateway = Gateway("h1")
+        if args.rounds > 0:
+            forward(fleet, gateway, args.rounds, args.duration)
         if args.trials > 0:
             failover(fleet, gateway, args.trials)
         at_scale(fleet, gateway, args.tenants, args.samples)
         print()
-        print("not measured, not built yet: the one-hop forward's latency, requests failed during a drain, "
-              "the warm tier")
+        print("not measured, not built yet: requests failed during a drain, the warm tier")
     finally:
         fleet.uncable()
     return 0

@@ -277,15 +277,16 @@ def _us(text):
     return float(m.group(1)) * _UNIT[m.group(2)]
 
 
-def wrk(port, connections, duration, host=None, path="/", threads=1, timeout=None, scheme="http"):
+def wrk(port, connections, duration, host=None, path="/", threads=1, timeout=None, scheme="http",
+        address="127.0.0.1"):
     """Runs wrk once; returns rps, p50_us, p99_us, requests, errors (socket errors + non-2xx).
-    scheme="https": over TLS (wrk's SNI is then 127.0.0.1)."""
+    scheme="https": over TLS (wrk's SNI is then the address)."""
     args = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency"]
     if host:
         args += ["-H", f"Host: {host}"]
     if timeout:
         args += ["--timeout", f"{timeout}s"]
-    args.append(f"{scheme}://127.0.0.1:{port}{path}")
+    args.append(f"{scheme}://{address}:{port}{path}")
     r = subprocess.run(args, capture_output=True, text=True, timeout=duration + 60)
     out = r.stdout
     if r.returncode != 0:
