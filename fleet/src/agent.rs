@@ -6,7 +6,7 @@
 //! the old lease so the others learn at once, and joins again with a new lease: placements
 //! name hosts, not leases, so what is still placed here is served again once it is a member.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -26,9 +26,9 @@ use tracing::{error, info, warn};
 
 use crate::controller;
 use crate::fence::LeaseClock;
-use crate::records::{self, now_ms, HostRecord, HOSTS, PLACEMENTS};
+use crate::records::{self, now_ms, HostRecord, Release, HOSTS, PLACEMENTS};
 use crate::status::{Membership, Status};
-use crate::supervisor::Word;
+use crate::supervisor::{Report, Word};
 use crate::view::View;
 
 /// The agent's status, kept in memory and in its file, and the word for the supervisor
@@ -38,28 +38,29 @@ pub struct Shared {
     status: Arc<Mutex<Status>>,
     /// Until when this host's lease is sure to hold (`None`: not a member).
     until: Arc<Mutex<Option<Instant>>>,
-    /// The tenants placed on the other hosts, for the proxy.
-    peers: Arc<Mutex<Vec<FleetPeer>>>,
+    /// The tenants placed on the other hosts, for the proxy, and those placed here that
+    /// must wait for their previous host.
+    view: Arc<Mutex<(Vec<FleetPeer>, BTreeSet<String>)>>,
     path: PathBuf,
     word: watch::Sender<Word>,
-    running: watch::Receiver<u32>,
+    reports: watch::Receiver<Report>,
 }
 
 impl Shared {
-    /// `word` goes to the supervisor; `running` is what it answers.
+    /// `word` goes to the supervisor; `reports` is what it answers.
     pub fn new(
         host: &str,
         path: PathBuf,
         word: watch::Sender<Word>,
-        running: watch::Receiver<u32>,
+        reports: watch::Receiver<Report>,
     ) -> Self {
         Shared {
             status: Arc::new(Mutex::new(Status::new(host))),
             until: Arc::new(Mutex::new(None)),
-            peers: Arc::default(),
+            view: Arc::default(),
             path,
             word,
-            running,
+            reports,
         }
     }
 
@@ -101,9 +102,9 @@ impl Shared {
         self.publish(owned);
     }
 
-    /// The tenants placed on the other hosts changed (or may have).
-    fn set_peers(&self, peers: Vec<FleetPeer>) {
-        *self.peers.lock().unwrap_or_else(PoisonError::into_inner) = peers;
+    /// The tenants placed on the other hosts, or those held here, changed (or may have).
+    fn set_view(&self, peers: Vec<FleetPeer>, held: BTreeSet<String>) {
+        *self.view.lock().unwrap_or_else(PoisonError::into_inner) = (peers, held);
         let owned = self
             .status
             .lock()
@@ -115,8 +116,8 @@ impl Shared {
 
     fn publish(&self, owned: BTreeMap<String, u64>) {
         let until = *self.until.lock().unwrap_or_else(PoisonError::into_inner);
-        let peers = self
-            .peers
+        let (peers, held) = self
+            .view
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
@@ -124,6 +125,7 @@ impl Shared {
             owned,
             until,
             peers,
+            held,
         };
         self.word.send_if_modified(|current| {
             let changed = *current != word;
@@ -133,7 +135,7 @@ impl Shared {
     }
 
     fn running(&self) -> u32 {
-        *self.running.borrow()
+        self.reports.borrow().running
     }
 }
 
@@ -423,9 +425,12 @@ async fn follow_placements(client: &mut Client, host: &str, shared: &Shared) -> 
     let publish = |view: &View| {
         let mine = view.placed_on(host);
         shared.update(|s| s.placed_here = mine);
-        shared.set_peers(view.peers(host));
+        shared.set_view(view.peers(host), view.held_on(host));
     };
     publish(&view);
+    let mut reports = shared.reports.clone();
+    let first = reports.borrow_and_update().clone();
+    release(client, host, &view, &first).await?;
     let mut stream = client
         .watch(
             records::ROOT,
@@ -436,18 +441,60 @@ async fn follow_placements(client: &mut Client, host: &str, shared: &Shared) -> 
             ),
         )
         .await?;
-    while let Some(answer) = stream.message().await? {
-        if answer.canceled() {
-            anyhow::bail!("etcd cancelled the watch: {}", answer.cancel_reason());
+    loop {
+        tokio::select! {
+            answer = stream.message() => {
+                let Some(answer) = answer? else {
+                    anyhow::bail!("etcd ended the watch");
+                };
+                if answer.canceled() {
+                    anyhow::bail!("etcd cancelled the watch: {}", answer.cancel_reason());
+                }
+                for event in answer.events() {
+                    let Some(kv) = event.kv() else { continue };
+                    let value = (event.event_type() == EventType::Put).then(|| kv.value());
+                    view.apply(kv.key(), value);
+                }
+                publish(&view);
+            }
+            changed = reports.changed() => {
+                if changed.is_err() {
+                    anyhow::bail!("the supervisor link ended");
+                }
+            }
         }
-        for event in answer.events() {
-            let Some(kv) = event.kv() else { continue };
-            let value = (event.event_type() == EventType::Put).then(|| kv.value());
-            view.apply(kv.key(), value);
-        }
-        publish(&view);
+        let report = reports.borrow_and_update().clone();
+        release(client, host, &view, &report).await?;
     }
-    anyhow::bail!("etcd ended the watch")
+}
+
+/// Writes the release of each tenant moved off this host (a drain) that the supervisor has
+/// stopped: its answer to a word that no longer placed the tenant here lists no process for
+/// it. The tenant's new host starts it only then, so two hosts never run it.
+async fn release(
+    client: &mut Client,
+    host: &str,
+    view: &View,
+    report: &Report,
+) -> anyhow::Result<()> {
+    let Some(owned) = &report.owned else {
+        return Ok(());
+    };
+    for (tenant, epoch) in view.to_release(host) {
+        let name = tenant.to_string();
+        if owned.contains(&name) || report.stopping.contains(&name) {
+            continue;
+        }
+        let value = serde_json::to_vec(&Release {
+            epoch,
+            host: host.to_owned(),
+        })?;
+        client
+            .put(records::released_key(&tenant), value, None)
+            .await?;
+        info!(tenant = %tenant, epoch, "released: stopped here, its new host may start it");
+    }
+    Ok(())
 }
 
 /// An error's causes on one line, an etcd error among them said briefly ([`brief`]).

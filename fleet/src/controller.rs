@@ -122,7 +122,10 @@ async fn lead(
                         world.placements.insert(id, (placement, kv.mod_revision()));
                     }
                 }
-                Key::Other => {}
+                Key::Drain(host) => {
+                    world.drained.insert(host);
+                }
+                Key::Released(_) | Key::Other => {}
             }
         }
         if !leading {
@@ -183,7 +186,8 @@ async fn next_change(stream: &mut WatchStream) -> anyhow::Result<()> {
             let Some(kv) = event.kv() else { return false };
             match Key::parse(kv.key()) {
                 Key::Host(_) => event.event_type() == EventType::Delete || kv.version() == 1,
-                Key::Tenant(_) | Key::Placement(_) => true,
+                Key::Tenant(_) | Key::Placement(_) | Key::Drain(_) => true,
+                Key::Released(_) => false,
                 Key::Other => kv.key().starts_with(ELECTION.as_bytes()),
             }
         });
@@ -278,7 +282,11 @@ fn report(action: &Action) {
             placement,
             ..
         } => {
-            info!(tenant = %tenant, from = %from, host = %placement.host, epoch = placement.epoch, "moved off a gone host");
+            if placement.from.is_some() {
+                info!(tenant = %tenant, from = %from, host = %placement.host, epoch = placement.epoch, "moving off a drained host");
+            } else {
+                info!(tenant = %tenant, from = %from, host = %placement.host, epoch = placement.epoch, "moved off a gone host");
+            }
         }
         Action::Unplace { tenant, .. } => info!(tenant = %tenant, "unplaced: no longer wanted"),
     }

@@ -17,6 +17,8 @@ pub struct HostView {
     pub address: Option<SocketAddr>,
     pub live: bool,
     pub controller: bool,
+    /// An operator drains it (`tenement-fleet drain`).
+    pub drained: bool,
     /// Tenants placed on it.
     pub placed: usize,
     /// Running, as its supervisor last said (live hosts only).
@@ -35,6 +37,7 @@ pub async fn read(client: &mut Client) -> anyhow::Result<Vec<HostView>> {
         .await?;
     let mut records = BTreeMap::new();
     let mut placed: BTreeMap<String, usize> = BTreeMap::new();
+    let mut drained = std::collections::BTreeSet::new();
     for kv in answer.kvs() {
         match Key::parse(kv.key()) {
             Key::Host(name) => {
@@ -47,7 +50,10 @@ pub async fn read(client: &mut Client) -> anyhow::Result<Vec<HostView>> {
                     *placed.entry(p.host).or_default() += 1;
                 }
             }
-            Key::Tenant(_) | Key::Other => {}
+            Key::Drain(name) => {
+                drained.insert(name);
+            }
+            Key::Tenant(_) | Key::Released(_) | Key::Other => {}
         }
     }
     let controller = match client.leader(ELECTION).await {
@@ -56,7 +62,11 @@ pub async fn read(client: &mut Client) -> anyhow::Result<Vec<HostView>> {
             .and_then(|kv| std::str::from_utf8(kv.value()).ok().map(str::to_owned)),
         Err(_) => None,
     };
-    Ok(views(&records, &placed, controller.as_deref(), now_ms()))
+    let mut views = views(&records, &placed, controller.as_deref(), now_ms());
+    for view in &mut views {
+        view.drained = drained.contains(&view.host);
+    }
+    Ok(views)
 }
 
 /// Live hosts first, then gone ones, each by name.
@@ -73,6 +83,7 @@ pub fn views(
             address: Some(r.address),
             live: true,
             controller: controller == Some(name.as_str()),
+            drained: false,
             placed: placed.get(name).copied().unwrap_or(0),
             running: Some(r.running),
             memory_total: Some(r.memory_total),
@@ -88,6 +99,7 @@ pub fn views(
                 address: None,
                 live: false,
                 controller: false,
+                drained: false,
                 placed: *count,
                 running: None,
                 memory_total: None,
@@ -113,11 +125,15 @@ pub fn render(views: &[HostView]) -> String {
         "HEARTBEAT".to_owned(),
     ]];
     for v in views {
-        let state = match (v.live, v.controller) {
+        let mut state = match (v.live, v.controller) {
             (true, true) => "live, controller",
             (true, false) => "live",
             (false, _) => "gone",
-        };
+        }
+        .to_owned();
+        if v.drained {
+            state.push_str(", drained");
+        }
         let placed = match v.max_tenants {
             Some(cap) => format!("{}/{cap}", v.placed),
             None => v.placed.to_string(),
@@ -128,7 +144,7 @@ pub fn render(views: &[HostView]) -> String {
         };
         rows.push([
             v.host.clone(),
-            state.to_owned(),
+            state,
             v.address.map_or_else(|| "-".to_owned(), |a| a.to_string()),
             placed,
             v.running.map_or_else(|| "-".to_owned(), |r| r.to_string()),

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod controller;
 pub mod credentials;
+pub mod drain;
 pub mod fence;
 pub mod hosts;
 pub mod plan;

@@ -5,9 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tenement_fleet::agent::{self, Shared};
-use tenement_fleet::hosts;
 use tenement_fleet::status::Status;
-use tenement_fleet::supervisor::{self, Word};
+use tenement_fleet::supervisor::{self, Report, Word};
+use tenement_fleet::{drain, hosts};
 use tenement_proto::config::{Config, Environment};
 
 #[derive(Parser)]
@@ -45,6 +45,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Move every tenant off HOST, each drained there (requests inside finish, new ones are
+    /// held) and started on its new host once stopped, and place nothing new on it until
+    /// `undrain`.
+    Drain {
+        host: String,
+        /// Wait until every tenant has left HOST (up to 10 minutes).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Let the controller place tenants on HOST again.
+    Undrain { host: String },
     /// Make the fleet credential for one host: the fleet's CA in DIR (made the first time,
     /// ca.pem and ca.key), then HOST.pem and HOST.key, a certificate from it naming the host
     /// and its IP. Needs no config: run it where the CA's key is kept.
@@ -156,19 +167,34 @@ fn start(cli: Cli) -> anyhow::Result<ExitCode> {
                 owned: Default::default(),
                 until: None,
                 peers: Vec::new(),
+                held: Default::default(),
             });
-            let (running_tx, running_rx) = tokio::sync::watch::channel(0);
-            let shared = Shared::new(&fleet.host, status_path, word_tx, running_rx);
+            let (report_tx, report_rx) = tokio::sync::watch::channel(Report::default());
+            let shared = Shared::new(&fleet.host, status_path, word_tx, report_rx);
             let socket = config.settings.admin_socket();
             let every = fleet.lease_ttl / 3;
             runtime.block_on(async {
                 tokio::select! {
                     () = agent::run(fleet, shared) => {}
-                    () = supervisor::tell(socket, word_rx, running_tx, every) => {}
+                    () = supervisor::tell(socket, word_rx, report_tx, every) => {}
                     _ = tokio::signal::ctrl_c() => {}
                     () = terminated() => {}
                 }
             });
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Drain { host, wait } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(drain::drain(&fleet, &host, wait))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Undrain { host } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(drain::undrain(&fleet, &host))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Credentials { .. } => unreachable!("handled before the config is read"),

@@ -6,6 +6,9 @@
 //! - A placement on a host that is gone (its lease expired) moves once the host has been gone
 //!   for the grace period: to its first live standby with room, else the least loaded host;
 //!   the epoch goes up by one, so the old host can never take it for its own again.
+//! - A placement on a live host that is drained moves to its first standby with room that is
+//!   not drained, else the least loaded such host, naming the host it leaves (`from`): that
+//!   host drains and stops it first, and says so (docs/FLEET.md, drains).
 //! - A placement whose tenant is no longer wanted is removed.
 //!
 //! "Least loaded": the fewest tenants placed (counting this plan's), then the fewest running,
@@ -13,7 +16,7 @@
 //! chosen when no other has room, and never beyond its `max_tenants`.
 
 use std::cmp::Reverse;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use tenement_proto::ids::InstanceId;
@@ -32,6 +35,8 @@ pub struct World {
     /// gone. A host missing here counts as gone since now.
     pub gone_for: BTreeMap<String, Duration>,
     pub grace: Duration,
+    /// Hosts an operator drains: nothing new goes there, and what is there moves away.
+    pub drained: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -41,7 +46,7 @@ pub enum Action {
         tenant: InstanceId,
         placement: Placement,
     },
-    /// Replace the placement read at `expected` (the old host is gone).
+    /// Replace the placement read at `expected` (the old host is gone, or drained).
     Move {
         tenant: InstanceId,
         from: String,
@@ -71,11 +76,12 @@ impl Plan {
 struct Load<'a> {
     record: &'a HostRecord,
     placed: u32,
+    drained: bool,
 }
 
 impl Load<'_> {
     fn has_room(&self) -> bool {
-        self.record.max_tenants.is_none_or(|cap| self.placed < cap)
+        !self.drained && self.record.max_tenants.is_none_or(|cap| self.placed < cap)
     }
 
     fn low_on_memory(&self) -> bool {
@@ -87,7 +93,17 @@ pub fn plan(world: &World, now_ms: u64) -> Plan {
     let mut loads: BTreeMap<&str, Load<'_>> = world
         .hosts
         .iter()
-        .map(|(name, record)| (name.as_str(), Load { record, placed: 0 }))
+        .map(|(name, record)| {
+            let drained = world.drained.contains(name);
+            (
+                name.as_str(),
+                Load {
+                    record,
+                    placed: 0,
+                    drained,
+                },
+            )
+        })
         .collect();
     for (placement, _) in world.placements.values() {
         if let Some(load) = loads.get_mut(placement.host.as_str()) {
@@ -106,7 +122,39 @@ pub fn plan(world: &World, now_ms: u64) -> Plan {
             }
             continue;
         }
-        if loads.contains_key(placement.host.as_str()) {
+        let drained = match loads.get(placement.host.as_str()) {
+            Some(load) if load.drained => true,
+            Some(_) => continue,
+            None => false,
+        };
+        if drained {
+            // A drain: the host is alive and hands the tenant over itself.
+            let standby = placement
+                .standby
+                .iter()
+                .find(|h| loads.get(h.as_str()).is_some_and(Load::has_room))
+                .cloned();
+            let Some(host) = standby.or_else(|| least_loaded(&loads, &[])) else {
+                out.unplaceable.push(tenant.clone());
+                continue;
+            };
+            let mut moved = assign(
+                &mut loads,
+                host,
+                placement.tier,
+                placement.epoch + 1,
+                now_ms,
+            );
+            moved.from = Some(placement.host.clone());
+            if let Some(load) = loads.get_mut(placement.host.as_str()) {
+                load.placed -= 1;
+            }
+            out.actions.push(Action::Move {
+                tenant: tenant.clone(),
+                from: placement.host.clone(),
+                placement: moved,
+                expected: *revision,
+            });
             continue;
         }
         let gone_for = world
@@ -190,6 +238,7 @@ fn assign(
         tier,
         epoch,
         placed_ms: now_ms,
+        from: None,
     }
 }
 
@@ -244,6 +293,7 @@ mod tests {
             tier: Tier::Cold,
             epoch,
             placed_ms: 1,
+            from: None,
         }
     }
 
@@ -377,6 +427,7 @@ mod tests {
                     tier: Tier::Cold,
                     epoch: 5,
                     placed_ms: 9,
+                    from: None,
                 },
                 expected: 40,
             }]
@@ -429,5 +480,66 @@ mod tests {
         };
         assert!(placement.standby.is_empty());
         assert_eq!(placement.tier, Tier::ActiveActive);
+    }
+
+    #[test]
+    fn a_drained_host_hands_its_tenants_over_and_takes_nothing_new() {
+        let mut w = world(
+            &[
+                ("h1", host(0, 8, None)),
+                ("h2", host(0, 8, None)),
+                ("h3", host(0, 8, None)),
+            ],
+            &["notes:a", "notes:b", "notes:new"],
+        );
+        w.placements
+            .insert(id("notes:a"), (placed("h1", &["h3"], 4), 40));
+        w.placements
+            .insert(id("notes:b"), (placed("h1", &["h1"], 1), 41));
+        w.drained.insert("h1".into());
+        let p = plan(&w, 9);
+        let moves: Vec<(String, &str, u64, Option<&str>, i64)> = p
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Move {
+                    tenant,
+                    placement,
+                    expected,
+                    ..
+                } => Some((
+                    tenant.to_string(),
+                    placement.host.as_str(),
+                    placement.epoch,
+                    placement.from.as_deref(),
+                    *expected,
+                )),
+                _ => None,
+            })
+            .collect();
+        // At once (no grace: the host is alive and hands them over), to the standby first,
+        // each naming the host it leaves.
+        assert_eq!(
+            moves,
+            [
+                ("notes:a".to_owned(), "h3", 5, Some("h1"), 40),
+                ("notes:b".to_owned(), "h2", 2, Some("h1"), 41)
+            ]
+        );
+        let given = given(&p);
+        assert!(!given.contains_key("h1"), "{given:?}");
+        assert!(p
+            .actions
+            .iter()
+            .all(|a| !matches!(a, Action::Move { placement, .. } | Action::Place { placement, .. } if placement.standby.contains(&"h1".to_owned()))));
+        // Nowhere to go: the tenant stays, reported.
+        let mut alone = world(&[("h1", host(0, 8, None))], &["notes:a"]);
+        alone
+            .placements
+            .insert(id("notes:a"), (placed("h1", &[], 1), 7));
+        alone.drained.insert("h1".into());
+        let p = plan(&alone, 0);
+        assert!(p.actions.is_empty());
+        assert_eq!(p.unplaceable, [id("notes:a")]);
     }
 }

@@ -16,6 +16,12 @@ pub const HOSTS: &str = "/tenement/hosts/";
 pub const TENANTS: &str = "/tenement/tenants/";
 /// `/tenement/placement/{service}:{id}`: a [`Placement`], where the controller put it.
 pub const PLACEMENTS: &str = "/tenement/placement/";
+/// `/tenement/drain/{host}`: a [`DrainRecord`]; the controller moves the host's tenants off it
+/// and places nothing new there while it exists.
+pub const DRAINS: &str = "/tenement/drain/";
+/// `/tenement/released/{service}:{id}`: a [`Release`], written by the host a live move left:
+/// the tenant's process there has stopped, so its new host may start it.
+pub const RELEASED: &str = "/tenement/released/";
 /// The controller's election (etcd's election API keeps its keys under this name).
 pub const ELECTION: &str = "/tenement/controller";
 
@@ -70,6 +76,27 @@ pub struct Placement {
     pub epoch: u64,
     /// When this placement was written (Unix milliseconds).
     pub placed_ms: u64,
+    /// A move off a live host (a drain): that host, which still runs the tenant until it has
+    /// drained and stopped it and says so in a [`Release`] for this epoch. The new host holds
+    /// the tenant's requests until then. `None` for a first placement, and for a move off a
+    /// host that is gone (it fenced itself before its lease expired).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+}
+
+/// An operator's drain of one host.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DrainRecord {
+    /// When the drain was asked for (Unix milliseconds).
+    #[serde(default)]
+    pub since_ms: u64,
+}
+
+/// A host has stopped a tenant that moved off it at `epoch`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Release {
+    pub epoch: u64,
+    pub host: String,
 }
 
 /// A key of the fleet, checked: names that are not valid hosts or instances are `Other` and
@@ -79,6 +106,8 @@ pub enum Key {
     Host(String),
     Tenant(InstanceId),
     Placement(InstanceId),
+    Drain(String),
+    Released(InstanceId),
     Other,
 }
 
@@ -99,6 +128,14 @@ impl Key {
             if let Ok(id) = InstanceId::parse(id) {
                 return Key::Placement(id);
             }
+        } else if let Some(name) = key.strip_prefix(DRAINS) {
+            if Fleet::valid_host(name) {
+                return Key::Drain(name.to_owned());
+            }
+        } else if let Some(id) = key.strip_prefix(RELEASED) {
+            if let Ok(id) = InstanceId::parse(id) {
+                return Key::Released(id);
+            }
         }
         Key::Other
     }
@@ -110,6 +147,14 @@ pub fn host_key(name: &str) -> String {
 
 pub fn placement_key(id: &InstanceId) -> String {
     format!("{PLACEMENTS}{id}")
+}
+
+pub fn drain_key(host: &str) -> String {
+    format!("{DRAINS}{host}")
+}
+
+pub fn released_key(id: &InstanceId) -> String {
+    format!("{RELEASED}{id}")
 }
 
 pub use tenement_proto::now_ms;

@@ -5,7 +5,7 @@
 //! With it, when they changed (and first on each connection), the tenants placed on the other
 //! hosts, which the supervisor passes to its proxy.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -26,16 +26,32 @@ pub struct Word {
     pub until: Option<Instant>,
     /// The tenants placed on the other hosts, by host.
     pub peers: Vec<FleetPeer>,
+    /// Of `owned`, those moving here that their previous host has not released yet.
+    pub held: BTreeSet<String>,
+}
+
+/// What the supervisor answered the last word it took.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Report {
+    pub running: u32,
+    /// What that word said was placed here (`None` before the first answer).
+    pub owned: Option<BTreeSet<String>>,
+    /// Instances not placed here that still have a process (draining, stopping).
+    pub stopping: BTreeSet<String>,
 }
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How soon the word goes again while a tenant that moved away is still stopping here: its
+/// new host waits for the release that follows.
+const WHILE_STOPPING: Duration = Duration::from_millis(100);
 
 /// Sends every new word, and the current one again every `every` (so a restarted supervisor
-/// hears it soon); returns the running count the supervisor reports through `running`.
+/// hears it soon), or every [`WHILE_STOPPING`] while a tenant that moved away still stops;
+/// publishes what the supervisor answers through `reports`.
 pub async fn tell(
     socket: PathBuf,
     mut words: watch::Receiver<Word>,
-    running: watch::Sender<u32>,
+    reports: watch::Sender<Report>,
     every: Duration,
 ) {
     let mut link: Option<UnixStream> = None;
@@ -48,12 +64,29 @@ pub async fn tell(
             told_peers = None;
         }
         let peers = (told_peers.as_ref() != Some(&word.peers)).then(|| word.peers.clone());
+        let mut wait = every;
         match say(&socket, &mut link, &word, peers.clone()).await {
-            Ok(count) => {
+            Ok((running, stopping)) => {
                 if peers.is_some() {
                     told_peers = peers;
                 }
-                let _ = running.send(count);
+                if !stopping.is_empty() {
+                    wait = WHILE_STOPPING;
+                }
+                let report = Report {
+                    running,
+                    owned: Some(if word.until.is_some() {
+                        word.owned.keys().cloned().collect()
+                    } else {
+                        BTreeSet::new()
+                    }),
+                    stopping: stopping.iter().map(ToString::to_string).collect(),
+                };
+                reports.send_if_modified(|current| {
+                    let changed = *current != report;
+                    *current = report;
+                    changed
+                });
                 if complained {
                     info!("the supervisor hears the fleet agent again");
                     complained = false;
@@ -67,7 +100,7 @@ pub async fn tell(
                 }
             }
         }
-        let _ = timeout(every, words.changed()).await;
+        let _ = timeout(wait, words.changed()).await;
     }
 }
 
@@ -76,7 +109,7 @@ async fn say(
     link: &mut Option<UnixStream>,
     word: &Word,
     peers: Option<Vec<FleetPeer>>,
-) -> anyhow::Result<u32> {
+) -> anyhow::Result<(u32, Vec<InstanceId>)> {
     if link.is_none() {
         *link = Some(
             timeout(CALL_TIMEOUT, hello(socket))
@@ -98,6 +131,7 @@ async fn say(
                 Some(FleetOwned {
                     instance: InstanceId::parse(id).ok()?,
                     epoch: *epoch,
+                    held: word.held.contains(id),
                 })
             })
             .collect()
@@ -114,7 +148,7 @@ async fn say(
     .await
     .context("no answer")??;
     match answer {
-        Response::FleetOwned { running } => Ok(running),
+        Response::FleetOwned { running, stopping } => Ok((running, stopping)),
         Response::Error { code, message } => {
             anyhow::bail!(
                 "the supervisor refused fleet_own: {message} ({})",

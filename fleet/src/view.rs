@@ -1,21 +1,32 @@
-//! What the agent follows of the fleet: every placement and where each live host's proxy
-//! listens. From it come the tenants placed here (for the supervisor's gate) and the tenants
-//! placed elsewhere with their hosts' addresses (for the proxy, which forwards to them).
+//! What the agent follows of the fleet: every placement, where each live host's proxy
+//! listens, and the releases of tenants moved off live hosts. From it come the tenants placed
+//! here (for the supervisor's gate; held while the host they moved from still has them), the
+//! tenants placed elsewhere with their hosts' addresses (for the proxy, which forwards to
+//! them), and the tenants this host handed over and has yet to release.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use tenement_proto::ids::InstanceId;
 use tenement_proto::rpc::FleetPeer;
 
-use crate::records::{HostRecord, Key, Placement};
+use crate::records::{HostRecord, Key, Placement, Release};
 
 #[derive(Debug, Default)]
 pub struct View {
-    /// Tenant -> (host, epoch).
-    placements: BTreeMap<InstanceId, (String, u64)>,
+    placements: BTreeMap<InstanceId, Placed>,
     /// Live hosts (their record is in etcd) -> where their proxies listen.
     addresses: BTreeMap<String, SocketAddr>,
+    /// Tenant -> the epoch its previous host released.
+    released: BTreeMap<InstanceId, u64>,
+}
+
+#[derive(Debug)]
+struct Placed {
+    host: String,
+    epoch: u64,
+    /// The live host it is moving off (a drain).
+    from: Option<String>,
 }
 
 impl View {
@@ -27,7 +38,14 @@ impl View {
             Key::Placement(id) => {
                 match value.and_then(|v| serde_json::from_slice::<Placement>(v).ok()) {
                     Some(p) => {
-                        self.placements.insert(id, (p.host, p.epoch));
+                        self.placements.insert(
+                            id,
+                            Placed {
+                                host: p.host,
+                                epoch: p.epoch,
+                                from: p.from,
+                            },
+                        );
                     }
                     None => {
                         self.placements.remove(&id);
@@ -44,7 +62,17 @@ impl View {
                     }
                 }
             }
-            Key::Tenant(_) | Key::Other => {}
+            Key::Released(id) => {
+                match value.and_then(|v| serde_json::from_slice::<Release>(v).ok()) {
+                    Some(release) => {
+                        self.released.insert(id, release.epoch);
+                    }
+                    None => {
+                        self.released.remove(&id);
+                    }
+                }
+            }
+            Key::Tenant(_) | Key::Drain(_) | Key::Other => {}
         }
     }
 
@@ -52,8 +80,39 @@ impl View {
     pub fn placed_on(&self, host: &str) -> BTreeMap<String, u64> {
         self.placements
             .iter()
-            .filter(|(_, (h, _))| h == host)
-            .map(|(id, (_, epoch))| (id.to_string(), *epoch))
+            .filter(|(_, p)| p.host == host)
+            .map(|(id, p)| (id.to_string(), p.epoch))
+            .collect()
+    }
+
+    /// Of the tenants placed on `host`, those it must not start yet: moved off a host that is
+    /// still live and has not released them for this epoch. (A host that is gone fenced
+    /// itself before its lease expired: nothing to wait for.)
+    pub fn held_on(&self, host: &str) -> BTreeSet<String> {
+        self.placements
+            .iter()
+            .filter(|(id, p)| {
+                p.host == host
+                    && p.from
+                        .as_ref()
+                        .is_some_and(|from| self.addresses.contains_key(from))
+                    && self.released.get(*id) != Some(&p.epoch)
+            })
+            .map(|(id, _)| id.to_string())
+            .collect()
+    }
+
+    /// The tenants moved off `host` while it was live that it has not released yet, with the
+    /// epoch to release.
+    pub fn to_release(&self, host: &str) -> BTreeMap<InstanceId, u64> {
+        self.placements
+            .iter()
+            .filter(|(id, p)| {
+                p.host != host
+                    && p.from.as_deref() == Some(host)
+                    && self.released.get(*id) != Some(&p.epoch)
+            })
+            .map(|(id, p)| (id.clone(), p.epoch))
             .collect()
     }
 
@@ -61,9 +120,9 @@ impl View {
     /// equal); a host without a live record has no address.
     pub fn peers(&self, me: &str) -> Vec<FleetPeer> {
         let mut by_host: BTreeMap<&str, Vec<InstanceId>> = BTreeMap::new();
-        for (id, (host, _)) in &self.placements {
-            if host != me {
-                by_host.entry(host).or_default().push(id.clone());
+        for (id, p) in &self.placements {
+            if p.host != me {
+                by_host.entry(&p.host).or_default().push(id.clone());
             }
         }
         by_host
@@ -89,6 +148,19 @@ mod tests {
             tier: Tier::Cold,
             epoch,
             placed_ms: 0,
+            from: None,
+        })
+        .expect("json")
+    }
+
+    fn moved(host: &str, epoch: u64, from: &str) -> Vec<u8> {
+        serde_json::to_vec(&Placement {
+            host: host.to_owned(),
+            standby: vec![],
+            tier: Tier::Cold,
+            epoch,
+            placed_ms: 0,
+            from: Some(from.to_owned()),
         })
         .expect("json")
     }
@@ -156,5 +228,38 @@ mod tests {
         view.apply(placement_key(&id("notes:c")).as_bytes(), Some(b"{not json"));
         view.apply(b"/tenement/placement/../etc", Some(&placement("h9", 1)));
         assert!(view.peers("h1").is_empty());
+    }
+
+    #[test]
+    fn a_tenant_moved_off_a_live_host_is_held_until_that_host_releases_it() {
+        use crate::records::released_key;
+        let mut view = View::default();
+        for h in ["h1", "h2"] {
+            view.apply(host_key(h).as_bytes(), Some(&record("10.0.0.1:7443")));
+        }
+        let t = id("notes:a");
+        view.apply(placement_key(&t).as_bytes(), Some(&moved("h2", 5, "h1")));
+        assert!(view.held_on("h2").contains("notes:a"));
+        assert_eq!(view.to_release("h1").get(&t), Some(&5));
+        assert!(view.to_release("h2").is_empty());
+        // h2's proxy serves it (held there), h1's hands it to h2.
+        assert!(view.peers("h2").is_empty());
+        assert_eq!(view.peers("h1")[0].instances, std::slice::from_ref(&t));
+        // A release of an older epoch changes nothing; this epoch's frees it.
+        let release = |epoch: u64| {
+            serde_json::to_vec(&Release {
+                epoch,
+                host: "h1".to_owned(),
+            })
+            .expect("json")
+        };
+        view.apply(released_key(&t).as_bytes(), Some(&release(4)));
+        assert!(view.held_on("h2").contains("notes:a"));
+        view.apply(released_key(&t).as_bytes(), Some(&release(5)));
+        assert!(view.held_on("h2").is_empty());
+        assert!(view.to_release("h1").is_empty());
+        // Moved off a host that is gone: nothing to wait for.
+        view.apply(placement_key(&t).as_bytes(), Some(&moved("h2", 6, "h3")));
+        assert!(view.held_on("h2").is_empty());
     }
 }

@@ -343,8 +343,8 @@ fn check_response_ids(response: &Response) {
         | Response::Ok
         | Response::Error { .. }
         | Response::Logs { .. }
-        | Response::FleetOwned { .. }
         | Response::ConfigReloaded => {}
+        Response::FleetOwned { stopping, .. } => stopping.iter().for_each(check_instance),
         Response::FleetPeers { peers } => peers
             .iter()
             .flat_map(|p| &p.instances)

@@ -593,9 +593,12 @@ pub enum Response {
         token: Secret,
         info: TokenInfo,
     },
-    /// Answer to `fleet_own`: how many of this host's instances run now.
+    /// Answer to `fleet_own`: how many of this host's instances run now, and those that are
+    /// not placed here but still have a process (draining or stopping).
     FleetOwned {
         running: u32,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        stopping: Vec<InstanceId>,
     },
     /// Supervisor -> proxy on a watch stream of a `[fleet]` host: the tenants placed on the
     /// other hosts and where those hosts' proxies listen, replacing what came before (sent
@@ -716,6 +719,9 @@ pub struct FleetOwned {
     pub instance: InstanceId,
     /// The placement's epoch: it goes up each time the tenant moves between hosts.
     pub epoch: u64,
+    /// Moved here off a live host that has not yet stopped it: its wakes wait.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
 }
 
 /// Another host of the fleet and the tenants placed on it, in `fleet_own` and `fleet_peers`.

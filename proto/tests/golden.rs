@@ -148,10 +148,18 @@ fn requests() -> Vec<(&'static str, Request)> {
         (
             "request_fleet_own",
             Request::FleetOwn {
-                owned: vec![FleetOwned {
-                    instance: id("notes:alice"),
-                    epoch: 3,
-                }],
+                owned: vec![
+                    FleetOwned {
+                        instance: id("notes:alice"),
+                        epoch: 3,
+                        held: false,
+                    },
+                    FleetOwned {
+                        instance: id("notes:erin"),
+                        epoch: 7,
+                        held: true,
+                    },
+                ],
                 valid_ms: 2250,
                 peers: Some(vec![fleet_peer()]),
             },
@@ -324,7 +332,13 @@ fn responses() -> Vec<(&'static str, Response)> {
                 info: token_info(),
             },
         ),
-        ("response_fleet_owned", Response::FleetOwned { running: 12 }),
+        (
+            "response_fleet_owned",
+            Response::FleetOwned {
+                running: 12,
+                stopping: vec![id("notes:frank")],
+            },
+        ),
         (
             "response_fleet_peers",
             Response::FleetPeers {

@@ -212,8 +212,9 @@ impl Credential {
 pub enum Handed {
     /// The peer's answer (or the upgrade it agreed to).
     Answered(Response<ProxyBody>),
-    /// The tenant is placed on this host now: serve the request here.
-    PlacedHere(Request<Incoming>),
+    /// The tenant is placed on this host now: serve the request here (its body as it was, or
+    /// empty for a bodyless request that went out once already).
+    PlacedHere(Request<ProxyBody>),
 }
 
 impl Fleet {
@@ -283,17 +284,22 @@ impl Fleet {
 impl Proxy {
     /// Hands `request` for `id` to the proxy of the host it is placed on, waiting (until
     /// `deadline`) while that host is down or does not have it yet.
-    pub(crate) async fn hand_over(
+    pub(crate) async fn hand_over<B>(
         &self,
-        request: Request<Incoming>,
+        request: Request<B>,
         id: &InstanceId,
         peer: Peer,
         raw_host: &str,
         deadline: Instant,
         settings: &Settings,
-    ) -> Result<Handed, ProxyError> {
+    ) -> Result<Handed, ProxyError>
+    where
+        B: Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let boxed = |body: B| -> ProxyBody { body.map_err(Into::into).boxed() };
         let Some(fleet) = self.fleet.as_deref() else {
-            return Ok(Handed::PlacedHere(request));
+            return Ok(Handed::PlacedHere(request.map(boxed)));
         };
         let mut changes = fleet.placements.subscribe();
         // A dead host's tenants move only after its lease expired and the grace passed.
@@ -310,20 +316,16 @@ impl Proxy {
         let mut why;
         loop {
             let Some(place) = fleet.placements.get(id) else {
-                // Moved here while it waited.
-                match pending.take() {
-                    Some(body) => {
-                        if let Some(upgrade) = client_upgrade {
-                            parts.extensions.insert(upgrade);
-                        }
-                        return Ok(Handed::PlacedHere(Request::from_parts(parts, body)));
-                    }
-                    None => {
-                        return Err(ProxyError::NotPlacedHere(format!(
-                            "{id} moved to this host after another refused it"
-                        )))
-                    }
+                // Moved here while it waited: served here, with the body it still has (a
+                // request that went out once had none).
+                let body = match pending.take() {
+                    Some(body) => boxed(body),
+                    None => full(Bytes::new()),
+                };
+                if let Some(upgrade) = client_upgrade {
+                    parts.extensions.insert(upgrade);
                 }
+                return Ok(Handed::PlacedHere(Request::from_parts(parts, body)));
             };
             why = match place.address {
                 None => format!("{id} is placed on {}, which is down", place.host),
@@ -333,7 +335,7 @@ impl Proxy {
                     Ok(connection) => {
                         let head = outgoing_head(&parts, peer, raw_host, upgrade)?;
                         let body: ProxyBody = match pending.take() {
-                            Some(body) => body.map_err(|e| -> BoxError { Box::new(e) }).boxed(),
+                            Some(body) => boxed(body),
                             None => full(Bytes::new()),
                         };
                         let outgoing = Request::from_parts(head, body);
@@ -368,6 +370,40 @@ impl Proxy {
             }
             tracing::debug!(instance = %id, "{why}; waiting for the fleet");
             let _ = tokio::time::timeout_at(deadline.min(now + RETRY), changes.changed()).await;
+        }
+    }
+
+    /// A request for `id`, which this host's supervisor just refused as not placed here: it
+    /// moved to another host (a drain) after the request was routed. The placement says so
+    /// already (the supervisor tells the proxy before it stops the tenant), or soon; then the
+    /// request goes there.
+    pub(crate) async fn moved_away<B>(
+        &self,
+        request: Request<B>,
+        id: &InstanceId,
+        peer: Peer,
+        raw_host: &str,
+        deadline: Instant,
+        settings: &Settings,
+    ) -> Result<Response<ProxyBody>, ProxyError>
+    where
+        B: Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let refused = || ProxyError::NotPlacedHere(format!("{id} is not placed on this host"));
+        let Some(fleet) = self.fleet.as_deref() else {
+            return Err(refused());
+        };
+        let mut changes = fleet.placements.subscribe();
+        while fleet.placements.get(id).is_none() {
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return Err(refused()),
+            }
+        }
+        match Box::pin(self.hand_over(request, id, peer, raw_host, deadline, settings)).await? {
+            Handed::Answered(response) => Ok(response),
+            Handed::PlacedHere(_) => Err(refused()),
         }
     }
 

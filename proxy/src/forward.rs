@@ -157,7 +157,7 @@ impl Proxy {
     /// `handles`: set to the metric handles of the service once the request has one.
     async fn serve(
         &self,
-        mut request: Request<Incoming>,
+        request: Request<Incoming>,
         peer: Peer,
         handles: &mut Option<Arc<ServiceHandles>>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -216,51 +216,27 @@ impl Proxy {
                 if let Some(fleet) = self.fleet.as_ref().filter(|_| !peer.via_fleet) {
                     if fleet.placements.get(&id).is_some() {
                         *handles = Some(self.metrics.service(Some(&id.service)));
-                        let host = raw_host.as_deref().unwrap_or_default();
+                        let host = raw_host.clone().unwrap_or_default();
                         // Boxed like the API: a rare path's future stays out of every
                         // request's.
-                        let handed =
-                            Box::pin(self.hand_over(request, &id, peer, host, deadline, &settings))
-                                .await?;
-                        match handed {
-                            crate::fleet::Handed::Answered(response) => return Ok(response),
-                            crate::fleet::Handed::PlacedHere(back) => request = back,
-                        }
-                    }
-                }
-                match self.table.get(&id) {
-                    Some(entry) => entry,
-                    None if peer.via_fleet => {
-                        // Handed over by a host that takes it for placed here: it is, or is
-                        // about to be (the supervisor registers it when the agent says so),
-                        // or it moved on. That host waits and asks again.
-                        *handles = Some(self.metrics.service(Some(&id.service)));
-                        match self.link.resolve(&id, deadline).await {
-                            Ok(route) => self.table.upsert(&route),
-                            Err(ProxyError::UnknownInstance) => {
-                                return Err(ProxyError::NotPlacedHere(format!(
-                                    "{id} is not registered on this host"
-                                )))
+                        let handed = Box::pin(
+                            self.hand_over(request, &id, peer, &host, deadline, &settings),
+                        )
+                        .await?;
+                        return match handed {
+                            crate::fleet::Handed::Answered(response) => Ok(response),
+                            crate::fleet::Handed::PlacedHere(back) => {
+                                let entry = self
+                                    .instance_entry(&id, policy, peer, deadline, handles)
+                                    .await?;
+                                Box::pin(self.forward(back, entry, peer, host, deadline, &settings))
+                                    .await
                             }
-                            Err(e) => return Err(e),
-                        }
-                    }
-                    None => {
-                        // The cold path: counted under its service even if it ends in a 404.
-                        *handles = Some(self.metrics.service(Some(&id.service)));
-                        // Not in the cache: ask (the supervisor registers it for auto_spawn,
-                        // which a client may only make happen so often).
-                        if policy.auto_spawn
-                            && !self
-                                .new_tenants
-                                .allow(peer.addr.ip(), std::time::Instant::now())
-                        {
-                            return Err(ProxyError::TooManyNewTenants);
-                        }
-                        let route = self.link.resolve(&id, deadline).await?;
-                        self.table.upsert(&route)
+                        };
                     }
                 }
+                self.instance_entry(&id, policy, peer, deadline, handles)
+                    .await?
             }
             Target::Service(name) => {
                 let policy = settings
@@ -303,6 +279,45 @@ impl Proxy {
             &settings,
         )
         .await
+    }
+
+    /// The route table's entry of `id`, asking the supervisor when it has none (the cold
+    /// path, counted under its service even if it ends in a 404).
+    async fn instance_entry(
+        &self,
+        id: &tenement_proto::InstanceId,
+        policy: &ServicePolicy,
+        peer: Peer,
+        deadline: Instant,
+        handles: &mut Option<Arc<ServiceHandles>>,
+    ) -> Result<Arc<Entry>, ProxyError> {
+        if let Some(entry) = self.table.get(id) {
+            return Ok(entry);
+        }
+        *handles = Some(self.metrics.service(Some(&id.service)));
+        if peer.via_fleet {
+            // Handed over by a host that takes it for placed here: it is, or is about to be
+            // (the supervisor registers it when the agent says so), or it moved on. That host
+            // waits and asks again.
+            return match self.link.resolve(id, deadline).await {
+                Ok(route) => Ok(self.table.upsert(&route)),
+                Err(ProxyError::UnknownInstance) => Err(ProxyError::NotPlacedHere(format!(
+                    "{id} is not registered on this host"
+                ))),
+                Err(e) => Err(e),
+            };
+        }
+        // Not in the cache: ask (the supervisor registers it for auto_spawn, which a client
+        // may only make happen so often).
+        if policy.auto_spawn
+            && !self
+                .new_tenants
+                .allow(peer.addr.ip(), std::time::Instant::now())
+        {
+            return Err(ProxyError::TooManyNewTenants);
+        }
+        let route = self.link.resolve(id, deadline).await?;
+        Ok(self.table.upsert(&route))
     }
 
     /// Whether `name` (a lower-case host name) is tenement's: a configured domain, a
@@ -425,25 +440,44 @@ impl Proxy {
         }
     }
 
-    async fn forward(
+    async fn forward<B>(
         &self,
-        request: Request<Incoming>,
+        request: Request<B>,
         entry: Arc<Entry>,
         peer: Peer,
         raw_host: String,
         deadline: Instant,
         settings: &Settings,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
+    ) -> Result<Response<ProxyBody>, ProxyError>
+    where
+        B: Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
         let max_body = settings
             .services
             .get(&entry.id.service)
             .map_or(u64::MAX, |p| p.max_body);
+        // A target the instance may not get is refused before anything wakes it.
+        crate::head::check_target(request.method(), request.uri())?;
+        // Entered while the request is still whole: on a fleet host the tenant may have moved
+        // to another host a moment ago (the wake is refused as not placed here), and the
+        // request then goes there instead.
+        let (mut guard, mut route) = match self.enter(&entry, deadline).await {
+            Ok(entered) => entered,
+            Err(ProxyError::NotPlacedHere(_)) if !peer.via_fleet && self.fleet.is_some() => {
+                return Box::pin(
+                    self.moved_away(request, &entry.id, peer, &raw_host, deadline, settings),
+                )
+                .await;
+            }
+            Err(e) => return Err(e),
+        };
         let (mut parts, body) = request.into_parts();
         let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
         let client_http1 = parts.version < http::Version::HTTP_2;
         rewrite_head(&mut parts, peer, &raw_host, &settings.trusted_proxies)?;
         let body: ProxyBody = if max_body == u64::MAX {
-            body.map_err(|e| -> BoxError { Box::new(e) }).boxed()
+            body.map_err(Into::into).boxed()
         } else {
             Limited::new(body, max_body as usize).boxed()
         };
@@ -464,7 +498,6 @@ impl Proxy {
         let body = RequestBody::new(body, progress.clone(), metrics.clone()).boxed();
         let mut upstream_request = Request::from_parts(parts, body);
 
-        let (mut guard, mut route) = self.enter(&entry, deadline).await?;
         let mut resent = false;
         let (response, key, connection) = loop {
             let key = PoolKey {

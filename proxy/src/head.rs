@@ -85,6 +85,11 @@ pub fn rewrite_head(
     Ok(())
 }
 
+/// Refuses a target the instance may not get (see [`origin_form`]), without changing it.
+pub fn check_target(method: &http::Method, target: &Uri) -> Result<(), ProxyError> {
+    origin_form(method, target).map(|_| ())
+}
+
 /// The target the instance gets: the path and query of an origin-form or absolute-form target,
 /// the path `/` when empty (RFC 9112 3.2.1, 3.2.2), or `*` for OPTIONS alone (3.2.4). hyper
 /// accepts `*` with any method; any other method with it is refused, never sent on as `GET *`.

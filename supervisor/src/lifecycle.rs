@@ -95,6 +95,9 @@ pub enum Event {
     /// proxy (a drain park), those in flight finish (at most `stop_grace`), then the process
     /// stops and starts again at once.
     Switch,
+    /// The instance moved to another fleet host: parked like a switch (requests inside
+    /// finish, new ones wait), then stopped, and it stays stopped.
+    Handoff,
     /// The proxy reported activity: `in_flight` open now, `started` new since the last report.
     Activity {
         in_flight: u32,
@@ -186,6 +189,8 @@ enum Phase {
         park_id: u64,
         /// Every proxy has parked it (and reported what was in flight then).
         parked: bool,
+        /// A handoff to another fleet host: stopped, not started again, once drained.
+        then_stop: bool,
     },
     Stopping {
         reason: StopReason,
@@ -376,18 +381,39 @@ impl Lifecycle {
                     }
                 }
             }
-            Event::Switch => {
-                if let Phase::Running { .. } = self.phase {
-                    let park_id = self.next_park_id;
-                    self.next_park_id += 1;
-                    self.park_sent_at = None;
-                    self.phase = Phase::Draining {
-                        since: now,
-                        park_id,
-                        parked: false,
-                    };
-                    actions.push(Action::Log("switching release: draining".to_owned()));
-                    actions.push(Action::SendDrain(park_id));
+            Event::Switch | Event::Handoff => {
+                let then_stop = event == Event::Handoff;
+                match self.phase {
+                    Phase::Running { .. } => {
+                        let park_id = self.next_park_id;
+                        self.next_park_id += 1;
+                        self.park_sent_at = None;
+                        self.phase = Phase::Draining {
+                            since: now,
+                            park_id,
+                            parked: false,
+                            then_stop,
+                        };
+                        actions.push(Action::Log(
+                            if then_stop {
+                                "moved to another fleet host: draining, then stopping"
+                            } else {
+                                "switching release: draining"
+                            }
+                            .to_owned(),
+                        ));
+                        actions.push(Action::SendDrain(park_id));
+                    }
+                    Phase::Draining {
+                        then_stop: ref mut stop,
+                        ..
+                    } if then_stop => *stop = true,
+                    // Nothing serves yet: a handoff is a plain stop.
+                    Phase::Starting { .. } if then_stop => {
+                        actions.push(Action::FailWaiters(WaitError::Stopped));
+                        self.begin_stop(StopReason::Operator, now, policy, &mut actions);
+                    }
+                    _ => {}
                 }
             }
             Event::Activity { in_flight, started } => {
@@ -460,10 +486,24 @@ impl Lifecycle {
 
     /// A draining instance stops once every proxy parked it and nothing is in flight.
     fn maybe_drained(&mut self, now: Instant, policy: &Policy, actions: &mut Vec<Action>) {
-        if let Phase::Draining { parked: true, .. } = self.phase {
+        if let Phase::Draining {
+            parked: true,
+            then_stop,
+            ..
+        } = self.phase
+        {
             if self.in_flight == 0 {
-                self.begin_stop(StopReason::Switch, now, policy, actions);
+                self.begin_stop(Self::after_drain(then_stop), now, policy, actions);
             }
+        }
+    }
+
+    /// What a drained instance's stop is for: a switch starts it again, a handoff does not.
+    fn after_drain(then_stop: bool) -> StopReason {
+        if then_stop {
+            StopReason::Operator
+        } else {
+            StopReason::Switch
         }
     }
 
@@ -720,12 +760,14 @@ impl Lifecycle {
                     actions.push(Action::SendPark(park_id));
                 }
             }
-            Phase::Draining { since, .. } if now >= since + policy.stop_grace => {
+            Phase::Draining {
+                since, then_stop, ..
+            } if now >= since + policy.stop_grace => {
                 actions.push(Action::Log(format!(
-                    "requests still in flight {} ms after the switch began: stopping anyway",
+                    "requests still in flight {} ms after the drain began: stopping anyway",
                     policy.stop_grace.as_millis()
                 )));
-                self.begin_stop(StopReason::Switch, now, policy, actions);
+                self.begin_stop(Self::after_drain(then_stop), now, policy, actions);
             }
             Phase::Draining { .. } => self.maybe_drained(now, policy, actions),
             Phase::Stopping {

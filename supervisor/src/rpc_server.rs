@@ -710,7 +710,7 @@ async fn answer(request: Request, registry: &RegistryHandle, grant: Option<&Gran
                 valid_ms,
                 peers,
             } => {
-                let running = registry
+                let (running, stopping) = registry
                     .ask(|reply| Command::FleetOwn {
                         owned,
                         valid_ms,
@@ -718,7 +718,7 @@ async fn answer(request: Request, registry: &RegistryHandle, grant: Option<&Gran
                         reply,
                     })
                     .await??;
-                Ok(Response::FleetOwned { running })
+                Ok(Response::FleetOwned { running, stopping })
             }
             Request::Add { instances } => {
                 let (added, existing) = registry

@@ -1247,6 +1247,49 @@ fn a_crash_while_draining_is_a_crash() {
 }
 
 #[test]
+fn a_handoff_drains_like_a_switch_then_stays_stopped() {
+    let mut h = running(policy());
+    h.script(&[
+        (1_000, activity(1, 3), &[], S::Running),
+        (1_010, Handoff, &[SendDrain(1)], S::Stopping),
+        (1_020, park(1, true), &[], S::Stopping),
+        (
+            1_030,
+            activity(0, 0),
+            &[Terminate, PublishRoute],
+            S::Stopping,
+        ),
+        (1_100, exited(), &[PublishRoute], S::Stopped),
+        (2_000, Tick, &[], S::Stopped),
+    ]);
+    assert!(h.restarted.is_empty());
+}
+
+#[test]
+fn a_handoff_turns_a_switch_under_way_into_a_stop_and_stops_a_start() {
+    let mut h = running(policy());
+    h.script(&[
+        (1_000, Switch, &[SendDrain(1)], S::Stopping),
+        (1_010, Handoff, &[], S::Stopping),
+        (
+            1_020,
+            park(1, true),
+            &[Terminate, PublishRoute],
+            S::Stopping,
+        ),
+        (1_100, exited(), &[PublishRoute], S::Stopped),
+        (1_200, Wake, &[Spawn, PublishRoute], S::Starting),
+        (1_205, Spawned, &[], S::Starting),
+        (
+            1_210,
+            Handoff,
+            &[FailWaiters(WaitError::Stopped), Terminate, PublishRoute],
+            S::Stopping,
+        ),
+    ]);
+}
+
+#[test]
 fn a_switch_of_an_instance_that_is_not_running_does_nothing() {
     let mut h = Harness::new(policy());
     h.script(&[

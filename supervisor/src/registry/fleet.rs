@@ -22,8 +22,9 @@ const MAX_VALID: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Default)]
 pub struct FleetGate {
-    /// Placed here, with the placement's epoch.
-    owned: HashMap<InstanceId, u64>,
+    /// Placed here, with the placement's epoch and whether it is held: moved here off a live
+    /// host (a drain) that has not yet said it stopped it. A held tenant's wakes wait.
+    owned: HashMap<InstanceId, (u64, bool)>,
     /// Until when the agent's last word holds; `None` before its first.
     valid_until: Option<Instant>,
     /// Whether the stop for an expired word has been done (it is done once).
@@ -43,11 +44,20 @@ impl FleetGate {
             Some(until) if now >= until => refuse(format!(
                 "{id} cannot start: this fleet host is fenced (its fleet agent has not renewed its placements)"
             )),
-            Some(_) if !self.owned.contains_key(id) => {
-                refuse(format!("{id} is not placed on this fleet host"))
-            }
-            Some(_) => Ok(()),
+            Some(_) => match self.owned.get(id) {
+                None => refuse(format!("{id} is not placed on this fleet host")),
+                Some((_, true)) => refuse(format!(
+                    "{id} is moving to this fleet host: its previous host has not stopped it yet"
+                )),
+                Some((_, false)) => Ok(()),
+            },
         }
+    }
+
+    /// Placed here, but its previous host still has it.
+    fn held(&self, id: &InstanceId, now: Instant) -> bool {
+        self.valid_until.is_some_and(|until| now < until)
+            && self.owned.get(id).is_some_and(|(_, held)| *held)
     }
 }
 
@@ -60,14 +70,22 @@ impl Registry {
         }
     }
 
-    /// The agent's word: registers what is placed here, stops what is not; how many run.
+    /// Whether a wake of `id` must wait: it is moving here and its previous host has not
+    /// stopped it yet. The wake's waiter is kept and woken when the agent says it may start.
+    pub(super) fn held_here(&self, id: &InstanceId, now: Instant) -> bool {
+        self.fleet.as_ref().is_some_and(|gate| gate.held(id, now))
+    }
+
+    /// The agent's word: registers what is placed here, stops what is not (drained first while
+    /// the word holds: it moved to another host, which waits for it); how many run, and which
+    /// are still stopping.
     pub(super) fn fleet_own(
         &mut self,
         owned: Vec<FleetOwned>,
         valid_ms: u64,
         peers: Option<Vec<FleetPeer>>,
         now: Instant,
-    ) -> Result<u32, RpcError> {
+    ) -> Result<(u32, Vec<InstanceId>), RpcError> {
         let Some(gate) = self.fleet.as_mut() else {
             return Err(RpcError::new(
                 ErrorCode::BadRequest,
@@ -75,8 +93,17 @@ impl Registry {
             ));
         };
         let valid = Duration::from_millis(valid_ms).min(MAX_VALID);
-        let owned: HashMap<InstanceId, u64> =
-            owned.into_iter().map(|o| (o.instance, o.epoch)).collect();
+        let owned: HashMap<InstanceId, (u64, bool)> = owned
+            .into_iter()
+            .map(|o| (o.instance, (o.epoch, o.held)))
+            .collect();
+        // Held until now, free to start from now: their waiting wakes go ahead.
+        let released: Vec<InstanceId> = gate
+            .owned
+            .iter()
+            .filter(|(id, (_, held))| *held && owned.get(*id).is_some_and(|(_, h)| !h))
+            .map(|(id, _)| id.clone())
+            .collect();
         if owned != gate.owned {
             let gained = owned
                 .keys()
@@ -121,29 +148,61 @@ impl Registry {
         if !known.is_empty() {
             self.add(known, now)?;
         }
-        self.stop_unplaced(now);
+        // The proxy learns where moved tenants went before they stop here, so what arrives
+        // meanwhile goes there.
         if let Some(peers) = peers {
             self.broadcast(Response::FleetPeers { peers });
+        }
+        self.stop_unplaced(now);
+        for id in released {
+            if self
+                .instances
+                .get(&id)
+                .is_some_and(|i| !i.waiters.is_empty() && i.process.is_none())
+            {
+                tracing::info!(instance = %id, "fleet: its previous host stopped it; starting it here");
+                self.event(&id, Event::Wake, now);
+            }
         }
         let running = self
             .instances
             .values()
             .filter(|i| i.process.is_some())
             .count();
-        Ok(u32::try_from(running).unwrap_or(u32::MAX))
-    }
-
-    /// Stops every instance with a process that may not run here now.
-    fn stop_unplaced(&mut self, now: Instant) {
-        let stop: Vec<InstanceId> = self
+        let stopping = self
             .instances
             .iter()
             .filter(|(id, i)| i.process.is_some() && self.placed_here(id, now).is_err())
             .map(|(id, _)| id.clone())
             .collect();
+        Ok((u32::try_from(running).unwrap_or(u32::MAX), stopping))
+    }
+
+    /// Stops every instance with a process that may not run here now: drained first (the
+    /// requests inside finish, new ones go to its new host) while the agent's word holds,
+    /// at once when it has run out (the lease may be gone).
+    fn stop_unplaced(&mut self, now: Instant) {
+        let fenced = self
+            .fleet
+            .as_ref()
+            .is_none_or(|gate| gate.valid_until.is_none_or(|until| now >= until));
+        let stop: Vec<InstanceId> = self
+            .instances
+            .iter()
+            .filter(|(id, i)| i.process.is_some() && self.placed_here(id, now).is_err())
+            .filter(|(_, i)| {
+                fenced || i.lifecycle.state() != tenement_proto::rpc::InstanceState::Stopping
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
         for id in stop {
-            tracing::info!(instance = %id, "fleet: stopping, no longer placed on this host");
-            self.event(&id, Event::Stop, now);
+            if fenced {
+                tracing::info!(instance = %id, "fleet: stopping, no longer placed on this host");
+                self.event(&id, Event::Stop, now);
+            } else {
+                tracing::info!(instance = %id, "fleet: moved to another host; draining, then stopping");
+                self.event(&id, Event::Handoff, now);
+            }
         }
     }
 
@@ -187,9 +246,19 @@ mod tests {
         let silent = gate.check(&id("notes:a"), now).expect_err("no word yet");
         assert_eq!(silent.code, ErrorCode::NotPlacedHere);
         assert!(silent.message.contains("not heard from its fleet agent"));
-        gate.owned.insert(id("notes:a"), 3);
+        gate.owned.insert(id("notes:a"), (3, false));
+        gate.owned.insert(id("notes:c"), (2, true));
         gate.valid_until = Some(now + Duration::from_secs(2));
         assert!(gate.check(&id("notes:a"), now).is_ok());
+        assert!(!gate.held(&id("notes:a"), now));
+        // Moving here from a live host: held, so neither started nor refused for good.
+        assert!(gate.held(&id("notes:c"), now));
+        let moving = gate.check(&id("notes:c"), now).expect_err("held");
+        assert!(
+            moving.message.contains("previous host has not stopped it"),
+            "{}",
+            moving.message
+        );
         let elsewhere = gate.check(&id("notes:b"), now).expect_err("not placed");
         assert_eq!(
             elsewhere.message,
@@ -198,5 +267,9 @@ mod tests {
         let later = now + Duration::from_secs(2);
         let fenced = gate.check(&id("notes:a"), later).expect_err("expired");
         assert!(fenced.message.contains("fenced"), "{}", fenced.message);
+        assert!(
+            !gate.held(&id("notes:c"), later),
+            "a fenced host holds nothing"
+        );
     }
 }

@@ -160,7 +160,7 @@ pub enum Command {
         owned: Vec<tenement_proto::rpc::FleetOwned>,
         valid_ms: u64,
         peers: Option<Vec<tenement_proto::rpc::FleetPeer>>,
-        reply: Reply<u32>,
+        reply: Reply<(u32, Vec<InstanceId>)>,
     },
     Logs {
         instance: InstanceId,
@@ -879,6 +879,20 @@ impl Registry {
                 return;
             }
         };
+        if self.held_here(&id, now) {
+            // Moving here from a live host that still drains it: the wake waits (until its
+            // deadline) for the agent to say it may start.
+            if !self.instances.contains_key(&id) {
+                if let Err(e) = self.add(vec![id.clone()], now) {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+            }
+            if let Some(i) = self.instances.get_mut(&id) {
+                i.waiters.push(Waiter { reply, since: now });
+            }
+            return;
+        }
         if let Err(e) = self.placed_here(&id, now) {
             let _ = reply.send(Err(e));
             return;
