@@ -18,6 +18,7 @@ use etcd_client::{
     WatchOptions,
 };
 use tenement_proto::config::Fleet;
+use tenement_proto::ids::InstanceId;
 use tenement_proto::rpc::FleetPeer;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -429,8 +430,10 @@ async fn follow_placements(client: &mut Client, host: &str, shared: &Shared) -> 
     };
     publish(&view);
     let mut reports = shared.reports.clone();
+    // Written by this watch already (its echo may not have come back yet).
+    let mut written = BTreeSet::new();
     let first = reports.borrow_and_update().clone();
-    release(client, host, &view, &first).await?;
+    release(client, host, &view, &first, &mut written).await?;
     let mut stream = client
         .watch(
             records::ROOT,
@@ -464,7 +467,7 @@ async fn follow_placements(client: &mut Client, host: &str, shared: &Shared) -> 
             }
         }
         let report = reports.borrow_and_update().clone();
-        release(client, host, &view, &report).await?;
+        release(client, host, &view, &report, &mut written).await?;
     }
 }
 
@@ -476,13 +479,17 @@ async fn release(
     host: &str,
     view: &View,
     report: &Report,
+    written: &mut BTreeSet<(InstanceId, u64)>,
 ) -> anyhow::Result<()> {
     let Some(owned) = &report.owned else {
         return Ok(());
     };
     for (tenant, epoch) in view.to_release(host) {
         let name = tenant.to_string();
-        if owned.contains(&name) || report.stopping.contains(&name) {
+        if owned.contains(&name)
+            || report.stopping.contains(&name)
+            || written.contains(&(tenant.clone(), epoch))
+        {
             continue;
         }
         let value = serde_json::to_vec(&Release {
@@ -493,6 +500,7 @@ async fn release(
             .put(records::released_key(&tenant), value, None)
             .await?;
         info!(tenant = %tenant, epoch, "released: stopped here, its new host may start it");
+        written.insert((tenant, epoch));
     }
     Ok(())
 }

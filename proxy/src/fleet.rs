@@ -52,6 +52,17 @@ pub const REFUSED: HeaderName = HeaderName::from_static("tenement-fleet");
 
 /// How often a request waiting for a peer looks again when nothing tells it to sooner.
 const RETRY: Duration = Duration::from_millis(250);
+/// A request body up to this size (with a Content-Length) is read whole before it is handed
+/// over, so it can go out again if the host refuses it (a move under way).
+const RESEND_BODY_LIMIT: u64 = 64 * 1024;
+
+/// A request's body while it waits to be handed over.
+enum Pending<B> {
+    /// Read whole: it can go out any number of times.
+    Whole(Bytes),
+    /// Streamed: it goes out once (`None` once it has).
+    Streaming(Option<B>),
+}
 
 /// Where a tenant placed on another host is served.
 #[derive(Debug, PartialEq)]
@@ -309,18 +320,39 @@ impl Proxy {
         let upgrade = client_upgrade.is_some()
             && parts.headers.contains_key(header::UPGRADE)
             && parts.version == http::Version::HTTP_11;
-        // Bodyless GET and HEAD may go out again after a refusal (a move under way).
-        let resendable = (parts.method == http::Method::GET || parts.method == http::Method::HEAD)
+        // A bodyless GET or HEAD may go out again whatever happened to it; any request whose
+        // body is here whole may go out again after a refusal (a move under way: the host
+        // that refused gave nothing of it to the app). Small bodies are read whole first for
+        // that; larger ones stream, and go out once.
+        let idempotent = (parts.method == http::Method::GET || parts.method == http::Method::HEAD)
             && body.is_end_stream();
-        let mut pending = Some(body);
+        let small = !upgrade
+            && body
+                .size_hint()
+                .exact()
+                .is_some_and(|len| len <= RESEND_BODY_LIMIT);
+        let mut pending = if idempotent || small {
+            let whole = tokio::time::timeout_at(deadline, body.collect())
+                .await
+                .map_err(|_| ProxyError::BadBody("the body did not arrive in time".to_owned()))?
+                .map_err(|e| ProxyError::BadBody(e.into().to_string()))?
+                .to_bytes();
+            Pending::Whole(whole)
+        } else {
+            Pending::Streaming(Some(body))
+        };
         let mut why;
         loop {
             let Some(place) = fleet.placements.get(id) else {
-                // Moved here while it waited: served here, with the body it still has (a
-                // request that went out once had none).
-                let body = match pending.take() {
-                    Some(body) => boxed(body),
-                    None => full(Bytes::new()),
+                // Moved here while it waited: served here.
+                let body = match pending {
+                    Pending::Whole(bytes) => full(bytes),
+                    Pending::Streaming(Some(body)) => boxed(body),
+                    Pending::Streaming(None) => {
+                        return Err(ProxyError::NotPlacedHere(format!(
+                            "{id} moved to this host after another refused its streamed body"
+                        )))
+                    }
                 };
                 if let Some(upgrade) = client_upgrade {
                     parts.extensions.insert(upgrade);
@@ -334,10 +366,13 @@ impl Proxy {
                     Err(text) => text,
                     Ok(connection) => {
                         let head = outgoing_head(&parts, peer, raw_host, upgrade)?;
-                        let body: ProxyBody = match pending.take() {
-                            Some(body) => boxed(body),
-                            None => full(Bytes::new()),
+                        let body: ProxyBody = match &mut pending {
+                            Pending::Whole(bytes) => full(bytes.clone()),
+                            Pending::Streaming(body) => {
+                                body.take().map_or_else(|| full(Bytes::new()), boxed)
+                            }
                         };
+                        let again = matches!(pending, Pending::Whole(_));
                         let outgoing = Request::from_parts(head, body);
                         let client_upgrade = client_upgrade.take();
                         match self
@@ -352,7 +387,8 @@ impl Proxy {
                             .await
                         {
                             Sent::Answered(response) => return Ok(Handed::Answered(response)),
-                            Sent::Refused(text) | Sent::Broken(text) if resendable => text,
+                            Sent::Refused(text) if again => text,
+                            Sent::Broken(text) if idempotent => text,
                             Sent::Refused(text) => return Err(ProxyError::NotPlacedHere(text)),
                             Sent::Broken(text) => return Err(ProxyError::Upstream(text)),
                             Sent::Failed(error) => return Err(error),
