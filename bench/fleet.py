@@ -7,6 +7,10 @@ credential) from the release build.
    another host's (which hands it over, mutual TLS and HTTP/2), with wrk from a fourth
    namespace at 1, 4 and 32 connections, --rounds interleaved rounds of --duration s each;
    medians of p50 latency and of requests per second, and their ratios.
+0b. A drain under load, --drains times: the busiest host of 30 running tenants is drained
+   (`tenement-fleet drain --wait`) while six clients send GETs and 2 KiB POSTs for its
+   tenants through all three proxies; requests sent, requests failed (the goal is 0), and
+   how long the drain took; then the host is undrained and the tenants spread again.
 1. Failover of the cold tier, over --trials trials: the host with the most tenants is killed
    (SIGKILL of everything in its namespace) with its tenants running; the time until the
    first and until the last of them answers a wake on its new host. Against the bound the
@@ -15,10 +19,10 @@ credential) from the release build.
 2. --tenants tenants at once: the time until every one is placed (the controller's rate),
    then --samples single new tenants one after another, each timed from its record's write
    until its placement exists (the controller's latency) and until the owning host's agent
-   has it (the watch's latency); and the agents' memory (RSS) at 30 tenants and at
-   --tenants.
+   has it (the watch's latency); and the memory (RSS) of the agents and of the proxies (which
+   hold the other hosts' placements) at 30 tenants and at --tenants.
 
-Not measured, because not built yet (docs/FLEET.md): drains, the warm tier.
+Not measured, because not built yet (docs/FLEET.md): the warm tier.
 
     sudo python3 bench/fleet.py [--rounds 5] [--duration 5] [--trials 20] [--tenants 5000]
                                 [--samples 20] [--no-build]
@@ -32,6 +36,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -116,6 +121,17 @@ def rss_kib(pid):
     return 0
 
 
+def proxy_memory(fleet):
+    """host -> the proxy's RSS in KiB (its process, not the `ip netns exec` wrapper's)."""
+    out = {}
+    for host in rig.HOSTS:
+        wrapper = fleet.procs.get((host, "proxy"))
+        if wrapper:
+            pids = subprocess.run(["pgrep", "-P", str(wrapper.pid)], capture_output=True, text=True).stdout.split()
+            out[host] = rss_kib(int(pids[0])) if pids else rss_kib(wrapper.pid)
+    return out
+
+
 def agent_memory(fleet):
     out = {}
     for host in rig.HOSTS:
@@ -178,6 +194,61 @@ def forward(fleet, gateway, rounds, duration):
     gateway.call("/kv/deleterange", {"key": b64(f"/tenement/tenants/{tenant}")})
 
 
+def drains(fleet, gateway, count):
+    tenants = [f"notes:d{i:02d}" for i in range(30)]
+    gateway.put_many([(f"/tenement/tenants/{t}", "{}") for t in tenants])
+    rig.wait_for(lambda: all(gateway.get(f"/tenement/placement/{t}") for t in tenants), rig.EVENT_DEADLINE,
+                 "30 placements")
+    totals = []
+    for n in range(count):
+        placements = {t: gateway.get(f"/tenement/placement/{t}") for t in tenants}
+        load = {h: sorted(t for t, p in placements.items() if p["host"] == h) for h in rig.HOSTS}
+        victim = max(rig.HOSTS, key=lambda h: len(load[h]))
+        theirs = load[victim]
+        rig.wake_where_placed(fleet, theirs, [victim])
+        stop = threading.Event()
+        tally = {"ok": 0, "failed": 0}
+        lock = threading.Lock()
+
+        def client(k):
+            i = k
+            while not stop.is_set():
+                tenant, via, post = theirs[i % len(theirs)], rig.HOSTS[i % 3], i % 2 == 1
+                i += 7
+                try:
+                    status, _, body = fleet.get(via, tenant, "/d", method="POST" if post else "GET",
+                                                body=b"x" * 2048 if post else None, timeout=120)
+                    good = status == 200 and body == f"hello from {tenant}\n".encode()
+                except OSError:
+                    good = False
+                with lock:
+                    tally["ok" if good else "failed"] += 1
+
+        workers = [threading.Thread(target=client, args=(k,)) for k in range(6)]
+        for w in workers:
+            w.start()
+        time.sleep(1)
+        started = time.monotonic()
+        result = fleet.fleet_cli(victim, "drain", victim, "--wait")
+        took = time.monotonic() - started
+        time.sleep(1)
+        stop.set()
+        for w in workers:
+            w.join()
+        if result.returncode != 0:
+            raise SystemExit(f"drain {victim}: {result.stderr.strip()}")
+        totals.append((tally["ok"] + tally["failed"], tally["failed"], took, len(theirs)))
+        print(f"drain {n + 1}/{count}: {victim} with {len(theirs)} running tenants under load: "
+              f"{tally['ok'] + tally['failed']} requests, {tally['failed']} failed; empty after {took:.2f} s",
+              flush=True)
+        fleet.fleet_cli(victim, "undrain", victim)
+    print(f"drains under load: {sum(t[0] for t in totals)} requests, {sum(t[1] for t in totals)} failed "
+          f"(goal 0); drain --wait took {statistics.median(t[2] for t in totals):.2f} s at the median for "
+          f"{statistics.median(t[3] for t in totals):.0f} tenants")
+    for t in tenants:
+        gateway.call("/kv/deleterange", {"key": b64(f"/tenement/tenants/{t}")})
+
+
 def failover(fleet, gateway, trials):
     tenants = [f"notes:f{i:02d}" for i in range(30)]
     gateway.put_many([(f"/tenement/tenants/{t}", "{}") for t in tenants])
@@ -231,6 +302,7 @@ def failover(fleet, gateway, trials):
 
 def at_scale(fleet, gateway, count, samples):
     before = agent_memory(fleet)
+    proxies_before = proxy_memory(fleet)
     tenants = [f"notes:s{i:05d}" for i in range(count)]
     started = time.monotonic()
     gateway.put_many([(f"/tenement/tenants/{t}", "{}") for t in tenants])
@@ -259,6 +331,7 @@ def at_scale(fleet, gateway, count, samples):
         place_lat.append(t1 - t0)
         watch_lat.append(t2 - t1)
     after = agent_memory(fleet)
+    proxies_after = proxy_memory(fleet)
     print(f"with {target} placed, {samples} new tenants one at a time:")
     print(f"  record written -> placement written (the controller): p50 {ms(statistics.median(place_lat))}, "
           f"p90 {ms(percentile(place_lat, 0.9))}")
@@ -268,6 +341,10 @@ def at_scale(fleet, gateway, count, samples):
     for host in rig.HOSTS:
         if host in before and host in after:
             print(f"  {host} ({after[host][1]}): {before[host][0] / 1024:.1f} MiB -> {after[host][0] / 1024:.1f} MiB")
+    print("proxies' memory (RSS; each holds the other hosts' placements), the same two moments:")
+    for host in rig.HOSTS:
+        if host in proxies_before and host in proxies_after:
+            print(f"  {host}: {proxies_before[host] / 1024:.1f} MiB -> {proxies_after[host] / 1024:.1f} MiB")
 
 
 def main():
@@ -276,6 +353,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--duration", type=int, default=5)
+    ap.add_argument("--drains", type=int, default=3)
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--tenants", type=int, default=5000)
     ap.add_argument("--samples", type=int, default=20)
@@ -298,11 +376,13 @@ def main():
         gateway = Gateway("h1")
         if args.rounds > 0:
             forward(fleet, gateway, args.rounds, args.duration)
+        if args.drains > 0:
+            drains(fleet, gateway, args.drains)
         if args.trials > 0:
             failover(fleet, gateway, args.trials)
         at_scale(fleet, gateway, args.tenants, args.samples)
         print()
-        print("not measured, not built yet: requests failed during a drain, the warm tier")
+        print("not measured, not built yet: the warm tier")
     finally:
         fleet.uncable()
     return 0
