@@ -104,6 +104,14 @@ impl Registry {
             .filter(|(id, (_, held))| *held && owned.get(*id).is_some_and(|(_, h)| !h))
             .map(|(id, _)| id.clone())
             .collect();
+        // Held, and moved on before they started here: their waiting wakes are refused, so
+        // the proxy sends those requests to where the tenant went.
+        let gone_on: Vec<InstanceId> = gate
+            .owned
+            .iter()
+            .filter(|(id, (_, held))| *held && !owned.contains_key(*id))
+            .map(|(id, _)| id.clone())
+            .collect();
         if owned != gate.owned {
             let gained = owned
                 .keys()
@@ -154,6 +162,16 @@ impl Registry {
             self.broadcast(Response::FleetPeers { peers });
         }
         self.stop_unplaced(now);
+        for id in gone_on {
+            if let Some(i) = self.instances.get_mut(&id) {
+                for waiter in i.waiters.drain(..) {
+                    let _ = waiter.reply.send(Err(RpcError::new(
+                        ErrorCode::NotPlacedHere,
+                        format!("{id} moved on to another fleet host before it started here"),
+                    )));
+                }
+            }
+        }
         for id in released {
             if self
                 .instances
