@@ -145,6 +145,9 @@ class Fleet:
             "--initial-advertise-peer-urls", f"http://{addr(host)}:2380",
             "--initial-cluster", cluster, "--initial-cluster-state", state,
             "--initial-cluster-token", "tenement-fleet-test",
+            # A member cut off and back must not depose a healthy leader with the terms it
+            # ran up alone (docs/FLEET.md recommends it; etcd 3.5 has it on by default).
+            "--pre-vote",
         ]
         self.spawn(host, "etcd", argv)
 

@@ -28,18 +28,20 @@ if anything failed.
 
 import argparse
 import hashlib
+import http.client
 import json
 import os
 import shutil
 import signal
 import socket
 import ssl
+import subprocess
 import sys
 import threading
 import time
 
-from rig import (EVENT_DEADLINE, GRACE, HOSTS, LEASE_TTL, ROOT, Fleet, addr, check, ns, placed_here,
-                 running_once, sh, switch, wait_for, wake_where_placed, when)
+from rig import (EVENT_DEADLINE, GRACE, HOSTS, LEASE_TTL, ROOT, Fleet, addr, check, connects, ns,
+                 placed_here, running_once, sh, switch, wait_for, wake_where_placed, when)
 
 OBSERVER = "10.77.0.254"
 
@@ -243,6 +245,45 @@ def check_fleet_port(f):
     return (f"{target}'s fleet port gave no HTTP answer without a certificate, with one from another CA, or to plain HTTP "
             f"(each refusal logged); with the fleet's it served {here}, answered 503 not-placed-here for {elsewhere} "
             "(a second hop is never taken) and 400 without the client's name")
+
+
+def check_load_balancer(f):
+    """The shipped HAProxy example in front of the three hosts, their addresses put in."""
+    with open(os.path.join(ROOT, "examples", "fleet", "haproxy.cfg")) as src:
+        text = src.read()
+    swaps = [("bind :80", f"bind {OBSERVER}:8080")] + [(f"10.0.0.{i}:80", f"{addr(h)}:80")
+                                                        for i, h in enumerate(HOSTS, 1)]
+    for old, new in swaps:
+        check(old in text, f"examples/fleet/haproxy.cfg no longer has {old!r}; update the fleet suite")
+        text = text.replace(old, new)
+    config = os.path.join(f.dir, "haproxy.cfg")
+    with open(config, "w") as out:
+        out.write(text)
+    check(sh("haproxy", "-c", "-f", config, check_status=False).returncode == 0, "haproxy -c refused the example")
+    log = open(os.path.join(f.dir, "haproxy.log"), "w")
+    haproxy = subprocess.Popen(["haproxy", "-db", "-f", config], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: connects(OBSERVER, 8080), EVENT_DEADLINE, "haproxy to listen")
+        served = 0
+        for t in TENANTS:
+            for _ in HOSTS:
+                service, ident = t.split(":")
+                conn = http.client.HTTPConnection(OBSERVER, 8080, timeout=EVENT_DEADLINE)
+                try:
+                    conn.request("GET", "/", headers={"Host": f"{ident}.{service}.example.com"})
+                    answer = conn.getresponse()
+                    body = answer.read()
+                finally:
+                    conn.close()
+                check(answer.status == 200 and body == f"hello from {t}\n".encode(),
+                      f"{t} through haproxy: {answer.status} {body[:80]!r}")
+                served += 1
+    finally:
+        haproxy.kill()
+        haproxy.wait()
+        log.close()
+    return (f"the shipped examples/fleet/haproxy.cfg (round robin over the three proxies): {served} requests, "
+            "every tenant answered whichever host HAProxy chose")
 
 
 def check_kill_host(f):
@@ -508,6 +549,7 @@ CHECKS = [
     ("placement", check_placement),
     ("one hop to wherever a tenant runs", check_forward),
     ("the fleet port takes only the fleet", check_fleet_port),
+    ("behind a load balancer", check_load_balancer),
     ("kill a host", check_kill_host),
     ("a killed host rejoins", check_rejoin),
     ("partition, fence, heal", check_partition),
@@ -529,9 +571,9 @@ def main():
         print("FAIL fleet suite: needs root (network namespaces; CI runs it as root): sudo python3 tests/fleet/run.py")
         print("0 passed, 1 failed")
         return 1
-    for tool in ("etcd", "etcdctl", "ip"):
+    for tool in ("etcd", "etcdctl", "ip", "haproxy"):
         if not shutil.which(tool):
-            print(f"FAIL fleet suite: {tool} is not installed (.ci/run installs etcd-server and etcd-client)")
+            print(f"FAIL fleet suite: {tool} is not installed (.ci/run installs etcd-server, etcd-client and haproxy)")
             print("0 passed, 1 failed")
             return 1
     fleet = Fleet(os.path.abspath(args.bin), args.keep)

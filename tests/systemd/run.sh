@@ -324,7 +324,7 @@ check deb.fleet_agent_shipped_not_enabled sh_in '
     tenement-fleet --version || exit 1
     out=$(tenement-fleet run 2>&1); code=$?; echo "run: exit $code: $out"
     [ $code = 2 ] && [ "$(printf "%s\n" "$out" | wc -l)" = 1 ] && printf "%s" "$out" | grep -q "has no \[fleet\] section"
-    test -f /usr/share/man/man8/tenement-fleet.8.gz && test -f /usr/share/doc/tenement/FLEET.md'
+    test -f /usr/share/man/man8/tenement-fleet.8.gz && test -f /usr/share/doc/tenement/FLEET.md && test -f /usr/share/doc/tenement/examples/haproxy.cfg'
 check deb.wake_by_request sh_in '
     set -e
     test "$(systemctl is-active tenement-proxy.service)" = inactive || { echo "the proxy ran before any request"; exit 1; }
