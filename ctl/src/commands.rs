@@ -373,6 +373,45 @@ pub fn stop(ctx: &Context, id: &str, out: &mut dyn Write) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// `tenctl hosts`: the fleet, through this host's supervisor and fleet agent.
+pub fn hosts(ctx: &Context, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+    let config = ctx.local_config()?;
+    let mut client = ctx.connect(config.as_ref(), None)?;
+    match client.call(&Request::FleetHosts)? {
+        Response::FleetHosts { hosts } => {
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&hosts)?)?;
+            } else {
+                write!(out, "{}", tenement_proto::display::fleet_hosts(&hosts))?;
+            }
+        }
+        other => return Err(unexpected("fleet_hosts", &other)),
+    }
+    Ok(())
+}
+
+/// `tenctl drain HOST` and `tenctl undrain HOST`.
+pub fn drain(ctx: &Context, host: &str, drain: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+    if !tenement_proto::config::Fleet::valid_host(host) {
+        anyhow::bail!("{host:?} is not a host name: use 1-63 of a-z, 0-9 and '-'");
+    }
+    let config = ctx.local_config()?;
+    let mut client = ctx.connect(config.as_ref(), None)?;
+    let request = Request::FleetDrain {
+        host: host.to_owned(),
+        drain,
+    };
+    match client.call(&request)? {
+        Response::Ok if drain => writeln!(
+            out,
+            "{host} drained: its tenants move to other hosts, and nothing new goes there until `tenctl undrain {host}` (follow it with `tenctl hosts`)"
+        )?,
+        Response::Ok => writeln!(out, "{host} takes new tenants again")?,
+        other => return Err(unexpected("fleet_drain", &other)),
+    }
+    Ok(())
+}
+
 /// `tenctl reload`.
 pub fn reload(ctx: &Context, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let config = ctx.local_config()?;

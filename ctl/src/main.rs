@@ -150,6 +150,23 @@ enum Command {
         #[command(flatten)]
         output: Json,
     },
+    /// On a fleet host: every host of the fleet as etcd has it (live or gone, drained, the
+    /// controller, tenants placed and running, memory, last heartbeat).
+    Hosts {
+        #[command(flatten)]
+        output: Json,
+    },
+    /// On a fleet host: move every tenant off HOST (each drained there, none failing) and
+    /// place nothing new on it until `undrain`.
+    Drain {
+        /// The host's name in the fleet.
+        host: String,
+    },
+    /// On a fleet host: let the fleet place tenants on HOST again.
+    Undrain {
+        /// The host's name in the fleet.
+        host: String,
+    },
     /// Stop an instance (it stays registered).
     Stop {
         /// SERVICE:ID.
@@ -484,6 +501,9 @@ fn run(args: Args, out: &mut dyn Write) -> anyhow::Result<u8> {
             output,
         } => commands::wake(&ctx, &instance, timeout, output.json, out)?,
         Command::Stop { instance } => commands::stop(&ctx, &instance, out)?,
+        Command::Hosts { output } => commands::hosts(&ctx, output.json, out)?,
+        Command::Drain { host } => commands::drain(&ctx, &host, true, out)?,
+        Command::Undrain { host } => commands::drain(&ctx, &host, false, out)?,
         Command::Reload { output } => commands::reload(&ctx, output.json, out)?,
         Command::Restart { instance, output } => {
             commands::restart(&ctx, &instance, output.json, out)?;

@@ -15,11 +15,34 @@ use crate::view::View;
 /// The longest `--wait` waits.
 const WAIT: Duration = Duration::from_secs(600);
 
+/// Drains `host` (writes its drain record), or undrains it (deletes it); whether it was
+/// drained before.
+pub async fn set(
+    client: &mut etcd_client::Client,
+    host: &str,
+    drain: bool,
+) -> anyhow::Result<bool> {
+    check_name(host)?;
+    if drain {
+        let value = serde_json::to_vec(&DrainRecord { since_ms: now_ms() })?;
+        let put = client
+            .put(
+                records::drain_key(host),
+                value,
+                Some(etcd_client::PutOptions::new().with_prev_key()),
+            )
+            .await?;
+        Ok(put.prev_key().is_some())
+    } else {
+        let deleted = client.delete(records::drain_key(host), None).await?;
+        Ok(deleted.deleted() > 0)
+    }
+}
+
 pub async fn drain(fleet: &Fleet, host: &str, wait: bool) -> anyhow::Result<()> {
     check_name(host)?;
     let mut client = agent::connect(fleet, Some(Duration::from_secs(5))).await?;
-    let value = serde_json::to_vec(&DrainRecord { since_ms: now_ms() })?;
-    client.put(records::drain_key(host), value, None).await?;
+    set(&mut client, host, true).await?;
     let (placed, leaving) = count(&mut client, host).await?;
     println!("{host} drained: {placed} tenants placed on it move to other hosts; nothing new goes there until `tenement-fleet undrain {host}`");
     if !wait {
@@ -55,8 +78,7 @@ pub async fn drain(fleet: &Fleet, host: &str, wait: bool) -> anyhow::Result<()> 
 pub async fn undrain(fleet: &Fleet, host: &str) -> anyhow::Result<()> {
     check_name(host)?;
     let mut client = agent::connect(fleet, Some(Duration::from_secs(5))).await?;
-    let deleted = client.delete(records::drain_key(host), None).await?;
-    if deleted.deleted() == 0 {
+    if !set(&mut client, host, false).await? {
         println!("{host} was not drained");
     } else {
         println!("{host} takes new tenants again");

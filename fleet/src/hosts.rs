@@ -3,32 +3,13 @@
 //! still placed on them: those move once the controller's grace period has passed.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 
 use etcd_client::{Client, GetOptions};
-use serde::Serialize;
 
 use crate::records::{now_ms, HostRecord, Key, Placement, ELECTION, ROOT};
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct HostView {
-    pub host: String,
-    /// `None` for a gone host.
-    pub address: Option<SocketAddr>,
-    pub live: bool,
-    pub controller: bool,
-    /// An operator drains it (`tenement-fleet drain`).
-    pub drained: bool,
-    /// Tenants placed on it.
-    pub placed: usize,
-    /// Running, as its supervisor last said (live hosts only).
-    pub running: Option<u32>,
-    pub memory_total: Option<u64>,
-    pub memory_available: Option<u64>,
-    pub max_tenants: Option<u32>,
-    /// Milliseconds since its last heartbeat.
-    pub heartbeat_age_ms: Option<u64>,
-}
+/// One host as etcd has it (the protocol's `FleetHost`, which tenctl gets too).
+pub type HostView = tenement_proto::rpc::FleetHost;
 
 /// Reads everything under the fleet's prefix once, and the controller's name.
 pub async fn read(client: &mut Client) -> anyhow::Result<Vec<HostView>> {
@@ -112,63 +93,9 @@ pub fn views(
     out
 }
 
-/// The table `tenement-fleet hosts` prints.
+/// The table `tenement-fleet hosts` (and `tenctl hosts`) prints.
 pub fn render(views: &[HostView]) -> String {
-    let gib = |bytes: u64| format!("{:.1}", bytes as f64 / f64::from(1u32 << 30));
-    let mut rows = vec![[
-        "HOST".to_owned(),
-        "STATE".to_owned(),
-        "ADDRESS".to_owned(),
-        "PLACED".to_owned(),
-        "RUNNING".to_owned(),
-        "MEMORY FREE (GiB)".to_owned(),
-        "HEARTBEAT".to_owned(),
-    ]];
-    for v in views {
-        let mut state = match (v.live, v.controller) {
-            (true, true) => "live, controller",
-            (true, false) => "live",
-            (false, _) => "gone",
-        }
-        .to_owned();
-        if v.drained {
-            state.push_str(", drained");
-        }
-        let placed = match v.max_tenants {
-            Some(cap) => format!("{}/{cap}", v.placed),
-            None => v.placed.to_string(),
-        };
-        let memory = match (v.memory_available, v.memory_total) {
-            (Some(free), Some(total)) => format!("{} of {}", gib(free), gib(total)),
-            _ => "-".to_owned(),
-        };
-        rows.push([
-            v.host.clone(),
-            state,
-            v.address.map_or_else(|| "-".to_owned(), |a| a.to_string()),
-            placed,
-            v.running.map_or_else(|| "-".to_owned(), |r| r.to_string()),
-            memory,
-            v.heartbeat_age_ms.map_or_else(
-                || "-".to_owned(),
-                |ms| format!("{:.1} s ago", ms as f64 / 1000.0),
-            ),
-        ]);
-    }
-    let widths: Vec<usize> = (0..7)
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    let mut text = String::new();
-    for row in rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, width)| format!("{cell:width$}"))
-            .collect();
-        text.push_str(line.join("  ").trim_end());
-        text.push('\n');
-    }
-    text
+    tenement_proto::display::fleet_hosts(views)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! See docs/FLEET.md.
 
 pub mod agent;
+pub mod control;
 pub mod controller;
 pub mod credentials;
 pub mod drain;

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use tenement_fleet::agent::{self, Shared};
 use tenement_fleet::status::Status;
 use tenement_fleet::supervisor::{self, Report, Word};
-use tenement_fleet::{drain, hosts};
+use tenement_fleet::{control, drain, hosts};
 use tenement_proto::config::{Config, Environment};
 
 #[derive(Parser)]
@@ -172,9 +172,11 @@ fn start(cli: Cli) -> anyhow::Result<ExitCode> {
             let (report_tx, report_rx) = tokio::sync::watch::channel(Report::default());
             let shared = Shared::new(&fleet.host, status_path, word_tx, report_rx);
             let socket = config.settings.admin_socket();
+            let control = config.settings.fleet_socket();
             let every = fleet.lease_ttl / 3;
             runtime.block_on(async {
                 tokio::select! {
+                    () = control::serve(&control, fleet.clone()) => {}
                     () = agent::run(fleet, shared) => {}
                     () = supervisor::tell(socket, word_rx, report_tx, every) => {}
                     _ = tokio::signal::ctrl_c() => {}

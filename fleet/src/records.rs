@@ -145,6 +145,10 @@ pub fn host_key(name: &str) -> String {
     format!("{HOSTS}{name}")
 }
 
+pub fn tenant_key(id: &InstanceId) -> String {
+    format!("{TENANTS}{id}")
+}
+
 pub fn placement_key(id: &InstanceId) -> String {
     format!("{PLACEMENTS}{id}")
 }

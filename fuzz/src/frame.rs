@@ -268,6 +268,8 @@ fn check_request_ids(request: &Request) {
         | Request::Stats { .. }
         | Request::TokenList
         | Request::TokenRemove { .. }
+        | Request::FleetHosts
+        | Request::FleetDrain { .. }
         | Request::Whoami
         | Request::Login
         | Request::Logout => {}
@@ -343,7 +345,8 @@ fn check_response_ids(response: &Response) {
         | Response::Ok
         | Response::Error { .. }
         | Response::Logs { .. }
-        | Response::ConfigReloaded => {}
+        | Response::ConfigReloaded
+        | Response::FleetHosts { .. } => {}
         Response::FleetOwned { stopping, .. } => stopping.iter().for_each(check_instance),
         Response::FleetPeers { peers } => peers
             .iter()

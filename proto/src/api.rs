@@ -255,6 +255,11 @@ pub fn to_http(request: &Request) -> Option<HttpCall> {
             .unwrap_or_else(|_| json!({})),
         ),
         Request::TokenRemove { id } => call("DELETE", format!("{PREFIX}/tokens/{id}")),
+        Request::FleetHosts => call("GET", format!("{PREFIX}/fleet/hosts")),
+        Request::FleetDrain { host, drain } => call(
+            if *drain { "PUT" } else { "DELETE" },
+            format!("{PREFIX}/fleet/hosts/{host}/drain"),
+        ),
         Request::Hello { .. }
         | Request::Resolve { .. }
         | Request::Subscribe
@@ -686,6 +691,26 @@ pub fn from_http(
             },
             _ => return Err(wrong_method("DELETE")),
         },
+        ["fleet", "hosts"] => match method {
+            "GET" => Request::FleetHosts,
+            _ => return Err(wrong_method("GET")),
+        },
+        ["fleet", "hosts", host, "drain"] => {
+            if !crate::config::Fleet::valid_host(host) {
+                return Err(ApiError::bad(
+                    "a host name is 1-63 of a-z, 0-9 and '-', not starting or ending with '-'",
+                ));
+            }
+            let drain = match method {
+                "PUT" => true,
+                "DELETE" => false,
+                _ => return Err(wrong_method("PUT or DELETE")),
+            };
+            Request::FleetDrain {
+                host: (*host).to_owned(),
+                drain,
+            }
+        }
         _ => return Err(not_found()),
     };
     // Query parameters where a route reads none are refused too.
@@ -828,6 +853,15 @@ mod tests {
             Request::TokenRemove {
                 id: TokenId::new("0123456789abcdef").expect("valid"),
             },
+            Request::FleetHosts,
+            Request::FleetDrain {
+                host: "h2".to_owned(),
+                drain: true,
+            },
+            Request::FleetDrain {
+                host: "h2".to_owned(),
+                drain: false,
+            },
         ];
         for call in calls {
             assert_eq!(there_and_back(&call), call, "{}", call.name());
@@ -866,6 +900,10 @@ mod tests {
                 404,
             ),
             ("GET", "/api/v1/instances/notes:ALICE", vec![], "", 400),
+            ("PUT", "/api/v1/fleet/hosts/..%2fx/drain", vec![], "", 400),
+            ("PUT", "/api/v1/fleet/hosts/H1/drain", vec![], "", 400),
+            ("POST", "/api/v1/fleet/hosts/h1/drain", vec![], "", 405),
+            ("POST", "/api/v1/fleet/hosts", vec![], "", 405),
             ("GET", "/api/v1/instances/notes", vec![], "", 400),
             ("GET", "/api/v1/nothing", vec![], "", 404),
             ("GET", "/api/v2/instances", vec![], "", 404),

@@ -43,6 +43,65 @@ pub fn days_to_civil(days: i64) -> (i64, u32, u32) {
     (year, month as u32, day as u32)
 }
 
+/// The fleet's hosts as a table, one line a host (`tenement-fleet hosts`, `tenctl hosts`).
+pub fn fleet_hosts(views: &[crate::rpc::FleetHost]) -> String {
+    let gib = |bytes: u64| format!("{:.1}", bytes as f64 / f64::from(1u32 << 30));
+    let mut rows = vec![[
+        "HOST".to_owned(),
+        "STATE".to_owned(),
+        "ADDRESS".to_owned(),
+        "PLACED".to_owned(),
+        "RUNNING".to_owned(),
+        "MEMORY FREE (GiB)".to_owned(),
+        "HEARTBEAT".to_owned(),
+    ]];
+    for v in views {
+        let mut state = match (v.live, v.controller) {
+            (true, true) => "live, controller",
+            (true, false) => "live",
+            (false, _) => "gone",
+        }
+        .to_owned();
+        if v.drained {
+            state.push_str(", drained");
+        }
+        let placed = match v.max_tenants {
+            Some(cap) => format!("{}/{cap}", v.placed),
+            None => v.placed.to_string(),
+        };
+        let memory = match (v.memory_available, v.memory_total) {
+            (Some(free), Some(total)) => format!("{} of {}", gib(free), gib(total)),
+            _ => "-".to_owned(),
+        };
+        rows.push([
+            v.host.clone(),
+            state,
+            v.address.map_or_else(|| "-".to_owned(), |a| a.to_string()),
+            placed,
+            v.running.map_or_else(|| "-".to_owned(), |r| r.to_string()),
+            memory,
+            v.heartbeat_age_ms.map_or_else(
+                || "-".to_owned(),
+                |ms| format!("{:.1} s ago", ms as f64 / 1000.0),
+            ),
+        ]);
+    }
+    let widths: Vec<usize> = (0..7)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut text = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:width$}"))
+            .collect();
+        text.push_str(line.join("  ").trim_end());
+        text.push('\n');
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

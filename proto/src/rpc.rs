@@ -201,6 +201,15 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         peers: Option<Vec<FleetPeer>>,
     },
+    /// Admin, on a `[fleet]` host: every host of the fleet as etcd has it (the supervisor asks
+    /// its fleet agent). Answered with `fleet_hosts`.
+    FleetHosts,
+    /// Admin, on a `[fleet]` host: drain `host` (its tenants move off it and nothing new goes
+    /// there), or with `drain: false` undrain it.
+    FleetDrain {
+        host: String,
+        drain: bool,
+    },
 
     // ---- the management API: the proxy forwards a caller's call with its credential ----
     /// `call` made by the holder of `credential` (a token or a dashboard session) from
@@ -315,7 +324,9 @@ impl Request {
             | Request::TokenCreate { .. }
             | Request::TokenList
             | Request::TokenRemove { .. }
-            | Request::FleetOwn { .. } => role == Role::Admin,
+            | Request::FleetOwn { .. }
+            | Request::FleetHosts
+            | Request::FleetDrain { .. } => role == Role::Admin,
         }
     }
 
@@ -353,6 +364,8 @@ impl Request {
             | Request::TokenCreate { .. }
             | Request::TokenList
             | Request::TokenRemove { .. }
+            | Request::FleetHosts
+            | Request::FleetDrain { .. }
             | Request::Whoami
             | Request::Login
             | Request::Logout => true,
@@ -374,6 +387,7 @@ impl Request {
             | Request::Releases { .. }
             | Request::Logs { .. }
             | Request::TokenList
+            | Request::FleetHosts
             | Request::Whoami
             | Request::Login
             | Request::Logout => false,
@@ -394,7 +408,8 @@ impl Request {
             | Request::Pin { .. }
             | Request::TokenCreate { .. }
             | Request::TokenRemove { .. }
-            | Request::FleetOwn { .. } => true,
+            | Request::FleetOwn { .. }
+            | Request::FleetDrain { .. } => true,
         }
     }
 
@@ -427,6 +442,7 @@ impl Request {
             | Request::Rollback { service, .. } => Some(service.to_string()),
             Request::TokenCreate { scope, .. } => Some(scope.to_string()),
             Request::TokenRemove { id } => Some(id.to_string()),
+            Request::FleetDrain { host, .. } => Some(host.clone()),
             Request::Authed { call, .. } => call.target(),
             _ => None,
         }
@@ -443,6 +459,9 @@ impl Request {
             Request::ParkAck { .. } => "park_ack",
             Request::Stats { .. } => "stats",
             Request::FleetOwn { .. } => "fleet_own",
+            Request::FleetHosts => "fleet_hosts",
+            Request::FleetDrain { drain: true, .. } => "fleet_drain",
+            Request::FleetDrain { drain: false, .. } => "fleet_undrain",
             Request::Add { .. } => "add",
             Request::Spawn { .. } => "spawn",
             Request::Stop { .. } => "stop",
@@ -606,6 +625,11 @@ pub enum Response {
     FleetPeers {
         peers: Vec<FleetPeer>,
     },
+    /// Answer to `fleet_hosts`: live hosts first, then gone ones that still have tenants
+    /// placed on them, each by name.
+    FleetHosts {
+        hosts: Vec<FleetHost>,
+    },
     /// Answer to `token_list`, oldest first.
     Tokens {
         tokens: Vec<TokenInfo>,
@@ -646,6 +670,7 @@ impl Response {
             Response::Tokens { .. } => "tokens",
             Response::FleetOwned { .. } => "fleet_owned",
             Response::FleetPeers { .. } => "fleet_peers",
+            Response::FleetHosts { .. } => "fleet_hosts",
             Response::Identity { .. } => "identity",
         }
     }
@@ -722,6 +747,30 @@ pub struct FleetOwned {
     /// Moved here off a live host that has not yet stopped it: its wakes wait.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub held: bool,
+}
+
+/// One host of the fleet as etcd has it, in `fleet_hosts` (and `tenement-fleet hosts`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetHost {
+    pub host: String,
+    /// Where its proxy takes requests from the other hosts; `None` for a gone host.
+    pub address: Option<std::net::SocketAddr>,
+    /// Its lease holds.
+    pub live: bool,
+    /// It runs the fleet's controller now.
+    pub controller: bool,
+    /// An operator drains it.
+    #[serde(default)]
+    pub drained: bool,
+    /// Tenants placed on it.
+    pub placed: usize,
+    /// Running, as its supervisor last said (live hosts only).
+    pub running: Option<u32>,
+    pub memory_total: Option<u64>,
+    pub memory_available: Option<u64>,
+    pub max_tenants: Option<u32>,
+    /// Milliseconds since its last heartbeat.
+    pub heartbeat_age_ms: Option<u64>,
 }
 
 /// Another host of the fleet and the tenants placed on it, in `fleet_own` and `fleet_peers`.

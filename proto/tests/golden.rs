@@ -15,10 +15,10 @@ use serde::Serialize;
 use tenement_proto::auth::{Secret, TokenId, TokenInfo};
 use tenement_proto::frame;
 use tenement_proto::rpc::{
-    ActivityReport, Address, ErrorCode, FleetOwned, FleetPeer, InstanceInfo, InstanceState,
-    InstanceUsage, LogLine, LogStream, ReleaseInfo, Request, Response, Role, RolloutAction,
-    RolloutFailure, RolloutInfo, RolloutOptions, RolloutProgress, Route, ServiceStats,
-    SupervisorStats, WeightChange, PROTOCOL_VERSION,
+    ActivityReport, Address, ErrorCode, FleetHost, FleetOwned, FleetPeer, InstanceInfo,
+    InstanceState, InstanceUsage, LogLine, LogStream, ReleaseInfo, Request, Response, Role,
+    RolloutAction, RolloutFailure, RolloutInfo, RolloutOptions, RolloutProgress, Route,
+    ServiceStats, SupervisorStats, WeightChange, PROTOCOL_VERSION,
 };
 use tenement_proto::rpc::{ListQuery, ListSort};
 use tenement_proto::{InstanceId, ServiceName, TenantId};
@@ -145,6 +145,14 @@ fn requests() -> Vec<(&'static str, Request)> {
         ),
         ("request_subscribe", Request::Subscribe),
         ("request_stats", Request::Stats { instances: true }),
+        ("request_fleet_hosts", Request::FleetHosts),
+        (
+            "request_fleet_drain",
+            Request::FleetDrain {
+                host: "h2".to_owned(),
+                drain: true,
+            },
+        ),
         (
             "request_fleet_own",
             Request::FleetOwn {
@@ -337,6 +345,39 @@ fn responses() -> Vec<(&'static str, Response)> {
             Response::FleetOwned {
                 running: 12,
                 stopping: vec![id("notes:frank")],
+            },
+        ),
+        (
+            "response_fleet_hosts",
+            Response::FleetHosts {
+                hosts: vec![
+                    FleetHost {
+                        host: "h1".to_owned(),
+                        address: Some("10.0.0.1:7443".parse().expect("address")),
+                        live: true,
+                        controller: true,
+                        drained: false,
+                        placed: 10,
+                        running: Some(3),
+                        memory_total: Some(16 << 30),
+                        memory_available: Some(8 << 30),
+                        max_tenants: Some(2000),
+                        heartbeat_age_ms: Some(400),
+                    },
+                    FleetHost {
+                        host: "h3".to_owned(),
+                        address: None,
+                        live: false,
+                        controller: false,
+                        drained: true,
+                        placed: 4,
+                        running: None,
+                        memory_total: None,
+                        memory_available: None,
+                        max_tenants: None,
+                        heartbeat_age_ms: None,
+                    },
+                ],
             },
         ),
         (

@@ -628,6 +628,44 @@ async fn respond(writer: &mut OwnedWriteHalf, response: &Response) -> Result<(),
     }
 }
 
+/// A fleet call, relayed to this host's fleet agent (which alone speaks to etcd) on its
+/// control socket.
+async fn fleet_call(registry: &RegistryHandle, request: Request) -> Result<Response, RpcError> {
+    let Some(socket) = &registry.fleet_socket else {
+        return Err(RpcError::new(
+            ErrorCode::BadRequest,
+            format!(
+                "{} is a fleet call, and this host's config has no [fleet] section",
+                request.name()
+            ),
+        ));
+    };
+    let unanswered = |why: String| {
+        RpcError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "the fleet agent (tenement-fleet) does not answer on {}: {why}",
+                socket.display()
+            ),
+        )
+    };
+    let call = async {
+        let mut stream = tokio::net::UnixStream::connect(socket).await?;
+        frame::write_message_async(&mut stream, &request).await?;
+        frame::read_message_async::<_, Response>(&mut stream).await
+    };
+    match tokio::time::timeout(FLEET_CALL_TIMEOUT, call).await {
+        Ok(Ok(Response::Error { code, message })) => Err(RpcError::new(code, message)),
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(e)) => Err(unanswered(e.to_string())),
+        Err(_) => Err(unanswered(format!("no answer in {FLEET_CALL_TIMEOUT:?}"))),
+    }
+}
+
+/// How long a fleet call may take: etcd answers in milliseconds, or its client gives up
+/// after 5 s.
+const FLEET_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// One request, one response. `grant`: what the management API caller's credential allows
 /// (already checked against the request), `None` on the admin and proxy sockets.
 async fn answer(request: Request, registry: &RegistryHandle, grant: Option<&Grant>) -> Response {
@@ -720,12 +758,17 @@ async fn answer(request: Request, registry: &RegistryHandle, grant: Option<&Gran
                     .await??;
                 Ok(Response::FleetOwned { running, stopping })
             }
+            // On a fleet host a new tenant is wanted by the fleet, which places it.
+            Request::Add { instances } if registry.fleet_socket.is_some() => {
+                fleet_call(registry, Request::Add { instances }).await
+            }
             Request::Add { instances } => {
                 let (added, existing) = registry
                     .ask(|reply| Command::Add { instances, reply })
                     .await??;
                 Ok(Response::Added { added, existing })
             }
+            Request::FleetHosts | Request::FleetDrain { .. } => fleet_call(registry, request).await,
             Request::Stop { instance } => {
                 registry
                     .ask(|reply| Command::Stop { instance, reply })

@@ -473,6 +473,8 @@ pub fn permit(grant: &Grant, call: &Request) -> Result<(), RpcError> {
         Request::TokenCreate { .. }
         | Request::TokenList
         | Request::TokenRemove { .. }
+        | Request::FleetHosts
+        | Request::FleetDrain { .. }
         | Request::Reload => grant.scope == Scope::Admin,
         Request::Wake { instance, .. }
         | Request::Status { instance }
@@ -629,6 +631,15 @@ mod tests {
                 [true, false, false, false, false],
             ),
             (Request::TokenList, [true, false, false, true, false]),
+            // The fleet's hosts: admin tokens only, read-only ones may look.
+            (Request::FleetHosts, [true, false, false, true, false]),
+            (
+                Request::FleetDrain {
+                    host: "h1".to_owned(),
+                    drain: true,
+                },
+                [true, false, false, false, false],
+            ),
             (
                 Request::TokenCreate {
                     scope: Scope::Tenant(alice()),

@@ -43,7 +43,9 @@ import time
 from rig import (EVENT_DEADLINE, GRACE, HOSTS, LEASE_TTL, ROOT, Fleet, addr, check, connects, ns,
                  placed_here, running_once, sh, switch, wait_for, wake_where_placed, when)
 
-OBSERVER = "10.77.0.254"
+import rig  # noqa: E402  (its PREFIX and NET may be set by a caller first)
+
+OBSERVER = f"{rig.NET}.254"
 
 # ---- the checks ----------------------------------------------------------------------------
 TENANTS = [f"notes:t{i:02d}" for i in range(30)]
@@ -70,7 +72,14 @@ def check_membership(f):
 
 
 def check_placement(f):
-    f.want(TENANTS, via="h2")
+    # Created through one host: on a fleet host `tenctl add` (the admin socket, or the same
+    # call through the management API) asks the fleet, which places them.
+    added = f.tenctl("h2", "add", *TENANTS, "--json")
+    check(added.returncode == 0 and sorted(json.loads(added.stdout)["added"]) == TENANTS,
+          f"tenctl add on h2: exit {added.returncode}, {added.stdout[:200]} {added.stderr.strip()}")
+    again = f.tenctl("h2", "add", TENANTS[0], "--json")
+    check(again.returncode == 0 and json.loads(again.stdout)["existing"] == [TENANTS[0]],
+          f"tenctl add of a wanted tenant: {again.stdout} {again.stderr.strip()}")
     placements = wait_for(lambda: when(f.placements, lambda p: len(p) == 30), EVENT_DEADLINE, "30 placements")
     per_host = {h: sorted(t for t, p in placements.items() if p["host"] == h) for h in HOSTS}
     check(all(len(v) == 10 for v in per_host.values()), f"spread {[(h, len(v)) for h, v in per_host.items()]}")
@@ -105,7 +114,12 @@ def check_placement(f):
     wait_for(hosts_agree, EVENT_DEADLINE, "tenement-fleet hosts to show 3 live hosts with 10 placed and 10 running each")
     table = f.fleet_cli("h1", "hosts").stdout
     check(table.startswith("HOST") and "live, controller" in table, f"tenement-fleet hosts printed {table!r}")
-    return ("30 tenants created through h2 placed 10/10/10, epoch 1, each with a standby on another host; "
+    # The same through each host's supervisor (tenctl hosts, relayed to the fleet agent).
+    for h in HOSTS:
+        seen = f.tenctl(h, "hosts", "--json")
+        check(seen.returncode == 0 and sorted(v["host"] for v in json.loads(seen.stdout)) == HOSTS,
+              f"tenctl hosts on {h}: exit {seen.returncode}, {seen.stdout[:200]} {seen.stderr.strip()}")
+    return ("30 tenants created with one `tenctl add` on h2 placed 10/10/10, epoch 1, each with a standby on another host; "
             "each supervisor registered and started exactly its own and refused another's (exit 4); 30 processes, "
             "none twice; `tenement-fleet hosts` shows each host's placed and running counts and the controller")
 
@@ -525,14 +539,17 @@ def check_drain(f):
     released = f.read("/tenement/released/")
     check(all(released.get(f"/tenement/released/{t}", {}).get("epoch") == after[t]["epoch"] for t in theirs),
           f"releases: {released}")
-    table = f.fleet_cli("h1", "hosts").stdout
-    check(any(line.startswith(victim) and "drained" in line for line in table.splitlines()), f"hosts: {table!r}")
+    table = f.tenctl("h1", "hosts").stdout
+    check(any(line.startswith(victim) and "drained" in line for line in table.splitlines()), f"tenctl hosts: {table!r}")
     new = [f"notes:d{i}" for i in range(3)]
     f.want(new)
     got = wait_for(lambda: when(f.placements, lambda p: all(t in p for t in new)), EVENT_DEADLINE, "new placements")
     check(all(got[t]["host"] != victim for t in new), f"a new tenant went to the drained {victim}: {[got[t]['host'] for t in new]}")
-    undrained = f.fleet_cli(others[0], "undrain", victim)
-    check(undrained.returncode == 0, f"undrain: {undrained.stderr.strip()}")
+    undrained = f.tenctl(others[0], "undrain", victim)
+    check(undrained.returncode == 0 and "takes new tenants again" in undrained.stdout,
+          f"tenctl undrain: {undrained.stdout} {undrained.stderr.strip()}")
+    bad = f.tenctl(others[0], "drain", "../h1")
+    check(bad.returncode != 0 and "not a host name" in bad.stderr, f"tenctl drain ../h1: {bad.stderr.strip()}")
     more = [f"notes:u{i}" for i in range(3)]
     f.want(more)
     got = wait_for(lambda: when(f.placements, lambda p: all(t in p for t in more)), EVENT_DEADLINE, "placements after undrain")
@@ -541,7 +558,8 @@ def check_drain(f):
         f.etcdctl("del", f"/tenement/tenants/{t}")
     return (f"drained {victim} under load ({len(theirs)} tenants, GETs and 2 KiB POSTs through all three proxies): "
             f"{tally['ok']} requests, 0 failed; `drain --wait` returned after {took:.1f} s with each tenant drained "
-            f"there, released and running once elsewhere (epoch +1); new tenants avoided it until `undrain`")
+            f"there, released and running once elsewhere (epoch +1); `tenctl hosts` showed it drained; new tenants "
+            "avoided it until `tenctl undrain`")
 
 
 CHECKS = [

@@ -316,6 +316,11 @@ impl Settings {
         self.runtime_dir.join("proxy.sock")
     }
 
+    /// The fleet agent's control socket (on a `[fleet]` host), for the supervisor only.
+    pub fn fleet_socket(&self) -> PathBuf {
+        self.runtime_dir.join("fleet.sock")
+    }
+
     /// The registry file.
     pub fn state_file(&self) -> PathBuf {
         self.state_dir.join("registry.json")

@@ -278,6 +278,9 @@ pub enum ProcessEventKind {
 #[derive(Clone)]
 pub struct RegistryHandle {
     tx: mpsc::Sender<Command>,
+    /// On a `[fleet]` host: the fleet agent's control socket, where the fleet calls go
+    /// (`[fleet]` cannot come or go without a restart).
+    pub fleet_socket: Option<std::path::PathBuf>,
 }
 
 impl RegistryHandle {
@@ -511,7 +514,12 @@ impl Registry {
         if changed {
             registry.save()?;
         }
-        Ok((registry, RegistryHandle { tx }))
+        let fleet_socket = registry
+            .config
+            .fleet
+            .as_ref()
+            .map(|_| registry.config.settings.fleet_socket());
+        Ok((registry, RegistryHandle { tx, fleet_socket }))
     }
 
     /// Whether instances of `service` are served on a port of `port_range` (`listen = "unix"`
