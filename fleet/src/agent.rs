@@ -94,18 +94,17 @@ impl Shared {
     /// The lease now holds until `until` (`None`: it does not).
     fn hold_until(&self, until: Option<Instant>) {
         *self.until.lock().unwrap_or_else(PoisonError::into_inner) = until;
-        let owned = self
-            .status
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .placed_here
-            .clone();
-        self.publish(owned);
+        self.publish_current();
     }
 
     /// The tenants placed on the other hosts, or those held here, changed (or may have).
     fn set_view(&self, peers: Vec<FleetPeer>, held: BTreeSet<String>) {
         *self.view.lock().unwrap_or_else(PoisonError::into_inner) = (peers, held);
+        self.publish_current();
+    }
+
+    /// The word again, with the tenants placed here as the status has them.
+    fn publish_current(&self) {
         let owned = self
             .status
             .lock()

@@ -127,44 +127,16 @@ pub fn plan(world: &World, now_ms: u64) -> Plan {
             Some(_) => continue,
             None => false,
         };
-        if drained {
-            // A drain: the host is alive and hands the tenant over itself.
-            let standby = placement
-                .standby
-                .iter()
-                .find(|h| loads.get(h.as_str()).is_some_and(Load::has_room))
-                .cloned();
-            let Some(host) = standby.or_else(|| least_loaded(&loads, &[])) else {
-                out.unplaceable.push(tenant.clone());
+        if !drained {
+            let gone_for = world
+                .gone_for
+                .get(&placement.host)
+                .copied()
+                .unwrap_or_default();
+            if gone_for < world.grace {
+                out.waiting.push((tenant.clone(), world.grace - gone_for));
                 continue;
-            };
-            let mut moved = assign(
-                &mut loads,
-                host,
-                placement.tier,
-                placement.epoch + 1,
-                now_ms,
-            );
-            moved.from = Some(placement.host.clone());
-            if let Some(load) = loads.get_mut(placement.host.as_str()) {
-                load.placed -= 1;
             }
-            out.actions.push(Action::Move {
-                tenant: tenant.clone(),
-                from: placement.host.clone(),
-                placement: moved,
-                expected: *revision,
-            });
-            continue;
-        }
-        let gone_for = world
-            .gone_for
-            .get(&placement.host)
-            .copied()
-            .unwrap_or_default();
-        if gone_for < world.grace {
-            out.waiting.push((tenant.clone(), world.grace - gone_for));
-            continue;
         }
         let standby = placement
             .standby
@@ -175,16 +147,24 @@ pub fn plan(world: &World, now_ms: u64) -> Plan {
             out.unplaceable.push(tenant.clone());
             continue;
         };
+        let mut moved = assign(
+            &mut loads,
+            host,
+            placement.tier,
+            placement.epoch + 1,
+            now_ms,
+        );
+        if drained {
+            // The host is alive and hands the tenant over itself (no grace to wait).
+            moved.from = Some(placement.host.clone());
+            if let Some(load) = loads.get_mut(placement.host.as_str()) {
+                load.placed -= 1;
+            }
+        }
         out.actions.push(Action::Move {
             tenant: tenant.clone(),
             from: placement.host.clone(),
-            placement: assign(
-                &mut loads,
-                host,
-                placement.tier,
-                placement.epoch + 1,
-                now_ms,
-            ),
+            placement: moved,
             expected: *revision,
         });
     }

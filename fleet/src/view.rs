@@ -36,41 +36,20 @@ impl View {
     pub fn apply(&mut self, key: &[u8], value: Option<&[u8]>) {
         match Key::parse(key) {
             Key::Placement(id) => {
-                match value.and_then(|v| serde_json::from_slice::<Placement>(v).ok()) {
-                    Some(p) => {
-                        self.placements.insert(
-                            id,
-                            Placed {
-                                host: p.host,
-                                epoch: p.epoch,
-                                from: p.from,
-                            },
-                        );
-                    }
-                    None => {
-                        self.placements.remove(&id);
-                    }
-                }
+                let placed = parse::<Placement>(value).map(|p| Placed {
+                    host: p.host,
+                    epoch: p.epoch,
+                    from: p.from,
+                });
+                set(&mut self.placements, id, placed);
             }
             Key::Host(name) => {
-                match value.and_then(|v| serde_json::from_slice::<HostRecord>(v).ok()) {
-                    Some(record) => {
-                        self.addresses.insert(name, record.address);
-                    }
-                    None => {
-                        self.addresses.remove(&name);
-                    }
-                }
+                let address = parse::<HostRecord>(value).map(|r| r.address);
+                set(&mut self.addresses, name, address);
             }
             Key::Released(id) => {
-                match value.and_then(|v| serde_json::from_slice::<Release>(v).ok()) {
-                    Some(release) => {
-                        self.released.insert(id, release.epoch);
-                    }
-                    None => {
-                        self.released.remove(&id);
-                    }
-                }
+                let epoch = parse::<Release>(value).map(|r| r.epoch);
+                set(&mut self.released, id, epoch);
             }
             Key::Tenant(_) | Key::Drain(_) | Key::Other => {}
         }
@@ -133,6 +112,23 @@ impl View {
                 instances,
             })
             .collect()
+    }
+}
+
+/// A value read from etcd; `None` when deleted or not JSON of that kind.
+fn parse<T: serde::de::DeserializeOwned>(value: Option<&[u8]>) -> Option<T> {
+    value.and_then(|v| serde_json::from_slice(v).ok())
+}
+
+/// `key` now has `value`, or nothing.
+fn set<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, value: Option<V>) {
+    match value {
+        Some(value) => {
+            map.insert(key, value);
+        }
+        None => {
+            map.remove(&key);
+        }
     }
 }
 

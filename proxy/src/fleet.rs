@@ -146,16 +146,7 @@ impl Credential {
     /// Reads `ca`, `cert` and `key`; the error is one line naming the file.
     pub fn load(files: &FleetTls) -> Result<Self, String> {
         let mut roots = rustls::RootCertStore::empty();
-        let cas = CertificateDer::pem_file_iter(&files.ca)
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| {
-                format!(
-                    "fleet ca {}: {}",
-                    files.ca.display(),
-                    crate::tls::pem_error(&e)
-                )
-            })?;
-        let (added, _) = roots.add_parsable_certificates(cas);
+        let (added, _) = roots.add_parsable_certificates(certificates(&files.ca, "fleet ca")?);
         if added == 0 {
             return Err(format!(
                 "fleet ca {}: no CA certificate in it",
@@ -163,21 +154,7 @@ impl Credential {
             ));
         }
         let roots = Arc::new(roots);
-        let chain = CertificateDer::pem_file_iter(&files.cert)
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| {
-                format!(
-                    "fleet cert {}: {}",
-                    files.cert.display(),
-                    crate::tls::pem_error(&e)
-                )
-            })?;
-        if chain.is_empty() {
-            return Err(format!(
-                "fleet cert {}: no CERTIFICATE block in it",
-                files.cert.display()
-            ));
-        }
+        let chain = certificates(&files.cert, "fleet cert")?;
         let key = || {
             PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
                 format!(
@@ -217,6 +194,23 @@ impl Credential {
             client_http1: client(b"http/1.1")?,
         })
     }
+}
+
+/// The PEM certificates in `path`, at least one; the error is one line naming the file.
+fn certificates(
+    path: &std::path::Path,
+    what: &str,
+) -> Result<Vec<CertificateDer<'static>>, String> {
+    let list = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{what} {}: {}", path.display(), crate::tls::pem_error(&e)))?;
+    if list.is_empty() {
+        return Err(format!(
+            "{what} {}: no CERTIFICATE block in it",
+            path.display()
+        ));
+    }
+    Ok(list)
 }
 
 /// What became of a request for a tenant placed elsewhere.
