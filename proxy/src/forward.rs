@@ -321,9 +321,9 @@ impl Proxy {
     }
 
     /// Whether `name` (a lower-case host name) is tenement's: a configured domain, a
-    /// configured service under one, or an instance the supervisor has registered (its route
+    /// configured service under one, an instance the supervisor has registered (its route
     /// table, pushed over the proxy role, waited for until `deadline` right after a start or
-    /// while the supervisor is away). Only such names get certificates from ACME. `None`:
+    /// while the supervisor is away), or on a fleet host a tenant placed on another host. Only such names get certificates from ACME. `None`:
     /// cannot tell, the supervisor's table is not there (never a reason to order, nor to give
     /// a name up).
     pub async fn is_ours(&self, name: &str, deadline: Instant) -> Option<bool> {
@@ -335,7 +335,13 @@ impl Proxy {
                 if !settings.services.contains_key(&id.service) {
                     return Some(false);
                 }
-                if self.table.get(&id).is_some() {
+                // A tenant placed on another fleet host is served here too (handed over).
+                let elsewhere = || {
+                    self.fleet
+                        .as_ref()
+                        .is_some_and(|fleet| fleet.placements.get(&id).is_some())
+                };
+                if self.table.get(&id).is_some() || elsewhere() {
                     return Some(true);
                 }
                 self.table
