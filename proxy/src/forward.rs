@@ -323,9 +323,9 @@ impl Proxy {
     /// Whether `name` (a lower-case host name) is tenement's: a configured domain, a
     /// configured service under one, an instance the supervisor has registered (its route
     /// table, pushed over the proxy role, waited for until `deadline` right after a start or
-    /// while the supervisor is away), or on a fleet host a tenant placed on another host. Only such names get certificates from ACME. `None`:
-    /// cannot tell, the supervisor's table is not there (never a reason to order, nor to give
-    /// a name up).
+    /// while the supervisor is away), or on a fleet host a tenant placed on another host.
+    /// Only such names get certificates from ACME. `None`: cannot tell, the supervisor's
+    /// table is not there (never a reason to order, nor to give a name up).
     pub async fn is_ours(&self, name: &str, deadline: Instant) -> Option<bool> {
         let settings = self.settings.load_full();
         match host::route(name, &settings.domains) {
