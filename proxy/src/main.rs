@@ -403,24 +403,32 @@ async fn serve(
             let Some(credential) = &fleet_credential else {
                 continue;
             };
-            let handle = workers.handles().first().context("no worker")?;
-            let socket = {
-                let _worker = handle.enter();
-                tokio::net::TcpListener::from_std(listener.socket)
+            // Like the public listeners: every worker accepts, taking turns.
+            let turn = Arc::new(tokio::sync::Mutex::new(()));
+            for handle in workers.handles() {
+                let socket = listener
+                    .socket
+                    .try_clone()
+                    .context("cannot share the fleet socket with the workers")?;
+                let socket = {
+                    let _worker = handle.enter();
+                    tokio::net::TcpListener::from_std(socket)
+                }
+                .context("cannot register the fleet socket")?;
+                let front = Front {
+                    proxy: proxy.clone(),
+                    builder: builder.clone(),
+                    graceful: graceful.clone(),
+                    shutdown: shutdown.clone(),
+                    admission: admission.clone(),
+                };
+                accept_tasks.push(handle.spawn(fleet_accept_loop(
+                    front,
+                    socket,
+                    turn.clone(),
+                    credential.server.clone(),
+                )));
             }
-            .context("cannot register the fleet socket")?;
-            let front = Front {
-                proxy: proxy.clone(),
-                builder: builder.clone(),
-                graceful: graceful.clone(),
-                shutdown: shutdown.clone(),
-                admission: admission.clone(),
-            };
-            accept_tasks.push(handle.spawn(fleet_accept_loop(
-                front,
-                socket,
-                credential.server.clone(),
-            )));
             continue;
         }
         let tls = match (listener.scheme, &tls_config) {
@@ -735,14 +743,20 @@ async fn accept_loop(
 async fn fleet_accept_loop(
     front: Front,
     socket: tokio::net::TcpListener,
+    turn: Arc<tokio::sync::Mutex<()>>,
     tls: Arc<rustls::ServerConfig>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
+        let my_turn = tokio::select! {
+            () = front.shutdown.cancelled() => return,
+            my_turn = turn.lock() => my_turn,
+        };
         let accepted = tokio::select! {
             () = front.shutdown.cancelled() => return,
             accepted = socket.accept() => accepted,
         };
+        drop(my_turn);
         let (stream, addr) = match accepted {
             Ok(pair) => pair,
             Err(e) => {
