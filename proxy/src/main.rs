@@ -386,6 +386,13 @@ async fn serve(
         config.settings.max_connections_per_client,
     );
 
+    let front = Front {
+        proxy: proxy.clone(),
+        builder: builder.clone(),
+        graceful: graceful.clone(),
+        shutdown: shutdown.clone(),
+        admission: admission.clone(),
+    };
     let mut accept_tasks = Vec::new();
     for listener in listeners {
         tracing::info!(address = %listener.describe(), scheme = listener.scheme, "listening");
@@ -405,25 +412,9 @@ async fn serve(
             };
             // Like the public listeners: every worker accepts, taking turns.
             let turn = Arc::new(tokio::sync::Mutex::new(()));
-            for handle in workers.handles() {
-                let socket = listener
-                    .socket
-                    .try_clone()
-                    .context("cannot share the fleet socket with the workers")?;
-                let socket = {
-                    let _worker = handle.enter();
-                    tokio::net::TcpListener::from_std(socket)
-                }
-                .context("cannot register the fleet socket")?;
-                let front = Front {
-                    proxy: proxy.clone(),
-                    builder: builder.clone(),
-                    graceful: graceful.clone(),
-                    shutdown: shutdown.clone(),
-                    admission: admission.clone(),
-                };
+            for (handle, socket) in on_workers(workers, &listener.socket)? {
                 accept_tasks.push(handle.spawn(fleet_accept_loop(
-                    front,
+                    front.clone(),
                     socket,
                     turn.clone(),
                     credential.server.clone(),
@@ -448,26 +439,9 @@ async fn serve(
         // new connections are spread evenly and only the worker whose turn it is holds an
         // admission slot while it waits (max_connections counts connections, not waiters).
         let turn = Arc::new(tokio::sync::Mutex::new(()));
-        for handle in workers.handles() {
-            let socket = listener
-                .socket
-                .try_clone()
-                .context("cannot share a listening socket with the workers")?;
-            // Registered with the worker's event loop now, so a failure stops the start.
-            let socket = {
-                let _worker = handle.enter();
-                tokio::net::TcpListener::from_std(socket)
-            }
-            .context("cannot register a listening socket")?;
-            let front = Front {
-                proxy: proxy.clone(),
-                builder: builder.clone(),
-                graceful: graceful.clone(),
-                shutdown: shutdown.clone(),
-                admission: admission.clone(),
-            };
+        for (handle, socket) in on_workers(workers, &listener.socket)? {
             accept_tasks.push(handle.spawn(accept_loop(
-                front,
+                front.clone(),
                 socket,
                 turn.clone(),
                 listener.scheme,
@@ -476,6 +450,9 @@ async fn serve(
         }
     }
 
+    // The accept loops hold the rest of `graceful`'s references; the shutdown below needs
+    // them all gone once they end.
+    drop(front);
     sd_notify_quietly(&[sd_notify::NotifyState::Ready]);
     tokio::spawn(watchdog(shutdown.clone(), workers.liveness()));
 
@@ -618,6 +595,27 @@ async fn serve_metrics(
             let _ = tokio::time::timeout(Duration::from_secs(60), connection).await;
         });
     }
+}
+
+/// A descriptor of `socket` for each worker, registered with its event loop now (so a failure
+/// stops the start): every worker accepts from the same listening socket.
+fn on_workers<'w>(
+    workers: &'w Workers,
+    socket: &std::net::TcpListener,
+) -> anyhow::Result<Vec<(&'w tokio::runtime::Handle, tokio::net::TcpListener)>> {
+    workers
+        .handles()
+        .iter()
+        .map(|handle| {
+            let socket = socket
+                .try_clone()
+                .context("cannot share a listening socket with the workers")?;
+            let _worker = handle.enter();
+            let socket = tokio::net::TcpListener::from_std(socket)
+                .context("cannot register a listening socket")?;
+            Ok((handle, socket))
+        })
+        .collect()
 }
 
 /// What every accept loop shares.
