@@ -9,7 +9,7 @@ use etcd_client::GetOptions;
 use tenement_proto::config::Fleet;
 
 use crate::agent;
-use crate::records::{self, now_ms, DrainRecord, Key, Placement, ROOT};
+use crate::records::{self, now_ms, DrainRecord, ROOT};
 use crate::view::View;
 
 /// The longest `--wait` waits.
@@ -100,14 +100,8 @@ async fn count(client: &mut etcd_client::Client, host: &str) -> anyhow::Result<(
         .get(ROOT, Some(GetOptions::new().with_prefix()))
         .await?;
     let mut view = View::default();
-    let mut placed = 0;
     for kv in answer.kvs() {
-        if let Key::Placement(_) = Key::parse(kv.key()) {
-            if serde_json::from_slice::<Placement>(kv.value()).is_ok_and(|p| p.host == host) {
-                placed += 1;
-            }
-        }
         view.apply(kv.key(), Some(kv.value()));
     }
-    Ok((placed, view.to_release(host).len()))
+    Ok((view.placed_on(host).len(), view.to_release(host).len()))
 }

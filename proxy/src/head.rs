@@ -85,24 +85,31 @@ pub fn rewrite_head(
     Ok(())
 }
 
-/// Refuses a target the instance may not get (see [`origin_form`]), without changing it.
+/// Refuses a target the instance may not get: `*` with another method than OPTIONS (or with
+/// a query), or anything else that is not a path. Nothing is built: the request path checks
+/// this before a wake and builds the target only after it (`origin_form`).
 pub fn check_target(method: &http::Method, target: &Uri) -> Result<(), ProxyError> {
-    origin_form(method, target).map(|_| ())
+    let path = target.path();
+    let allowed = if path == "*" {
+        method == http::Method::OPTIONS && target.query().is_none()
+    } else {
+        path.starts_with('/')
+    };
+    if allowed {
+        Ok(())
+    } else {
+        Err(ProxyError::BadTarget)
+    }
 }
 
 /// The target the instance gets: the path and query of an origin-form or absolute-form target,
 /// the path `/` when empty (RFC 9112 3.2.1, 3.2.2), or `*` for OPTIONS alone (3.2.4). hyper
 /// accepts `*` with any method; any other method with it is refused, never sent on as `GET *`.
 fn origin_form(method: &http::Method, target: &Uri) -> Result<Uri, ProxyError> {
+    check_target(method, target)?;
     let path = target.path();
     if path == "*" {
-        if method != http::Method::OPTIONS || target.query().is_some() {
-            return Err(ProxyError::BadTarget);
-        }
         return Ok(Uri::from_static("*"));
-    }
-    if !path.starts_with('/') {
-        return Err(ProxyError::BadTarget);
     }
     if target.scheme().is_none() && target.authority().is_none() {
         // Already origin-form (what HTTP/1 clients send): shared, not parsed again.

@@ -187,13 +187,20 @@ impl Registry {
             .values()
             .filter(|i| i.process.is_some())
             .count();
-        let stopping = self
-            .instances
+        Ok((
+            u32::try_from(running).unwrap_or(u32::MAX),
+            self.unplaced_with_process(now),
+        ))
+    }
+
+    /// Instances with a process that may not run here now (draining or stopping once
+    /// `stop_unplaced` has seen them).
+    fn unplaced_with_process(&self, now: Instant) -> Vec<InstanceId> {
+        self.instances
             .iter()
             .filter(|(id, i)| i.process.is_some() && self.placed_here(id, now).is_err())
             .map(|(id, _)| id.clone())
-            .collect();
-        Ok((u32::try_from(running).unwrap_or(u32::MAX), stopping))
+            .collect()
     }
 
     /// Stops every instance with a process that may not run here now: drained first (the
@@ -205,13 +212,14 @@ impl Registry {
             .as_ref()
             .is_none_or(|gate| gate.valid_until.is_none_or(|until| now >= until));
         let stop: Vec<InstanceId> = self
-            .instances
-            .iter()
-            .filter(|(id, i)| i.process.is_some() && self.placed_here(id, now).is_err())
-            .filter(|(_, i)| {
-                fenced || i.lifecycle.state() != tenement_proto::rpc::InstanceState::Stopping
+            .unplaced_with_process(now)
+            .into_iter()
+            .filter(|id| {
+                fenced
+                    || self.instances.get(id).is_some_and(|i| {
+                        i.lifecycle.state() != tenement_proto::rpc::InstanceState::Stopping
+                    })
             })
-            .map(|(id, _)| id.clone())
             .collect();
         for id in stop {
             if fenced {
